@@ -1,0 +1,148 @@
+"""The detector artifact: a folder with ``model.safetensors`` and ``model.json``.
+
+``model.safetensors`` holds the Detector's weights only (never a pickle); ``model.json``
+holds the format version, backbone, input size, normalisation, threshold, training
+config and data summary, metrics if evaluated, and ``model_id`` = the first 16 hex
+digits of the sha256 of the weights file. Loading never executes code from the artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ntf_ray import storage
+from ntf_ray.model import BACKBONES, Detector
+from ntf_ray.storage import StorageOptions
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+METADATA = "model.json"
+
+
+class ArtifactError(ValueError):
+    """A detector artifact that is missing, malformed or does not fit this code."""
+
+
+@dataclass
+class DetectorArtifact:
+    detector: Detector
+    backbone: str
+    input_size: int
+    threshold: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    model_id: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "backbone": self.backbone,
+            "input_size": self.input_size,
+            "normalization": {"mean": list(self.mean), "std": list(self.std), "input_range": "uint8 0..255 / 255"},
+            "threshold": self.threshold,
+            "label_convention": {"0": "real", "1": "fake", "score": "P(fake)"},
+            "training": self.training,
+            "metrics": self.metrics,
+        }
+
+
+def model_id_of(weights: bytes) -> str:
+    return hashlib.sha256(weights).hexdigest()[:16]
+
+
+def save_artifact(
+    uri: str,
+    detector: Detector,
+    *,
+    input_size: int,
+    threshold: float = 0.5,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    options: StorageOptions | None = None,
+) -> DetectorArtifact:
+    """Write ``uri/model.safetensors`` then ``uri/model.json``; returns the artifact with its model_id."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
+    weights = save_safetensors(state, metadata={"format_version": str(FORMAT_VERSION), "backbone": detector.encoder.backbone})
+    artifact = DetectorArtifact(
+        detector=detector,
+        backbone=detector.encoder.backbone,
+        input_size=int(input_size),
+        threshold=float(threshold),
+        mean=tuple(float(x) for x in detector.encoder.mean.flatten()),
+        std=tuple(float(x) for x in detector.encoder.std.flatten()),
+        model_id=model_id_of(weights),
+        training=dict(training or {}),
+        metrics=dict(metrics or {}),
+    )
+    # Weights first: a reader that finds model.json finds the weights it describes.
+    storage.write_bytes(storage.join(uri, WEIGHTS), weights, options)
+    storage.write_bytes(storage.join(uri, METADATA), json.dumps(artifact.metadata(), indent=2, sort_keys=True).encode(), options)
+    return artifact
+
+
+def _read(uri: str, name: str, options: StorageOptions | None) -> bytes:
+    path = storage.join(uri, name)
+    try:
+        return storage.read_bytes(path, options)
+    except FileNotFoundError:
+        raise ArtifactError(f"detector artifact at {uri} has no {name}") from None
+
+
+def load_artifact(uri: str, *, options: StorageOptions | None = None, map_location: str | torch.device = "cpu") -> DetectorArtifact:
+    """Read and validate an artifact; the Detector comes back in eval mode."""
+    try:
+        meta = json.loads(_read(uri, METADATA, options))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{METADATA} at {uri} is not valid JSON ({exc.msg})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{METADATA} at {uri} must hold a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"artifact at {uri} has format_version {version!r}; this ntf-ray reads {FORMAT_VERSION}")
+    backbone = meta.get("backbone")
+    if backbone not in BACKBONES:
+        raise ArtifactError(f"artifact at {uri} names backbone {backbone!r}; known: {sorted(BACKBONES)}")
+    weights = _read(uri, WEIGHTS, options)
+    model_id = model_id_of(weights)
+    if meta.get("model_id") and meta["model_id"] != model_id:
+        raise ArtifactError(f"artifact at {uri}: weights hash {model_id} does not match model.json's model_id {meta['model_id']}")
+    try:
+        state = load_safetensors(weights)
+    except (SafetensorError, Exception) as exc:  # safetensors raises several types on corrupt input
+        raise ArtifactError(f"{WEIGHTS} at {uri} is not a readable safetensors file ({type(exc).__name__})") from None
+    detector = Detector.build(backbone)
+    expected = detector.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise ArtifactError(
+            f"weights at {uri} do not fit backbone {backbone!r}: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:2]})"
+        )
+    detector.load_state_dict(state)
+    detector.to(map_location).eval()
+    norm = meta.get("normalization", {})
+    return DetectorArtifact(
+        detector=detector,
+        backbone=backbone,
+        input_size=int(meta.get("input_size", 224)),
+        threshold=float(meta.get("threshold", 0.5)),
+        mean=tuple(norm.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(norm.get("std", (0.229, 0.224, 0.225))),
+        model_id=model_id,
+        training=meta.get("training", {}),
+        metrics=meta.get("metrics", {}),
+    )

@@ -1,0 +1,158 @@
+"""Training configuration: the paper's hyper-parameters, every one a field.
+
+The config stops at the entry points (CLI, jobs, the local recipe); models, losses and the
+engine take explicit keyword arguments. ``load_config`` merges a YAML file and
+``key=value`` overrides onto the defaults and rejects unknown keys at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # Network
+    backbone: str = "resnet50"
+    pretrained: str = "none"  # "imagenet", "none", or a local weights file
+    proj_dim: int = 128
+    # Images
+    crop_size: int = 224  # classifier crop (train random / test centre)
+    scl_crop_size: int = 32  # SCL crop (stage 2)
+    stage1_resized_crop: bool = True  # SimCLR random resized crop; False = crop at native resolution
+    stage1_crop_scale: tuple[float, float] = (0.08, 1.0)
+    stage1_jitter: float = 0.5  # SimCLR colour-distortion strength s (0 = off)
+    stage1_grayscale: float = 0.2  # probability
+    blur_prob: float = 0.1  # Wang2020 augmentation, stage 2
+    blur_sigma: tuple[float, float] = (0.0, 3.0)
+    jpeg_prob: float = 0.1
+    jpeg_quality: tuple[int, int] = (30, 100)
+    max_pixels: int = 100_000_000
+    # Optimisation (SGD as the paper)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    schedule: str = "cosine"  # "cosine", "step" or "constant"
+    step_size: int = 30  # epochs between decays for "step"
+    step_gamma: float = 0.1
+    warmup_epochs: int = 0
+    epochs_stage1: int = 200
+    epochs_stage2: int = 10
+    lr_stage2: float | None = None  # None: same as lr
+    batch_size: int = 256  # per worker
+    # Losses
+    temperature: float = 0.1
+    lam: float = 0.1
+    eta: float = 0.5
+    gamma: float = 0.5
+    # Ablations
+    use_het: bool = True
+    use_orth: bool = True
+    use_scl: bool = True
+    train_encoder_stage2: bool = False  # True with use_scl=False and no stage 1: Wang2020 baseline
+    train_generators: list[str] | None = None  # None: every generator in the manifest's train split
+    # Runtime
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # on CUDA
+    num_workers: int = 2  # data-loading workers in the local recipe
+    seed: int = 0
+    threshold: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert a YAML or command-line value to the type of the field's default."""
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"config {name}: expected true/false, got {value!r}")
+        return bool(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ValueError(f"config {name}: expected a list of {len(default)} numbers, got {value!r}")
+        return tuple(type(d)(v) for d, v in zip(default, value))
+    if isinstance(default, (int, float)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config {name}: expected a number, got {value!r}") from None
+        if isinstance(default, int):
+            if number != int(number):
+                raise ValueError(f"config {name}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    if isinstance(value, str) and default is None:
+        parsed = yaml.safe_load(value)
+        return parsed
+    return value
+
+
+def _fields() -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then a YAML file, then ``key=value`` overrides (later wins)."""
+    defaults = _fields()
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field: value")
+        values.update(loaded)
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: use key=value")
+            key, value = item.split("=", 1)
+            values[key.strip()] = value
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(defaults)}")
+    resolved = {k: _coerce(k, v, defaults[k]) for k, v in values.items()}
+    cfg = TrainConfig(**resolved)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    from ntf_ray.model import BACKBONES
+
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"backbone {cfg.backbone!r}: choose one of {sorted(BACKBONES)}")
+    if cfg.schedule not in ("cosine", "step", "constant"):
+        raise ValueError(f"schedule {cfg.schedule!r}: choose cosine, step or constant")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {cfg.device!r}: choose auto, cpu or cuda")
+    for name in ("crop_size", "scl_crop_size", "batch_size", "proj_dim"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive")
+    if cfg.scl_crop_size > cfg.crop_size:
+        raise ValueError("scl_crop_size must not exceed crop_size")
+    for name in ("blur_prob", "jpeg_prob"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]")
+    if cfg.temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if cfg.epochs_stage1 < 0 or cfg.epochs_stage2 < 0:
+        raise ValueError("epoch counts must be >= 0")

@@ -1,0 +1,169 @@
+"""The whole NTF recipe in one process: stage 1, stage 2, artifact, evaluation.
+
+This is the laptop / notebook path (plain torch ``DataLoader``); ``ray_train`` runs the
+same epoch functions across workers. Both read a manifest and write the detector
+artifact to ``OUTPUT/detector``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from ntf_ray import storage
+from ntf_ray.artifact import DetectorArtifact, save_artifact
+from ntf_ray.config import TrainConfig
+from ntf_ray.datasets import ManifestDataset, collate_drop_none, read_manifest, select
+from ntf_ray.engine import (
+    make_optimizer,
+    make_scheduler,
+    prepare_stage2,
+    resolve_device,
+    train_stage1_epoch,
+    train_stage2_epoch,
+)
+from ntf_ray.metrics import per_generator_table
+from ntf_ray.model import Detector, Stage1Model, Stage2Model, build_encoder
+from ntf_ray.scoring import Scorer
+from ntf_ray.storage import StorageOptions
+from ntf_ray.transforms import Stage1Views, Stage2Transform
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def stage1_transform(cfg: TrainConfig) -> Stage1Views:
+    return Stage1Views(cfg.crop_size, resized_crop=cfg.stage1_resized_crop, crop_scale=cfg.stage1_crop_scale,
+                       jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale)
+
+
+def stage2_transform(cfg: TrainConfig, seed: int | None = None) -> Stage2Transform:
+    return Stage2Transform(
+        cfg.crop_size, cfg.scl_crop_size, blur_prob=cfg.blur_prob, blur_sigma=cfg.blur_sigma,
+        jpeg_prob=cfg.jpeg_prob, jpeg_quality=cfg.jpeg_quality, seed=seed,
+    )
+
+
+def training_rows(table: pa.Table, cfg: TrainConfig, *, stage: int) -> pa.Table:
+    """The train split (stage 1: real images only), limited to ``cfg.train_generators``."""
+    rows = select(table, split="train", labels=(0,) if stage == 1 else (0, 1), generators=cfg.train_generators)
+    if rows.num_rows == 0:
+        raise ValueError(f"the manifest has no {'real ' if stage == 1 else ''}training images (split=train)")
+    return rows
+
+
+def _loader(dataset: ManifestDataset, cfg: TrainConfig) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
+        num_workers=cfg.num_workers, collate_fn=collate_drop_none,
+        persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def train_stage1(table: pa.Table, cfg: TrainConfig, *, options: StorageOptions | None = None,
+                 report: Callable[[dict], None] | None = None) -> Stage1Model:
+    device = resolve_device(cfg.device)
+    model = Stage1Model(build_encoder(cfg.backbone, cfg.pretrained), cfg.proj_dim).to(device)
+    if cfg.epochs_stage1 == 0:
+        return model
+    data = ManifestDataset(training_rows(table, cfg, stage=1), stage1_transform(cfg), keys=("view1", "view2"),
+                           options=options, max_pixels=cfg.max_pixels)
+    loader = _loader(data, cfg)
+    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage1, schedule=cfg.schedule, step_size=cfg.step_size,
+                               step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
+    for epoch in range(cfg.epochs_stage1):
+        m = train_stage1_epoch(model, loader, optimizer, epoch=epoch, temperature=cfg.temperature, lam=cfg.lam,
+                               use_het=cfg.use_het, use_orth=cfg.use_orth, device=device, amp=cfg.amp,
+                               channels_last=cfg.channels_last, report=report)
+        scheduler.step()
+        log.info("stage 1 epoch %d/%d: loss %.4f hom %.4f het %.4f orth %.4f, %.0f views/s",
+                 epoch + 1, cfg.epochs_stage1, m["loss"], m["hom"], m["het"], m["orth"], m["views_per_s"])
+    return model
+
+
+def train_stage2(table: pa.Table, stage1: Stage1Model, cfg: TrainConfig, *, options: StorageOptions | None = None,
+                 report: Callable[[dict], None] | None = None) -> Stage2Model:
+    device = resolve_device(cfg.device)
+    model = Stage2Model.from_stage1(stage1, cfg.proj_dim).to(device)
+    params = prepare_stage2(model, train_encoder=cfg.train_encoder_stage2)
+    data = ManifestDataset(training_rows(table, cfg, stage=2), stage2_transform(cfg, cfg.seed), keys=("image", "crop"),
+                           options=options, max_pixels=cfg.max_pixels)
+    loader = _loader(data, cfg)
+    optimizer = make_optimizer(params, lr=cfg.lr_stage2 or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage2, schedule=cfg.schedule, step_size=cfg.step_size,
+                               step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
+    for epoch in range(cfg.epochs_stage2):
+        m = train_stage2_epoch(model, loader, optimizer, epoch=epoch, temperature=cfg.temperature, eta=cfg.eta,
+                               gamma=cfg.gamma, use_scl=cfg.use_scl, train_encoder=cfg.train_encoder_stage2,
+                               device=device, amp=cfg.amp, channels_last=cfg.channels_last, report=report)
+        scheduler.step()
+        log.info("stage 2 epoch %d/%d: loss %.4f scl %.4f ce %.4f, %.0f images/s",
+                 epoch + 1, cfg.epochs_stage2, m["loss"], m["scl"], m["ce"], m["images_per_s"])
+    return model
+
+
+def evaluate(scorer: Scorer, table: pa.Table, *, options: StorageOptions | None = None,
+             batch: int = 64) -> list[dict[str, Any]]:
+    """Per-generator AP/ACC/FPR/FNR of a labelled table (unreadable images are left out and logged)."""
+    uris = table.column("uri").to_pylist()
+    labels = table.column("label").to_pylist()
+    gens = table.column("generator").to_pylist()
+    ys, ss, gs, failed = [], [], [], 0
+    for start in range(0, len(uris), batch):
+        chunk = range(start, min(start + batch, len(uris)))
+        results = scorer.score_bytes([storage.read_bytes(uris[i], options) for i in chunk])
+        for i, r in zip(chunk, results):
+            if r.error is not None or labels[i] is None:
+                failed += 1
+                continue
+            ys.append(labels[i]), ss.append(r.score), gs.append(gens[i] or "unknown")
+    if failed:
+        log.warning("evaluation left out %d unscorable or unlabelled images", failed)
+    return per_generator_table(ys, ss, gs, threshold=scorer.threshold)
+
+
+def data_summary(table: pa.Table) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for split, label in zip(table.column("split").to_pylist(), table.column("label").to_pylist()):
+        key = f"{split}/{'real' if label == 0 else 'fake' if label == 1 else 'unlabelled'}"
+        counts[key] = counts.get(key, 0) + 1
+    return {"images": table.num_rows, "counts": counts,
+            "generators": sorted({g for g in table.column("generator").to_pylist() if g})}
+
+
+def train_local(manifest: str, output: str, cfg: TrainConfig, *, options: StorageOptions | None = None,
+                report: Callable[[dict], None] | None = None, evaluate_split: str | None = "test") -> DetectorArtifact:
+    """Stage 1 then stage 2 in this process, then ``OUTPUT/detector`` (+ ``OUTPUT/config.json``).
+
+    With ``evaluate_split``, the detector is scored on that split first and the
+    per-generator table goes into the artifact's metrics.
+    """
+    seed_everything(cfg.seed)
+    table = read_manifest(manifest, options)
+    storage.write_bytes(storage.join(output, "config.json"), json.dumps(cfg.to_dict(), indent=2).encode(), options)
+    stage1 = train_stage1(table, cfg, options=options, report=report)
+    stage2 = train_stage2(table, stage1, cfg, options=options, report=report)
+    detector: Detector = stage2.detector().cpu().eval()
+    metrics: dict[str, Any] = {}
+    held_out = select(table, split=evaluate_split) if evaluate_split else None
+    if held_out is not None and held_out.num_rows:
+        scorer = Scorer(detector, input_size=cfg.crop_size, threshold=cfg.threshold, device="cpu")
+        metrics = {"split": evaluate_split, "table": evaluate(scorer, held_out, options=options)}
+    return save_artifact(
+        storage.join(output, "detector"), detector, input_size=cfg.crop_size, threshold=cfg.threshold,
+        training={"config": cfg.to_dict(), "data": data_summary(table)}, metrics=metrics, options=options,
+    )

@@ -1,0 +1,179 @@
+"""Image transforms on ``(3, H, W)`` uint8 tensors.
+
+Detection keys on pixel-level traces, so nothing here resizes an image that is at least
+the crop size on each side, except where an augmentation or a robustness perturbation
+means to. Images smaller than the crop are upscaled until they fit, never zero-padded
+(padding would add edges no real photo has).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` uint8 tensor (a copy, safe to mutate)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True))
+
+
+def fit_min_side(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Upscale (bilinear, aspect kept) so both sides are >= ``size``; bigger images untouched."""
+    h, w = img.shape[-2:]
+    if h >= size and w >= size:
+        return img
+    scale = size / min(h, w)
+    new_h, new_w = max(size, math.ceil(h * scale)), max(size, math.ceil(w * scale))
+    return TF.resize(img, [new_h, new_w], interpolation=T.InterpolationMode.BILINEAR, antialias=False)
+
+
+def eval_transform(img: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """Test-time preset: centre ``size`` crop at native resolution (upscaled only if smaller)."""
+    return TF.center_crop(fit_min_side(img, size), [size, size])
+
+
+def random_crop(img: torch.Tensor, size: int, generator: random.Random | None = None) -> torch.Tensor:
+    rng = generator or random
+    img = fit_min_side(img, size)
+    h, w = img.shape[-2:]
+    top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    return img[:, top : top + size, left : left + size]
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur with a kernel of ``2 * ceil(3 sigma) + 1`` pixels; sigma <= 0 is identity."""
+    if sigma <= 0:
+        return img
+    k = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(img, [k, k], [sigma, sigma])
+
+
+def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """Re-encode as JPEG at ``quality`` (1..100) with Pillow, the same codec users' images pass through."""
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=int(quality))
+    out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return to_tensor(out)
+
+
+def gaussian_noise(img: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Add N(0, sigma^2) noise, sigma in [0, 1] intensity units, then re-quantise to uint8."""
+    if sigma <= 0:
+        return img
+    noise = torch.randn(img.shape, generator=generator) * (sigma * 255.0)
+    return (img.float() + noise).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def downscale(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """Resize by ``factor`` in (0, 1] (antialiased bilinear); the eval crop upscales it back if needed."""
+    if not 0 < factor <= 1:
+        raise ValueError(f"downscale factor must be in (0, 1], got {factor}")
+    if factor == 1:
+        return img
+    h, w = img.shape[-2:]
+    size = [max(1, round(h * factor)), max(1, round(w * factor))]
+    return TF.resize(img, size, interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+
+
+PERTURBATIONS = ("blur", "jpeg", "noise", "downscale")
+
+
+def perturb(img: torch.Tensor, kind: str, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Robustness perturbation: ``blur`` (sigma px), ``jpeg`` (quality), ``noise`` (sigma in
+    [0, 1] units) or ``downscale`` (factor). Applied before the eval crop, as an attacker or a
+    re-upload would."""
+    if kind == "blur":
+        return gaussian_blur(img, float(level))
+    if kind == "jpeg":
+        return jpeg(img, int(level))
+    if kind == "noise":
+        return gaussian_noise(img, float(level), generator)
+    if kind == "downscale":
+        return downscale(img, float(level))
+    raise ValueError(f"unknown perturbation {kind!r}; choose one of {PERTURBATIONS}")
+
+
+class Stage1Views:
+    """Stage-1 two-view augmentation (SimCLR style) of a real image: ``img -> (v1, v2)``.
+
+    ``resized_crop=True`` is SimCLR's random resized crop (scale ``crop_scale``);
+    ``False`` crops at native resolution, keeping pixel-level traces intact. ``jitter`` is
+    SimCLR's colour-distortion strength s (0 disables it).
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        *,
+        resized_crop: bool = True,
+        crop_scale=(0.08, 1.0),
+        jitter: float = 0.5,
+        grayscale_prob: float = 0.2,
+    ):
+        self.size = size
+        self.resized_crop = resized_crop
+        crop = (
+            T.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)
+            if resized_crop
+            else T.RandomCrop(size)
+        )
+        self.augment = T.Compose(
+            [
+                crop,
+                T.RandomHorizontalFlip(),
+                # SimCLR's colour distortion of strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s), p=0.8.
+                T.RandomApply([T.ColorJitter(0.8 * jitter, 0.8 * jitter, 0.8 * jitter, 0.2 * jitter)], p=0.8 if jitter > 0 else 0.0),
+                T.RandomGrayscale(p=grayscale_prob),
+            ]
+        )
+
+    def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img = fit_min_side(img, self.size)
+        return self.augment(img), self.augment(img)
+
+
+class Stage2Transform:
+    """Stage-2 training view: ``img -> (crop, scl_crop)``.
+
+    The Wang2020 recipe: Gaussian blur (sigma ~ U[blur_sigma]) with probability
+    ``blur_prob``, JPEG (quality ~ U{jpeg_quality}) with probability ``jpeg_prob``, random
+    ``size`` crop, horizontal flip. The SCL view is a random ``scl_size`` crop of that crop.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        scl_size: int = 32,
+        *,
+        blur_prob: float = 0.1,
+        blur_sigma=(0.0, 3.0),
+        jpeg_prob: float = 0.1,
+        jpeg_quality=(30, 100),
+        flip: bool = True,
+        seed: int | None = None,
+    ):
+        self.size, self.scl_size = size, scl_size
+        self.blur_prob, self.blur_sigma = blur_prob, tuple(blur_sigma)
+        self.jpeg_prob, self.jpeg_quality = jpeg_prob, tuple(jpeg_quality)
+        self.flip = flip
+        self.rng = random.Random(seed)
+
+    def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = self.rng
+        if rng.random() < self.blur_prob:
+            img = gaussian_blur(img, rng.uniform(*self.blur_sigma))
+        if rng.random() < self.jpeg_prob:
+            img = jpeg(img, rng.randint(*self.jpeg_quality))
+        crop = random_crop(img, self.size, rng)
+        if self.flip and rng.random() < 0.5:
+            crop = crop.flip(-1)
+        return crop.contiguous(), random_crop(crop, self.scl_size, rng).contiguous()

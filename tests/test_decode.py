@@ -1,0 +1,495 @@
+"""Tests for ntf_ray.decode: every awkward file, modes, orientation, bombs, input types."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile, ImageOps, features
+
+from ntf_ray.decode import DEFAULT_MAX_PIXELS, Decoded, decode
+from tests.awkward import BOMB_SIDE, make_awkward_files, png16_bytes, texture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _assert_good(res: Decoded) -> None:
+    assert res.ok, res.error
+    assert res.error is None
+    img = res.image
+    assert isinstance(img, np.ndarray)
+    assert img.dtype == np.uint8
+    assert img.ndim == 3 and img.shape[2] == 3
+    assert img.flags.c_contiguous
+    assert img.flags.writeable
+    assert (res.height, res.width) == img.shape[:2]
+    assert isinstance(res.format, str) and res.format
+
+
+def _assert_bad(res: Decoded, prefix: str) -> None:
+    assert not res.ok
+    assert res.image is None
+    assert isinstance(res.error, str) and res.error.startswith(prefix), res.error
+    assert len(res.error) > len(prefix)
+    assert "\n" not in res.error and len(res.error) <= 200
+    assert " at 0x" not in res.error  # no object reprs / addresses
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory) -> tuple[Path, dict[str, bool]]:
+    folder = tmp_path_factory.mktemp("awkward")
+    return folder, make_awkward_files(folder)
+
+
+# --------------------------------------------------------------------------- awkward set
+
+
+def test_awkward_set_is_small_and_varied(tmp_path):
+    expected = make_awkward_files(tmp_path / "timed")
+    files = sorted((tmp_path / "timed").iterdir())
+    assert {f.name for f in files} == set(expected)
+    assert len(expected) >= 20
+    assert sum(f.stat().st_size for f in files) < 3 * 1024 * 1024
+    assert sum(expected.values()) >= 12 and sum(not v for v in expected.values()) >= 8
+    # Deterministic: a second run writes identical bytes.
+    again = make_awkward_files(tmp_path / "again")
+    for name in again:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "timed" / name).read_bytes(), name
+
+
+def test_every_awkward_file(awkward):
+    folder, expected = awkward
+    for name, expected_ok in sorted(expected.items()):
+        res = decode((folder / name).read_bytes())  # must not raise
+        assert res.ok == expected_ok, (name, res.error)
+        if expected_ok:
+            _assert_good(res)
+            assert min(res.width, res.height) >= (40 if name == "small.png" else 240), name
+        else:
+            _assert_bad(res, "too_large:" if name == "bomb.png" else "decode:")
+
+
+def test_awkward_formats_and_sizes(awkward):
+    folder, _ = awkward
+    want = {
+        "baseline.jpg": ("JPEG", 320, 256),
+        "progressive.jpg": ("JPEG", 320, 256),
+        "cmyk.jpg": ("JPEG", 256, 256),
+        "gray.jpg": ("JPEG", 256, 256),
+        "exif_orient6.jpg": ("JPEG", 240, 300),
+        "rgba.png": ("PNG", 240, 240),
+        "gray16.png": ("PNG", 240, 240),
+        "rgb16.png": ("PNG", 240, 240),
+        "animated.gif": ("GIF", 240, 240),
+        "image.bmp": ("BMP", 240, 240),
+        "image.tif": ("TIFF", 256, 240),
+        "float.tif": ("TIFF", 240, 240),
+        "small.png": ("PNG", 50, 40),
+    }
+    for name, (fmt, w, h) in want.items():
+        res = decode((folder / name).read_bytes())
+        assert (res.format, res.width, res.height) == (fmt, w, h), name
+        assert res.image.shape == (h, w, 3), name
+
+
+def test_error_kinds(awkward):
+    folder, _ = awkward
+    reasons = {n: decode((folder / n).read_bytes()).error for n in (
+        "empty.jpg", "notes.txt", "page.html", "random.bin", "truncated.jpg",
+        "truncated.png", "jpeg_header_only.jpg", "bomb.png",
+    )}
+    assert reasons["empty.jpg"] == "decode: empty file"
+    assert reasons["notes.txt"] == "decode: not an image"
+    assert reasons["page.html"] == "decode: not an image"
+    assert reasons["random.bin"] == "decode: not an image"
+    assert reasons["truncated.jpg"] == "decode: truncated image"
+    assert reasons["truncated.png"] == "decode: truncated image"
+    assert reasons["jpeg_header_only.jpg"] == "decode: truncated image"
+    assert reasons["bomb.png"] == (
+        f"too_large: {BOMB_SIDE}x{BOMB_SIDE} = {BOMB_SIDE**2} px > limit {DEFAULT_MAX_PIXELS}"
+    )
+    # Truncated files keep what the header said.
+    res = decode((folder / "truncated.jpg").read_bytes())
+    assert (res.format, res.width, res.height) == ("JPEG", 320, 256)
+
+
+def test_truncation_never_tolerated_globally(awkward):
+    folder, _ = awkward
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    decode((folder / "truncated.jpg").read_bytes())
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def test_exif_orientation_6_rotates_clockwise(awkward):
+    folder, _ = awkward
+    res = decode((folder / "exif_orient6.jpg").read_bytes())
+    _assert_good(res)
+    assert res.image.shape == (300, 240, 3)
+    # The red block stored top-left is top-right after a 90 degree clockwise turn.
+    corner = res.image[3:27, -27:-3].reshape(-1, 3).mean(axis=0)
+    assert corner[0] > 200 and corner[1] < 50 and corner[2] < 50, corner
+    top_left = res.image[3:27, 3:27].reshape(-1, 3).mean(axis=0)
+    assert not (top_left[0] > 200 and top_left[1] < 50 and top_left[2] < 50), top_left
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_all_orientations_match_exif_transpose(orientation):
+    arr = texture(24, 40, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(Image.fromarray(arr), "PNG", exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    res = decode(data)
+    _assert_good(res)
+    np.testing.assert_array_equal(res.image, expected)
+    assert (res.height, res.width) == ((24, 40) if orientation <= 4 else (40, 24))
+
+
+def test_bad_orientation_value_is_ignored():
+    exif = Image.Exif()
+    exif[0x0112] = 9  # out of range
+    res = decode(_encode(Image.fromarray(texture(30, 50, 1)), "JPEG", exif=exif.tobytes()))
+    _assert_good(res)
+    assert res.image.shape == (30, 50, 3)
+
+
+def test_cmyk_jpeg_is_converted_to_rgb():
+    colour = (200, 60, 40)
+    rgb = Image.new("RGB", (64, 64), colour)
+    data = _encode(rgb.convert("CMYK"), "JPEG", quality=95)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    res = decode(data)
+    _assert_good(res)
+    mean = res.image.reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(mean, colour, atol=6)
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels(awkward):
+    folder, _ = awkward
+    img = decode((folder / "gray.jpg").read_bytes()).image
+    assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2])
+
+
+def test_16bit_gray_png_is_scaled_not_clipped():
+    values = np.array([[0, 256, 32768, 65535, 1000, 40000]], dtype=np.uint16)
+    data = _encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
+    res = decode(data)
+    _assert_good(res)
+    got = res.image[0, :, 0]
+    np.testing.assert_array_equal(got, np.round(values[0] / 257).astype(np.uint8))
+    assert got[2] == 128 and got[3] == 255 and got[4] == 4  # clipping would give 255s
+    assert (res.image == res.image[..., :1]).all()
+
+
+def test_16bit_gray_tiff_is_scaled():
+    values = np.full((8, 8), 32768, np.uint16)
+    res = decode(_encode(Image.fromarray(values), "TIFF"))
+    _assert_good(res)
+    assert (res.image == 128).all()
+
+
+def test_16bit_rgb_png_is_scaled():
+    samples = np.zeros((4, 6, 3), np.uint16)
+    samples[...] = (32768, 65535, 300)
+    res = decode(png16_bytes(samples))
+    _assert_good(res)
+    assert np.abs(res.image.astype(int) - (128, 255, 1)).max() <= 1
+
+
+def test_int32_tiff_in_16bit_range_is_scaled_and_out_of_range_is_an_error():
+    values = np.full((6, 6), 32768, np.int32)
+    data = _encode(Image.fromarray(values), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    res = decode(data)
+    _assert_good(res)
+    assert (res.image == 128).all()
+    values[0, 0] = -5
+    _assert_bad(decode(_encode(Image.fromarray(values), "TIFF")), "decode:")
+
+
+def test_float_tiff_ranges():
+    unit = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    res = decode(_encode(Image.fromarray(unit), "TIFF"))
+    _assert_good(res)
+    np.testing.assert_array_equal(res.image[..., 0], np.rint(unit * 255).astype(np.uint8))
+    eight = unit * 255
+    np.testing.assert_array_equal(
+        decode(_encode(Image.fromarray(eight), "TIFF")).image[..., 0], np.rint(eight)
+    )
+    bad = unit.copy()
+    bad[0, 0] = np.nan
+    _assert_bad(decode(_encode(Image.fromarray(bad), "TIFF")), "decode:")
+    _assert_bad(decode(_encode(Image.fromarray(unit - 2), "TIFF")), "decode:")
+
+
+def test_rgba_is_composited_on_white():
+    rgba = np.zeros((2, 4, 4), np.uint8)
+    rgba[0, 0] = (0, 0, 0, 0)  # fully transparent black -> white
+    rgba[0, 1] = (255, 0, 0, 255)  # opaque red stays red
+    rgba[0, 2] = (0, 0, 0, 128)  # half-transparent black -> mid grey
+    rgba[0, 3] = (0, 255, 0, 0)  # transparent green -> white (colour ignored)
+    res = decode(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    _assert_good(res)
+    px = res.image[0]
+    assert tuple(px[0]) == (255, 255, 255)
+    assert tuple(px[1]) == (255, 0, 0)
+    assert tuple(px[2]) == (127, 127, 127)  # 255 * (255 - 128) / 255
+    assert tuple(px[3]) == (255, 255, 255)
+
+
+def test_opaque_rgba_is_unchanged():
+    arr = texture(10, 12, 3)
+    rgba = np.dstack([arr, np.full((10, 12), 255, np.uint8)])
+    res = decode(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    np.testing.assert_array_equal(res.image, arr)
+
+
+def test_palette_transparency_and_la_are_composited_on_white():
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0, 0, 0] * 254)
+    pal.putpixel((0, 0), 0)
+    res = decode(_encode(pal, "PNG", transparency=0))
+    _assert_good(res)
+    assert tuple(res.image[0, 0]) == (255, 255, 255)
+    assert tuple(res.image[1, 1]) == (10, 200, 30)
+    la = Image.fromarray(np.dstack([np.full((3, 3), 50, np.uint8), np.zeros((3, 3), np.uint8)]), "LA")
+    assert (decode(_encode(la, "PNG")).image == 255).all()
+
+
+def test_gif_first_frame_only(awkward):
+    folder, _ = awkward
+    res = decode((folder / "animated.gif").read_bytes())
+    _assert_good(res)
+    with Image.open(folder / "animated.gif") as gif:
+        assert gif.n_frames >= 2
+    r, g, b = res.image.reshape(-1, 3).mean(axis=0)
+    assert r > 150 and b < 100, (r, g, b)  # frame 0 is red, frame 1 blue
+
+
+def test_bilevel_and_palette_modes(awkward):
+    folder, _ = awkward
+    bilevel = decode((folder / "bilevel.png").read_bytes()).image
+    assert set(np.unique(bilevel)) <= {0, 255}
+    _assert_good(decode((folder / "palette.png").read_bytes()))
+
+
+# --------------------------------------------------------------------------- bombs / limits
+
+
+def test_bomb_is_refused_without_allocating(awkward, monkeypatch):
+    folder, _ = awkward
+    data = (folder / "bomb.png").read_bytes()
+    assert len(data) < 200_000
+
+    loads = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self):
+        loads.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    tracemalloc.start()
+    try:
+        res = decode(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    _assert_bad(res, "too_large:")
+    assert f"{BOMB_SIDE}x{BOMB_SIDE}" in res.error
+    assert (res.format, res.width, res.height) == ("PNG", BOMB_SIDE, BOMB_SIDE)
+    assert loads == []  # pixel data never decoded
+    assert peak < 50 * 1024 * 1024
+
+
+def test_bomb_process_rss_stays_small(awkward):
+    """Pillow allocates pixels with malloc (invisible to tracemalloc): check real RSS."""
+    folder, _ = awkward
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        from ntf_ray.decode import decode
+        data = open({str(folder / 'bomb.png')!r}, 'rb').read()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res = decode(data)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert res.error.startswith('too_large:'), res.error
+        print(after - before)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    grew_kib = int(out.stdout.strip())
+    assert grew_kib < 50 * 1024  # the decoded bomb would be >= 400 MB
+
+
+def test_max_pixels_is_configurable():
+    data = _encode(Image.fromarray(texture(300, 300, 11)), "PNG")
+    res = decode(data, max_pixels=10_000)
+    _assert_bad(res, "too_large:")
+    assert res.error == "too_large: 300x300 = 90000 px > limit 10000"
+    assert (res.width, res.height) == (300, 300)
+    _assert_good(decode(data, max_pixels=None))
+    _assert_good(decode(data, max_pixels=90_000))  # limit is inclusive
+    _assert_bad(decode(data, max_pixels=89_999), "too_large:")
+    _assert_good(decode(data, max_pixels=np.int64(90_000)))
+
+
+def test_max_pixels_above_pillows_global_limit(monkeypatch):
+    """A tiny Pillow global stands in for a max_pixels above Pillow's real limit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow refuses > 2000 px
+    arr = texture(300, 300, 12)
+    png = _encode(Image.fromarray(arr), "PNG")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(png))
+    for limit in (None, 100_000, DEFAULT_MAX_PIXELS):
+        res = decode(png, max_pixels=limit)
+        _assert_good(res)
+        np.testing.assert_array_equal(res.image, arr)
+    jpeg = _encode(Image.fromarray(arr), "JPEG")
+    _assert_good(decode(jpeg, max_pixels=None))
+    res = decode(png, max_pixels=50_000)
+    assert res.error == "too_large: 300x300 = 90000 px > limit 50000"
+    # TIFF (at load) and WebP (at open) re-check Pillow's global themselves: still a
+    # clean too_large, no exception.
+    res = decode(_encode(Image.fromarray(arr), "TIFF"), max_pixels=None)
+    assert res.ok or res.error.startswith("too_large:"), res.error
+    if features.check("webp"):
+        res = decode(_encode(Image.fromarray(arr), "WEBP"), max_pixels=None)
+        assert res.ok or res.error.startswith("too_large:"), res.error
+    assert Image.MAX_IMAGE_PIXELS == 1_000  # never modified by decode
+
+
+def test_pillow_global_limit_untouched(awkward):
+    folder, _ = awkward
+    before = Image.MAX_IMAGE_PIXELS
+    decode((folder / "bomb.png").read_bytes())
+    decode((folder / "baseline.jpg").read_bytes(), max_pixels=None)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+# --------------------------------------------------------------------------- inputs / misc
+
+
+def test_bytes_bytearray_memoryview(awkward):
+    folder, _ = awkward
+    data = (folder / "baseline.jpg").read_bytes()
+    ref = decode(data).image
+    for variant in (
+        bytearray(data),
+        memoryview(data),
+        memoryview(bytearray(data)),
+        memoryview(data)[0:],
+        memoryview(np.frombuffer(data, np.uint8)),
+    ):
+        res = decode(variant)
+        _assert_good(res)
+        np.testing.assert_array_equal(res.image, ref)
+    # A non-contiguous view (every byte twice) is copied, not mis-read.
+    doubled = np.repeat(np.frombuffer(data, np.uint8), 2)[::2]
+    np.testing.assert_array_equal(decode(memoryview(doubled)).image, ref)
+    # Padded multi-byte memoryview: len() of the view counts items, not bytes.
+    padded = data + b"\x00" * (-len(data) % 4)
+    np.testing.assert_array_equal(decode(memoryview(padded).cast("I")).image, ref)
+    for empty in (b"", bytearray(), memoryview(b"")):
+        assert decode(empty).error == "decode: empty file"
+
+
+@pytest.mark.parametrize("bad", ["not bytes", None, 123, [1, 2], np.zeros(4, np.uint8), io.BytesIO(b"x")])
+def test_wrong_data_type_raises_type_error(bad):
+    with pytest.raises(TypeError, match="bytes, bytearray or memoryview"):
+        decode(bad)
+
+
+def test_wrong_max_pixels_raises():
+    with pytest.raises(TypeError):
+        decode(b"x", max_pixels="100")
+    with pytest.raises(TypeError):
+        decode(b"x", max_pixels=1.5)
+    with pytest.raises(TypeError):
+        decode(b"x", max_pixels=True)
+    with pytest.raises(ValueError):
+        decode(b"x", max_pixels=0)
+    with pytest.raises(TypeError):
+        decode(b"x", 100)  # keyword-only
+
+
+def test_full_resolution_no_draft(monkeypatch):
+    def no_draft(self, *a, **k):
+        raise AssertionError("draft() must not be used")
+
+    monkeypatch.setattr(Image.Image, "draft", no_draft)
+    from PIL import JpegImagePlugin
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", no_draft)
+    arr = texture(768, 1024, 13)
+    res = decode(_encode(Image.fromarray(arr), "JPEG", quality=95))
+    _assert_good(res)
+    assert res.image.shape == (768, 1024, 3)
+    assert (res.width, res.height) == (1024, 768)
+    assert np.abs(res.image.astype(int) - arr).mean() < 4  # real pixels, not a thumbnail
+
+
+def test_lossless_round_trip_is_exact():
+    arr = texture(64, 80, 14)
+    for fmt in ("PNG", "BMP", "TIFF"):
+        np.testing.assert_array_equal(decode(_encode(Image.fromarray(arr), fmt)).image, arr)
+
+
+def test_corrupt_but_identified_data_is_an_error_not_an_exception():
+    jpeg = bytearray(_encode(Image.fromarray(texture(64, 64, 15)), "JPEG"))
+    png = bytearray(_encode(Image.fromarray(texture(64, 64, 15)), "PNG"))
+    rng = np.random.default_rng(16)
+    for blob in (jpeg, png):
+        for _ in range(40):
+            bad = bytearray(blob)
+            idx = rng.integers(0, len(bad), size=8)
+            for i in idx:
+                bad[i] = int(rng.integers(0, 256))
+            res = decode(bytes(bad))  # must not raise
+            if res.ok:
+                _assert_good(res)
+            else:
+                assert res.error.startswith(("decode:", "too_large:")), res.error
+                assert "\n" not in res.error and len(res.error) <= 200
+
+
+def test_thread_safe(awkward):
+    folder, expected = awkward
+    blobs = {n: (folder / n).read_bytes() for n in expected}
+    ref = {n: decode(b) for n, b in blobs.items()}
+    errors: list[str] = []
+
+    def worker():
+        for n, b in blobs.items():
+            res = decode(b)
+            if res.error != ref[n].error or (
+                res.ok and not np.array_equal(res.image, ref[n].image)
+            ):
+                errors.append(n)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
