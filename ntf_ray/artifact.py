@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,17 @@ def model_id_of(weights: bytes) -> str:
     return hashlib.sha256(weights).hexdigest()[:16]
 
 
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (e.g. an undefined AP in a metrics table) -> null: ``NaN`` is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def save_artifact(
     uri: str,
     detector: Detector,
@@ -73,7 +85,10 @@ def save_artifact(
 ) -> DetectorArtifact:
     """Write ``uri/model.safetensors`` then ``uri/model.json``; returns the artifact with its model_id."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
-    weights = save_safetensors(state, metadata={"format_version": str(FORMAT_VERSION), "backbone": detector.encoder.backbone})
+    # One metadata entry only: safetensors writes its metadata map in hash order, so two
+    # entries would make the file bytes (and so model_id) differ between saves of one model.
+    header = json.dumps({"backbone": detector.encoder.backbone, "format_version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
+    weights = save_safetensors(state, metadata={"ntf_ray": header})
     artifact = DetectorArtifact(
         detector=detector,
         backbone=detector.encoder.backbone,
@@ -87,7 +102,8 @@ def save_artifact(
     )
     # Weights first: a reader that finds model.json finds the weights it describes.
     storage.write_bytes(storage.join(uri, WEIGHTS), weights, options)
-    storage.write_bytes(storage.join(uri, METADATA), json.dumps(artifact.metadata(), indent=2, sort_keys=True).encode(), options)
+    text = json.dumps(_json_safe(artifact.metadata()), indent=2, sort_keys=True, allow_nan=False)
+    storage.write_bytes(storage.join(uri, METADATA), text.encode(), options)
     return artifact
 
 
@@ -95,7 +111,7 @@ def _read(uri: str, name: str, options: StorageOptions | None) -> bytes:
     path = storage.join(uri, name)
     try:
         return storage.read_bytes(path, options)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise ArtifactError(f"detector artifact at {uri} has no {name}") from None
 
 
@@ -105,17 +121,21 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         meta = json.loads(_read(uri, METADATA, options))
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{METADATA} at {uri} is not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{METADATA} at {uri} is not valid JSON (not UTF-8 text)") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{METADATA} at {uri} must hold a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # true and 1.0 are not 1
         raise ArtifactError(f"artifact at {uri} has format_version {version!r}; this ntf-ray reads {FORMAT_VERSION}")
     backbone = meta.get("backbone")
-    if backbone not in BACKBONES:
+    if not isinstance(backbone, str) or backbone not in BACKBONES:
         raise ArtifactError(f"artifact at {uri} names backbone {backbone!r}; known: {sorted(BACKBONES)}")
     weights = _read(uri, WEIGHTS, options)
     model_id = model_id_of(weights)
-    if meta.get("model_id") and meta["model_id"] != model_id:
+    if not isinstance(meta.get("model_id"), str) or not meta["model_id"]:
+        raise ArtifactError(f"{METADATA} at {uri} has no model_id, so its weights cannot be verified")
+    if meta["model_id"] != model_id:
         raise ArtifactError(f"artifact at {uri}: weights hash {model_id} does not match model.json's model_id {meta['model_id']}")
     try:
         state = load_safetensors(weights)
@@ -134,15 +154,33 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         )
     detector.load_state_dict(state)
     detector.to(map_location).eval()
+    input_size = meta.get("input_size", 224)
+    if type(input_size) is not int or input_size < 1:
+        raise ArtifactError(f"artifact at {uri} has input_size {input_size!r}; expected a positive integer")
+    threshold = meta.get("threshold", 0.5)
+    if type(threshold) not in (int, float) or not math.isfinite(threshold):
+        raise ArtifactError(f"artifact at {uri} has threshold {threshold!r}; expected a finite number")
+    # The normalisation applied is the one stored with the weights (Encoder buffers);
+    # model.json describes it, and a model.json that says otherwise is not this model.
+    mean = tuple(float(x) for x in detector.encoder.mean.flatten())
+    std = tuple(float(x) for x in detector.encoder.std.flatten())
     norm = meta.get("normalization", {})
+    for key, actual in (("mean", mean), ("std", std)):
+        stated = norm.get(key, actual) if isinstance(norm, dict) else None
+        if not (isinstance(stated, (list, tuple)) and len(stated) == 3
+                and all(type(v) in (int, float) and abs(v - a) <= 1e-6 for v, a in zip(stated, actual))):
+            raise ArtifactError(f"artifact at {uri}: normalization {key} {stated!r} in {METADATA} does not match the weights' {list(actual)}")
+    training, metrics = meta.get("training") or {}, meta.get("metrics") or {}
+    if not isinstance(training, dict) or not isinstance(metrics, dict):
+        raise ArtifactError(f"artifact at {uri}: training and metrics in {METADATA} must be JSON objects")
     return DetectorArtifact(
         detector=detector,
         backbone=backbone,
-        input_size=int(meta.get("input_size", 224)),
-        threshold=float(meta.get("threshold", 0.5)),
-        mean=tuple(norm.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(norm.get("std", (0.229, 0.224, 0.225))),
+        input_size=input_size,
+        threshold=float(threshold),
+        mean=mean,
+        std=std,
         model_id=model_id,
-        training=meta.get("training", {}),
-        metrics=meta.get("metrics", {}),
+        training=training,
+        metrics=metrics,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
@@ -44,7 +45,12 @@ def manifest_table(records: Iterable[dict[str, Any]]) -> pa.Table:
     """Records with at least ``uri`` -> a table with the manifest schema (extra keys dropped)."""
     rows = list(records)
     cols = {f.name: [r.get(f.name) for r in rows] for f in MANIFEST_SCHEMA}
-    return validate_manifest(pa.table(cols, schema=MANIFEST_SCHEMA))
+    try:
+        # Types are inferred, then cast by validate_manifest, so a bad value gets its message.
+        table = pa.table(cols)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(f"manifest records do not fit the manifest schema ({exc})") from None
+    return validate_manifest(table)
 
 
 def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
@@ -55,18 +61,22 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
         if f.name not in table.column_names:
             table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
     table = table.select([f.name for f in MANIFEST_SCHEMA])
-    try:
-        table = table.cast(MANIFEST_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{source}: columns do not fit the manifest schema ({exc})") from None
+    # Before the cast: casting nulls into the non-nullable uri field fails with a message
+    # that does not say which rows are wrong.
     if table.column("uri").null_count:
         raise ValueError(f"{source}: {table.column('uri').null_count} rows have no uri")
-    labels = {v for v in table.column("label").to_pylist() if v is not None}
-    if not labels <= {0, 1}:
-        raise ValueError(f"{source}: labels must be 0 (real), 1 (fake) or null, found {sorted(labels)}")
-    splits = {v for v in table.column("split").to_pylist() if v is not None}
-    if not splits <= set(SPLITS):
-        raise ValueError(f"{source}: split must be one of {SPLITS} or null, found {sorted(splits)}")
+    try:
+        table = table.cast(MANIFEST_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise ValueError(f"{source}: columns do not fit the manifest schema ({exc})") from None
+    bad_labels = [v for v in table.column("label").to_pylist() if v not in (0, 1, None)]
+    if bad_labels:
+        raise ValueError(f"{source}: labels must be 0 (real), 1 (fake) or null, found {sorted(set(bad_labels))[:10]} "
+                         f"in {len(bad_labels)} rows")
+    bad_splits = [v for v in table.column("split").to_pylist() if v is not None and v not in SPLITS]
+    if bad_splits:
+        raise ValueError(f"{source}: split must be one of {SPLITS} or null, found {sorted(set(bad_splits))[:10]} "
+                         f"in {len(bad_splits)} rows")
     return table
 
 
@@ -77,8 +87,17 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> pa.Table:
     """
     uri = storage.normalize(uri)
     data = storage.read_bytes(uri, options)
-    if uri.endswith(".csv"):
-        table = pacsv.read_csv(io.BytesIO(data))
+    if uri.lower().endswith(".csv"):
+        # Empty CSV fields are nulls (write_manifest writes a null as an empty field), and the
+        # string columns stay strings whatever they look like (a generator named "1" or "true").
+        convert = pacsv.ConvertOptions(
+            strings_can_be_null=True,
+            column_types={f.name: f.type for f in MANIFEST_SCHEMA if pa.types.is_string(f.type)},
+        )
+        try:
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=convert)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{uri} is not a readable CSV manifest ({exc})") from None
     else:
         try:
             table = pq.read_table(io.BytesIO(data))
@@ -88,7 +107,7 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> pa.Table:
     if not storage.is_s3(uri):
         base = Path(uri).parent
         uris = [u if storage.is_s3(u) or Path(u).is_absolute() else str(base / u) for u in table.column("uri").to_pylist()]
-        table = table.set_column(0, "uri", pa.array(uris, pa.string()))
+        table = table.set_column(0, MANIFEST_SCHEMA.field("uri"), pa.array(uris, pa.string()))
     return table
 
 
@@ -96,7 +115,7 @@ def write_manifest(table: pa.Table, uri: str, options: StorageOptions | None = N
     table = validate_manifest(table)
     uri = storage.normalize(uri)
     buf = io.BytesIO()
-    if uri.endswith(".csv"):
+    if uri.lower().endswith(".csv"):
         pacsv.write_csv(table, buf)
     else:
         pq.write_table(table, buf)
@@ -108,7 +127,9 @@ def index_folder(root: str | Path, *, default_split: str = "test") -> pa.Table:
 
     ``ROOT/<split>/<generator>/.../<0_real|1_fake>/file`` or, without a split level,
     ``ROOT/<generator>/...`` (split = ``default_split``). The generator is the first folder
-    below the split; files not under a ``0_real``/``1_fake`` folder are skipped.
+    below the split; files not under a ``0_real``/``1_fake`` folder, files without an image
+    extension and hidden files or folders (``.name``, e.g. macOS ``._x.png`` resource forks)
+    are skipped.
     """
     root = Path(root).absolute()
     if not root.is_dir():
@@ -117,7 +138,10 @@ def index_folder(root: str | Path, *, default_split: str = "test") -> pa.Table:
         raise ValueError(f"default_split must be one of {SPLITS}")
     records = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-        parts = path.relative_to(root).parts[:-1]
+        rel = path.relative_to(root).parts
+        if any(part.startswith(".") for part in rel):
+            continue
+        parts = rel[:-1]
         label_dirs = [p for p in parts if p in LABEL_DIRS]
         if not label_dirs:
             continue
@@ -136,9 +160,7 @@ def select(table: pa.Table, *, split: str | None = None, labels: Sequence[int] |
     mask = None
 
     def both(a, b):
-        return b if a is None else pa.compute.and_(a, b)
-
-    import pyarrow.compute as pc
+        return b if a is None else pc.and_(a, b)
 
     if split is not None:
         mask = both(mask, pc.equal(table["split"], split))

@@ -91,6 +91,12 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x
 
 
+def _empty(batch: Mapping[str, Any], key: str) -> bool:
+    """A batch whose every image failed to decode (``collate_drop_none``). Only the local
+    loop may skip one: under ``gather=True`` every rank must take every step."""
+    return key not in batch or batch[key].shape[0] == 0
+
+
 class _Meter:
     """Running sums of per-step metrics, weighted by images, averaged over ranks at the end."""
 
@@ -142,6 +148,8 @@ def train_stage1_epoch(
     model.train()
     meter = _Meter()
     for step, batch in enumerate(batches):
+        if _empty(batch, "view1"):
+            continue
         v1 = _to_device(batch["view1"], device, channels_last)
         v2 = _to_device(batch["view2"], device, channels_last)
         n = v1.shape[0]
@@ -159,7 +167,7 @@ def train_stage1_epoch(
         meter.add(parts, n)
         if log_every and step % log_every == 0 and dist.is_main():
             log.info("stage 1 epoch %d step %d: loss %.4f (hom %.4f het %.4f orth %.4f)", epoch, step,
-                     float(parts["loss"]), float(parts["hom"]), float(parts["het"]), float(parts["orth"]))
+                     float(parts["loss"].detach()), float(parts["hom"]), float(parts["het"]), float(parts["orth"]))
     metrics = meter.result(device)
     metrics.update(stage=1, epoch=epoch, lr=optimizer.param_groups[0]["lr"], views_per_s=2 * metrics["images_per_s"])
     if report is not None:
@@ -217,6 +225,8 @@ def train_stage2_epoch(
     _stage2_train_mode(model, train_encoder)
     meter = _Meter()
     for step, batch in enumerate(batches):
+        if _empty(batch, "image"):
+            continue
         images = _to_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device).reshape(-1).float()
         with _autocast(device, amp):
@@ -242,7 +252,7 @@ def train_stage2_epoch(
         meter.add(parts, labels.shape[0])
         if log_every and step % log_every == 0 and dist.is_main():
             log.info("stage 2 epoch %d step %d: loss %.4f (scl %.4f ce %.4f)", epoch, step,
-                     float(parts["loss"]), float(parts["scl"]), float(parts["ce"]))
+                     float(parts["loss"].detach()), float(parts["scl"]), float(parts["ce"]))
     metrics = meter.result(device)
     metrics.update(stage=2, epoch=epoch, lr=optimizer.param_groups[0]["lr"])
     if report is not None:

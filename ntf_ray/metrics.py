@@ -13,15 +13,23 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
+def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as int64 0/1 and scores as float64, both 1-D of one length, else ValueError."""
+    raw = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    if raw.shape != s.shape or raw.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D of the same length, got {raw.shape} and {s.shape}")
+    if raw.size and not np.isin(raw, (0, 1)).all():
+        raise ValueError("labels must be 0 (real) or 1 (fake)")
+    return raw.astype(np.int64), s
+
+
 def average_precision(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
     """AP = sum over thresholds of (R_n - R_{n-1}) * P_n, as scikit-learn defines it.
 
     Tied scores form one threshold. NaN when there is no positive.
     """
-    y = np.asarray(labels, dtype=np.int64)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.shape != s.shape or y.ndim != 1:
-        raise ValueError("labels and scores must be 1-D of the same length")
+    y, s = _check(labels, scores)
     positives = int(y.sum())
     if positives == 0:
         return math.nan
@@ -53,12 +61,7 @@ class Metrics:
 
 def binary_metrics(labels, scores, threshold: float = 0.5) -> Metrics:
     """AP, ACC at ``threshold`` (score >= threshold is fake), FPR and FNR (NaN where undefined)."""
-    y = np.asarray(labels, dtype=np.int64)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.shape != s.shape or y.ndim != 1:
-        raise ValueError("labels and scores must be 1-D of the same length")
-    if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 (real) or 1 (fake)")
+    y, s = _check(labels, scores)
     pred = s >= threshold
     n_fake = int(y.sum())
     n_real = int(y.size - n_fake)
@@ -78,9 +81,10 @@ def binary_metrics(labels, scores, threshold: float = 0.5) -> Metrics:
 def per_generator_table(labels, scores, generators, threshold: float = 0.5) -> list[dict]:
     """One row per generator (sorted), then ``average`` (image-weighted mean of each metric over
     generators where it is defined) with ``map`` = the plain mean of the generators' APs."""
-    y = np.asarray(labels, dtype=np.int64)
-    s = np.asarray(scores, dtype=np.float64)
-    g = np.asarray(generators, dtype=object)
+    y, s = _check(labels, scores)
+    g = np.asarray(list(generators), dtype=object)
+    if g.shape != y.shape:
+        raise ValueError(f"generators must be 1-D with one entry per label: {g.shape} vs {y.shape}")
     rows = []
     for name in sorted(set(g.tolist())):
         mask = g == name

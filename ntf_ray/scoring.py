@@ -63,6 +63,10 @@ class Scorer:
         self.threshold = float(threshold)
         self.model_id = model_id
         self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if self.input_size < 1:
+            raise ValueError(f"input_size must be >= 1, got {input_size!r}")
         self.max_pixels = max_pixels
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -97,6 +101,16 @@ class Scorer:
         decoded = decode(data, max_pixels=self.max_pixels)
         if not decoded.ok:
             return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format, decoded.error)
+        h, w = decoded.image.shape[:2]
+        short = min(h, w)
+        if self.max_pixels is not None and short < self.input_size:
+            # A sliver (say 1 x 20000) upscaled until its short side fits would need gigabytes:
+            # refuse it under the same pixel ceiling as the decoder.
+            up_h, up_w = max(self.input_size, -(-h * self.input_size // short)), max(self.input_size, -(-w * self.input_size // short))
+            if up_h * up_w > self.max_pixels:
+                return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format,
+                                         f"too_large: upscaling {w}x{h} to fit {self.input_size} px needs {up_w}x{up_h} = "
+                                         f"{up_h * up_w} px > limit {self.max_pixels}")
         try:
             crop = eval_transform(to_tensor(decoded.image), self.input_size)
         except (RuntimeError, ValueError) as exc:  # e.g. a degenerate 1 x N image
@@ -135,5 +149,6 @@ class Scorer:
             scores = self.score_tensors(torch.stack(crops))
             for slot, score in zip(slots, scores):
                 r = results[slot]
-                results[slot] = ScoreResult(float(score), bool(score >= self.threshold), r.width, r.height, r.format, None)
+                score = float(score)  # compare in float64: numpy would compare float32 with a float32-rounded threshold
+                results[slot] = ScoreResult(score, score >= self.threshold, r.width, r.height, r.format, None)
         return results

@@ -31,8 +31,9 @@ def fit_min_side(img: torch.Tensor, size: int) -> torch.Tensor:
     h, w = img.shape[-2:]
     if h >= size and w >= size:
         return img
-    scale = size / min(h, w)
-    new_h, new_w = max(size, math.ceil(h * scale)), max(size, math.ceil(w * scale))
+    short = min(h, w)
+    # integer ceil(side * size / short): float scaling can round 224.00000000000003 up to 225
+    new_h, new_w = max(size, -(-h * size // short)), max(size, -(-w * size // short))
     return TF.resize(img, [new_h, new_w], interpolation=T.InterpolationMode.BILINEAR, antialias=False)
 
 

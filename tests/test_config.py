@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ntf_ray.config import TrainConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs"
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay) == (0.1, 0.9, 1e-3)
+    assert (cfg.lam, cfg.eta, cfg.gamma, cfg.temperature) == (0.1, 0.5, 0.5, 0.1)
+    assert (cfg.epochs_stage1, cfg.epochs_stage2, cfg.proj_dim) == (200, 10, 128)
+    assert (cfg.crop_size, cfg.scl_crop_size, cfg.backbone) == (224, 32, "resnet50")
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("backbone: tiny\nlr: 0.5\nuse_orth: false\n")
+    cfg = load_config(path, ["lr=0.25", "epochs_stage1=3", "use_het=no", "blur_sigma=[0, 1.5]",
+                             "train_generators=[progan, tconv]", "lr_stage2=0.01"])
+    assert cfg.backbone == "tiny" and cfg.lr == 0.25 and cfg.epochs_stage1 == 3
+    assert cfg.use_orth is False and cfg.use_het is False
+    assert cfg.blur_sigma == (0.0, 1.5) and cfg.train_generators == ["progan", "tconv"] and cfg.lr_stage2 == 0.01
+    assert TrainConfig(**{**cfg.to_dict(), "blur_sigma": tuple(cfg.blur_sigma),
+                          "jpeg_quality": tuple(cfg.jpeg_quality),
+                          "stage1_crop_scale": tuple(cfg.stage1_crop_scale)}) == cfg
+
+
+@pytest.mark.parametrize("override,match", [
+    (["nope=1"], "unknown config keys"),
+    (["lr"], "key=value"),
+    (["epochs_stage1=1.5"], "integer"),
+    (["lr=fast"], "number"),
+    (["use_scl=maybe"], "true/false"),
+    (["backbone=vit"], "backbone"),
+    (["scl_crop_size=300"], "scl_crop_size"),
+    (["blur_prob=2"], "blur_prob"),
+])
+def test_bad_values_fail_with_a_message(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, override)
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "paper.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.backbone in ("tiny", "resnet50")

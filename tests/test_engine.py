@@ -1,0 +1,168 @@
+"""Training loops and checkpoints, on the tiny backbone and CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ntf_ray.engine import (
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    prepare_stage2,
+    save_checkpoint,
+    train_stage1_epoch,
+    train_stage2_epoch,
+)
+from ntf_ray.model import Stage1Model, Stage2Model, build_encoder
+
+
+def stage1_batches(n_batches=3, b=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"view1": torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g),
+         "view2": torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g)}
+        for _ in range(n_batches)
+    ]
+
+
+def stage2_batches(n_batches=3, b=8, size=32, crop=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g),
+         "crop": torch.randint(0, 256, (b, 3, crop, crop), dtype=torch.uint8, generator=g),
+         "label": torch.tensor([i % 2 for i in range(b)])}
+        for _ in range(n_batches)
+    ]
+
+
+def tiny_stage1(seed=0):
+    torch.manual_seed(seed)
+    return Stage1Model(build_encoder("tiny"), proj_dim=16)
+
+
+def test_stage1_epoch_trains_and_reports():
+    model = tiny_stage1()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model.parameters(), lr=0.05)
+    reports = []
+    m = train_stage1_epoch(model, stage1_batches(), opt, epoch=0, report=reports.append, log_every=0)
+    assert reports == [m]
+    assert m["stage"] == 1 and m["epoch"] == 0 and m["images"] == 18 and m["steps"] == 3
+    for key in ("loss", "hom", "het", "orth", "lr", "images_per_s", "views_per_s"):
+        assert key in m and m[key] == m[key]  # present and not NaN
+    assert m["loss"] == pytest.approx(m["hom"] + m["het"] + 0.1 * m["orth"], rel=1e-5)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("encoder.") for k in changed)
+    assert any(k.startswith("f_hom.") for k in changed) and any(k.startswith("f_het.") for k in changed)
+
+
+def test_stage1_loss_decreases_on_a_fixed_batch():
+    model = tiny_stage1()
+    opt = make_optimizer(model.parameters(), lr=0.05, weight_decay=0.0)
+    batch = stage1_batches(1)
+    first = train_stage1_epoch(model, batch, opt, epoch=0, log_every=0)["loss"]
+    for epoch in range(1, 15):
+        last = train_stage1_epoch(model, batch, opt, epoch=epoch, log_every=0)["loss"]
+    assert last < first
+
+
+def test_stage2_epoch_keeps_encoder_and_f_hom_bit_identical():
+    stage1 = tiny_stage1()
+    # Give batch-norm running statistics non-default values, as after stage 1.
+    train_stage1_epoch(stage1, stage1_batches(), make_optimizer(stage1.parameters(), lr=0.05), epoch=0, log_every=0)
+    model = Stage2Model.from_stage1(stage1, proj_dim=16)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("encoder.", "f_hom."))}
+    heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("g.", "classifier."))}
+    params = prepare_stage2(model)
+    opt = make_optimizer(params, lr=0.1)
+    m = train_stage2_epoch(model, stage2_batches(), opt, epoch=0, log_every=0)
+    state = model.state_dict()
+    for k, v in frozen.items():  # weights and batch-norm buffers alike
+        assert torch.equal(state[k], v), k
+    assert any(not torch.equal(state[k], v) for k, v in heads.items() if k.startswith("g."))
+    assert any(not torch.equal(state[k], v) for k, v in heads.items() if k.startswith("classifier.fc"))
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+    assert all(not p.requires_grad for p in model.f_hom.parameters())
+    assert m["loss"] == pytest.approx(m["scl"] + 0.5 * m["ce"], rel=1e-5)
+
+
+def test_stage2_without_scl_and_with_encoder_training():
+    model = Stage2Model.from_stage1(tiny_stage1(), proj_dim=16)
+    enc = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    params = prepare_stage2(model, train_encoder=True)
+    m = train_stage2_epoch(model, stage2_batches(), make_optimizer(params, lr=0.1), epoch=0,
+                           use_scl=False, train_encoder=True, log_every=0)
+    assert m["scl"] == 0.0 and m["loss"] == pytest.approx(0.5 * m["ce"], rel=1e-5)
+    assert any(not torch.equal(model.encoder.state_dict()[k], v) for k, v in enc.items())
+
+
+def test_empty_batches_are_skipped():
+    model = tiny_stage1()
+    batches = [{"dropped": 6}] + stage1_batches(1)
+    m = train_stage1_epoch(model, batches, make_optimizer(model.parameters(), lr=0.01), epoch=0, log_every=0)
+    assert m["steps"] == 1 and m["images"] == 6
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_schedules(schedule):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer([p], lr=0.1)
+    sched = make_scheduler(opt, epochs=10, schedule=schedule, step_size=3, step_gamma=0.5, warmup_epochs=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1 / 3) and lrs[1] == pytest.approx(0.2 / 3)  # warm-up
+    assert lrs[2] == pytest.approx(0.1)
+    if schedule == "cosine":
+        assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    elif schedule == "step":
+        assert lrs[5] == pytest.approx(0.05) and lrs[8] == pytest.approx(0.025)
+    else:
+        assert lrs[2:] == [pytest.approx(0.1)] * 8
+
+
+def test_checkpoint_round_trip_resumes_identically(tmp_path):
+    cfg = {"backbone": "tiny", "lr": 0.05}
+    model = tiny_stage1(seed=1)
+    opt = make_optimizer(model.parameters(), lr=0.05)
+    sched = make_scheduler(opt, epochs=4)
+    batches = stage1_batches(2)
+    train_stage1_epoch(model, batches, opt, epoch=0, log_every=0)
+    sched.step()
+    save_checkpoint(tmp_path / "ckpt", models={"stage1": model}, optimizer=opt, scheduler=sched, epoch=1, config=cfg,
+                    extra={"note": "after epoch 0"})
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"models.safetensors", "optimizer.safetensors", "checkpoint.json"}
+
+    # Continue the original for one more epoch ...
+    torch.manual_seed(5)
+    train_stage1_epoch(model, batches, opt, epoch=1, log_every=0)
+    # ... and a fresh copy restored from the checkpoint: the same weights come out.
+    model2 = tiny_stage1(seed=99)
+    opt2 = make_optimizer(model2.parameters(), lr=0.05)
+    sched2 = make_scheduler(opt2, epochs=4)
+    meta = load_checkpoint(tmp_path / "ckpt", models={"stage1": model2}, optimizer=opt2, scheduler=sched2)
+    assert meta["epoch"] == 1 and meta["config"] == cfg and meta["extra"] == {"note": "after epoch 0"}
+    assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    torch.manual_seed(5)
+    train_stage1_epoch(model2, batches, opt2, epoch=1, log_every=0)
+    for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_checkpoint_is_not_a_pickle_and_rejects_other_formats(tmp_path):
+    model = tiny_stage1()
+    save_checkpoint(tmp_path, models={"stage1": model}, epoch=3, config={})
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["epoch"] == 3
+    assert (tmp_path / "models.safetensors").read_bytes()[8:9] == b"{"  # safetensors header, not a pickle
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    meta["format"] = 99
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format"):
+        load_checkpoint(tmp_path, models={"stage1": model})
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nothing", models={"stage1": model})

@@ -1,0 +1,105 @@
+"""Transforms keep pixel-level traces: no resizing of big-enough images, upscale-only for small."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ntf_ray.transforms import (
+    Stage1Views,
+    Stage2Transform,
+    eval_transform,
+    fit_min_side,
+    perturb,
+    to_tensor,
+)
+
+
+def img(h, w, seed=0):
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_to_tensor_layout():
+    a = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    a.setflags(write=False)
+    t = to_tensor(a)
+    assert t.shape == (3, 2, 3) and t.dtype == torch.uint8 and t[:, 1, 2].tolist() == a[1, 2].tolist()
+    with pytest.raises(ValueError):
+        to_tensor(np.zeros((4, 4), np.uint8))
+
+
+def test_eval_crop_is_native_resolution_centre_crop():
+    x = img(300, 400)
+    out = eval_transform(x, 224)
+    top, left = (300 - 224) // 2, (400 - 224) // 2
+    assert torch.equal(out, x[:, top : top + 224, left : left + 224])
+
+
+@pytest.mark.parametrize("h,w", [(50, 40), (100, 300), (224, 10)])
+def test_small_images_are_upscaled_not_padded(h, w):
+    x = torch.full((3, h, w), 200, dtype=torch.uint8)
+    out = eval_transform(x, 224)
+    assert out.shape == (3, 224, 224)
+    assert (out == 200).all()  # zero padding would leave black borders
+
+
+def test_fit_min_side_keeps_aspect_and_leaves_big_images():
+    x = img(100, 300)
+    assert fit_min_side(x, 224).shape == (3, 224, 672)
+    big = img(230, 240)
+    assert fit_min_side(big, 224) is big
+
+
+def test_stage1_views_shapes_and_differ():
+    torch.manual_seed(0)
+    v1, v2 = Stage1Views(32, resized_crop=True)(img(64, 80))
+    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.uint8
+    assert not torch.equal(v1, v2)
+    n1, n2 = Stage1Views(32, resized_crop=False, jitter=0, grayscale_prob=0)(img(64, 80))
+    assert n1.shape == (3, 32, 32)
+
+
+def test_stage1_native_crop_without_colour_is_a_pure_crop():
+    torch.manual_seed(1)
+    x = img(40, 40)
+    v1, _ = Stage1Views(40, resized_crop=False, jitter=0, grayscale_prob=0)(x)
+    assert torch.equal(v1, x) or torch.equal(v1, x.flip(-1))
+
+
+def test_stage2_transform_deterministic_by_seed_and_scl_crop_inside():
+    x = img(64, 64)
+    a1, c1 = Stage2Transform(48, 16, blur_prob=0.5, jpeg_prob=0.5, seed=3)(x)
+    a2, c2 = Stage2Transform(48, 16, blur_prob=0.5, jpeg_prob=0.5, seed=3)(x)
+    assert torch.equal(a1, a2) and torch.equal(c1, c2)
+    assert a1.shape == (3, 48, 48) and c1.shape == (3, 16, 16)
+    # The SCL crop is a window of the classifier crop.
+    windows = a1.unfold(1, 16, 1).unfold(2, 16, 1)  # (3, 33, 33, 16, 16)
+    assert any(torch.equal(windows[:, i, j], c1) for i in range(33) for j in range(33))
+
+
+def test_stage2_without_augmentation_is_crop_and_flip():
+    x = img(50, 50)
+    crop, _ = Stage2Transform(50, 8, blur_prob=0, jpeg_prob=0, seed=0)(x)
+    assert torch.equal(crop, x) or torch.equal(crop, x.flip(-1))
+
+
+def test_perturbations():
+    x = img(64, 64)
+    assert torch.equal(perturb(x, "blur", 0), x)
+    blurred = perturb(x, "blur", 2.0)
+    assert blurred.float().std() < x.float().std()
+    assert perturb(x, "jpeg", 30).shape == x.shape
+    low = (perturb(x, "jpeg", 10).float() - x.float()).abs().mean()
+    high = (perturb(x, "jpeg", 95).float() - x.float()).abs().mean()
+    assert high < low
+    noisy = perturb(x, "noise", 0.1, torch.Generator().manual_seed(0))
+    assert 10 < (noisy.float() - x.float()).std() < 35  # ~25.5 before clipping
+    assert perturb(x, "downscale", 0.5).shape == (3, 32, 32)
+    assert perturb(x, "downscale", 0.2).shape == (3, 13, 13)
+    with pytest.raises(ValueError):
+        perturb(x, "downscale", 0)
+    with pytest.raises(ValueError):
+        perturb(x, "sharpen", 1)
