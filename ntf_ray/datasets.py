@@ -127,7 +127,7 @@ def index_folder(root: str | Path, *, default_split: str = "test") -> pa.Table:
 
     ``ROOT/<split>/<generator>/.../<0_real|1_fake>/file`` or, without a split level,
     ``ROOT/<generator>/...`` (split = ``default_split``). The generator is the first folder
-    below the split; files not under a ``0_real``/``1_fake`` folder, files without an image
+    below the split (the root folder's name for a flat ``ROOT/{0_real,1_fake}`` set); files not under a ``0_real``/``1_fake`` folder, files without an image
     extension and hidden files or folders (``.name``, e.g. macOS ``._x.png`` resource forks)
     are skipped.
     """
@@ -147,7 +147,9 @@ def index_folder(root: str | Path, *, default_split: str = "test") -> pa.Table:
             continue
         split = parts[0] if parts[0] in SPLITS else default_split
         rest = parts[1:] if parts[0] in SPLITS else parts
-        generator = rest[0] if rest and rest[0] not in LABEL_DIRS else "real"
+        # A flat ROOT/{0_real,1_fake} set has no generator folder: both classes take the
+        # root's name, so they stay one group with defined per-generator AP.
+        generator = rest[0] if rest and rest[0] not in LABEL_DIRS else root.name
         records.append({"uri": str(path), "label": LABEL_DIRS[label_dirs[-1]], "generator": generator, "split": split})
     if not records:
         raise ValueError(f"no images under {root} in a 0_real/ or 1_fake/ folder")

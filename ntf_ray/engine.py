@@ -225,7 +225,8 @@ def train_stage2_epoch(
     _stage2_train_mode(model, train_encoder)
     meter = _Meter()
     for step, batch in enumerate(batches):
-        if _empty(batch, "image"):
+        # One image cannot train the classifier's batch norm (and has no SCL pair): skip.
+        if _empty(batch, "image") or batch["image"].shape[0] < 2:
             continue
         images = _to_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device).reshape(-1).float()

@@ -166,3 +166,11 @@ def test_checkpoint_is_not_a_pickle_and_rejects_other_formats(tmp_path):
         load_checkpoint(tmp_path, models={"stage1": model})
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nothing", models={"stage1": model})
+
+
+def test_stage2_skips_single_image_batches():
+    model = Stage2Model.from_stage1(tiny_stage1(), proj_dim=16)
+    params = prepare_stage2(model)
+    one = stage2_batches(1, b=1)
+    m = train_stage2_epoch(model, one + stage2_batches(1), make_optimizer(params, lr=0.1), epoch=0, log_every=0)
+    assert m["steps"] == 1 and m["images"] == 8

@@ -1,0 +1,90 @@
+"""Shared fixtures: moto's standalone S3 server (a real HTTP endpoint) and fresh buckets.
+
+The endpoint is never exported as ``AWS_ENDPOINT_URL``: tests hand it to the code under
+test explicitly (``StorageOptions(endpoint_url=s3.endpoint_url)``), as the product does
+with pyarrow, which does not read it from the environment.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+#: Fake credentials for moto. The secret is long and distinctive so tests can assert it
+#: never leaks into messages, logs or outputs.
+FAKE_ACCESS_KEY_ID = "testing"
+FAKE_SECRET_ACCESS_KEY = "testing-secret-value-123"
+FAKE_REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class MotoS3:
+    """A running moto S3 server: ``endpoint_url`` plus a helper to make buckets."""
+
+    endpoint_url: str
+    region: str = FAKE_REGION
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                            aws_access_key_id=FAKE_ACCESS_KEY_ID, aws_secret_access_key=FAKE_SECRET_ACCESS_KEY)
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Create an empty bucket (a unique name when ``name`` is None); returns the name."""
+        name = name or f"test-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's ThreadedMotoServer on 127.0.0.1 with fake AWS credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET_ACCESS_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", FAKE_REGION)
+        # Nothing from the developer's own AWS setup may reach the tests (or a real account).
+        for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                     "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/ntf-ray-tests/aws-config")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/ntf-ray-tests/aws-credentials")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+        server, port = None, None
+        for _ in range(5):
+            # The port can be taken between picking it and binding it. ThreadedMotoServer.start()
+            # would then wait forever (the bind fails in its thread), so wait with a timeout.
+            port = _free_port()
+            candidate = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            starter = threading.Thread(target=candidate.start, daemon=True)
+            starter.start()
+            starter.join(timeout=20)
+            if not starter.is_alive():
+                server = candidate
+                break
+        if server is None:
+            raise RuntimeError("could not start moto's S3 server on 127.0.0.1")
+        try:
+            yield MotoS3(endpoint_url=f"http://127.0.0.1:{port}")
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    """A new, empty, uniquely named bucket as ``s3://name``."""
+    return f"s3://{s3.create_bucket()}"

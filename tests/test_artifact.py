@@ -1,0 +1,446 @@
+"""The detector artifact: ``model.safetensors`` + ``model.json``, local and on S3 (moto).
+
+Contract (architecture.md): weights only, never a pickle; model.json holds format version,
+backbone, input size, normalisation, threshold, training config/data summary, metrics,
+and ``model_id`` = first 16 hex of sha256 of the weights file. Loading never executes
+code from the artifact, and every malformed artifact is a clear ``ArtifactError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
+
+from ntf_ray.artifact import FORMAT_VERSION, ArtifactError, DetectorArtifact, load_artifact, save_artifact
+from ntf_ray.model import Detector
+from ntf_ray.storage import StorageOptions
+from tests.awkward import texture
+
+
+def make_detector(seed: int = 0) -> Detector:
+    """A random-init tiny Detector with non-trivial BatchNorm statistics (so scores vary)."""
+    torch.manual_seed(seed)
+    det = Detector.build("tiny")
+    for m in det.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the calibration batches
+    det.train()
+    with torch.no_grad():
+        for i in range(2):
+            x = torch.stack([torch.from_numpy(texture(48, 48, seed=1000 * seed + 10 * i + j)).permute(2, 0, 1)
+                             for j in range(8)])
+            det(x)
+    for m in det.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+    return det.eval()
+
+
+def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k].cpu(), sb[k].cpu()), k
+
+
+def _images(n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(texture(size, size, seed=seed + i)).permute(2, 0, 1) for i in range(n)])
+
+
+def _strict_json(data: bytes) -> dict:
+    def reject(const):
+        raise AssertionError(f"model.json holds {const}, which is not JSON")
+
+    return json.loads(data, parse_constant=reject)
+
+
+TRAINING = {"config": {"backbone": "tiny", "lr": 0.1, "epochs": [2, 1]}, "data": {"images": 12, "generators": ["progan"]}}
+METRICS = {"split": "test", "table": [{"generator": "progan", "ap": 0.75, "acc": 0.5, "fpr": math.nan}]}
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[str, Detector, DetectorArtifact]:
+    det = make_detector()
+    uri = str(tmp_path / "detector")
+    art = save_artifact(uri, det, input_size=64, threshold=0.4, training=TRAINING, metrics=METRICS)
+    return uri, det, art
+
+
+def _check_round_trip(det: Detector, saved_art: DetectorArtifact, loaded: DetectorArtifact,
+                      weights: bytes, meta_bytes: bytes) -> None:
+    # model_id = first 16 hex digits of sha256(model.safetensors)
+    model_id = hashlib.sha256(weights).hexdigest()[:16]
+    assert saved_art.model_id == loaded.model_id == model_id
+    assert len(model_id) == 16 and int(model_id, 16) >= 0
+
+    meta = _strict_json(meta_bytes)
+    assert meta["format_version"] == FORMAT_VERSION == 1
+    assert meta["model_id"] == model_id
+    assert meta["backbone"] == "tiny"
+    assert meta["input_size"] == 64
+    assert meta["threshold"] == pytest.approx(0.4)
+    assert meta["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406], abs=1e-6)
+    assert meta["normalization"]["std"] == pytest.approx([0.229, 0.224, 0.225], abs=1e-6)
+    assert meta["label_convention"]["0"] == "real" and meta["label_convention"]["1"] == "fake"
+    assert meta["training"] == TRAINING
+    # NaN is not JSON: it is stored as null
+    assert meta["metrics"] == {"split": "test", "table": [{"generator": "progan", "ap": 0.75, "acc": 0.5, "fpr": None}]}
+
+    # the loaded artifact
+    assert isinstance(loaded, DetectorArtifact)
+    assert (loaded.backbone, loaded.input_size, loaded.threshold) == ("tiny", 64, pytest.approx(0.4))
+    assert loaded.mean == pytest.approx((0.485, 0.456, 0.406), abs=1e-6)
+    assert loaded.std == pytest.approx((0.229, 0.224, 0.225), abs=1e-6)
+    assert loaded.training == TRAINING
+    assert loaded.metrics["table"][0]["ap"] == 0.75
+    _state_equal(det, loaded.detector)
+    assert not loaded.detector.training
+    assert not any(m.training for m in loaded.detector.modules())
+    assert all(p.device.type == "cpu" for p in loaded.detector.parameters())
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(det.eval()(x), loaded.detector(x))
+
+    # the weights file is a plain safetensors file with exactly the state dict
+    state = det.state_dict()
+    with safe_open_bytes(weights) as f:
+        assert set(f.keys()) == set(state)
+        assert json.loads(f.metadata()["ntf_ray"]) == {"backbone": "tiny", "format_version": 1}
+
+
+class safe_open_bytes:
+    """``safe_open`` on bytes (it wants a path): via a temporary file."""
+
+    def __init__(self, data: bytes):
+        import tempfile
+
+        self._tmp = tempfile.NamedTemporaryFile(suffix=".safetensors")
+        self._tmp.write(data)
+        self._tmp.flush()
+
+    def __enter__(self):
+        self._f = safe_open(self._tmp.name, framework="pt")
+        return self._f
+
+    def __exit__(self, *exc):
+        self._tmp.close()
+
+
+# ---------------------------------------------------------------------------------------
+# round trips
+
+
+def test_round_trip_local(saved):
+    uri, det, art = saved
+    assert sorted(p.name for p in Path(uri).iterdir()) == ["model.json", "model.safetensors"]  # no temp files left
+    loaded = load_artifact(uri)
+    _check_round_trip(det, art, loaded, Path(uri, "model.safetensors").read_bytes(), Path(uri, "model.json").read_bytes())
+
+
+def test_round_trip_from_train_mode_and_resave(tmp_path):
+    det = make_detector(seed=1).train()
+    uri = str(tmp_path / "a" / "b")  # parents created
+    save_artifact(uri, det, input_size=32)
+    loaded = load_artifact(uri)
+    assert not loaded.detector.training
+    _state_equal(det, loaded.detector)
+    assert loaded.threshold == 0.5 and loaded.input_size == 32 and loaded.metrics == {} and loaded.training == {}
+    # saving a different model over it replaces it
+    other = make_detector(seed=2)
+    art2 = save_artifact(uri, other, input_size=32)
+    reloaded = load_artifact(uri)
+    assert reloaded.model_id == art2.model_id != loaded.model_id
+    _state_equal(other, reloaded.detector)
+
+
+def test_model_id_is_deterministic(tmp_path):
+    """Same weights -> same bytes -> same model_id, every save (incremental scans rely on it)."""
+    det = make_detector(seed=3)
+    ids = set()
+    for i in range(12):  # safetensors' metadata map is hash-ordered: repeat to catch that
+        art = save_artifact(str(tmp_path / f"a{i}"), det, input_size=64, threshold=0.9 if i % 2 else 0.5,
+                            metrics={"x": i})
+        ids.add(art.model_id)
+    assert len(ids) == 1
+    assert len({(tmp_path / f"a{i}" / "model.safetensors").read_bytes() for i in range(12)}) == 1
+    assert save_artifact(str(tmp_path / "other"), make_detector(seed=4), input_size=64).model_id not in ids
+
+
+def test_round_trip_s3(s3, bucket):
+    options = StorageOptions(endpoint_url=s3.endpoint_url)
+    det = make_detector(seed=4)
+    uri = f"{bucket}/models/ntf/"
+    art = save_artifact(uri, det, input_size=64, threshold=0.4, training=TRAINING, metrics=METRICS, options=options)
+    client = s3.client()
+    name = bucket[len("s3://"):]
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"])
+    assert keys == ["models/ntf/model.json", "models/ntf/model.safetensors"]
+    weights = client.get_object(Bucket=name, Key="models/ntf/model.safetensors")["Body"].read()
+    meta = client.get_object(Bucket=name, Key="models/ntf/model.json")["Body"].read()
+    for spelling in (uri, uri.rstrip("/")):
+        loaded = load_artifact(spelling, options=options)
+        _check_round_trip(det, art, loaded, weights, meta)
+
+
+def test_s3_missing_artifact_and_tampering(s3, bucket):
+    options = StorageOptions(endpoint_url=s3.endpoint_url)
+    with pytest.raises(ArtifactError, match="no model.json"):
+        load_artifact(f"{bucket}/nothing-here", options=options)
+    uri = f"{bucket}/det"
+    save_artifact(uri, make_detector(seed=5), input_size=64, options=options)
+    client, name = s3.client(), bucket[len("s3://"):]
+    client.delete_object(Bucket=name, Key="det/model.safetensors")
+    with pytest.raises(ArtifactError, match="no model.safetensors"):
+        load_artifact(uri, options=options)
+    save_artifact(uri, make_detector(seed=5), input_size=64, options=options)
+    client.put_object(Bucket=name, Key="det/model.safetensors",
+                      Body=save_safetensors({k: v.contiguous() for k, v in make_detector(seed=6).state_dict().items()}))
+    with pytest.raises(ArtifactError, match="does not match"):
+        load_artifact(uri, options=options)
+
+
+# ---------------------------------------------------------------------------------------
+# malformed artifacts
+
+
+def _meta(uri: str) -> dict:
+    return json.loads(Path(uri, "model.json").read_text())
+
+
+def _write_meta(uri: str, meta: dict) -> None:
+    Path(uri, "model.json").write_text(json.dumps(meta))
+
+
+def _write_weights(uri: str, data: bytes, *, fix_model_id: bool = True) -> None:
+    """Replace the weights; with ``fix_model_id`` model.json is updated to match, so the
+    loader gets past the hash check and must judge the bytes themselves."""
+    Path(uri, "model.safetensors").write_bytes(data)
+    if fix_model_id:
+        meta = _meta(uri)
+        meta["model_id"] = hashlib.sha256(data).hexdigest()[:16]
+        _write_meta(uri, meta)
+
+
+def test_missing_folder_and_files(tmp_path, saved):
+    with pytest.raises(ArtifactError, match="no model.json"):
+        load_artifact(str(tmp_path / "does-not-exist"))
+    uri, _, _ = saved
+    Path(uri, "model.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="no model.safetensors"):
+        load_artifact(uri)
+    save_artifact(uri, make_detector(), input_size=64)
+    Path(uri, "model.json").unlink()
+    with pytest.raises(ArtifactError, match="no model.json"):
+        load_artifact(uri)
+    # a file where the folder should be
+    (tmp_path / "a-file").write_bytes(b"x")
+    with pytest.raises(ArtifactError):
+        load_artifact(str(tmp_path / "a-file"))
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None, True, 1.5, [1]])
+def test_wrong_format_version(saved, version):
+    uri, _, _ = saved
+    meta = _meta(uri)
+    if version is None:
+        del meta["format_version"]
+    else:
+        meta["format_version"] = version
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="format_version"):
+        load_artifact(uri)
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "", None, ["tiny"], {"name": "tiny"}, 50])
+def test_unknown_backbone(saved, backbone):
+    uri, _, _ = saved
+    meta = _meta(uri)
+    meta["backbone"] = backbone
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="backbone"):
+        load_artifact(uri)
+
+
+def test_mismatched_backbone(saved):
+    """tiny weights with model.json saying resnet18 (hash still valid)."""
+    uri, _, _ = saved
+    meta = _meta(uri)
+    meta["backbone"] = "resnet18"
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="do not fit backbone 'resnet18'"):
+        load_artifact(uri)
+
+
+def test_weights_with_missing_or_extra_or_reshaped_tensors(saved):
+    uri, det, _ = saved
+    state = {k: v.contiguous() for k, v in det.state_dict().items()}
+    missing = dict(state)
+    missing.pop("classifier.fc.weight")
+    extra = dict(state, **{"classifier.extra": torch.zeros(2)})
+    reshaped = dict(state, **{"classifier.fc.weight": torch.zeros(1, 32)})
+    for bad in (missing, extra, reshaped, {}):
+        _write_weights(uri, save_safetensors(bad))
+        with pytest.raises(ArtifactError, match="do not fit"):
+            load_artifact(uri)
+
+
+def test_tampered_weights(saved):
+    uri, _, _ = saved
+    path = Path(uri, "model.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # flip a bit inside the last tensor: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match model.json's model_id"):
+        load_artifact(uri)
+
+
+@pytest.mark.parametrize("model_id", [None, "", 123])
+def test_model_id_required(saved, model_id):
+    """Without a model_id the weights cannot be verified: refused, not silently trusted."""
+    uri, _, _ = saved
+    meta = _meta(uri)
+    if model_id is None:
+        del meta["model_id"]
+    else:
+        meta["model_id"] = model_id
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="model_id"):
+        load_artifact(uri)
+
+
+def test_corrupt_safetensors(saved):
+    uri, det, _ = saved
+    good = Path(uri, "model.safetensors").read_bytes()
+    header_len = int.from_bytes(good[:8], "little")
+    corrupt = [
+        b"",
+        b"\x00" * 7,
+        b"not a safetensors file at all, just some text" * 10,
+        good[: len(good) // 2],  # truncated
+        good[:8] + b"[" + good[9:],  # broken JSON header
+        good[:8] + good[8 : 8 + header_len].replace(b'"F32"', b'"X32"', 1) + good[8 + header_len :],  # unknown dtype
+        good[: 8 + header_len] + good[8 + header_len + 8 :],  # tensor data shorter than the header says
+        (10**12).to_bytes(8, "little") + good[8:],  # header length beyond the file
+        bytes(range(256)) * 16,
+    ]
+    for data in corrupt:
+        _write_weights(uri, data)
+        with pytest.raises(ArtifactError, match="not a readable safetensors file"):
+            load_artifact(uri)
+    assert header_len > 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"", b"not json {", b"{\"format_version\": 1,", b"\xff\xfe\x00garbage\x80", b"[1, 2, 3]", b"\"a string\"", b"null"],
+)
+def test_model_json_not_json_or_not_an_object(saved, text):
+    uri, _, _ = saved
+    Path(uri, "model.json").write_bytes(text)
+    with pytest.raises(ArtifactError, match="model.json"):
+        load_artifact(uri)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("input_size", "big"),
+        ("input_size", 0),
+        ("input_size", 64.5),
+        ("threshold", "high"),
+        ("threshold", None),
+        ("normalization", {"mean": [0.5, 0.5, 0.5], "std": [0.229, 0.224, 0.225]}),
+        ("normalization", {"mean": [0.485, 0.456], "std": [0.229, 0.224, 0.225]}),
+        ("training", [1, 2]),
+    ],
+)
+def test_bad_metadata_values(saved, field, value):
+    uri, _, _ = saved
+    meta = _meta(uri)
+    meta[field] = value
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError):
+        load_artifact(uri)
+
+
+# ---------------------------------------------------------------------------------------
+# nothing is ever unpickled
+
+
+def _forbid_unpickling(monkeypatch) -> list[str]:
+    calls: list[str] = []
+
+    def forbidden(name):
+        def f(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called while loading an artifact")
+
+        return f
+
+    monkeypatch.setattr(pickle, "loads", forbidden("pickle.loads"))
+    monkeypatch.setattr(pickle, "load", forbidden("pickle.load"))
+    monkeypatch.setattr(pickle, "Unpickler", forbidden("pickle.Unpickler"))
+    monkeypatch.setattr(torch, "load", forbidden("torch.load"))
+    monkeypatch.setattr(torch.serialization, "load", forbidden("torch.serialization.load"))
+    return calls
+
+
+def test_load_never_unpickles(saved, monkeypatch):
+    uri, det, _ = saved
+    calls = _forbid_unpickling(monkeypatch)
+    loaded = load_artifact(uri)
+    _state_equal(det, loaded.detector)
+    assert calls == []
+
+
+class _MarkerPayload:
+    """Unpickling this creates (opens for writing) ``path``: proof that code ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_payload_is_rejected_without_executing(saved, tmp_path):
+    uri, _, _ = saved
+    # The payload works: unpickling it here does create its marker.
+    probe = tmp_path / "probe-marker"
+    pickle.loads(pickle.dumps(_MarkerPayload(probe))).close()
+    assert probe.exists()
+
+    marker = tmp_path / "marker-must-not-exist"
+    payloads = {
+        "raw pickle": pickle.dumps(_MarkerPayload(marker)),
+        "pickle protocol 0": pickle.dumps(_MarkerPayload(marker), protocol=0),
+    }
+    buf = io.BytesIO()
+    torch.save({"classifier.fc.weight": _MarkerPayload(marker)}, buf)  # torch's zip format, pickle inside
+    payloads["torch.save zip"] = buf.getvalue()
+    buf = io.BytesIO()
+    torch.save({"x": _MarkerPayload(marker)}, buf, _use_new_zipfile_serialization=False)  # legacy torch format
+    payloads["torch.save legacy"] = buf.getvalue()
+
+    for what, data in payloads.items():
+        _write_weights(uri, data)  # model_id matches, so only the format check can stop it
+        with pytest.raises(ArtifactError, match="not a readable safetensors file"):
+            load_artifact(uri)
+        assert not marker.exists(), what
+        # and with the hash left stale it is refused before the bytes are parsed at all
+        _write_weights(uri, data, fix_model_id=False)
+        Path(uri, "model.json").write_text(json.dumps(dict(_meta(uri), model_id="0" * 16)))
+        with pytest.raises(ArtifactError):
+            load_artifact(uri)
+        assert not marker.exists(), what
+

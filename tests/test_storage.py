@@ -1,0 +1,246 @@
+"""Tests for ntf_ray.storage: URIs, local and S3 (moto server) round trips, endpoints, redaction."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ntf_ray import storage
+from ntf_ray.storage import StorageOptions
+from tests.conftest import FAKE_SECRET_ACCESS_KEY
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def opts(s3) -> StorageOptions:
+    return StorageOptions(endpoint_url=s3.endpoint_url)
+
+
+# --- URIs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/key/x.png", "s3://bucket/key/x.png"),
+        ("s3a://bucket/key", "s3://bucket/key"),
+        ("s3n://bucket/key", "s3://bucket/key"),
+        ("s3://bucket", "s3://bucket"),
+        ("file:///tmp/a/b.png", "/tmp/a/b.png"),
+        ("/tmp/a/../a/b.png", "/tmp/a/../a/b.png"),  # absolute, not resolved (symlinks stay)
+    ],
+)
+def test_normalize(uri, expected):
+    assert storage.normalize(uri) == expected
+
+
+def test_normalize_relative_and_home(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.normalize("a/b.png") == str(tmp_path / "a" / "b.png")
+    assert storage.normalize(Path("b.png")) == str(tmp_path / "b.png")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert storage.normalize("~/x.png") == str(tmp_path / "home" / "x.png")
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/key", "http://host/x.png", "https://host/x.png", "hdfs://nn/x"])
+def test_normalize_rejects_other_schemes(uri):
+    with pytest.raises(ValueError, match="unsupported URI scheme"):
+        storage.normalize(uri)
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3:///key", "s3a:///key"])
+def test_bucketless_uris_are_errors(uri):
+    with pytest.raises(ValueError, match="without a bucket"):
+        storage.normalize(uri)
+
+
+def test_is_s3():
+    assert storage.is_s3("s3://b/k")
+    assert storage.is_s3("s3://b")
+    assert not storage.is_s3("/tmp/s3://x")
+    assert not storage.is_s3("s3a://b/k")  # normalize first
+    assert not storage.is_s3(Path("/tmp/x"))
+
+
+def test_split_s3():
+    assert storage.split_s3("s3://bucket/a/b/c.png") == ("bucket", "a/b/c.png")
+    assert storage.split_s3("s3://bucket") == ("bucket", "")
+    assert storage.split_s3("s3://bucket/") == ("bucket", "")
+    with pytest.raises(ValueError, match="not an s3:// URI"):
+        storage.split_s3("/local/path")
+    with pytest.raises(ValueError, match="without a bucket"):
+        storage.split_s3("s3:///key")
+
+
+def test_join():
+    assert storage.join("s3://b", "a", "x.png") == "s3://b/a/x.png"
+    assert storage.join("s3://b/prefix/", "/a/", "x.png") == "s3://b/prefix/a/x.png"
+    assert storage.join("/tmp/out", "a", "x.png") == "/tmp/out/a/x.png"
+    assert storage.join("/tmp/out/", "x.png") == "/tmp/out/x.png"
+
+
+# --- local files -------------------------------------------------------------------------
+
+
+def test_local_round_trip_is_atomic(tmp_path):
+    target = tmp_path / "deep" / "er" / "blob.bin"
+    assert not storage.exists(str(target))
+    storage.write_bytes(str(target), b"\x00\x01hello")
+    assert storage.exists(str(target))
+    assert storage.read_bytes(str(target)) == b"\x00\x01hello"
+    storage.write_bytes(f"file://{target}", b"replaced")  # overwrite through a file:// URI
+    assert storage.read_bytes(str(target)) == b"replaced"
+    assert [p.name for p in target.parent.iterdir()] == ["blob.bin"]  # no temporary file left
+
+
+def test_local_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    storage.write_bytes(str(target), b"old")
+
+    def failing_replace(src, dst):
+        raise OSError("disk trouble")
+
+    monkeypatch.setattr(storage.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk trouble"):
+        storage.write_bytes(str(target), b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_local_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(str(tmp_path / "nope.png"))
+    assert not storage.exists(str(tmp_path / "nope.png"))
+
+
+def test_arrow_filesystem_local(tmp_path):
+    fs, path = storage.arrow_filesystem(str(tmp_path / "t.parquet"))
+    pq.write_table(pa.table({"a": [1, 2]}), path, filesystem=fs)
+    assert pq.read_table(path, filesystem=fs).column("a").to_pylist() == [1, 2]
+
+
+# --- S3 through moto's server ------------------------------------------------------------
+
+
+def test_s3_round_trip_fsspec(bucket, opts):
+    uri = storage.join(bucket, "a", "b", "blob.bin")
+    assert not storage.exists(uri, opts)
+    storage.write_bytes(uri, b"hello s3", opts)
+    assert storage.exists(uri, opts)
+    assert storage.read_bytes(uri, opts) == b"hello s3"
+    assert storage.read_bytes(uri.replace("s3://", "s3a://"), opts) == b"hello s3"
+    storage.write_bytes(uri, b"v2", opts)
+    assert storage.read_bytes(uri, opts) == b"v2"
+    fs = storage.fsspec_filesystem(opts)
+    assert fs.ls(storage.join(bucket, "a", "b")) == [uri[len("s3://"):]]
+
+
+def test_s3_filesystem_is_reused(s3, opts):
+    """One client per endpoint and process: a new one per object costs a botocore session."""
+    assert storage.fsspec_filesystem(opts) is storage.fsspec_filesystem(opts)
+    other = StorageOptions(endpoint_url=s3.endpoint_url.replace("127.0.0.1", "localhost"))
+    assert storage.fsspec_filesystem(other) is not storage.fsspec_filesystem(opts)
+
+
+def test_s3_exists_sees_writes_from_elsewhere(s3, bucket, opts):
+    """No stale listing: an object put by another client after a listing is seen."""
+    name = storage.split_s3(bucket)[0]
+    assert storage.fsspec_filesystem(opts).ls(bucket) == []
+    s3.client().put_object(Bucket=name, Key="late.bin", Body=b"x")
+    assert storage.exists(f"{bucket}/late.bin", opts)
+
+
+def test_s3_pyarrow_parquet(bucket, opts):
+    uri = storage.join(bucket, "tables", "t.parquet")
+    table = pa.table({"uri": ["s3://x/1.png", "s3://x/2.png"], "score": pa.array([0.25, 0.75], pa.float32())})
+    fs, path = storage.arrow_filesystem(uri, opts)
+    assert isinstance(fs, pa.fs.S3FileSystem)
+    assert path == f"{storage.split_s3(bucket)[0]}/tables/t.parquet"
+    pq.write_table(table, path, filesystem=fs)
+    assert pq.read_table(path, filesystem=fs).equals(table)
+    # The same object through s3fs: both clients see one store.
+    assert pq.read_table(pa.BufferReader(storage.read_bytes(uri, opts))).equals(table)
+
+
+def test_s3_missing_object_raises_file_not_found_without_secret(bucket, opts, caplog):
+    uri = f"{bucket}/no/such/object.png"
+    with pytest.raises(FileNotFoundError) as info:
+        storage.read_bytes(uri, opts)
+    assert FAKE_SECRET_ACCESS_KEY not in str(info.value)
+    assert FAKE_SECRET_ACCESS_KEY not in repr(info.value)
+    assert FAKE_SECRET_ACCESS_KEY not in caplog.text
+    assert not storage.exists(uri, opts)
+
+
+def test_s3_missing_bucket(s3, opts):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("s3://no-such-bucket-ntf-ray/x.png", opts)
+
+
+# --- settings and secrets ----------------------------------------------------------------
+
+
+def test_storage_options_resolve_precedence(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert StorageOptions.resolve() == StorageOptions(None, None)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:9000")
+    assert StorageOptions.resolve().endpoint_url == "http://generic:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-specific:9000")
+    assert StorageOptions.resolve().endpoint_url == "http://s3-specific:9000"
+    assert StorageOptions.resolve("http://explicit:1").endpoint_url == "http://explicit:1"
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert StorageOptions.resolve().region == "eu-west-1"
+    monkeypatch.setenv("AWS_REGION", "eu-central-1")
+    assert StorageOptions.resolve().region == "eu-central-1"
+    assert StorageOptions.resolve(region="ap-south-1").region == "ap-south-1"
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "")  # empty means unset
+    assert StorageOptions.resolve().endpoint_url == "http://generic:9000"
+
+
+def test_resolved_endpoint_reaches_both_clients(s3, bucket, monkeypatch):
+    """An endpoint from AWS_ENDPOINT_URL is handed to s3fs and to pyarrow by the resolver."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
+    uri = f"{bucket}/env.bin"
+    storage.write_bytes(uri, b"via env")  # options=None: StorageOptions.resolve()
+    assert storage.read_bytes(uri) == b"via env"
+    fs, path = storage.arrow_filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        assert f.read() == b"via env"
+
+
+def test_storage_options_hold_no_credentials(s3):
+    options = StorageOptions.resolve(s3.endpoint_url)
+    assert FAKE_SECRET_ACCESS_KEY not in repr(options)
+    assert set(vars(options)) == {"endpoint_url", "region"}
+
+
+def test_redact(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
+    text = ("denied for AKIAIOSFODNN7EXAMPLE with secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY "
+            "token=FwoGZXIvYXdzEXAMPLETOKEN temp ASIAQWERTYUIOPASDFGH at s3://bucket/key.png")
+    out = storage.redact(text)
+    for leaked in ("AKIAIOSFODNN7EXAMPLE", "ASIAQWERTYUIOPASDFGH", "wJalrXUtnFEMI", "FwoGZXIvYXdzEXAMPLETOKEN"):
+        assert leaked not in out
+    assert "s3://bucket/key.png" in out and "<redacted>" in out
+    assert storage.redact("nothing secret here") == "nothing secret here"
+
+
+def test_redact_uses_the_current_secret(s3):
+    assert FAKE_SECRET_ACCESS_KEY not in storage.redact(f"oops {FAKE_SECRET_ACCESS_KEY} leaked")
+
+
+def test_no_secret_in_storage_logs(bucket, opts, caplog):
+    caplog.set_level(logging.DEBUG)
+    storage.write_bytes(f"{bucket}/x.bin", b"x", opts)
+    storage.read_bytes(f"{bucket}/x.bin", opts)
+    assert FAKE_SECRET_ACCESS_KEY not in caplog.text
