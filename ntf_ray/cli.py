@@ -41,6 +41,63 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ntf_ray import ray_train
+    from ntf_ray.config import load_config
+
+    overrides = list(args.set)
+    for flag, key in (("backbone", "backbone"), ("pretrained", "pretrained"), ("epochs_stage1", "epochs_stage1"),
+                      ("epochs_stage2", "epochs_stage2"), ("batch_size", "batch_size")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.gpus:
+        overrides.append("device=cuda")
+    cfg = load_config(args.config, overrides)
+    spec = ray_train.RunSpec(
+        manifest=args.manifest, output=args.output, num_workers=args.num_workers, use_gpu=args.gpus,
+        cpus_per_worker=args.cpus_per_worker, run_name=args.run_name or ray_train.new_run_name(),
+        storage_path=args.storage, max_failures=args.max_failures, endpoint=args.s3_endpoint,
+    )
+    ray_train.init_local_ray()
+    print(f"training stage {args.stage} as run {spec.run_name!r} with {spec.num_workers} workers "
+          f"({'GPU' if spec.use_gpu else 'CPU'}); outputs in {spec.output}", flush=True)
+    metrics = ray_train.train(args.stage, cfg, spec)
+    for stage, m in metrics.items():
+        print(f"{stage}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    if args.stage in ("2", "both"):
+        from ntf_ray import storage
+
+        print(f"detector artifact: {storage.join(args.output, ray_train.DETECTOR)}")
+    return 0
+
+
+def add_train_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--stage", choices=("1", "2", "both"), default="both",
+                   help="1: natural-trace learning on real images; 2: soft contrastive transfer from OUTPUT/stage1; "
+                        "both: 1 then 2 (default)")
+    s.add_argument("--manifest", required=True, help="dataset manifest (.parquet/.csv, local or s3://)")
+    s.add_argument("--output", required=True,
+                   help="output folder (local or s3://): config.json, stage1/, detector/, ray/ (checkpoints)")
+    s.add_argument("--config", help="YAML with TrainConfig fields (e.g. ntf_ray/configs/paper.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field; repeatable (e.g. --set lr=0.05 --set use_orth=false)")
+    s.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
+    s.add_argument("--gpus", action="store_true", help="one GPU per worker (default: CPU)")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    s.add_argument("--backbone", choices=("resnet50", "resnet18", "tiny"), help="encoder (overrides the config)")
+    s.add_argument("--pretrained", help="imagenet, none, or a local weights file (overrides the config)")
+    s.add_argument("--epochs-stage1", type=int, help="stage-1 epochs (overrides the config)")
+    s.add_argument("--epochs-stage2", type=int, help="stage-2 epochs (overrides the config)")
+    s.add_argument("--batch-size", type=int, help="images per worker per step (overrides the config)")
+    s.add_argument("--run-name", help="run name; submitting again under the same name resumes from its "
+                                      "latest checkpoint (default: a new random name)")
+    s.add_argument("--storage", help="Ray Train storage for checkpoints (default OUTPUT/ray)")
+    s.add_argument("--max-failures", type=int, default=0,
+                   help="worker failures to recover from, each from the latest checkpoint (default 0)")
+    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from ntf_ray import storage
     from ntf_ray.scoring import Scorer
@@ -137,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training config field")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("train", help="train both NTF stages on Ray Train (local Ray, or a cluster via RAY_ADDRESS)",
+                       description="Train NTF with Ray Train: data streamed with Ray Data from the manifest, "
+                                   "checkpoints every epoch, resumable under the same --run-name. The resolved "
+                                   "config is written to OUTPUT/config.json; the detector to OUTPUT/detector.")
+    add_train_arguments(s)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("score", help="score images with a detector artifact, one JSON line per input")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")

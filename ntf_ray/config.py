@@ -64,9 +64,17 @@ class TrainConfig:
     num_workers: int = 2  # data-loading workers in the local recipe
     seed: int = 0
     threshold: float = 0.5
+    # Recovery drills: raise once at the start of this (0-based) epoch, unless resuming.
+    fail_at_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict`` (JSON turns tuples into lists)."""
+        tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
+        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in values.items()})
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

@@ -70,6 +70,27 @@ class _GatherWithGrad(torch.autograd.Function):
         return stacked[ctx.rank, : sizes[ctx.rank]].contiguous()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is the sum of the incoming gradients over ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks; ``x`` itself in one process."""
+    return _AllReduceSum.apply(x) if world_size() > 1 else x
+
+
 def gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
     """Rows of every rank, in rank order, differentiable; ``[x]`` in a single process.
 
@@ -104,3 +125,72 @@ def all_reduce_sum(value: float, device: torch.device | str = "cpu") -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def average_gradients(params) -> None:
+    """All-reduce and average ``.grad`` over ranks (what DDP does), for modules not wrapped in DDP."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics span every rank's batch (SimCLR's "global BN").
+
+    With per-rank statistics, W workers of batch B would not compute what one worker of
+    batch W*B computes, and contrastive learning can cheat through batch statistics that
+    differ between ranks. Sums and sums of squares are all-reduced with autograd, so the
+    backward also spans ranks. In eval mode, or in one process, it is plain batch norm.
+    Works on CPU (gloo) and CUDA; same parameters and buffers as ``BatchNorm*d``.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        count = xf.new_tensor([x.numel() / channels])
+        stats = all_reduce_with_grad(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * total / (total - 1).clamp_min(1.0)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``BatchNorm1d/2d/3d`` in ``module`` with a ``GlobalBatchNorm`` (same state)."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        for p_old, p_new in zip(module.parameters(), new.parameters()):
+            p_new.requires_grad_(p_old.requires_grad)
+        return new.to(next(iter(module.state_dict().values())).device)
+    for name, child in list(module.named_children()):
+        setattr(module, name, convert_global_batchnorm(child))
+    return module

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from torch.nn.parallel import DistributedDataParallel
+
 from ntf_ray import dist
 from ntf_ray.losses import detection_loss, trace_loss
 from ntf_ray.model import Stage1Model, Stage2Model
@@ -163,6 +165,8 @@ def train_stage1_epoch(
         )
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        if not isinstance(model, DistributedDataParallel):
+            dist.average_gradients(model.parameters())  # no-op in one process
         optimizer.step()
         meter.add(parts, n)
         if log_every and step % log_every == 0 and dist.is_main():
@@ -219,7 +223,7 @@ def train_stage2_epoch(
     The encoder and ``f_hom`` stay frozen (call ``prepare_stage2`` before building the
     optimiser). The traces J are ``f_hom(E(x))`` of the batch's real 224 crops; the SCL term
     uses ``g(E(32 px crop))``; the classifier sees the 224 crop. ``model`` is the bare
-    ``Stage2Model``: under DDP wrap only the trainable heads, see ``ray_train``.
+    ``Stage2Model`` (not DDP-wrapped): across ranks its gradients are averaged here.
     """
     device = torch.device(device)
     _stage2_train_mode(model, train_encoder)
@@ -249,6 +253,8 @@ def train_stage2_epoch(
         )
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        # Stage 2 is never DDP-wrapped (its forward is not one module call): average here.
+        dist.average_gradients(p for p in model.parameters() if p.requires_grad)
         optimizer.step()
         meter.add(parts, labels.shape[0])
         if log_every and step % log_every == 0 and dist.is_main():

@@ -1,0 +1,325 @@
+"""Both NTF stages on Ray Train: multi-worker DDP, data streamed with Ray Data, resumable.
+
+Per stage, one ``TorchTrainer`` whose workers run the core's epoch functions over
+``get_dataset_shard("train").iter_torch_batches(...)``. Images are read, decoded and
+augmented by Ray Data CPU tasks (undecodable rows dropped and counted); losses gather the
+global batch (``gather=True``) and batch norm uses global statistics across workers.
+Every epoch rank 0 reports metrics and a checkpoint; a run submitted again under the same
+name, or restarted after a worker failure, continues from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ntf_ray import dist, storage
+from ntf_ray.artifact import save_artifact
+from ntf_ray.config import TrainConfig
+from ntf_ray.datasets import read_manifest
+from ntf_ray.decode import decode
+from ntf_ray.engine import (
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    prepare_stage2,
+    save_checkpoint,
+    train_stage1_epoch,
+    train_stage2_epoch,
+)
+from ntf_ray.model import Stage1Model, Stage2Model, build_encoder
+from ntf_ray.recipe import data_summary, stage1_transform, stage2_transform, training_rows
+from ntf_ray.storage import StorageOptions
+from ntf_ray.transforms import to_tensor
+
+log = logging.getLogger(__name__)
+
+STAGE1_EXPORT = "stage1"  # OUTPUT/stage1: the final stage-1 checkpoint, stage 2's starting point
+DETECTOR = "detector"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised on purpose by ``fail_at_epoch`` to exercise recovery."""
+
+
+# ---------------------------------------------------------------- data
+
+
+@ray.remote(num_cpus=0)
+class DropCounter:
+    """Counts rows that Ray Data's decode tasks dropped, for the per-epoch metrics."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    def add(self, n: int) -> None:
+        self.dropped += n
+
+    def total(self) -> int:
+        return self.dropped
+
+
+def _prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, endpoint: str | None, counter) -> dict[str, np.ndarray]:
+    """Ray Data task: read, decode and augment a block of manifest rows (CPU)."""
+    torch.set_num_threads(1)  # many small tensors: threads only add overhead here
+    c = TrainConfig.from_dict(cfg)
+    options = StorageOptions(endpoint_url=endpoint)
+    transform = stage1_transform(c) if stage == 1 else stage2_transform(c)
+    keys = ("view1", "view2") if stage == 1 else ("image", "crop")
+    out: dict[str, list] = {k: [] for k in (*keys, "label")}
+    dropped = 0
+    for uri, label in zip(batch.column("uri").to_pylist(), batch.column("label").to_pylist()):
+        try:
+            data = storage.read_bytes(uri, options)
+        except (OSError, ValueError) as exc:
+            log.warning("dropping %s: read: %s", uri, storage.redact(str(exc))[:200])
+            dropped += 1
+            continue
+        decoded = decode(data, max_pixels=c.max_pixels)
+        if not decoded.ok:
+            log.warning("dropping %s: %s", uri, decoded.error)
+            dropped += 1
+            continue
+        a, b = transform(to_tensor(decoded.image))
+        out[keys[0]].append(a.numpy())
+        out[keys[1]].append(b.numpy())
+        out["label"].append(int(label))
+    if dropped and counter is not None:
+        counter.add.remote(dropped)
+    if not out["label"]:
+        size, second = c.crop_size, (c.crop_size if stage == 1 else c.scl_crop_size)
+        return {keys[0]: np.zeros((0, 3, size, size), np.uint8), keys[1]: np.zeros((0, 3, second, second), np.uint8),
+                "label": np.zeros((0,), np.int64)}
+    return {k: np.stack(v) if k != "label" else np.asarray(v, np.int64) for k, v in out.items()}
+
+
+def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str | None, counter) -> ray.data.Dataset:
+    """Manifest rows -> a streamed dataset of augmented uint8 tensors for one stage."""
+    ds = ray.data.from_arrow(rows).randomize_block_order()
+    # Small blocks: each decode task handles ~one batch, so work spreads over the CPUs.
+    ds = ds.repartition(max(1, -(-rows.num_rows // max(8, cfg.batch_size // 2))))
+    return ds.map_batches(
+        _prepare_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"stage": stage, "cfg": cfg.to_dict(), "endpoint": endpoint, "counter": counter},
+    )
+
+
+# ---------------------------------------------------------------- worker loop
+
+
+def _report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, checkpoint=ckpt)
+
+
+def _export_stage1(checkpoint_dir: str, output: str, options: StorageOptions) -> None:
+    for name in ("models.safetensors", "checkpoint.json"):
+        data = Path(checkpoint_dir, name).read_bytes()
+        storage.write_bytes(storage.join(output, STAGE1_EXPORT, name), data, options)
+
+
+def _load_stage1_export(model: Stage1Model, output: str, options: StorageOptions) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("models.safetensors", "checkpoint.json"):
+            uri = storage.join(output, STAGE1_EXPORT, name)
+            try:
+                Path(tmp, name).write_bytes(storage.read_bytes(uri, options))
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"stage 2 needs stage 1's result at {storage.join(output, STAGE1_EXPORT)}; "
+                    "run --stage 1 (or --stage both) with this --output first"
+                ) from None
+        return load_checkpoint(tmp, models={"stage1": model})
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker function for one stage (config: see ``run_stage``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stage: int = config["stage"]
+    cfg = TrainConfig.from_dict(config["cfg"])
+    options = StorageOptions(endpoint_url=config["endpoint"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    stage1 = Stage1Model(build_encoder(cfg.backbone, cfg.pretrained if stage == 1 else "none"), cfg.proj_dim)
+    if stage == 1:
+        model: torch.nn.Module = stage1
+        epochs, lr = cfg.epochs_stage1, cfg.lr
+    else:
+        _load_stage1_export(stage1, config["output"], options)
+        model = Stage2Model.from_stage1(stage1, cfg.proj_dim)
+        epochs, lr = cfg.epochs_stage2, cfg.lr_stage2 or cfg.lr
+    if world > 1:
+        # Before the optimiser is built: conversion replaces the batch-norm parameters.
+        dist.convert_global_batchnorm(model)
+    model.to(device)
+    params = list(model.parameters()) if stage == 1 else prepare_stage2(model, train_encoder=cfg.train_encoder_stage2)
+    optimizer = make_optimizer(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, epochs=epochs, schedule=cfg.schedule, step_size=cfg.step_size,
+                               step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
+
+    start_epoch = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            meta = load_checkpoint(d, models={f"stage{stage}": model}, optimizer=optimizer, scheduler=scheduler)
+        start_epoch = int(meta["epoch"])
+        if rank == 0:
+            log.info("stage %d resumed from its checkpoint after epoch %d of %d; continuing with epoch %d (checkpoint %s)",
+                     stage, start_epoch, epochs, start_epoch + 1, resumed.path)
+    train_model = model
+    if stage == 1 and world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    shard = ray.train.get_dataset_shard("train")
+    counter = config.get("counter")
+    dropped_before = ray.get(counter.total.remote()) if counter is not None and rank == 0 else 0
+    common = dict(temperature=cfg.temperature, gather=True, device=device, amp=cfg.amp, channels_last=cfg.channels_last)
+    for epoch in range(start_epoch, epochs):
+        if cfg.fail_at_epoch == epoch and resumed is None and rank == 0:
+            raise InjectedFailure(f"injected failure at the start of stage {stage} epoch {epoch} (fail_at_epoch)")
+        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False,
+                                           local_shuffle_buffer_size=4 * cfg.batch_size,
+                                           local_shuffle_seed=cfg.seed + epoch, device="cpu")
+        if stage == 1:
+            metrics = train_stage1_epoch(train_model, batches, optimizer, epoch=epoch, lam=cfg.lam,
+                                         use_het=cfg.use_het, use_orth=cfg.use_orth, **common)
+        else:
+            metrics = train_stage2_epoch(model, batches, optimizer, epoch=epoch, eta=cfg.eta, gamma=cfg.gamma,
+                                         use_scl=cfg.use_scl, train_encoder=cfg.train_encoder_stage2, **common)
+        scheduler.step()
+        if counter is not None and rank == 0:
+            total = ray.get(counter.total.remote())
+            metrics["rows_dropped"], dropped_before = total - dropped_before, total
+        metrics["resumed_from_epoch"] = start_epoch if resumed is not None else -1
+        if rank == 0:
+            log.info("stage %d epoch %d/%d: %s", stage, epoch + 1, epochs,
+                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, models={f"stage{stage}": model}, optimizer=optimizer, scheduler=scheduler,
+                                epoch=epoch + 1, config=cfg.to_dict(), extra={"stage": stage, "world_size": world})
+                if stage == 1 and epoch + 1 == epochs:
+                    _export_stage1(tmp, config["output"], options)
+                _report(metrics, tmp)
+        else:
+            _report(metrics, None)
+
+    if rank == 0 and stage == 2:
+        detector = model.detector().cpu().eval()
+        art = save_artifact(storage.join(config["output"], DETECTOR), detector, input_size=cfg.crop_size,
+                            threshold=cfg.threshold, training={"config": cfg.to_dict(), "data": config["data"],
+                                                               "workers": world}, options=options)
+        log.info("detector %s written to %s", art.model_id, storage.join(config["output"], DETECTOR))
+    if rank == 0 and stage == 1 and start_epoch >= epochs:
+        log.info("stage 1 already complete (%d epochs)", epochs)
+
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass
+class RunSpec:
+    """Where and how a training run runs (the driver side, not hyper-parameters)."""
+
+    manifest: str
+    output: str
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    run_name: str = "ntf"
+    storage_path: str | None = None  # default OUTPUT/ray
+    max_failures: int = 0
+    num_to_keep: int = 2
+    endpoint: str | None = None
+
+
+def _storage(spec: RunSpec) -> tuple[str, Any]:
+    path = storage.normalize(spec.storage_path or storage.join(spec.output, "ray"))
+    if storage.is_s3(path):
+        fs, inner = storage.arrow_filesystem(path, StorageOptions(endpoint_url=spec.endpoint))
+        return inner, fs
+    return path, None
+
+
+def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | None = None) -> ray.train.Result:
+    """Train one stage on Ray Train; stage 2 starts from ``OUTPUT/stage1``."""
+    options = StorageOptions(endpoint_url=spec.endpoint)
+    table = table if table is not None else read_manifest(spec.manifest, options)
+    rows = training_rows(table, cfg, stage=stage)
+    counter = DropCounter.remote()
+    dataset = build_dataset(rows, stage=stage, cfg=cfg, endpoint=spec.endpoint, counter=counter)
+    storage_path, fs = _storage(spec)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "endpoint": spec.endpoint, "output": spec.output,
+                           "counter": counter, "data": data_summary(table)},
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": spec.cpus_per_worker,
+                                                           **({"GPU": 1} if spec.use_gpu else {})}),
+        run_config=RunConfig(
+            name=f"{spec.run_name}-stage{stage}",
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.num_to_keep),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    log.info("stage %d: %d training rows, %d workers (%s), run %s-stage%d", stage, rows.num_rows, spec.num_workers,
+             "GPU" if spec.use_gpu else "CPU", spec.run_name, stage)
+    result = trainer.fit()
+    ray.kill(counter)
+    return result
+
+
+def train(stage: str, cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
+    """``stage`` in {"1", "2", "both"}; writes ``OUTPUT/config.json``; returns the last metrics."""
+    options = StorageOptions(endpoint_url=spec.endpoint)
+    resolved = {"config": cfg.to_dict(), "run": {k: v for k, v in spec.__dict__.items() if k != "endpoint"},
+                "stage": stage}
+    storage.write_bytes(storage.join(spec.output, "config.json"), json.dumps(resolved, indent=2).encode(), options)
+    table = read_manifest(spec.manifest, options)
+    out: dict[str, Any] = {}
+    for s in ((1, 2) if stage == "both" else (int(stage),)):
+        result = run_stage(s, cfg, spec, table)
+        out[f"stage{s}"] = dict(result.metrics or {})
+    return out
+
+
+def init_local_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray unless one is configured (RAY_ADDRESS / already initialised).
+
+    Logical CPUs exceed the cores: train workers hold a CPU each for the whole run, and
+    Ray Data's decode tasks would otherwise never be scheduled (a silent hang).
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    cores = os.cpu_count() or 2
+    ray.init(num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+
+
+def new_run_name() -> str:
+    return f"ntf-{uuid.uuid4().hex[:8]}"
