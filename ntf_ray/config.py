@@ -62,6 +62,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA
     num_workers: int = 2  # data-loading workers in the local recipe
+    cache_bytes: bool = False  # Ray Train: keep encoded images in the object store after the first read
     seed: int = 0
     threshold: float = 0.5
     # Recovery drills: raise once at the start of this (0-based) epoch, unless resuming.

@@ -73,25 +73,31 @@ class DropCounter:
         return self.dropped
 
 
-def _prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, endpoint: str | None, counter) -> dict[str, np.ndarray]:
-    """Ray Data task: read, decode and augment a block of manifest rows (CPU)."""
+def _read_batch(batch: pa.Table, *, endpoint: str | None) -> pa.Table:
+    """Ray Data task: fetch the encoded bytes of a block of manifest rows (``None`` on failure)."""
+    uris = batch.column("uri").to_pylist()
+    blobs = []
+    for uri, data in zip(uris, storage.read_many(uris, StorageOptions(endpoint_url=endpoint))):
+        if isinstance(data, Exception):
+            log.warning("dropping %s: read: %s", uri, storage.redact(str(data))[:200])
+            data = None
+        blobs.append(data)
+    return pa.table({"label": batch.column("label"), "data": pa.array(blobs, pa.binary())})
+
+
+def _prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, counter) -> dict[str, np.ndarray]:
+    """Ray Data task: decode and augment a block of encoded images (CPU)."""
     torch.set_num_threads(1)  # many small tensors: threads only add overhead here
     c = TrainConfig.from_dict(cfg)
-    options = StorageOptions(endpoint_url=endpoint)
     transform = stage1_transform(c) if stage == 1 else stage2_transform(c)
     keys = ("view1", "view2") if stage == 1 else ("image", "crop")
     out: dict[str, list] = {k: [] for k in (*keys, "label")}
     dropped = 0
-    for uri, label in zip(batch.column("uri").to_pylist(), batch.column("label").to_pylist()):
-        try:
-            data = storage.read_bytes(uri, options)
-        except (OSError, ValueError) as exc:
-            log.warning("dropping %s: read: %s", uri, storage.redact(str(exc))[:200])
-            dropped += 1
-            continue
-        decoded = decode(data, max_pixels=c.max_pixels)
-        if not decoded.ok:
-            log.warning("dropping %s: %s", uri, decoded.error)
+    for label, data in zip(batch.column("label").to_pylist(), batch.column("data").to_pylist()):
+        decoded = decode(data, max_pixels=c.max_pixels) if data is not None else None
+        if decoded is None or not decoded.ok:
+            if decoded is not None:
+                log.warning("dropping an image: %s", decoded.error)
             dropped += 1
             continue
         a, b = transform(to_tensor(decoded.image))
@@ -108,15 +114,23 @@ def _prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, endpoint: str | No
 
 
 def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str | None, counter) -> ray.data.Dataset:
-    """Manifest rows -> a streamed dataset of augmented uint8 tensors for one stage."""
+    """Manifest rows -> a streamed dataset of augmented uint8 tensors for one stage.
+
+    Bytes are read once per epoch, or once per run with ``cfg.cache_bytes`` (kept in Ray's
+    object store: for data sets that fit in the cluster's memory). Decoding and
+    augmentation run every epoch, so every epoch sees new augmentations.
+    """
     ds = ray.data.from_arrow(rows).randomize_block_order()
-    # Small blocks: each decode task handles ~one batch, so work spreads over the CPUs.
+    # Small blocks: each task handles about one batch, so work spreads over the CPUs.
     ds = ds.repartition(max(1, -(-rows.num_rows // max(8, cfg.batch_size // 2))))
+    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": endpoint})
+    if cfg.cache_bytes:
+        ds = ds.materialize()
     return ds.map_batches(
         _prepare_batch,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"stage": stage, "cfg": cfg.to_dict(), "endpoint": endpoint, "counter": counter},
+        fn_kwargs={"stage": stage, "cfg": cfg.to_dict(), "counter": counter},
     )
 
 
@@ -207,6 +221,10 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = train_stage2_epoch(model, batches, optimizer, epoch=epoch, eta=cfg.eta, gamma=cfg.gamma,
                                          use_scl=cfg.use_scl, train_encoder=cfg.train_encoder_stage2, **common)
         scheduler.step()
+        if metrics["images"] == 0:
+            raise RuntimeError(
+                f"stage {stage} epoch {epoch + 1}: no training image could be read and decoded; check the "
+                "manifest's uris, the storage credentials and endpoint (--s3-endpoint), and the workers' logs")
         if counter is not None and rank == 0:
             total = ray.get(counter.total.remote())
             metrics["rows_dropped"], dropped_before = total - dropped_before, total

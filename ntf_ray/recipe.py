@@ -125,7 +125,8 @@ def evaluate(scorer: Scorer, table: pa.Table, *, options: StorageOptions | None 
     ys, ss, gs, failed = [], [], [], 0
     for start in range(0, len(uris), batch):
         chunk = range(start, min(start + batch, len(uris)))
-        results = scorer.score_bytes([storage.read_bytes(uris[i], options) for i in chunk])
+        blobs = storage.read_many([uris[i] for i in chunk], options)
+        results = scorer.score_bytes([b if isinstance(b, bytes) else b"" for b in blobs])
         for i, r in zip(chunk, results):
             if r.error is not None or labels[i] is None:
                 failed += 1

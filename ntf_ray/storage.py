@@ -115,6 +115,29 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     return Path(uri).read_bytes()
 
 
+def read_many(uris: list[str], options: StorageOptions | None = None) -> list[bytes | Exception]:
+    """Read many objects or files; each result is the bytes or the exception it raised.
+
+    S3 objects are fetched concurrently (s3fs's async ``cat``): per-object latency, not
+    bandwidth, bounds a sequential loop over small images.
+    """
+    uris = [normalize(u) for u in uris]
+    out: list[bytes | Exception] = [b""] * len(uris)
+    remote = [i for i, u in enumerate(uris) if is_s3(u)]
+    if remote:
+        fetched = fsspec_filesystem(options).cat([uris[i] for i in remote], on_error="return")
+        for i in remote:
+            value = fetched.get(uris[i][len("s3://"):], fetched.get(uris[i]))
+            out[i] = value if value is not None else FileNotFoundError(uris[i])
+    for i, u in enumerate(uris):
+        if not is_s3(u):
+            try:
+                out[i] = Path(u).read_bytes()
+            except OSError as exc:
+                out[i] = exc
+    return out
+
+
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Write bytes, creating local parent folders; S3 writes are whole-object puts."""
     uri = normalize(uri)

@@ -24,7 +24,8 @@ SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yam
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3):
+    # After `s3`: Ray's workers inherit the environment, the test credentials included.
     # More logical CPUs than cores: 2 train workers hold 2, Ray Data's tasks need more.
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield
@@ -76,7 +77,7 @@ def test_global_batch_parity_one_vs_two_workers(local_ray, tmp_path):
 @pytest.fixture(scope="module")
 def small_manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    records = make_synthetic(root, n_real=120, n_fake=40, size=48, seed=3)
+    records = make_synthetic(root, n_real=60, n_fake=20, size=40, seed=3)
     write_manifest(manifest_table(records), str(root / "manifest.parquet"))
     return str(root / "manifest.parquet")
 
@@ -106,6 +107,43 @@ def test_resubmission_under_the_same_name_resumes(local_ray, small_manifest, tmp
         ray_train.run_stage(1, _resume_config(fail_at_epoch=1), spec)
     result = ray_train.run_stage(1, _resume_config(), spec)  # same name, no failure this time
     assert result.metrics["resumed_from_epoch"] == 1 and result.metrics["epoch"] == 2
-    # A third submission finds the run complete and trains nothing more.
-    again = ray_train.run_stage(1, _resume_config(), spec)
-    assert again.metrics["epoch"] == 2
+
+
+def test_both_stages_from_s3_manifest_to_s3_artifact(local_ray, s3, bucket, tmp_path, capsys):
+    from ntf_ray import storage
+    from ntf_ray.cli import main
+    from ntf_ray.datasets import read_manifest, select
+    from ntf_ray.recipe import evaluate
+    from ntf_ray.scoring import Scorer
+    from ntf_ray.storage import StorageOptions
+
+    options = StorageOptions(endpoint_url=s3.endpoint_url)
+    local = tmp_path / "synth"
+    records = make_synthetic(local, n_real=150, n_fake=150, size=48, seed=11)
+    fs = storage.fsspec_filesystem(options)
+    fs.put(str(local) + "/", f"{bucket}/data/", recursive=True)
+    for r in records:
+        r["uri"] = f"{bucket}/data/" + Path(r["uri"]).relative_to(local).as_posix()
+    manifest = f"{bucket}/data/manifest.parquet"
+    write_manifest(manifest_table(records), manifest, options)
+
+    code = main(["train", "--stage", "both", "--manifest", manifest, "--output", f"{bucket}/run",
+                 "--num-workers", "2", "--config", str(SMOKE), "--s3-endpoint", s3.endpoint_url,
+                 "--run-name", "s3-e2e", "--batch-size", "16", "--epochs-stage1", "1", "--epochs-stage2", "2",
+                 "--set", "crop_size=32", "--set", "scl_crop_size=16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"detector artifact: {bucket}/run/detector" in out
+    for name in ("detector/model.safetensors", "detector/model.json", "stage1/models.safetensors", "config.json"):
+        assert storage.exists(f"{bucket}/run/{name}", options), name
+    assert fs.ls(f"{bucket}/run/ray/s3-e2e-stage2")  # Ray Train's checkpoints live in the bucket too
+    config_json = storage.read_bytes(f"{bucket}/run/config.json", options).decode()
+    assert "testing-secret" not in config_json and "endpoint" not in config_json
+
+    scorer = Scorer.from_artifact(f"{bucket}/run/detector", device="cpu", options=options)
+    assert scorer.input_size == 32
+    rows = evaluate(scorer, select(read_manifest(manifest, options), split="test"), options=options)
+    assert rows[-1]["images"] == 90  # every held-out image read back from the bucket and scored
+    # Accuracy at scale is not asserted here (two short epochs on 300 images); the local
+    # recipe test holds the AP >= 0.9 bar for the same engine.
+    assert 0.0 <= rows[-1]["ap"] <= 1.0

@@ -244,3 +244,14 @@ def test_no_secret_in_storage_logs(bucket, opts, caplog):
     storage.write_bytes(f"{bucket}/x.bin", b"x", opts)
     storage.read_bytes(f"{bucket}/x.bin", opts)
     assert FAKE_SECRET_ACCESS_KEY not in caplog.text
+
+
+def test_read_many_mixes_s3_and_local_and_returns_errors_as_values(s3, bucket, tmp_path):
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    storage.write_bytes(f"{bucket}/a", b"A", options)
+    storage.write_bytes(f"{bucket}/b", b"BB", options)
+    (tmp_path / "c").write_bytes(b"C")
+    out = storage.read_many([f"{bucket}/a", str(tmp_path / "c"), f"{bucket}/missing", f"{bucket}/b",
+                             str(tmp_path / "nope")], options)
+    assert out[0] == b"A" and out[1] == b"C" and out[3] == b"BB"
+    assert isinstance(out[2], FileNotFoundError) and isinstance(out[4], FileNotFoundError)
