@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
@@ -31,7 +30,6 @@ from ntf_ray import dist, storage
 from ntf_ray.artifact import save_artifact
 from ntf_ray.config import TrainConfig
 from ntf_ray.datasets import read_manifest
-from ntf_ray.decode import decode
 from ntf_ray.engine import (
     load_checkpoint,
     make_optimizer,
@@ -42,9 +40,9 @@ from ntf_ray.engine import (
     train_stage2_epoch,
 )
 from ntf_ray.model import Stage1Model, Stage2Model, build_encoder
-from ntf_ray.recipe import data_summary, stage1_transform, stage2_transform, training_rows
+from ntf_ray.recipe import data_summary, training_rows
 from ntf_ray.storage import StorageOptions
-from ntf_ray.transforms import to_tensor
+from ntf_ray.train_data import DropCounter, build_dataset
 
 log = logging.getLogger(__name__)
 
@@ -54,84 +52,6 @@ DETECTOR = "detector"
 
 class InjectedFailure(RuntimeError):
     """Raised on purpose by ``fail_at_epoch`` to exercise recovery."""
-
-
-# ---------------------------------------------------------------- data
-
-
-@ray.remote(num_cpus=0)
-class DropCounter:
-    """Counts rows that Ray Data's decode tasks dropped, for the per-epoch metrics."""
-
-    def __init__(self) -> None:
-        self.dropped = 0
-
-    def add(self, n: int) -> None:
-        self.dropped += n
-
-    def total(self) -> int:
-        return self.dropped
-
-
-def _read_batch(batch: pa.Table, *, endpoint: str | None) -> pa.Table:
-    """Ray Data task: fetch the encoded bytes of a block of manifest rows (``None`` on failure)."""
-    uris = batch.column("uri").to_pylist()
-    blobs = []
-    for uri, data in zip(uris, storage.read_many(uris, StorageOptions(endpoint_url=endpoint))):
-        if isinstance(data, Exception):
-            log.warning("dropping %s: read: %s", uri, storage.redact(str(data))[:200])
-            data = None
-        blobs.append(data)
-    return pa.table({"label": batch.column("label"), "data": pa.array(blobs, pa.binary())})
-
-
-def _prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, counter) -> dict[str, np.ndarray]:
-    """Ray Data task: decode and augment a block of encoded images (CPU)."""
-    torch.set_num_threads(1)  # many small tensors: threads only add overhead here
-    c = TrainConfig.from_dict(cfg)
-    transform = stage1_transform(c) if stage == 1 else stage2_transform(c)
-    keys = ("view1", "view2") if stage == 1 else ("image", "crop")
-    out: dict[str, list] = {k: [] for k in (*keys, "label")}
-    dropped = 0
-    for label, data in zip(batch.column("label").to_pylist(), batch.column("data").to_pylist()):
-        decoded = decode(data, max_pixels=c.max_pixels) if data is not None else None
-        if decoded is None or not decoded.ok:
-            if decoded is not None:
-                log.warning("dropping an image: %s", decoded.error)
-            dropped += 1
-            continue
-        a, b = transform(to_tensor(decoded.image))
-        out[keys[0]].append(a.numpy())
-        out[keys[1]].append(b.numpy())
-        out["label"].append(int(label))
-    if dropped and counter is not None:
-        counter.add.remote(dropped)
-    if not out["label"]:
-        size, second = c.crop_size, (c.crop_size if stage == 1 else c.scl_crop_size)
-        return {keys[0]: np.zeros((0, 3, size, size), np.uint8), keys[1]: np.zeros((0, 3, second, second), np.uint8),
-                "label": np.zeros((0,), np.int64)}
-    return {k: np.stack(v) if k != "label" else np.asarray(v, np.int64) for k, v in out.items()}
-
-
-def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str | None, counter) -> ray.data.Dataset:
-    """Manifest rows -> a streamed dataset of augmented uint8 tensors for one stage.
-
-    Bytes are read once per epoch, or once per run with ``cfg.cache_bytes`` (kept in Ray's
-    object store: for data sets that fit in the cluster's memory). Decoding and
-    augmentation run every epoch, so every epoch sees new augmentations.
-    """
-    ds = ray.data.from_arrow(rows).randomize_block_order()
-    # Small blocks: each task handles about one batch, so work spreads over the CPUs.
-    ds = ds.repartition(max(1, -(-rows.num_rows // max(8, cfg.batch_size // 2))))
-    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": endpoint})
-    if cfg.cache_bytes:
-        ds = ds.materialize()
-    return ds.map_batches(
-        _prepare_batch,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs={"stage": stage, "cfg": cfg.to_dict(), "counter": counter},
-    )
 
 
 # ---------------------------------------------------------------- worker loop

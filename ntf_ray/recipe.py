@@ -34,7 +34,7 @@ from ntf_ray.metrics import per_generator_table
 from ntf_ray.model import Detector, Stage1Model, Stage2Model, build_encoder
 from ntf_ray.scoring import Scorer
 from ntf_ray.storage import StorageOptions
-from ntf_ray.transforms import Stage1Views, Stage2Transform
+from ntf_ray.transforms import stage1_transform, stage2_transform
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def stage1_transform(cfg: TrainConfig) -> Stage1Views:
-    return Stage1Views(cfg.crop_size, resized_crop=cfg.stage1_resized_crop, crop_scale=cfg.stage1_crop_scale,
-                       jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale)
-
-
-def stage2_transform(cfg: TrainConfig, seed: int | None = None) -> Stage2Transform:
-    return Stage2Transform(
-        cfg.crop_size, cfg.scl_crop_size, blur_prob=cfg.blur_prob, blur_sigma=cfg.blur_sigma,
-        jpeg_prob=cfg.jpeg_prob, jpeg_quality=cfg.jpeg_quality, seed=seed,
-    )
 
 
 def training_rows(table: pa.Table, cfg: TrainConfig, *, stage: int) -> pa.Table:

@@ -18,6 +18,8 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from ntf_ray.config import TrainConfig
+
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` uint8 tensor (a copy, safe to mutate)."""
@@ -178,3 +180,17 @@ class Stage2Transform:
         if self.flip and rng.random() < 0.5:
             crop = crop.flip(-1)
         return crop.contiguous(), random_crop(crop, self.scl_size, rng).contiguous()
+
+
+def stage1_transform(cfg: TrainConfig) -> Stage1Views:
+    """Stage 1's two-view augmentation as a training config sets it."""
+    return Stage1Views(cfg.crop_size, resized_crop=cfg.stage1_resized_crop, crop_scale=cfg.stage1_crop_scale,
+                       jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale)
+
+
+def stage2_transform(cfg: TrainConfig, seed: int | None = None) -> Stage2Transform:
+    """Stage 2's 224 crop (+ flip, blur/JPEG) and SCL crop as a training config sets them."""
+    return Stage2Transform(
+        cfg.crop_size, cfg.scl_crop_size, blur_prob=cfg.blur_prob, blur_sigma=cfg.blur_sigma,
+        jpeg_prob=cfg.jpeg_prob, jpeg_quality=cfg.jpeg_quality, seed=seed,
+    )

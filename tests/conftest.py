@@ -11,6 +11,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,22 @@ class MotoS3:
         name = name or f"test-{uuid.uuid4().hex[:16]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+    def upload_synthetic(self, bucket: str, local: Path, **synth) -> str:
+        """``make_synthetic(local, **synth)``, copied under ``BUCKET/data/`` with a manifest of
+        ``s3://`` uris; returns the manifest's uri."""
+        from ntf_ray import storage
+        from ntf_ray.datasets import manifest_table, write_manifest
+        from ntf_ray.synth import make_synthetic
+
+        options = storage.StorageOptions(endpoint_url=self.endpoint_url)
+        records = make_synthetic(local, **synth)
+        storage.fsspec_filesystem(options).put(str(local) + "/", f"{bucket}/data/", recursive=True)
+        for r in records:
+            r["uri"] = f"{bucket}/data/" + Path(r["uri"]).relative_to(local).as_posix()
+        manifest = f"{bucket}/data/manifest.parquet"
+        write_manifest(manifest_table(records), manifest, options)
+        return manifest
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,89 @@
+"""`ray job submit` to a real Ray cluster (`ray start --head` on 127.0.0.1), data and outputs in S3.
+
+The cluster runs in its own processes, started the way a user starts one, with token
+authentication on (Ray's default for local clusters) and a token of its own. It inherits
+this process's environment, the fake S3 credentials included, as a cluster inherits
+its nodes' credentials; nothing secret travels in the job's runtime environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAKE_SECRET_ACCESS_KEY, _free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(660)]
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@dataclass
+class Cluster:
+    address: str  # the dashboard's HTTP address, where `ray job submit` goes
+    env: dict[str, str]
+
+    def submit(self, *entrypoint: str, timeout: int = 540) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir REPO -- ENTRYPOINT``; waits for the job and returns its output."""
+        return subprocess.run([RAY, "job", "submit", "--address", self.address, "--working-dir", str(REPO), "--",
+                               *entrypoint], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3, tmp_path_factory):
+    token = tmp_path_factory.mktemp("ray-auth") / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = _free_port()
+    # More logical CPUs than cores: 2 train workers hold 2, Ray Data's tasks need more.
+    started = subprocess.run(
+        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=6",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield Cluster(address=f"http://127.0.0.1:{dashboard}", env=env)
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+
+
+def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, s3, bucket, tmp_path):
+    from ntf_ray import storage
+    from ntf_ray.datasets import read_manifest, select
+    from ntf_ray.recipe import evaluate
+    from ntf_ray.scoring import Scorer
+
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    manifest = s3.upload_synthetic(bucket, tmp_path / "synth", n_real=1000, n_fake=1000, size=64, seed=7)
+    output = f"{bucket}/run"
+
+    job = ray_cluster.submit("python", "jobs/train.py", "--stage", "both", "--manifest", manifest, "--output", output,
+                             "--config", "jobs/configs/smoke.yaml", "--num-workers", "2",
+                             "--s3-endpoint", s3.endpoint_url, "--run-name", "job-e2e")
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    assert "succeeded" in log and f"detector artifact: {output}/detector" in log
+    assert FAKE_SECRET_ACCESS_KEY not in log
+
+    for name in ("detector/model.safetensors", "detector/model.json", "stage1/models.safetensors", "config.json"):
+        assert storage.exists(f"{output}/{name}", options), name
+    fs = storage.fsspec_filesystem(options)
+    assert any("checkpoint_" in p for p in fs.ls(f"{output}/ray/job-e2e-stage2"))  # Ray Train's checkpoints in S3
+    config_json = storage.read_bytes(f"{output}/config.json", options).decode()
+    assert FAKE_SECRET_ACCESS_KEY not in config_json and "endpoint" not in config_json
+
+    # The detector, loaded from the bucket, on the held-out split read from the bucket.
+    scorer = Scorer.from_artifact(f"{output}/detector", device="cpu", options=options)
+    assert scorer.input_size == 48
+    rows = evaluate(scorer, select(read_manifest(manifest, options), split="test"), options=options)
+    assert rows[-1]["images"] == 600
+    assert rows[-1]["ap"] >= 0.9, rows
