@@ -122,32 +122,83 @@ SMOKE_CONFIG = Path(__file__).resolve().parent / "configs" / "smoke.yaml"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> both NTF stages (tiny backbone, CPU) -> detector -> scores of the test split."""
+    """Synthetic data -> both NTF stages on local Ray (tiny backbone, CPU) -> a scan of the data folder."""
     import time
 
+    from ntf_ray import ray_scan, ray_train
     from ntf_ray.config import load_config
-    from ntf_ray.datasets import manifest_table, write_manifest
+    from ntf_ray.datasets import manifest_table, read_manifest, select, write_manifest
     from ntf_ray.metrics import format_table
-    from ntf_ray.recipe import train_local
+    from ntf_ray.recipe import evaluate
+    from ntf_ray.scoring import Scorer
     from ntf_ray.synth import make_synthetic
 
     start = time.perf_counter()
     work = Path(args.work).absolute()
-    data = work / "data"
-    print(f"[1/3] making {2 * args.n} synthetic images in {data} (test data, not a benchmark)", flush=True)
+    data, run = work / "data", work / "run"
+    print(f"[1/4] making {2 * args.n} synthetic images in {data} (test data, not a benchmark)", flush=True)
     records = make_synthetic(data, n_real=args.n, n_fake=args.n, size=64, seed=args.seed)
     manifest = str(data / "manifest.parquet")
     write_manifest(manifest_table(records), manifest)
     cfg = load_config(SMOKE_CONFIG, args.set)
-    print(f"[2/3] training both NTF stages ({cfg.backbone} backbone, {cfg.epochs_stage1}+{cfg.epochs_stage2} epochs, "
-          f"{cfg.device})", flush=True)
-    artifact = train_local(manifest, str(work / "run"), cfg)
-    print("[3/3] held-out test split, scored by the new detector:", flush=True)
-    print(format_table(artifact.metrics["table"]))
-    print(f"detector {artifact.model_id} at {work / 'run' / 'detector'}; "
-          f"score files with: ntf-ray score --model {work / 'run' / 'detector'} FILE...")
+    print(f"[2/4] training both NTF stages on local Ray ({cfg.backbone} backbone, {cfg.epochs_stage1}+"
+          f"{cfg.epochs_stage2} epochs, 2 CPU workers)", flush=True)
+    ray_train.init_local_ray()
+    ray_train.train("both", cfg, ray_train.RunSpec(manifest=manifest, output=str(run), num_workers=2,
+                                                   run_name=ray_train.new_run_name()))
+    detector = str(run / ray_train.DETECTOR)
+    print("[3/4] held-out test split, scored by the new detector:", flush=True)
+    rows = evaluate(Scorer.from_artifact(detector, device="cpu"), select(read_manifest(manifest), split="test"))
+    print(format_table(rows))
+    print(f"[4/4] scanning {data} with Ray Data into a score table", flush=True)
+    result = ray_scan.scan(ray_scan.ScanSpec(model=detector, output=str(work / "scores"), input=str(data),
+                                             pattern="*.png"))
+    print(ray_scan.format_summary(result.summary))
+    print(f"detector at {detector}; score more files with: ntf-ray score --model {detector} FILE...")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from ntf_ray import ray_scan, ray_train
+    from ntf_ray.storage import StorageOptions
+
+    if (args.input is None) == (args.manifest is None):
+        raise ValueError("give exactly one of --input (an s3:// prefix or a folder) and --manifest")
+    spec = ray_scan.ScanSpec(
+        model=args.model, output=args.output, input=args.input, manifest=args.manifest, run_id=args.run_id,
+        incremental=args.incremental, threshold=args.threshold, pattern=args.glob, limit=args.limit,
+        batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
+        gpus_per_actor=args.gpus_per_actor, endpoint=StorageOptions.resolve(args.s3_endpoint).endpoint_url,
+    )
+    ray_train.init_local_ray()
+    result = ray_scan.scan(spec)
+    print(ray_scan.format_summary(result.summary), flush=True)
+    return 0
+
+
+def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool) -> None:
+    s.add_argument("--input", help="what to scan: an s3://bucket/prefix or a local folder (all files below it)")
+    s.add_argument("--manifest", help="or: scan the uris of a manifest (.parquet/.csv, local or s3://)")
+    s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
+    s.add_argument("--output", required=True,
+                   help="score table root (local or s3://); rows go to OUTPUT/dt=YYYY-MM-DD/run_id=ID/")
+    s.add_argument("--run-id", help="run id (default: UTC time + random suffix); re-using one replaces that run")
+    if incremental_default:
+        s.set_defaults(incremental=True)
+    else:
+        s.add_argument("--incremental", action="store_true",
+                       help="score only objects whose (uri, etag) has no row from this model in a completed run")
+    s.add_argument("--glob", help="only object names matching this pattern, e.g. '*.jpg' (case-insensitive)")
+    s.add_argument("--threshold", type=float, help="decision threshold for is_fake (default: the artifact's)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
+    s.add_argument("--min-actors", type=int, default=1, help="detector actors to start with (default 1)")
+    s.add_argument("--max-actors", type=int,
+                   help="most detector actors (default: one per GPU in the cluster, or 2 on CPU)")
+    s.add_argument("--gpus-per-actor", type=float,
+                   help="GPUs per detector actor (default: 1 when the cluster has GPUs, else 0 = CPU)")
+    s.add_argument("--limit", type=int, help="scan at most this many objects (a trial run)")
+    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
 
 
 def _size(text: str) -> int:
@@ -186,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("png", "jpeg"), default="png", help="file format (default png)")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("demo", help="run the whole product on this machine: synthetic data, training, scoring",
-                       description="Make synthetic data in a work folder, train both NTF stages with the tiny backbone "
-                                   "on the CPU, and score the held-out split. Minutes on a laptop.")
+    s = sub.add_parser("demo", help="run the whole product on this machine: synthetic data, training, a scan",
+                       description="Make synthetic data in a work folder, train both NTF stages on local Ray with the "
+                                   "tiny backbone on the CPU, score the held-out split, and scan the folder into a "
+                                   "score table. A few minutes on a laptop.")
     s.add_argument("--work", default="ntf-work", help="work folder (default ./ntf-work)")
     s.add_argument("--n", type=int, default=1000, help="real and fake images each (default 1000)")
     s.add_argument("--seed", type=int, default=0)
@@ -201,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config is written to OUTPUT/config.json; the detector to OUTPUT/detector.")
     add_train_arguments(s)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("scan", help="score every object under a prefix (or in a manifest) into a Parquet table",
+                       description="A Ray Data job: list, read, decode and score in detector actors, and write one "
+                                   "row per object to OUTPUT/dt=YYYY-MM-DD/run_id=ID/ (then summary.json and "
+                                   "_SUCCESS). Unreadable objects get an error row; the run goes on.")
+    add_scan_arguments(s, incremental_default=False)
+    s.set_defaults(func=cmd_scan)
+
+    s = sub.add_parser("moderate", help="an incremental scan: only objects new or changed since the last runs",
+                       description="`scan --incremental`: scores only objects whose (uri, etag) has no row from the "
+                                   "same model in a completed earlier run under OUTPUT. Made to run on a schedule.")
+    add_scan_arguments(s, incremental_default=True)
+    s.set_defaults(func=cmd_scan)
 
     s = sub.add_parser("score", help="score images with a detector artifact, one JSON line per input")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")

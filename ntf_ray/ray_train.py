@@ -255,7 +255,9 @@ def init_local_ray(num_cpus: int | None = None) -> None:
         ray.init()
         return
     cores = os.cpu_count() or 2
-    ray.init(num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
+    # address="local": a new local Ray even when `ray start` left a cluster on this machine
+    # (use RAY_ADDRESS to run on that one).
+    ray.init(address="local", num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
              runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
 
 

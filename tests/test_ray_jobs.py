@@ -87,3 +87,36 @@ def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, 
     rows = evaluate(scorer, select(read_manifest(manifest, options), split="test"), options=options)
     assert rows[-1]["images"] == 600
     assert rows[-1]["ap"] >= 0.9, rows
+
+
+def test_job_submit_scans_a_bucket_into_a_table_pandas_and_pyarrow_read(ray_cluster, s3, bucket, tmp_path):
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    from ntf_ray import ray_scan, storage
+    from ntf_ray.synth import make_synthetic
+    from tests.awkward import make_awkward_files
+    from tests.conftest import save_random_detector
+
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    make_synthetic(tmp_path / "objects" / "synth", n_real=30, n_fake=30, size=32, seed=4)
+    awkward = make_awkward_files(tmp_path / "objects" / "awkward")
+    storage.fsspec_filesystem(options).put(str(tmp_path / "objects") + "/", f"{bucket}/uploads/", recursive=True)
+    model = save_random_detector(f"{bucket}/model", s3.endpoint_url)
+    output = f"{bucket}/scores"
+
+    job = ray_cluster.submit("python", "jobs/scan.py", "--input", f"{bucket}/uploads", "--model", model,
+                             "--output", output, "--run-id", "job-scan", "--s3-endpoint", s3.endpoint_url)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    assert "run job-scan" in log and f"{60 + len(awkward)} listed" in log and "succeeded" in log
+    assert FAKE_SECRET_ACCESS_KEY not in log
+
+    fs, path = storage.arrow_filesystem(output, options)
+    table = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    assert table.select(ray_scan.SCORE_SCHEMA.names).schema.equals(ray_scan.SCORE_SCHEMA)
+    assert table.num_rows == 60 + len(awkward) == len(set(table.column("uri").to_pylist()))
+    frame = pd.read_parquet(path, filesystem=fs)
+    assert len(frame) == table.num_rows and set(frame.columns) == {*ray_scan.SCORE_SCHEMA.names, "dt"}
+    assert frame["error"].notna().sum() == sum(not good for good in awkward.values())
+    assert frame.loc[frame["error"].isna(), "score"].between(0, 1).all()

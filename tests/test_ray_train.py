@@ -30,7 +30,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yam
 def local_ray(s3):
     # After `s3`: Ray's workers inherit the environment, the test credentials included.
     # More logical CPUs than cores: 2 train workers hold 2, Ray Data's tasks need more.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -1,0 +1,188 @@
+"""The Ray Data scan: one row per object, the documented schema, error rows, incremental runs, the demo.
+
+Local Ray; every S3 path goes through moto's server. The detector is the tiny backbone at
+random initialisation: these tests are about rows, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import ray
+
+from ntf_ray import ray_scan, storage
+from ntf_ray.cli import main
+from ntf_ray.synth import make_synthetic
+from tests.awkward import make_awkward_files
+from tests.conftest import FAKE_SECRET_ACCESS_KEY, save_random_detector
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    # After `s3`: Ray's workers inherit the environment, the test credentials included.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scan_bucket(s3, tmp_path_factory):
+    """A bucket with 200 synthetic PNGs and the awkward files (good and broken)."""
+    name = s3.create_bucket()
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    local = tmp_path_factory.mktemp("scan-objects")
+    make_synthetic(local / "synth", n_real=100, n_fake=100, size=40, seed=5)
+    expected = make_awkward_files(local / "awkward")
+    storage.fsspec_filesystem(options).put(str(local) + "/", f"{name}/images/", recursive=True)
+    keys = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    model = save_random_detector(f"s3://{name}/models/random", s3.endpoint_url)
+    return {"bucket": f"s3://{name}", "prefix": f"s3://{name}/images", "keys": keys, "model": model,
+            "awkward": expected, "local": local}
+
+
+def _table(root: str, s3) -> pa.Table:
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    fs, path = storage.arrow_filesystem(root, options)
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+
+
+def _completed(root: str, s3) -> list[str]:
+    return ray_scan.completed_runs(root, storage.StorageOptions(endpoint_url=s3.endpoint_url))
+
+
+def test_scan_writes_one_row_per_object_with_the_documented_schema(local_ray, s3, scan_bucket, capsys):
+    b = scan_bucket
+    out = f"{b['bucket']}/scores"
+    assert main(["scan", "--input", b["prefix"], "--model", b["model"], "--output", out, "--run-id", "audit-1",
+                 "--s3-endpoint", s3.endpoint_url, "--batch-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "run audit-1" in printed and f"{len(b['keys'])} listed" in printed and "table: " in printed
+
+    table = _table(out, s3)
+    # The contract's columns and types; `run_id` (and `dt`) come from the hive partition folders.
+    assert table.select(ray_scan.SCORE_SCHEMA.names).schema.equals(ray_scan.SCORE_SCHEMA)
+    assert set(table.schema.names) == {*ray_scan.SCORE_SCHEMA.names, "dt"}
+    uris = table.column("uri").to_pylist()
+    assert sorted(uris) == sorted(f"{b['prefix']}/{k}" for k in b["keys"])  # exactly one row per object
+    assert set(table.column("run_id").to_pylist()) == {"audit-1"}
+
+    rows = {r["uri"].rsplit("/images/", 1)[1]: r for r in table.to_pylist()}
+    for name, good in b["awkward"].items():
+        r = rows[f"awkward/{name}"]
+        if good:
+            assert r["error"] is None and 0.0 <= r["score"] <= 1.0 and r["is_fake"] == (r["score"] >= r["threshold"]), r
+        else:
+            assert r["error"] and r["score"] is None and r["is_fake"] is None, r
+    synth = [r for k, r in rows.items() if k.startswith("synth/")]
+    assert len(synth) == 200 and all(r["error"] is None and 0.0 <= r["score"] <= 1.0 for r in synth)
+    for key, r in rows.items():  # the listing's facts about each object
+        assert r["etag"] and r["last_modified"] is not None, r
+        assert r["size_bytes"] == (b["local"] / key).stat().st_size, r
+
+    # `ntf-ray score` gives the same numbers for the same objects.
+    sample = [f"{b['prefix']}/{k}" for k in b["keys"][::9]]
+    assert main(["score", "--model", b["model"], "--s3-endpoint", s3.endpoint_url, *sample]) == 0
+    by_uri = {r["uri"]: r for r in table.to_pylist()}
+    for line in capsys.readouterr().out.splitlines():
+        one = json.loads(line)
+        row = by_uri[one["uri"]]
+        if one["error"] is None:
+            assert one["score"] == pytest.approx(row["score"], abs=1e-5) and one["is_fake"] == row["is_fake"]
+        else:
+            assert row["error"] == one["error"]
+
+    # summary.json and _SUCCESS mark the run complete; nothing secret in them.
+    run_dir = _completed(out, s3)[0]
+    summary_text = storage.read_bytes(storage.join(run_dir, ray_scan.SUMMARY),
+                                      storage.StorageOptions(endpoint_url=s3.endpoint_url)).decode()
+    summary = json.loads(summary_text)
+    broken = sum(not g for g in b["awkward"].values())
+    assert summary["listed"] == len(b["keys"]) and summary["errors"] == broken
+    assert summary["scored"] == len(b["keys"]) - broken and sum(summary["score_histogram"]["counts"]) == summary["scored"]
+    assert FAKE_SECRET_ACCESS_KEY not in summary_text and s3.endpoint_url not in summary_text
+
+    # pandas reads the same table as is.
+    import pandas as pd
+
+    frame = pd.read_parquet(out[len("s3://"):], filesystem=storage.arrow_filesystem(out, storage.StorageOptions(
+        endpoint_url=s3.endpoint_url))[0])
+    assert len(frame) == len(b["keys"]) and set(frame.columns) == {*ray_scan.SCORE_SCHEMA.names, "dt"}
+    assert set(frame["run_id"]) == {"audit-1"}
+
+
+def test_rerunning_a_run_id_leaves_no_duplicates(local_ray, s3, scan_bucket):
+    b = scan_bucket
+    out = f"{b['bucket']}/rerun"
+    for _ in range(2):
+        assert main(["scan", "--input", f"{b['prefix']}/awkward", "--model", b["model"], "--output", out,
+                     "--run-id", "same", "--s3-endpoint", s3.endpoint_url]) == 0
+    table = _table(out, s3)
+    assert table.num_rows == len(b["awkward"]) == len(set(table.column("uri").to_pylist()))
+
+
+def test_moderate_scores_only_new_and_changed_objects(local_ray, s3, tmp_path):
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    fs = storage.fsspec_filesystem(options)
+    name = s3.create_bucket()
+    records = make_synthetic(tmp_path / "a", n_real=15, n_fake=15, size=32, seed=1, splits={"test": 1.0})
+    fs.put(str(tmp_path / "a") + "/", f"{name}/in/", recursive=True)
+    model = save_random_detector(f"s3://{name}/model", s3.endpoint_url)
+    out, prefix = f"s3://{name}/mod", f"s3://{name}/in"
+    args = ["moderate", "--input", prefix, "--model", model, "--output", out, "--s3-endpoint", s3.endpoint_url]
+
+    assert main([*args, "--run-id", "night-1"]) == 0
+    first = json.loads(storage.read_bytes(storage.join(_completed(out, s3)[0], ray_scan.SUMMARY), options))
+    assert first["scored"] == 30 and first["skipped"] == 0
+
+    # An unfinished run (no _SUCCESS) that claims every object is ignored.
+    stale_dir = f"{out}/dt=2000-01-01/run_id=crashed"
+    stale = _table(out, s3).drop_columns(["dt", "run_id"])
+    fs.pipe_file(f"{stale_dir[len('s3://'):]}/part.parquet", _parquet_bytes(stale.set_column(
+        stale.schema.get_field_index("etag"), "etag", pa.array(["x"] * stale.num_rows))))
+
+    # 10 new objects and 1 overwritten with different bytes.
+    extra = make_synthetic(tmp_path / "b", n_real=5, n_fake=5, size=32, seed=2, splits={"test": 1.0})
+    for r in extra:
+        fs.put_file(r["uri"], f"{name}/in/new/{Path(r['uri']).name}")
+    changed = Path(records[0]["uri"]).relative_to(tmp_path / "a").as_posix()
+    fs.pipe_file(f"{name}/in/{changed}", Path(extra[0]["uri"]).read_bytes())
+
+    assert main([*args, "--run-id", "night-2"]) == 0
+    runs = {d.rsplit("run_id=", 1)[1]: d for d in _completed(out, s3)}
+    assert set(runs) == {"night-1", "night-2"}
+    second = json.loads(storage.read_bytes(storage.join(runs["night-2"], ray_scan.SUMMARY), options))
+    assert second["listed"] == 40 and second["rows"] == 11 and second["skipped"] == 29
+    night2 = _table(out, s3).filter(pa.compute.equal(pa.compute.field("run_id"), "night-2"))
+    assert f"{prefix}/{changed}" in night2.column("uri").to_pylist()
+
+    assert main([*args, "--run-id", "night-3"]) == 0  # nothing new: an empty, complete run
+    runs = {d.rsplit("run_id=", 1)[1]: d for d in _completed(out, s3)}
+    third = json.loads(storage.read_bytes(storage.join(runs["night-3"], ray_scan.SUMMARY), options))
+    assert third["rows"] == 0 and third["skipped"] == 40
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_demo_runs_end_to_end(local_ray, tmp_path, capsys):
+    code = main(["demo", "--work", str(tmp_path / "work"), "--n", "40", "--set", "epochs_stage1=1",
+                 "--set", "epochs_stage2=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[4/4]" in out and "80 listed" in out and "demo finished" in out
+    assert _completed_local(tmp_path / "work" / "scores")
+
+
+def _completed_local(root: Path) -> list[str]:
+    return ray_scan.completed_runs(str(root), storage.StorageOptions())

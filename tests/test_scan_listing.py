@@ -1,0 +1,95 @@
+"""The scan's driver-side parts without a cluster: listing, read retries, incremental bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ntf_ray import ray_scan, storage
+from ntf_ray.ray_scan import ScanSpec
+
+
+def _spec(**kw) -> ScanSpec:
+    return ScanSpec(model="-", output="-", **kw)
+
+
+def test_local_listing_recurses_filters_and_limits(tmp_path):
+    for rel in ("a/1.JPG", "a/b/2.jpg", "c/3.png", ".hidden.jpg", "4.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x" * 3)
+    table = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions())
+    assert table.schema.equals(ray_scan.LISTING_SCHEMA)
+    assert sorted(u[len(str(tmp_path)) + 1:] for u in table.column("uri").to_pylist()) == [
+        "4.jpg", "a/1.JPG", "a/b/2.jpg", "c/3.png"]
+    assert set(table.column("size_bytes").to_pylist()) == {3}
+    jpgs = ray_scan.list_objects(_spec(input=str(tmp_path), pattern="*.jpg"), storage.StorageOptions())
+    assert jpgs.num_rows == 3  # case-insensitive
+    assert ray_scan.list_objects(_spec(input=str(tmp_path), limit=2), storage.StorageOptions()).num_rows == 2
+
+
+def test_local_etag_changes_when_a_file_is_rewritten(tmp_path):
+    f = tmp_path / "x.jpg"
+    f.write_bytes(b"one")
+    before = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0]
+    f.write_bytes(b"three")
+    after = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0]
+    assert before != after
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ray_scan.list_objects(_spec(input=str(tmp_path / "nope")), storage.StorageOptions())
+    with pytest.raises(ValueError, match="exactly one"):
+        ray_scan.list_objects(_spec(), storage.StorageOptions())
+
+
+def test_transient_read_errors_are_retried_and_missing_objects_are_not(monkeypatch):
+    calls: list[list[str]] = []
+    flaky = {"s3://b/flaky": 2}
+
+    def fake_read_many(uris, options=None):
+        calls.append(list(uris))
+        out = []
+        for u in uris:
+            if u == "s3://b/gone":
+                out.append(FileNotFoundError(u))
+            elif flaky.get(u, 0) > 0:
+                flaky[u] -= 1
+                out.append(ConnectionError("connection reset"))
+            else:
+                out.append(b"ok")
+        return out
+
+    monkeypatch.setattr(ray_scan.storage, "read_many", fake_read_many)
+    monkeypatch.setattr(ray_scan.time, "sleep", lambda s: None)
+    got = ray_scan._read_with_retries(["s3://b/ok", "s3://b/flaky", "s3://b/gone"], storage.StorageOptions())
+    assert got[0] == b"ok" and got[1] == b"ok" and isinstance(got[2], FileNotFoundError)
+    assert calls[1:] == [["s3://b/flaky"], ["s3://b/flaky"]]  # the missing one is not read again
+    batch = ray_scan.read_objects(pa.table({"uri": ["s3://b/gone"]}), endpoint=None)
+    assert batch.column("read_error")[0].as_py().startswith("read: not found")
+
+
+def _run(root, run_id, rows, *, model_id="m1", complete=True):
+    d = root / "dt=2026-01-01" / f"run_id={run_id}"
+    d.mkdir(parents=True)
+    table = pa.table({f.name: pa.nulls(len(rows), f.type) for f in ray_scan.FILE_SCHEMA})
+    for name, values in (("uri", [u for u, _ in rows]), ("etag", [e for _, e in rows]),
+                         ("model_id", [model_id] * len(rows))):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    pq.write_table(table, d / "part-0.parquet")
+    if complete:
+        (d / ray_scan.SUMMARY).write_text(json.dumps({"rows": len(rows)}))
+        (d / ray_scan.SUCCESS).write_bytes(b"")
+
+
+def test_already_scored_counts_only_completed_runs_of_the_same_model(tmp_path):
+    _run(tmp_path, "r1", [("u1", "e1"), ("u2", "e2")])
+    _run(tmp_path, "r2", [("u3", "e3")], complete=False)  # crashed: ignored
+    _run(tmp_path, "r3", [("u4", "e4")], model_id="other")  # another model: ignored
+    _run(tmp_path, "r4", [("u1", "e1")])  # the same pair twice: counted once
+    seen = ray_scan.already_scored(str(tmp_path), "m1", storage.StorageOptions())
+    assert sorted(zip(seen.column("uri").to_pylist(), seen.column("etag").to_pylist())) == [("u1", "e1"), ("u2", "e2")]
+    assert ray_scan.already_scored(str(tmp_path / "empty"), "m1", storage.StorageOptions()).num_rows == 0
