@@ -46,12 +46,17 @@ def make_jpegs(folder: Path, n: int, width: int, height: int) -> list[Path]:
 
 
 LISTING_CHILD = """
-import resource, sys
+import sys
 from ntf_ray import ray_scan, storage
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def rss_mib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) // 1024
+
+before = rss_mib("VmRSS:")
 table = ray_scan.list_objects(ray_scan.ScanSpec(model="-", output="-", input=sys.argv[1]), storage.StorageOptions())
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(table.num_rows, before // 1024, after // 1024, table.nbytes // 2**20)
+print(table.num_rows, before, rss_mib("VmRSS:"), rss_mib("VmHWM:"), table.nbytes // 2**20)
 """
 
 
@@ -66,9 +71,9 @@ def listing_memory(root: Path, counts: list[int]) -> None:
             (sub / f"f{i:06d}.jpg").write_bytes(b"x")
         out = subprocess.run([sys.executable, "-c", LISTING_CHILD, str(folder)], capture_output=True, text=True,
                              check=True).stdout.split()
-        rows, before, after, table = map(int, out)
-        print(f"listing {rows:,} objects: driver peak memory {after} MiB (process before listing {before} MiB, "
-              f"+{after - before} MiB); listing table {table} MiB", flush=True)
+        rows, before, after, peak, table = map(int, out)
+        print(f"listing {rows:,} objects: driver memory {before} MiB before listing (imports), {after} MiB after "
+              f"(+{after - before} MiB), peak {peak} MiB; the listing table itself {table} MiB", flush=True)
 
 
 def naive(paths: list[Path], model: str, batch: int) -> tuple[float, dict[str, float]]:
@@ -126,13 +131,17 @@ def main() -> None:
                                                  batch_size=args.batch))
         scan_s = time.perf_counter() - start
         scan_rate = len(paths) / scan_s
-        table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["uri", "score"])
+        table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["uri", "score", "scanned_at"])
+        stamps = table.column("scanned_at").to_pylist()
+        steady = len(paths) / max((max(stamps) - min(stamps)).total_seconds(), 1e-9)
         got = dict(zip(table.column("uri").to_pylist(), table.column("score").to_pylist()))
         diff = max(abs(got[k] - v) for k, v in naive_scores.items())
         if len(got) != len(paths) or diff > 1e-5:
             raise SystemExit(f"scan and naive loop disagree: {len(got)} rows, max score difference {diff:.2e}")
         print(f"ray_scan:   {scan_rate:8.1f} images/s ({scan_s:.1f} s, job start to _SUCCESS, table written); "
               f"scores equal to the naive loop's (max difference {diff:.1e})", flush=True)
+        print(f"ray_scan steady state: {steady:8.1f} images/s (first to last scored block, start-up excluded); "
+              f"steady-state ratio {steady / naive_rate:.2f}", flush=True)
         ray.shutdown()
     print(f"ratio ray_scan/naive = {scan_rate / naive_rate:.2f}")
 
