@@ -42,7 +42,7 @@ from ntf_ray.engine import (
 from ntf_ray.model import Stage1Model, Stage2Model, build_encoder
 from ntf_ray.recipe import data_summary, training_rows
 from ntf_ray.storage import StorageOptions
-from ntf_ray.train_data import DropCounter, build_dataset
+from ntf_ray.ray_train_data import DropCounter, build_dataset
 
 log = logging.getLogger(__name__)
 
