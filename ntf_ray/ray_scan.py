@@ -107,6 +107,12 @@ def _local_etag(size: int, mtime_ns: int) -> str:
     return hashlib.sha256(f"{size}:{mtime_ns}".encode()).hexdigest()[:32]
 
 
+def _local_row(uri: str, st: os.stat_result) -> dict:
+    """A listing row for a local file; its etag is a digest of size and mtime."""
+    return {"uri": uri, "etag": _local_etag(st.st_size, st.st_mtime_ns), "size_bytes": st.st_size,
+            "last_modified": dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, dt.timezone.utc)}
+
+
 def _matches(name: str, pattern: str | None) -> bool:
     return pattern is None or fnmatch.fnmatch(name.lower(), pattern.lower())
 
@@ -119,10 +125,7 @@ def _iter_local(root: str, pattern: str | None) -> Iterator[dict]:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
                 elif e.is_file() and not e.name.startswith(".") and _matches(e.name, pattern):
-                    st = e.stat()
-                    yield {"uri": os.path.abspath(e.path), "etag": _local_etag(st.st_size, st.st_mtime_ns),
-                           "size_bytes": st.st_size,
-                           "last_modified": dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, dt.timezone.utc)}
+                    yield _local_row(os.path.abspath(e.path), e.stat())
 
 
 def _iter_s3(prefix: str, pattern: str | None, options: StorageOptions) -> Iterator[dict]:
@@ -174,12 +177,9 @@ def _stat_many(uris: list[str], options: StorageOptions) -> Iterator[dict]:
                        "last_modified": i.get("LastModified")}
         else:
             try:
-                st = os.stat(u)
+                yield _local_row(u, os.stat(u))
             except OSError:
                 yield {"uri": u, "etag": None, "size_bytes": None, "last_modified": None}
-                continue
-            yield {"uri": u, "etag": _local_etag(st.st_size, st.st_mtime_ns), "size_bytes": st.st_size,
-                   "last_modified": dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, dt.timezone.utc)}
 
 
 def _to_table(rows: Iterator[dict], limit: int | None, chunk: int = 10_000) -> pa.Table:

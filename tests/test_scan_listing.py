@@ -93,3 +93,17 @@ def test_already_scored_counts_only_completed_runs_of_the_same_model(tmp_path):
     seen = ray_scan.already_scored(str(tmp_path), "m1", storage.StorageOptions())
     assert sorted(zip(seen.column("uri").to_pylist(), seen.column("etag").to_pylist())) == [("u1", "e1"), ("u2", "e2")]
     assert ray_scan.already_scored(str(tmp_path / "empty"), "m1", storage.StorageOptions()).num_rows == 0
+
+
+def test_manifest_listing_keeps_a_row_for_a_missing_file(tmp_path):
+    from ntf_ray.datasets import manifest_table, write_manifest
+
+    (tmp_path / "a.png").write_bytes(b"xy")
+    write_manifest(manifest_table([
+        {"uri": str(tmp_path / "a.png"), "label": 0, "generator": "real", "split": "test"},
+        {"uri": str(tmp_path / "gone.png"), "label": 1, "generator": "g", "split": "test"},
+    ]), str(tmp_path / "m.parquet"))
+    rows = ray_scan.list_objects(_spec(manifest=str(tmp_path / "m.parquet")), storage.StorageOptions()).to_pylist()
+    assert [r["uri"] for r in rows] == [str(tmp_path / "a.png"), str(tmp_path / "gone.png")]
+    assert rows[0]["size_bytes"] == 2 and rows[0]["etag"]
+    assert rows[1]["etag"] is None and rows[1]["size_bytes"] is None  # its read fails later: an error row
