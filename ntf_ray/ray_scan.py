@@ -54,6 +54,9 @@ SCORE_SCHEMA = pa.schema([
     ("model_id", pa.string()),
     ("run_id", pa.string()),
     ("scanned_at", pa.timestamp("us", tz="UTC")),
+    # Added after the architecture's columns: which decoder made the pixels ("pil" or
+    # "nvjpeg"; null when the object could not be read). Scores from the two differ slightly.
+    ("decoder", pa.string()),
 ])
 #: What each Parquet file holds: the table less ``run_id``, which, as in any hive layout, lives
 #: in the folder name (``run_id=ID``) and reaches readers as a partition column. Stored in the
@@ -88,15 +91,16 @@ class ScanSpec:
     pattern: str | None = None  # glob on the object's name, e.g. "*.jpg"
     limit: int | None = None
     batch_size: int = 64
-    min_actors: int = 1
+    min_actors: int | None = None  # default: max_actors (a fixed pool, all started at once)
     max_actors: int | None = None  # default: GPUs, or 2 on CPU
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
+    decoder: str = "auto"  # auto: nvJPEG for plain JPEGs on GPU actors, the core decoder otherwise
     read_block_rows: int = 128
     endpoint: str | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
-        """The spec as it goes into summary.json (no endpoint: it may name internal hosts)."""
+        """The spec as it goes into _summary.json (no endpoint: it may name internal hosts)."""
         return {k: v for k, v in asdict(self).items() if k != "endpoint"}
 
 
@@ -312,7 +316,7 @@ class DetectorActor:
     """Ray Data actor: loads the detector once, scores blocks of encoded images."""
 
     def __init__(self, model: str, *, endpoint: str | None, threshold: float | None, batch_size: int,
-                 device: str = "auto"):
+                 device: str = "auto", decoder: str = "auto"):
         import torch
 
         from ntf_ray.scoring import Scorer
@@ -322,7 +326,8 @@ class DetectorActor:
         if device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.scorer = Scorer.from_artifact(model, device=device, threshold=threshold,
-                                           options=StorageOptions(endpoint_url=endpoint), batch_size=batch_size)
+                                           options=StorageOptions(endpoint_url=endpoint), batch_size=batch_size,
+                                           decoder=decoder)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         data = batch.column("data").to_pylist()
@@ -330,7 +335,8 @@ class DetectorActor:
         ok = [i for i, e in enumerate(read_errors) if e is None]
         results = dict(zip(ok, self.scorer.score_bytes([data[i] for i in ok])))
         n = batch.num_rows
-        cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "error")}
+        cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "error",
+                                                         "decoder")}
         for i in range(n):
             r = results.get(i)
             if r is None:
@@ -338,6 +344,7 @@ class DetectorActor:
                 continue
             cols["score"][i], cols["is_fake"][i], cols["error"][i] = r.score, r.is_fake, r.error
             cols["width"][i], cols["height"][i], cols["format"][i] = r.width, r.height, r.format
+            cols["decoder"][i] = r.decoder
         now = dt.datetime.now(dt.timezone.utc)
         return pa.table({
             "uri": batch.column("uri"),
@@ -353,6 +360,7 @@ class DetectorActor:
             "error": pa.array(cols["error"], pa.string()),
             "model_id": pa.array([self.scorer.model_id] * n, pa.string()),
             "scanned_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "decoder": pa.array(cols["decoder"], pa.string()),
         }, schema=FILE_SCHEMA)
 
 
@@ -395,7 +403,7 @@ def _summary(table: pa.Table, *, listed: int, skipped: int, seconds: float, mode
 
 
 def scan(spec: ScanSpec) -> ScanResult:
-    """Run one scan; returns where its table is and its summary (also in summary.json)."""
+    """Run one scan; returns where its table is and its summary (also in _summary.json)."""
     from ntf_ray.artifact import load_artifact
 
     options = StorageOptions(endpoint_url=spec.endpoint)
@@ -442,7 +450,7 @@ def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, run_dir: st
                 options: StorageOptions) -> None:
     gpus = spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if _gpus_in_cluster() >= 1 else 0.0)
     max_actors = spec.max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
-    min_actors = min(spec.min_actors, max_actors)
+    min_actors = max_actors if spec.min_actors is None else min(spec.min_actors, max_actors)
     blocks = max(1, -(-listing.num_rows // spec.read_block_rows))
     ds = ray.data.from_arrow(listing).repartition(blocks)
     ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": spec.endpoint})
@@ -450,7 +458,7 @@ def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, run_dir: st
         DetectorActor,
         fn_constructor_kwargs={"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold,
                                "batch_size": spec.batch_size,
-                               "device": "cuda" if gpus else "cpu"},
+                               "device": "cuda" if gpus else "cpu", "decoder": spec.decoder},
         batch_format="pyarrow",
         batch_size=spec.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),

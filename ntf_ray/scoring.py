@@ -1,9 +1,13 @@
 """Score encoded images with a detector: bytes -> decode -> centre crop -> P(fake).
 
 Errors are values: every input gets a ``ScoreResult`` with either a score or a short
-reason. Each image is decoded and cropped on its own (peak memory: one decoded image plus
-the batch of crops), and the network runs in eval mode, so an image's score does not
-depend on what else is in its batch.
+reason. Each image is cropped on its own, and the network runs in eval mode, so an
+image's score does not depend on what else is in its batch.
+
+Two decoders: ``pil``, the core decoder (Pillow, CPU), one image at a time; and
+``nvjpeg``: JPEGs that pass the marker screen (``jpeg_screen``) decode in one batched call
+on the scorer's device (nvJPEG on CUDA), everything else, and any file the batched
+decoder fails on, through the core decoder. Each result names the decoder that made it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from ntf_ray.transforms import eval_transform, to_tensor
 
 log = logging.getLogger(__name__)
 
+DECODERS = ("pil", "nvjpeg")
+
 
 @dataclass(frozen=True)
 class ScoreResult:
@@ -33,6 +39,7 @@ class ScoreResult:
     height: int | None
     format: str | None
     error: str | None  # None when scored
+    decoder: str | None = None  # "pil" or "nvjpeg": which decoder made the pixels
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +49,9 @@ class Scorer:
     """A loaded Detector plus its preprocessing contract (input size, threshold).
 
     ``precision``: ``"fp32"`` or ``"bf16"`` (autocast, CUDA only); ``"auto"`` = bf16 on
-    CUDA, fp32 on CPU.
+    CUDA, fp32 on CPU. ``decoder``: ``"pil"``, ``"nvjpeg"`` (see the module notes; on a
+    CPU device torchvision's CPU JPEG decoder stands in for nvJPEG), or ``"auto"`` =
+    nvjpeg on CUDA, pil on CPU.
     """
 
     def __init__(
@@ -56,6 +65,7 @@ class Scorer:
         batch_size: int = 64,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         precision: str = "auto",
+        decoder: str = "pil",
     ):
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.detector = detector.to(self.device).eval()
@@ -73,6 +83,11 @@ class Scorer:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
         self.precision = precision
+        if decoder == "auto":
+            decoder = "nvjpeg" if self.device.type == "cuda" else "pil"
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)} or auto, got {decoder!r}")
+        self.decoder = decoder
         if self.device.type == "cuda":
             self.detector = self.detector.to(memory_format=torch.channels_last)
 
@@ -97,26 +112,29 @@ class Scorer:
         )
 
     def preprocess(self, data: bytes) -> tuple[torch.Tensor | None, ScoreResult]:
-        """Decode and crop one image; on failure the result carries the reason."""
+        """Decode (core decoder) and crop one image; on failure the result carries the reason."""
         decoded = decode(data, max_pixels=self.max_pixels)
         if not decoded.ok:
-            return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format, decoded.error)
-        h, w = decoded.image.shape[:2]
+            return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format, decoded.error, "pil")
+        return self.crop(to_tensor(decoded.image), decoded.format, "pil")
+
+    def crop(self, image: torch.Tensor, fmt: str | None, decoder: str) -> tuple[torch.Tensor | None, ScoreResult]:
+        """Centre crop of a decoded ``(3, H, W)`` uint8 image, on whatever device it is."""
+        h, w = image.shape[-2:]
         short = min(h, w)
         if self.max_pixels is not None and short < self.input_size:
             # A sliver (say 1 x 20000) upscaled until its short side fits would need gigabytes:
             # refuse it under the same pixel ceiling as the decoder.
             up_h, up_w = max(self.input_size, -(-h * self.input_size // short)), max(self.input_size, -(-w * self.input_size // short))
             if up_h * up_w > self.max_pixels:
-                return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format,
+                return None, ScoreResult(None, None, w, h, fmt,
                                          f"too_large: upscaling {w}x{h} to fit {self.input_size} px needs {up_w}x{up_h} = "
-                                         f"{up_h * up_w} px > limit {self.max_pixels}")
+                                         f"{up_h * up_w} px > limit {self.max_pixels}", decoder)
         try:
-            crop = eval_transform(to_tensor(decoded.image), self.input_size)
+            crop = eval_transform(image, self.input_size)
         except (RuntimeError, ValueError) as exc:  # e.g. a degenerate 1 x N image
-            return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format,
-                                     f"decode: cannot crop ({type(exc).__name__})")
-        return crop, ScoreResult(None, None, decoded.width, decoded.height, decoded.format, None)
+            return None, ScoreResult(None, None, w, h, fmt, f"decode: cannot crop ({type(exc).__name__})", decoder)
+        return crop, ScoreResult(None, None, w, h, fmt, None, decoder)
 
     @torch.inference_mode()
     def score_tensors(self, crops: torch.Tensor) -> np.ndarray:
@@ -133,22 +151,45 @@ class Scorer:
 
     def score_bytes(self, items: Sequence[bytes]) -> list[ScoreResult]:
         """One result per input, in order; bad inputs get an error and never raise."""
-        results: list[ScoreResult] = []
-        crops: list[torch.Tensor] = []
-        slots: list[int] = []
-        for data in items:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                results.append(ScoreResult(None, None, None, None, None, f"read: expected bytes, got {type(data).__name__}"))
+        results: list[ScoreResult | None] = [None] * len(items)
+        crops: dict[int, torch.Tensor] = {}
+        on_device: dict[int, torch.Tensor] = {}
+        if self.decoder == "nvjpeg":
+            on_device = self._decode_jpegs(items)
+        for i, data in enumerate(items):
+            if i in on_device:
+                crop, results[i] = self.crop(on_device[i], "JPEG", "nvjpeg")
+            elif not isinstance(data, (bytes, bytearray, memoryview)):
+                results[i] = ScoreResult(None, None, None, None, None, f"read: expected bytes, got {type(data).__name__}")
                 continue
-            crop, result = self.preprocess(data)
-            results.append(result)
+            else:
+                crop, results[i] = self.preprocess(data)
             if crop is not None:
-                slots.append(len(results) - 1)
-                crops.append(crop)
+                crops[i] = crop.to(self.device, non_blocking=True)
         if crops:
-            scores = self.score_tensors(torch.stack(crops))
-            for slot, score in zip(slots, scores):
+            scores = self.score_tensors(torch.stack(list(crops.values())))
+            for slot, score in zip(crops, scores):
                 r = results[slot]
                 score = float(score)  # compare in float64: numpy would compare float32 with a float32-rounded threshold
-                results[slot] = ScoreResult(score, score >= self.threshold, r.width, r.height, r.format, None)
-        return results
+                results[slot] = ScoreResult(score, score >= self.threshold, r.width, r.height, r.format, None, r.decoder)
+        return results  # type: ignore[return-value]
+
+    def _decode_jpegs(self, items: Sequence[bytes]) -> dict[int, torch.Tensor]:
+        """Batch-decode the JPEGs the screen lets through; {index: (3, H, W) image on the device}.
+
+        Files the screen routes elsewhere, and files the batched decoder fails on, are left
+        out: ``score_bytes`` hands them to the core decoder.
+        """
+        from ntf_ray.gpu_decode import decode_jpegs
+        from ntf_ray.jpeg_screen import screen
+
+        picked = [i for i, d in enumerate(items)
+                  if isinstance(d, (bytes, bytearray, memoryview)) and len(d) and screen(d, max_pixels=self.max_pixels).gpu]
+        decoded = decode_jpegs([bytes(items[i]) for i in picked], self.device)
+        out = {}
+        for i, image in zip(picked, decoded):
+            if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
+                out[i] = image
+            else:
+                log.debug("the batched JPEG decoder failed on item %d (%s); using the core decoder", i, image)
+        return out

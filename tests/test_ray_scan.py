@@ -79,6 +79,7 @@ def test_scan_writes_one_row_per_object_with_the_documented_schema(local_ray, s3
             assert r["error"] is None and 0.0 <= r["score"] <= 1.0 and r["is_fake"] == (r["score"] >= r["threshold"]), r
         else:
             assert r["error"] and r["score"] is None and r["is_fake"] is None, r
+    assert {r["decoder"] for r in rows.values()} == {"pil"}  # CPU actors: the core decoder for every object
     synth = [r for k, r in rows.items() if k.startswith("synth/")]
     assert len(synth) == 200 and all(r["error"] is None and 0.0 <= r["score"] <= 1.0 for r in synth)
     for key, r in rows.items():  # the listing's facts about each object
@@ -114,6 +115,24 @@ def test_scan_writes_one_row_per_object_with_the_documented_schema(local_ray, s3
         endpoint_url=s3.endpoint_url))[0])
     assert len(frame) == len(b["keys"]) and set(frame.columns) == {*ray_scan.SCORE_SCHEMA.names, "dt"}
     assert set(frame["run_id"]) == {"audit-1"}
+
+
+def test_the_gpu_decode_path_writes_the_cpu_paths_rows_for_the_awkward_files(local_ray, s3, scan_bucket):
+    """--decoder nvjpeg on CPU actors (torchvision's CPU JPEG decoder standing in for nvJPEG):
+    the screen, the routing and the fallback leave every row as the core decoder writes it."""
+    b = scan_bucket
+    tables = {}
+    for decoder in ("pil", "nvjpeg"):
+        out = f"{b['bucket']}/decoder-{decoder}"
+        assert main(["scan", "--input", f"{b['prefix']}/awkward", "--model", b["model"], "--output", out,
+                     "--decoder", decoder, "--s3-endpoint", s3.endpoint_url]) == 0
+        tables[decoder] = {r["uri"]: r for r in _table(out, s3).to_pylist()}
+    assert tables["pil"].keys() == tables["nvjpeg"].keys() and len(tables["pil"]) == len(b["awkward"])
+    columns = ("score", "is_fake", "width", "height", "format", "error", "etag", "size_bytes")
+    for uri, cpu in tables["pil"].items():
+        assert {c: cpu[c] for c in columns} == {c: tables["nvjpeg"][uri][c] for c in columns}, uri
+    on_gpu = sorted(uri.rsplit("/", 1)[1] for uri, r in tables["nvjpeg"].items() if r["decoder"] == "nvjpeg")
+    assert on_gpu == ["baseline.jpg", "gray.jpg", "progressive.jpg"]
 
 
 def test_rerunning_a_run_id_leaves_no_duplicates(local_ray, s3, scan_bucket):

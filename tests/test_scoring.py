@@ -141,7 +141,7 @@ def test_awkward_files(detector, awkward):
     assert by_name["baseline.jpg"].format == "JPEG" and by_name["rgba.png"].format == "PNG"
     assert (by_name["bomb.png"].width, by_name["bomb.png"].height) == (20000, 20000)
     d = by_name["baseline.jpg"].as_dict()
-    assert set(d) == {"score", "is_fake", "width", "height", "format", "error"}
+    assert set(d) == {"score", "is_fake", "width", "height", "format", "error", "decoder"}
 
 
 def test_non_bytes_items_get_read_errors(detector, pool):
@@ -312,7 +312,7 @@ def test_cli_score(artifact_dir, pool, tmp_path, capsys):
     assert len(lines) == 5
     rows = [json.loads(ln) for ln in lines]
     for row in rows:
-        assert set(row) == {"uri", "score", "is_fake", "error"}
+        assert set(row) == {"uri", "score", "is_fake", "error", "decoder"}
     assert [r["uri"] for r in rows] == files + [str(broken), str(missing)]
     want = Scorer.from_artifact(artifact_dir, device="cpu").score_bytes(pool[:3])
     for row, w in zip(rows[:3], want):

@@ -1,0 +1,296 @@
+"""Scan at GPU speed: three ways to score the same JPEGs with the same detector, plus decoder parity.
+
+(a) direct: one process reads a batch of files, decodes it with nvJPEG in one call, centre-crops,
+    runs the model (bf16, channels_last), one batch after another;
+(b) textbook Ray: ``read_binary_files`` -> PIL decode + crop in Ray Data tasks -> one GPU actor;
+(c) ntf-ray: ``ray_scan.scan`` (detector actors decoding on the GPU, the real score table written),
+    once per actor layout asked for (``--layouts 1x1 2x0.5``: actors x GPU share).
+
+Prints images/s overall (start to last row) and in steady state (from the first scored batch),
+the time to the first scored batch, and, before that, the decoder parity: scores of the ``pil``
+and ``nvjpeg`` paths on the same files, for a detector trained here (tiny backbone, synthetic
+JPEGs) and for the benchmark's ResNet-50, with the largest difference and the decisions that flip.
+
+On the GPU machine (Ray from the device bundle, the project on PYTHONPATH):
+
+    python bench/scan_gpu_bench.py                       # 32,768 JPEGs of 1024x768, ResNet-50
+    python bench/scan_gpu_bench.py --device cpu --n 256 --width 256 --height 192 --backbone tiny \
+        --unique 64 --parity-images 200                  # a quick check of the script on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# ---------------------------------------------------------------- data
+
+
+def _one_jpeg(args: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    i, width, height = args
+    rng = np.random.default_rng(i)
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC))
+    img = (img // 2 + rng.integers(0, 64, img.shape, dtype=np.uint8)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)  # 4:2:0, the common case
+    return buf.getvalue()
+
+
+def make_jpegs(folder: Path, n: int, width: int, height: int, unique: int) -> list[Path]:
+    """``unique`` different JPEGs (in parallel), written round-robin to ``n`` files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with multiprocessing.Pool() as pool:
+        blobs = pool.map(_one_jpeg, [(i, width, height) for i in range(min(unique, n))])
+    paths = []
+    for i in range(n):
+        p = folder / f"{i // 4096:03d}" / f"img_{i:06d}.jpg"
+        if i % 4096 == 0:
+            p.parent.mkdir()
+        p.write_bytes(blobs[i % len(blobs)])
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------- (a) direct loop
+
+
+def direct(paths: list[Path], model_uri: str, device: str, batch: int) -> dict:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from ntf_ray.artifact import load_artifact
+    from ntf_ray.transforms import eval_transform
+
+    art = load_artifact(model_uri)
+    model = art.detector.to(device).eval()
+    cuda = device == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    first = None
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch):
+            data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths[i : i + batch]]
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            x = torch.stack([eval_transform(im, art.input_size) for im in images])
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                scores = torch.sigmoid(model(x).float()).cpu()
+            if first is None:
+                first = (time.perf_counter(), len(scores))
+    total = time.perf_counter() - start
+    return _rates(len(paths), total, first[0] - start, (len(paths) - first[1]) / max(start + total - first[0], 1e-9))
+
+
+# ---------------------------------------------------------------- (b) textbook Ray
+
+
+class _TextbookActor:
+    def __init__(self, model_uri: str, device: str):
+        import torch
+
+        from ntf_ray.artifact import load_artifact
+
+        self.torch = torch
+        self.device = device
+        self.model = load_artifact(model_uri).detector.to(device).eval()
+
+    def __call__(self, batch: dict) -> dict:
+        torch = self.torch
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            x = torch.from_numpy(batch["crop"]).to(self.device)
+            scores = torch.sigmoid(self.model(x).float()).cpu().numpy()
+        return {"score": scores, "t": np.full(len(scores), time.time())}
+
+
+def _pil_crop(batch: dict, size: int) -> dict:
+    from ntf_ray.decode import decode
+    from ntf_ray.transforms import eval_transform, to_tensor
+
+    crops = [eval_transform(to_tensor(decode(b).image), size).numpy() for b in batch["bytes"]]
+    return {"crop": np.stack(crops)}
+
+
+def textbook(folder: Path, model_uri: str, device: str, batch: int, input_size: int) -> dict:
+    import ray
+
+    start = time.perf_counter()
+    t0 = time.time()
+    ds = ray.data.read_binary_files(str(folder))
+    ds = ds.map_batches(_pil_crop, fn_kwargs={"size": input_size}, batch_size=batch)
+    ds = ds.map_batches(_TextbookActor, fn_constructor_kwargs={"model_uri": model_uri, "device": device},
+                        batch_size=batch, compute=ray.data.ActorPoolStrategy(size=1),
+                        num_gpus=1 if device == "cuda" else 0, num_cpus=0.5)
+    stamps = np.concatenate([b["t"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+    total = time.perf_counter() - start
+    return _stamped(len(stamps), total, t0, stamps)
+
+
+# ---------------------------------------------------------------- (c) ntf-ray scan
+
+
+def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: int, gpu_share: float) -> dict:
+    import pyarrow.dataset as pads
+
+    from ntf_ray import ray_scan
+
+    start = time.perf_counter()
+    t0 = time.time()
+    result = ray_scan.scan(ray_scan.ScanSpec(model=model_uri, output=str(out), input=str(folder), batch_size=batch,
+                                             max_actors=actors, gpus_per_actor=gpu_share))
+    total = time.perf_counter() - start
+    table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["scanned_at", "error", "decoder"])
+    errors = table.num_rows - table.column("error").null_count
+    if errors:
+        raise SystemExit(f"the scan wrote {errors} error rows for good JPEGs")
+    decoders = {d: table.column("decoder").to_pylist().count(d) for d in ("pil", "nvjpeg")}
+    stamps = np.array([s.timestamp() for s in table.column("scanned_at").to_pylist()])
+    out_row = _stamped(table.num_rows, total, t0, stamps)
+    out_row["decoders"] = decoders
+    return out_row
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _rates(n: int, total: float, to_first: float, steady: float) -> dict:
+    return {"n": n, "overall": n / total, "steady": steady, "first_batch_s": to_first, "seconds": total}
+
+
+def _stamped(n: int, total: float, t0: float, stamps: np.ndarray) -> dict:
+    """Rates from per-row wall-clock stamps (one stamp per scored block)."""
+    first, last = stamps.min(), stamps.max()
+    after_first = int((stamps > first).sum())
+    return _rates(n, total, first - t0, after_first / max(last - first, 1e-9))
+
+
+def parity(name: str, scorer_args: dict, blobs: list[bytes], device: str) -> None:
+    from ntf_ray.scoring import Scorer
+
+    pil = Scorer.from_artifact(**scorer_args, device=device, decoder="pil")
+    gpu = Scorer.from_artifact(**scorer_args, device=device, decoder="nvjpeg")
+    a, b = pil.score_bytes(blobs), gpu.score_bytes(blobs)
+    same_rows = all((x.error is None) == (y.error is None) and x.error == y.error for x, y in zip(a, b))
+    pairs = [(x.score, y.score) for x, y in zip(a, b) if x.score is not None and y.score is not None]
+    diff = np.abs(np.array([x - y for x, y in pairs]))
+    flips = sum((x >= pil.threshold) != (y >= pil.threshold) for x, y in pairs)
+    on_gpu = sum(r.decoder == "nvjpeg" for r in b)
+    print(f"parity {name}: {len(pairs)} images ({on_gpu} decoded by nvjpeg), |score pil - score nvjpeg| "
+          f"max {diff.max():.2e}, mean {diff.mean():.2e}, p99 {np.quantile(diff, 0.99):.2e}; decisions flipped at "
+          f"threshold {pil.threshold:g}: {flips}; error rows identical: {same_rows}", flush=True)
+
+
+def trained_detector(root: Path, device: str, n: int) -> tuple[str, list[bytes]]:
+    """A tiny detector trained here on synthetic JPEGs (smoke config), and its held-out JPEGs."""
+    import dataclasses
+
+    from ntf_ray.config import load_config
+    from ntf_ray.datasets import read_manifest, select
+    from ntf_ray.recipe import train_local
+    from ntf_ray.synth import make_synthetic
+
+    make_synthetic(root / "synth", n_real=n, n_fake=n, size=64, seed=3, image_format="jpeg", jpeg_quality=90)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yaml")
+    cfg = dataclasses.replace(cfg, device=device, num_workers=4)
+    art = train_local(str(root / "synth" / "manifest.parquet"), str(root / "trained"), cfg)
+    print(f"trained detector (tiny, smoke config, {2 * n} synthetic JPEGs): held-out AP "
+          f"{art.metrics['table'][-1]['ap']:.3f}", flush=True)
+    uris = select(read_manifest(str(root / "synth" / "manifest.parquet")), split="test").column("uri").to_pylist()
+    return str(root / "trained" / "detector"), [Path(u).read_bytes() for u in uris]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=32_768, help="JPEGs to score (default 32768)")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--unique", type=int, default=1024, help="different images among them (default 1024)")
+    p.add_argument("--backbone", default="resnet50", help="detector backbone, random weights (default resnet50)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--layouts", nargs="+", default=["1x1", "2x0.5"],
+                   help="(c) actor layouts, ACTORSxGPU_SHARE (default 1x1 2x0.5)")
+    p.add_argument("--parity-images", type=int, default=1000, help="synthetic held-out JPEGs for parity (>= 1000)")
+    p.add_argument("--skip", nargs="*", default=[], choices=("direct", "textbook", "parity"))
+    args = p.parse_args()
+
+    import ray
+    import torch
+    import torchvision
+
+    from ntf_ray.artifact import save_artifact
+    from ntf_ray.model import Detector
+
+    card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"{time.strftime('%Y-%m-%d')} on {card}; {os.cpu_count()} CPU cores; torch {torch.__version__}, "
+          f"torchvision {torchvision.__version__}, ray {ray.__version__}, python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "parity" not in args.skip:
+            # The split gives about 30% of the images to the test split.
+            model, held_out = trained_detector(tmp / "parity", args.device, max(200, int(args.parity_images / 0.6)))
+            parity("trained tiny detector, synthetic JPEGs", {"uri": model}, held_out, args.device)
+        t = time.perf_counter()
+        paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height, args.unique)
+        print(f"{len(paths)} JPEGs of {args.width}x{args.height} ({args.unique} different), "
+              f"{sum(q.stat().st_size for q in paths[: args.unique]) / min(args.unique, len(paths)) / 1024:.0f} "
+              f"KiB each, made in {time.perf_counter() - t:.0f} s", flush=True)
+        torch.manual_seed(0)
+        model = str(tmp / "detector")
+        save_artifact(model, Detector.build(args.backbone), input_size=224)
+        if "parity" not in args.skip:
+            parity(f"{args.backbone} (random weights), benchmark JPEGs", {"uri": model},
+                   [q.read_bytes() for q in paths[: args.unique]], args.device)
+
+        rows = {}
+        if "direct" not in args.skip:
+            rows["(a) direct loop, nvJPEG"] = direct(paths, model, args.device, args.batch)
+            _print("(a) direct loop, nvJPEG", rows["(a) direct loop, nvJPEG"])
+        cores = os.cpu_count() or 2
+        ray.init(address="local", num_cpus=cores, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
+                 log_to_driver=False)
+        if "textbook" not in args.skip:
+            rows["(b) textbook Ray (PIL tasks -> 1 actor)"] = textbook(tmp / "jpegs", model, args.device, args.batch, 224)
+            _print("(b) textbook Ray (PIL tasks -> 1 actor)", rows["(b) textbook Ray (PIL tasks -> 1 actor)"])
+        for layout in args.layouts:
+            actors, share = layout.split("x")
+            name = f"(c) ntf-ray scan, {actors} actor(s) x {share} GPU"
+            rows[name] = project_scan(tmp / "jpegs", tmp / f"scores-{layout}", model, args.batch, int(actors),
+                                      float(share) if args.device == "cuda" else 0.0)
+            _print(name, rows[name])
+        ray.shutdown()
+    base = rows.get("(a) direct loop, nvJPEG")
+    print("\n| path | images/s overall | steady state | first batch (s) |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['overall']:,.0f} | {r['steady']:,.0f} | {r['first_batch_s']:.1f} |")
+    if base:
+        for name, r in rows.items():
+            if name.startswith("(c)"):
+                print(f"ratio {name} / (a), steady state = {r['steady'] / base['steady']:.2f}")
+
+
+def _print(name: str, r: dict) -> None:
+    extra = f", decoders {r['decoders']}" if "decoders" in r else ""
+    print(f"{name}: {r['overall']:,.0f} images/s overall ({r['seconds']:.1f} s), steady state {r['steady']:,.0f}, "
+          f"first scored batch after {r['first_batch_s']:.1f} s{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
