@@ -10,7 +10,7 @@ Before that, it lists 10,000 and 100,000 small files in child processes and prin
 their peak memory, to show the driver's memory follows the listing (about 100 bytes per
 object), not the images.
 
-    python bench/scan_bench.py                  # 2,000 JPEGs of 512x384, tiny backbone
+    python bench/scan_bench.py                  # 8,000 JPEGs of 512x384, tiny backbone
     python bench/scan_bench.py --n 4000 --backbone resnet18
 """
 
@@ -91,7 +91,7 @@ def naive(paths: list[Path], model: str, batch: int) -> tuple[float, dict[str, f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=2000, help="JPEGs to score (default 2000)")
+    p.add_argument("--n", type=int, default=8000, help="JPEGs to score (default 8000)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=384)
     p.add_argument("--backbone", default="tiny", help="detector backbone, random weights (default tiny)")

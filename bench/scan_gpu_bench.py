@@ -153,7 +153,7 @@ def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: in
     start = time.perf_counter()
     t0 = time.time()
     result = ray_scan.scan(ray_scan.ScanSpec(model=model_uri, output=str(out), input=str(folder), batch_size=batch,
-                                             max_actors=actors, gpus_per_actor=gpu_share))
+                                             max_actors=actors, gpus_per_actor=gpu_share, decoder="nvjpeg"))
     total = time.perf_counter() - start
     table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["scanned_at", "error", "decoder"])
     errors = table.num_rows - table.column("error").null_count
@@ -201,11 +201,13 @@ def trained_detector(root: Path, device: str, n: int) -> tuple[str, list[bytes]]
     import dataclasses
 
     from ntf_ray.config import load_config
-    from ntf_ray.datasets import read_manifest, select
+    from ntf_ray.datasets import manifest_table, read_manifest, select, write_manifest
     from ntf_ray.recipe import train_local
     from ntf_ray.synth import make_synthetic
 
-    make_synthetic(root / "synth", n_real=n, n_fake=n, size=64, seed=3, image_format="jpeg", jpeg_quality=90)
+    records = make_synthetic(root / "synth", n_real=n, n_fake=n, size=64, seed=3, image_format="jpeg",
+                             jpeg_quality=90)
+    write_manifest(manifest_table(records), str(root / "synth" / "manifest.parquet"))
     cfg = load_config(Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yaml")
     cfg = dataclasses.replace(cfg, device=device, num_workers=4)
     art = train_local(str(root / "synth" / "manifest.parquet"), str(root / "trained"), cfg)
@@ -263,7 +265,7 @@ def main() -> None:
             rows["(a) direct loop, nvJPEG"] = direct(paths, model, args.device, args.batch)
             _print("(a) direct loop, nvJPEG", rows["(a) direct loop, nvJPEG"])
         cores = os.cpu_count() or 2
-        ray.init(address="local", num_cpus=cores, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
+        ray.init(address="local", num_cpus=max(4, cores), num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
                  log_to_driver=False)
         if "textbook" not in args.skip:
             rows["(b) textbook Ray (PIL tasks -> 1 actor)"] = textbook(tmp / "jpegs", model, args.device, args.batch, 224)
@@ -280,7 +282,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['overall']:,.0f} | {r['steady']:,.0f} | {r['first_batch_s']:.1f} |")
-    if base:
+    if base and base["steady"] > 0:  # a run of a single batch has no steady state
         for name, r in rows.items():
             if name.startswith("(c)"):
                 print(f"ratio {name} / (a), steady state = {r['steady'] / base['steady']:.2f}")

@@ -450,8 +450,17 @@ def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, run_dir: st
                 options: StorageOptions) -> None:
     gpus = spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if _gpus_in_cluster() >= 1 else 0.0)
     max_actors = spec.max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
-    min_actors = max_actors if spec.min_actors is None else min(spec.min_actors, max_actors)
     blocks = max(1, -(-listing.num_rows // spec.read_block_rows))
+    max_actors = min(max_actors, blocks)  # an actor without a block to score would only cost its start-up
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if spec.cpus_per_actor > 0 and cpus and max_actors * spec.cpus_per_actor > cpus - 1:
+        # Actors holding every CPU leave none for Ray Data's other tasks: the job would hang.
+        fit = max(1, int((cpus - 1) // spec.cpus_per_actor))
+        if fit < max_actors:
+            log.warning("the cluster has %g CPUs: running %d detector actor(s) of %g CPU, not %d, so that "
+                        "Ray Data's other tasks can run", cpus, fit, spec.cpus_per_actor, max_actors)
+            max_actors = fit
+    min_actors = max_actors if spec.min_actors is None else min(spec.min_actors, max_actors)
     ds = ray.data.from_arrow(listing).repartition(blocks)
     ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": spec.endpoint})
     ds = ds.map_batches(
