@@ -16,7 +16,7 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 # backbone name -> embedding width d
-BACKBONES = {"resnet50": 2048, "resnet18": 512, "tiny": 64}
+BACKBONES = {"resnet50": 2048, "resnet18": 512, "tiny": 128}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -27,9 +27,12 @@ class TinyCNN(nn.Module):
     The first two convolutions keep stride 1, and the embedding concatenates the pooled
     full-resolution features with the pooled deep ones (a hypercolumn), so pixel-level
     upsampling traces reach the embedding instead of being averaged away by striding.
+    Stage 2 trains a linear classifier on this frozen embedding, so its width sets how
+    steady the smoke recipe is: 32 full-resolution channels held AP 0.94-0.98 over training
+    seeds where 16 ranged 0.89-0.98 (README, "The smoke configuration").
     """
 
-    def __init__(self, width: int = 16, dim: int = 64):
+    def __init__(self, width: int = 32, dim: int = 128):
         super().__init__()
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:

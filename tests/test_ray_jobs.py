@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import FAKE_SECRET_ACCESS_KEY, _free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(660)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(840)]
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -29,7 +29,7 @@ class Cluster:
     address: str  # the dashboard's HTTP address, where `ray job submit` goes
     env: dict[str, str]
 
-    def submit(self, *entrypoint: str, timeout: int = 540) -> subprocess.CompletedProcess:
+    def submit(self, *entrypoint: str, timeout: int = 720) -> subprocess.CompletedProcess:
         """``ray job submit --working-dir REPO -- ENTRYPOINT``; waits for the job and returns its output."""
         return subprocess.run([RAY, "job", "submit", "--address", self.address, "--working-dir", str(REPO), "--",
                                *entrypoint], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -67,11 +67,8 @@ def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, 
     output = f"{bucket}/run"
 
     # 2 workers x 8 images: the global batch of the one-process recipe (batch 16), so the same
-    # number of optimiser steps per epoch (2 x 16 takes half the steps). AP over runs of this
-    # path: 0.927-0.956 mostly, but 0.8896 once even with 20 stage-2 epochs: when two workers'
-    # short stage 1 goes badly (final het loss 2.85-2.96 against 2.76-2.79), stage 2 cannot
-    # recover it. Until that is found, the bar here is 0.85, what every run has held;
-    # 0.9 holds in one process (tests/test_recipe.py).
+    # number of optimiser steps per epoch (2 x 16 takes half the steps). 20 stage-2 epochs:
+    # with the frozen tiny encoder, the classifier is still improving after 10.
     job = ray_cluster.submit("python", "jobs/train.py", "--stage", "both", "--manifest", manifest, "--output", output,
                              "--config", "jobs/configs/smoke.yaml", "--num-workers", "2", "--batch-size", "8",
                              "--epochs-stage2", "20",
@@ -93,7 +90,7 @@ def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, 
     assert scorer.input_size == 48
     rows = evaluate(scorer, select(read_manifest(manifest, options), split="test"), options=options)
     assert rows[-1]["images"] == 600
-    assert rows[-1]["ap"] >= 0.85, rows
+    assert rows[-1]["ap"] >= 0.9, rows
 
 
 def test_job_submit_scans_a_bucket_into_a_table_pandas_and_pyarrow_read(ray_cluster, s3, bucket, tmp_path):
