@@ -1,9 +1,13 @@
 """The detector artifact: a folder with ``model.safetensors`` and ``model.json``.
 
 ``model.safetensors`` holds the Detector's weights only (never a pickle); ``model.json``
-holds the format version, backbone, input size, normalisation, threshold, training
+holds the format version, backbone, head, input size, normalisation, threshold, training
 config and data summary, metrics if evaluated, and ``model_id`` = the first 16 hex
 digits of the sha256 of the weights file. Loading never executes code from the artifact.
+
+Format 2 added the transfer layer (``head = "transfer"``: ``D(t(E(x)))``). Format-1
+artifacts, written before it, hold a classifier on the encoder (``D(E(x))``); they still
+load, as ``head = "linear"``, and score exactly as they did.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from ntf_ray import storage
 from ntf_ray.model import BACKBONES, Detector
 from ntf_ray.storage import StorageOptions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 METADATA = "model.json"
 
@@ -37,6 +42,7 @@ class DetectorArtifact:
     detector: Detector
     backbone: str
     input_size: int
+    head: str = "transfer"
     threshold: float = 0.5
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -49,6 +55,7 @@ class DetectorArtifact:
             "format_version": FORMAT_VERSION,
             "model_id": self.model_id,
             "backbone": self.backbone,
+            "head": self.head,
             "input_size": self.input_size,
             "normalization": {"mean": list(self.mean), "std": list(self.std), "input_range": "uint8 0..255 / 255"},
             "threshold": self.threshold,
@@ -92,6 +99,7 @@ def save_artifact(
     artifact = DetectorArtifact(
         detector=detector,
         backbone=detector.encoder.backbone,
+        head=detector.head,
         input_size=int(input_size),
         threshold=float(threshold),
         mean=tuple(float(x) for x in detector.encoder.mean.flatten()),
@@ -126,11 +134,16 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
     if not isinstance(meta, dict):
         raise ArtifactError(f"{METADATA} at {uri} must hold a JSON object")
     version = meta.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:  # true and 1.0 are not 1
-        raise ArtifactError(f"artifact at {uri} has format_version {version!r}; this ntf-ray reads {FORMAT_VERSION}")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # true and 1.0 are not 1
+        raise ArtifactError(f"artifact at {uri} has format_version {version!r}; this ntf-ray reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     backbone = meta.get("backbone")
     if not isinstance(backbone, str) or backbone not in BACKBONES:
         raise ArtifactError(f"artifact at {uri} names backbone {backbone!r}; known: {sorted(BACKBONES)}")
+    # Format 1 had no transfer layer: its classifier reads the encoder.
+    head = meta.get("head", "linear") if version >= 2 else "linear"
+    if head not in ("transfer", "linear"):
+        raise ArtifactError(f"artifact at {uri} names head {head!r}; known: transfer, linear")
     weights = _read(uri, WEIGHTS, options)
     model_id = model_id_of(weights)
     if not isinstance(meta.get("model_id"), str) or not meta["model_id"]:
@@ -141,14 +154,14 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         state = load_safetensors(weights)
     except (SafetensorError, Exception) as exc:  # safetensors raises several types on corrupt input
         raise ArtifactError(f"{WEIGHTS} at {uri} is not a readable safetensors file ({type(exc).__name__})") from None
-    detector = Detector.build(backbone)
+    detector = Detector.build(backbone, head)
     expected = detector.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong_shape:
         raise ArtifactError(
-            f"weights at {uri} do not fit backbone {backbone!r}: {len(missing)} missing keys "
+            f"weights at {uri} do not fit backbone {backbone!r} with a {head} head: {len(missing)} missing keys "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
             f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:2]})"
         )
@@ -176,6 +189,7 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
     return DetectorArtifact(
         detector=detector,
         backbone=backbone,
+        head=head,
         input_size=input_size,
         threshold=float(threshold),
         mean=mean,

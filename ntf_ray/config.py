@@ -51,11 +51,9 @@ class TrainConfig:
     lam: float = 0.1
     eta: float = 0.5
     gamma: float = 0.5
-    # Ablations
-    use_het: bool = True
-    use_orth: bool = True
-    use_scl: bool = True
-    train_encoder_stage2: bool = False  # True with use_scl=False and no stage 1: Wang2020 baseline
+    # Which of the paper's detectors to train (ntf_ray.variants): ntf, no-orth, no-het-orth,
+    # no-scl, linear-probe, bce
+    variant: str = "ntf"
     train_generators: list[str] | None = None  # None: every generator in the manifest's train split
     # Runtime
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -118,6 +116,15 @@ def _fields() -> dict[str, Any]:
     return out
 
 
+#: Ablation switches of earlier versions, now one ``variant`` each.
+_REPLACED = {
+    "use_het": "variant=no-het-orth (without L_het and L_orth)",
+    "use_orth": "variant=no-orth (without L_orth) or variant=no-het-orth",
+    "use_scl": "variant=no-scl (same network, BCE only) or variant=linear-probe",
+    "train_encoder_stage2": "variant=bce (the Wang2020 baseline)",
+}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then a YAML file, then ``key=value`` overrides (later wins)."""
     defaults = _fields()
@@ -135,6 +142,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
                 raise ValueError(f"override {item!r}: use key=value")
             key, value = item.split("=", 1)
             values[key.strip()] = value
+    replaced = sorted(set(values) & set(_REPLACED))
+    if replaced:
+        raise ValueError("; ".join(f"config {k} was replaced by the variant switch: use {_REPLACED[k]}" for k in replaced))
     unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(defaults)}")
@@ -146,7 +156,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 def validate(cfg: TrainConfig) -> None:
     from ntf_ray.model import BACKBONES
+    from ntf_ray.variants import get_variant
 
+    get_variant(cfg.variant)
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"backbone {cfg.backbone!r}: choose one of {sorted(BACKBONES)}")
     if cfg.schedule not in ("cosine", "step", "constant"):

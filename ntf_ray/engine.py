@@ -33,6 +33,9 @@ from ntf_ray.model import Stage1Model, Stage2Model
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: Below this mean squared distance of the normalised z_hom from their mean, stage 1 warns
+#: that f_hom has collapsed (up to 1 for features spread over the sphere).
+COLLAPSE_SPREAD = 1e-3
 Report = Callable[[dict[str, Any]], None]
 
 
@@ -158,9 +161,10 @@ def train_stage1_epoch(
         with _autocast(device, amp):
             z_hom, z_het = model(torch.cat([v1, v2], dim=0))
         # Losses in float32: contrastive logits / temperature lose too much in bf16.
-        z_hom, z_het = z_hom.float(), z_het.float()
+        z_hom = z_hom.float()
+        het1, het2 = (None, None) if z_het is None else (z_het[:n].float(), z_het[n:].float())
         parts = trace_loss(
-            z_hom[:n], z_hom[n:], z_het[:n], z_het[n:],
+            z_hom[:n], z_hom[n:], het1, het2,
             temperature=temperature, lam=lam, use_het=use_het, use_orth=use_orth, gather=gather,
         )
         optimizer.zero_grad(set_to_none=True)
@@ -174,6 +178,10 @@ def train_stage1_epoch(
                      float(parts["loss"].detach()), float(parts["hom"]), float(parts["het"]), float(parts["orth"]))
     metrics = meter.result(device)
     metrics.update(stage=1, epoch=epoch, lr=optimizer.param_groups[0]["lr"], views_per_s=2 * metrics["images_per_s"])
+    if metrics.get("hom_spread", 1.0) < COLLAPSE_SPREAD and dist.is_main():
+        log.warning("stage 1 epoch %d: the homogeneous features have collapsed (spread %.2g < %g): a constant "
+                    "f_hom minimises L_hom; check lam, the learning rate and the variant", epoch, metrics["hom_spread"],
+                    COLLAPSE_SPREAD)
     if report is not None:
         report(metrics)
     return metrics
@@ -182,12 +190,14 @@ def train_stage1_epoch(
 def prepare_stage2(model: Stage2Model, *, train_encoder: bool = False) -> list[nn.Parameter]:
     """Freeze the stage-1 encoder and ``f_hom`` (eval mode: batch-norm statistics fixed too).
 
-    Returns the parameters stage 2 trains: ``g`` and the classifier, plus the encoder when
-    ``train_encoder`` (the Wang2020 end-to-end baseline).
+    Returns the parameters stage 2 trains: the transfer layer (when the model has one), the
+    SCL projection and the classifier, plus the encoder when ``train_encoder`` (the
+    Wang2020 end-to-end baseline).
     """
     model.f_hom.requires_grad_(False)
     model.encoder.requires_grad_(train_encoder)
-    params = list(model.g.parameters()) + list(model.classifier.parameters())
+    heads = [model.transfer, model.project, model.classifier]
+    params = [p for head in heads if head is not None for p in head.parameters()]
     if train_encoder:
         params = list(model.encoder.parameters()) + params
     return params
@@ -221,9 +231,10 @@ def train_stage2_epoch(
     """One epoch of soft contrastive transfer + BCE (Eq. 7) on real and fake images.
 
     The encoder and ``f_hom`` stay frozen (call ``prepare_stage2`` before building the
-    optimiser). The traces J are ``f_hom(E(x))`` of the batch's real 224 crops; the SCL term
-    uses ``g(E(32 px crop))``; the classifier sees the 224 crop. ``model`` is the bare
-    ``Stage2Model`` (not DDP-wrapped): across ranks its gradients are averaged here.
+    optimiser). The classifier sees ``t(E(224 crop))``; the SCL term uses
+    ``projection(t(E(32 px crop)))``, so both losses train t; the traces J are
+    ``f_hom(E(x))`` of the batch's real 224 crops. ``model`` is the bare ``Stage2Model``
+    (not DDP-wrapped): across ranks its gradients are averaged here.
     """
     device = torch.device(device)
     _stage2_train_mode(model, train_encoder)
@@ -237,15 +248,16 @@ def train_stage2_epoch(
         with _autocast(device, amp):
             with torch.no_grad() if not train_encoder else nullcontext():
                 e = model.encoder(images)
-            with torch.no_grad():
-                hom = model.f_hom(e[labels < 0.5].detach()).float()
-            logits = model.classifier(e).squeeze(1)
+            logits = model.logits(e)
             if use_scl:
+                with torch.no_grad():
+                    hom = model.f_hom(e[labels < 0.5].detach()).float()
                 crops = _to_device(batch["crop"], device, channels_last)
                 with torch.no_grad() if not train_encoder else nullcontext():
                     e32 = model.encoder(crops)
-                z = model.g(e32)
+                z = model.scl_projection(e32)
             else:
+                hom = logits.new_zeros((0, 1))
                 z = logits.new_zeros((labels.shape[0], 1))
         parts = detection_loss(
             z.float(), logits.float(), labels, hom,

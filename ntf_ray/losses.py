@@ -121,8 +121,8 @@ def soft_supcon(
 def trace_loss(
     z_hom1: torch.Tensor,
     z_hom2: torch.Tensor,
-    z_het1: torch.Tensor,
-    z_het2: torch.Tensor,
+    z_het1: torch.Tensor | None,
+    z_het2: torch.Tensor | None,
     *,
     temperature: float = 0.1,
     lam: float = 0.1,
@@ -133,12 +133,18 @@ def trace_loss(
     """Stage-1 natural-trace loss (Eq. 4): ``L_hom + L_het + lam * L_orth``.
 
     Inputs are the first/second views, ``(N, C)`` each. ``use_het=False`` / ``use_orth=False``
-    are the paper's ablations. Returns ``loss`` (differentiable) and the detached components
-    ``hom``, ``het``, ``orth`` for logging (disabled ones are 0).
+    are the paper's ablations; with both off, ``z_het1``/``z_het2`` may be None (no f_het).
+    Returns ``loss`` (differentiable) and the detached components ``hom``, ``het``, ``orth``
+    for logging (disabled ones are 0), and ``hom_spread``: the mean squared distance of the
+    2N normalised homogeneous features from their mean (0 = collapsed to one point, which
+    minimises L_hom trivially; up to 1 for spread-out features).
     """
+    if (use_het or use_orth) and (z_het1 is None or z_het2 is None):
+        raise ValueError("trace_loss: L_het and L_orth need z_het (the f_het head)")
     if gather:
         z_hom1, z_hom2 = _cat_ranks(z_hom1, True), _cat_ranks(z_hom2, True)
-        z_het1, z_het2 = _cat_ranks(z_het1, True), _cat_ranks(z_het2, True)
+        if z_het1 is not None and z_het2 is not None:
+            z_het1, z_het2 = _cat_ranks(z_het1, True), _cat_ranks(z_het2, True)
     hom = hom_loss(z_hom1, z_hom2)
     zero = hom * 0.0
     het = nt_xent(z_het1, z_het2, temperature) if use_het else zero
@@ -146,7 +152,10 @@ def trace_loss(
         orth_loss(torch.cat([z_hom1, z_hom2]), torch.cat([z_het1, z_het2])) if use_orth else zero
     )
     loss = hom + het + lam * orth
-    return {"loss": loss, "hom": hom.detach(), "het": het.detach(), "orth": orth.detach()}
+    with torch.no_grad():
+        h = F.normalize(torch.cat([z_hom1, z_hom2]).float(), dim=1)
+        spread = (h - h.mean(dim=0)).pow(2).sum(dim=1).mean()
+    return {"loss": loss, "hom": hom.detach(), "het": het.detach(), "orth": orth.detach(), "hom_spread": spread}
 
 
 def detection_loss(

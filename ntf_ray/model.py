@@ -8,6 +8,8 @@ normalisation travels with the weights.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,9 +29,9 @@ class TinyCNN(nn.Module):
     The first two convolutions keep stride 1, and the embedding concatenates the pooled
     full-resolution features with the pooled deep ones (a hypercolumn), so pixel-level
     upsampling traces reach the embedding instead of being averaged away by striding.
-    Stage 2 trains a linear classifier on this frozen embedding, so its width sets how
-    steady the smoke recipe is: 32 full-resolution channels held AP 0.94-0.98 over training
-    seeds where 16 ranged 0.89-0.98 (README, "The smoke configuration").
+    Stage 2 keeps this embedding frozen, so its width sets how steady the smoke recipe
+    is: 32 full-resolution channels held AP 0.94-0.98 over training seeds of the linear
+    probe where 16 ranged 0.89-0.98 (README, "The smoke configuration").
     """
 
     def __init__(self, width: int = 32, dim: int = 128):
@@ -144,26 +146,30 @@ class ProjectionHead(nn.Module):
 
 
 class Stage1Model(nn.Module):
-    """Encoder plus the decoupling heads: ``x -> (z_hom, z_het)``, each ``(B, proj_dim)``."""
+    """Encoder plus the decoupling heads: ``x -> (z_hom, z_het)``, each ``(B, proj_dim)``.
 
-    def __init__(self, encoder: Encoder, proj_dim: int = 128):
+    ``het=False`` leaves ``f_het`` out (``z_het`` is None) for variants that use neither
+    L_het nor L_orth: a head that gets no gradient would stall DDP's gradient reduction.
+    """
+
+    def __init__(self, encoder: Encoder, proj_dim: int = 128, *, het: bool = True):
         super().__init__()
         self.encoder = encoder
         self.f_hom = ProjectionHead(encoder.dim, proj_dim)
-        self.f_het = ProjectionHead(encoder.dim, proj_dim)
+        self.f_het = ProjectionHead(encoder.dim, proj_dim) if het else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         e = self.encoder(x)
-        return self.f_hom(e), self.f_het(e)
+        return self.f_hom(e), (self.f_het(e) if self.f_het is not None else None)
 
 
 class Classifier(nn.Module):
-    """D: ``(B, d)`` embedding -> ``(B, 1)`` fake logit; an affine map of the embedding.
+    """D: ``(B, d)`` features -> ``(B, 1)`` fake logit; an affine map of its input.
 
-    A non-affine ``BatchNorm1d`` standardises the frozen embedding before the linear layer.
+    A non-affine ``BatchNorm1d`` standardises the input before the linear layer.
     In eval mode it is a fixed affine map, so D is still ``Linear(d, 1)`` as a function
     (the two fold into one layer); it only preconditions SGD, which otherwise crawls on
-    frozen features whose scale and offset the classifier cannot choose (the usual
+    features whose scale and offset the classifier cannot choose (the usual
     linear-probe practice).
     """
 
@@ -176,36 +182,112 @@ class Classifier(nn.Module):
         return self.fc(self.norm(e))
 
 
-class Stage2Model(nn.Module):
-    """Stage-1 encoder and ``f_hom`` (frozen in training), SCL head ``g``, classifier ``D``."""
+class TransferLayer(nn.Module):
+    """t: ``(B, d)`` frozen embedding -> ``(B, d)``, ``ReLU(Linear(d, d))`` (method notes, stage 2).
 
-    def __init__(self, encoder: Encoder, f_hom: ProjectionHead, proj_dim: int = 128):
+    The layer that L_scl and L_ce train together: the SCL projection and the classifier
+    D both read it, so the soft contrastive loss shapes what D sees. As in ``Classifier``,
+    a non-affine batch norm standardises the frozen embedding first; in eval mode it folds
+    into the linear layer, so t is ``ReLU(Linear(d, d))`` as a function.
+    """
+
+    def __init__(self, dim: int):
         super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.norm(e)))
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch norms in ``module`` normalise with batch statistics but leave their running
+    statistics as they are (momentum 0). Stage 2 sends the 32 px SCL crops through t: their
+    features must not leak into the statistics that inference applies to 224 px crops."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
+class Stage2Model(nn.Module):
+    """Stage-1 encoder and ``f_hom`` (frozen in training), transfer layer ``t``, SCL projection, D.
+
+    ``head="transfer"``: ``logit = D(t(E(x)))`` and the SCL projection is
+    ``Linear(d, proj_dim)`` on ``t(E(x))``, so g = projection o t is the paper's two-layer
+    head. ``head="linear"``: no t; D and the projection read ``E(x)`` (the linear probe and
+    the Wang2020 baseline).
+    """
+
+    def __init__(self, encoder: Encoder, f_hom: ProjectionHead, proj_dim: int = 128, *, head: str = "transfer"):
+        super().__init__()
+        if head not in ("transfer", "linear"):
+            raise ValueError(f"head must be transfer or linear, got {head!r}")
         self.encoder = encoder
         self.f_hom = f_hom
-        self.g = ProjectionHead(encoder.dim, proj_dim)
+        self.transfer = TransferLayer(encoder.dim) if head == "transfer" else None
+        self.project = nn.Linear(encoder.dim, proj_dim)
         self.classifier = Classifier(encoder.dim)
 
     @classmethod
-    def from_stage1(cls, stage1: Stage1Model, proj_dim: int = 128) -> Stage2Model:
-        return cls(stage1.encoder, stage1.f_hom, proj_dim)
+    def from_stage1(cls, stage1: Stage1Model, proj_dim: int = 128, *, head: str = "transfer") -> Stage2Model:
+        return cls(stage1.encoder, stage1.f_hom, proj_dim, head=head)
+
+    def features(self, e: torch.Tensor) -> torch.Tensor:
+        """What D reads: ``t(e)``, or ``e`` without a transfer layer; ``(B, d)``."""
+        return self.transfer(e) if self.transfer is not None else e
+
+    def logits(self, e: torch.Tensor) -> torch.Tensor:
+        """``(B, d)`` embeddings of the 224 crops -> ``(B,)`` fake logits."""
+        return self.classifier(self.features(e)).squeeze(1)
+
+    def scl_projection(self, e: torch.Tensor) -> torch.Tensor:
+        """``(B, d)`` embeddings of the SCL crops -> ``(B, proj_dim)`` z of Eq. 5 (t's running
+        statistics untouched)."""
+        if self.transfer is None:
+            return self.project(e)
+        with running_stats_frozen(self.transfer):
+            return self.project(self.transfer(e))
 
     def detector(self) -> Detector:
-        return Detector(self.encoder, self.classifier)
+        return Detector(self.encoder, self.classifier, self.transfer)
 
 
 class Detector(nn.Module):
-    """Inference network ``E`` + ``D``: ``(B, 3, S, S)`` images -> ``(B,)`` fake logits."""
+    """Inference network: ``(B, 3, S, S)`` images -> ``(B,)`` fake logits, ``D(t(E(x)))``.
 
-    def __init__(self, encoder: Encoder, classifier: Classifier):
+    ``transfer`` is None for detectors whose classifier reads the encoder directly (the
+    linear probe, the Wang2020 baseline, and every artifact of format 1).
+    """
+
+    def __init__(self, encoder: Encoder, classifier: Classifier, transfer: TransferLayer | None = None):
         super().__init__()
         self.encoder = encoder
+        self.transfer = transfer
         self.classifier = classifier
 
+    @property
+    def head(self) -> str:
+        return "transfer" if self.transfer is not None else "linear"
+
     @classmethod
-    def build(cls, backbone: str) -> Detector:
+    def build(cls, backbone: str, head: str = "transfer") -> Detector:
+        if head not in ("transfer", "linear"):
+            raise ValueError(f"head must be transfer or linear, got {head!r}")
         encoder = build_encoder(backbone, "none")
-        return cls(encoder, Classifier(encoder.dim))
+        transfer = TransferLayer(encoder.dim) if head == "transfer" else None
+        return cls(encoder, Classifier(encoder.dim), transfer)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` images -> ``(B, d)``: the features D reads."""
+        e = self.encoder(x)
+        return self.transfer(e) if self.transfer is not None else e
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.encoder(x)).squeeze(1)
+        return self.classifier(self.embed(x)).squeeze(1)

@@ -10,6 +10,7 @@ name, or restarted after a worker failure, continues from its latest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,8 +40,9 @@ from ntf_ray.engine import (
     train_stage1_epoch,
     train_stage2_epoch,
 )
-from ntf_ray.model import Stage1Model, Stage2Model, build_encoder
-from ntf_ray.recipe import data_summary, training_rows
+from ntf_ray.model import Stage1Model
+from ntf_ray.recipe import build_stage1, build_stage2, data_summary, stage1_kwargs, stage2_kwargs, training_rows
+from ntf_ray.variants import get_variant
 from ntf_ray.storage import StorageOptions
 from ntf_ray.ray_train_data import DropCounter, build_dataset
 
@@ -92,20 +94,25 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    variant = get_variant(cfg.variant)
 
-    stage1 = Stage1Model(build_encoder(cfg.backbone, cfg.pretrained if stage == 1 else "none"), cfg.proj_dim)
     if stage == 1:
-        model: torch.nn.Module = stage1
+        model: torch.nn.Module = build_stage1(cfg)
         epochs, lr = cfg.epochs_stage1, cfg.lr
-    else:
+    elif variant.stage1:
+        # pretrained=none: stage 1's export overwrites every weight (no ImageNet download here).
+        stage1 = build_stage1(dataclasses.replace(cfg, pretrained="none"))
         _load_stage1_export(stage1, config["output"], options)
-        model = Stage2Model.from_stage1(stage1, cfg.proj_dim)
+        model = build_stage2(cfg, stage1)
+        epochs, lr = cfg.epochs_stage2, cfg.lr_stage2 or cfg.lr
+    else:  # bce: the encoder from cfg.pretrained, trained end to end
+        model = build_stage2(cfg, None)
         epochs, lr = cfg.epochs_stage2, cfg.lr_stage2 or cfg.lr
     if world > 1:
         # Before the optimiser is built: conversion replaces the batch-norm parameters.
         dist.convert_global_batchnorm(model)
     model.to(device)
-    params = list(model.parameters()) if stage == 1 else prepare_stage2(model, train_encoder=cfg.train_encoder_stage2)
+    params = list(model.parameters()) if stage == 1 else prepare_stage2(model, train_encoder=variant.train_encoder)
     optimizer = make_optimizer(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, epochs=epochs, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
@@ -127,7 +134,7 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     counter = config.get("counter")
     dropped_before = ray.get(counter.total.remote()) if counter is not None and rank == 0 else 0
-    common = dict(temperature=cfg.temperature, gather=True, device=device, amp=cfg.amp, channels_last=cfg.channels_last)
+    common = dict(gather=True, device=device)
     for epoch in range(start_epoch, epochs):
         if cfg.fail_at_epoch == epoch and resumed is None and rank == 0:
             raise InjectedFailure(f"injected failure at the start of stage {stage} epoch {epoch} (fail_at_epoch)")
@@ -135,11 +142,9 @@ def train_loop(config: dict[str, Any]) -> None:
                                            local_shuffle_buffer_size=4 * cfg.batch_size,
                                            local_shuffle_seed=cfg.seed + epoch, device="cpu")
         if stage == 1:
-            metrics = train_stage1_epoch(train_model, batches, optimizer, epoch=epoch, lam=cfg.lam,
-                                         use_het=cfg.use_het, use_orth=cfg.use_orth, **common)
+            metrics = train_stage1_epoch(train_model, batches, optimizer, epoch=epoch, **stage1_kwargs(cfg), **common)
         else:
-            metrics = train_stage2_epoch(model, batches, optimizer, epoch=epoch, eta=cfg.eta, gamma=cfg.gamma,
-                                         use_scl=cfg.use_scl, train_encoder=cfg.train_encoder_stage2, **common)
+            metrics = train_stage2_epoch(model, batches, optimizer, epoch=epoch, **stage2_kwargs(cfg), **common)
         scheduler.step()
         if metrics["images"] == 0:
             raise RuntimeError(
@@ -237,7 +242,14 @@ def train(stage: str, cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
     storage.write_bytes(storage.join(spec.output, "config.json"), json.dumps(resolved, indent=2).encode(), options)
     table = read_manifest(spec.manifest, options)
     out: dict[str, Any] = {}
-    for s in ((1, 2) if stage == "both" else (int(stage),)):
+    stages = (1, 2) if stage == "both" else (int(stage),)
+    if not get_variant(cfg.variant).stage1:
+        if stages == (1,):
+            raise ValueError(f"variant {cfg.variant} has no stage 1 (its encoder comes from --pretrained); "
+                             "use --stage 2 or --stage both")
+        stages = (2,)
+        log.info("variant %s has no stage 1: stage 2 starts from the %s encoder", cfg.variant, cfg.pretrained)
+    for s in stages:
         result = run_stage(s, cfg, spec, table)
         out[f"stage{s}"] = dict(result.metrics or {})
     return out

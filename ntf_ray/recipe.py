@@ -35,6 +35,7 @@ from ntf_ray.model import Detector, Stage1Model, Stage2Model, build_encoder
 from ntf_ray.scoring import Scorer
 from ntf_ray.storage import StorageOptions
 from ntf_ray.transforms import stage1_transform, stage2_transform
+from ntf_ray.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,38 @@ def training_rows(table: pa.Table, cfg: TrainConfig, *, stage: int) -> pa.Table:
     return rows
 
 
+def build_stage1(cfg: TrainConfig) -> Stage1Model:
+    """The stage-1 network of ``cfg.variant`` (encoder from ``cfg.pretrained``); no f_het
+    when the variant uses neither L_het nor L_orth."""
+    variant = get_variant(cfg.variant)
+    return Stage1Model(build_encoder(cfg.backbone, cfg.pretrained), cfg.proj_dim, het=variant.needs_f_het)
+
+
+def build_stage2(cfg: TrainConfig, stage1: Stage1Model | None) -> Stage2Model:
+    """The stage-2 network of ``cfg.variant`` on a trained stage 1, or, for a variant without
+    stage 1 (``bce``), on a fresh encoder from ``cfg.pretrained``."""
+    variant = get_variant(cfg.variant)
+    if stage1 is None:
+        if variant.stage1:
+            raise ValueError(f"variant {variant.name} starts stage 2 from a trained stage 1")
+        stage1 = Stage1Model(build_encoder(cfg.backbone, cfg.pretrained), cfg.proj_dim, het=False)
+    return Stage2Model.from_stage1(stage1, cfg.proj_dim, head=variant.head)
+
+
+def stage1_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of ``train_stage1_epoch`` that the config sets."""
+    v = get_variant(cfg.variant)
+    return dict(temperature=cfg.temperature, lam=cfg.lam, use_het=v.use_het, use_orth=v.use_orth, amp=cfg.amp,
+                channels_last=cfg.channels_last)
+
+
+def stage2_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of ``train_stage2_epoch`` that the config sets."""
+    v = get_variant(cfg.variant)
+    return dict(temperature=cfg.temperature, eta=cfg.eta, gamma=cfg.gamma, use_scl=v.use_scl,
+                train_encoder=v.train_encoder, amp=cfg.amp, channels_last=cfg.channels_last)
+
+
 def _loader(dataset: ManifestDataset, cfg: TrainConfig) -> DataLoader:
     return DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
@@ -62,9 +95,13 @@ def _loader(dataset: ManifestDataset, cfg: TrainConfig) -> DataLoader:
 
 
 def train_stage1(table: pa.Table, cfg: TrainConfig, *, options: StorageOptions | None = None,
-                 report: Callable[[dict], None] | None = None) -> Stage1Model:
+                 report: Callable[[dict], None] | None = None) -> Stage1Model | None:
+    """Stage 1 of ``cfg.variant``; None for a variant without stage 1."""
+    if not get_variant(cfg.variant).stage1:
+        log.info("variant %s has no stage 1: stage 2 starts from the %s encoder", cfg.variant, cfg.pretrained)
+        return None
     device = resolve_device(cfg.device)
-    model = Stage1Model(build_encoder(cfg.backbone, cfg.pretrained), cfg.proj_dim).to(device)
+    model = build_stage1(cfg).to(device)
     if cfg.epochs_stage1 == 0:
         return model
     data = ManifestDataset(training_rows(table, cfg, stage=1), stage1_transform(cfg), keys=("view1", "view2"),
@@ -74,20 +111,20 @@ def train_stage1(table: pa.Table, cfg: TrainConfig, *, options: StorageOptions |
     scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage1, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
     for epoch in range(cfg.epochs_stage1):
-        m = train_stage1_epoch(model, loader, optimizer, epoch=epoch, temperature=cfg.temperature, lam=cfg.lam,
-                               use_het=cfg.use_het, use_orth=cfg.use_orth, device=device, amp=cfg.amp,
-                               channels_last=cfg.channels_last, report=report)
+        m = train_stage1_epoch(model, loader, optimizer, epoch=epoch, device=device, report=report,
+                               **stage1_kwargs(cfg))
         scheduler.step()
-        log.info("stage 1 epoch %d/%d: loss %.4f hom %.4f het %.4f orth %.4f, %.0f views/s",
-                 epoch + 1, cfg.epochs_stage1, m["loss"], m["hom"], m["het"], m["orth"], m["views_per_s"])
+        log.info("stage 1 epoch %d/%d: loss %.4f hom %.4f het %.4f orth %.4f, hom spread %.3g, %.0f views/s",
+                 epoch + 1, cfg.epochs_stage1, m["loss"], m["hom"], m["het"], m["orth"], m["hom_spread"],
+                 m["views_per_s"])
     return model
 
 
-def train_stage2(table: pa.Table, stage1: Stage1Model, cfg: TrainConfig, *, options: StorageOptions | None = None,
-                 report: Callable[[dict], None] | None = None) -> Stage2Model:
+def train_stage2(table: pa.Table, stage1: Stage1Model | None, cfg: TrainConfig, *,
+                 options: StorageOptions | None = None, report: Callable[[dict], None] | None = None) -> Stage2Model:
     device = resolve_device(cfg.device)
-    model = Stage2Model.from_stage1(stage1, cfg.proj_dim).to(device)
-    params = prepare_stage2(model, train_encoder=cfg.train_encoder_stage2)
+    model = build_stage2(cfg, stage1).to(device)
+    params = prepare_stage2(model, train_encoder=get_variant(cfg.variant).train_encoder)
     data = ManifestDataset(training_rows(table, cfg, stage=2), stage2_transform(cfg, cfg.seed), keys=("image", "crop"),
                            options=options, max_pixels=cfg.max_pixels)
     loader = _loader(data, cfg)
@@ -95,9 +132,8 @@ def train_stage2(table: pa.Table, stage1: Stage1Model, cfg: TrainConfig, *, opti
     scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage2, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
     for epoch in range(cfg.epochs_stage2):
-        m = train_stage2_epoch(model, loader, optimizer, epoch=epoch, temperature=cfg.temperature, eta=cfg.eta,
-                               gamma=cfg.gamma, use_scl=cfg.use_scl, train_encoder=cfg.train_encoder_stage2,
-                               device=device, amp=cfg.amp, channels_last=cfg.channels_last, report=report)
+        m = train_stage2_epoch(model, loader, optimizer, epoch=epoch, device=device, report=report,
+                               **stage2_kwargs(cfg))
         scheduler.step()
         log.info("stage 2 epoch %d/%d: loss %.4f scl %.4f ce %.4f, %.0f images/s",
                  epoch + 1, cfg.epochs_stage2, m["loss"], m["scl"], m["ce"], m["images_per_s"])

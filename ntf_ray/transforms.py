@@ -150,6 +150,11 @@ class Stage2Transform:
     The Wang2020 recipe: Gaussian blur (sigma ~ U[blur_sigma]) with probability
     ``blur_prob``, JPEG (quality ~ U{jpeg_quality}) with probability ``jpeg_prob``, random
     ``size`` crop, horizontal flip. The SCL view is a random ``scl_size`` crop of that crop.
+
+    Random draws come from a ``random.Random`` seeded by ``seed``. In a DataLoader worker
+    process the stream is re-seeded from ``seed`` and the worker's own seed (which torch
+    draws per worker from the loader's generator), so workers never repeat each other's
+    draws and a seeded loader still gives the same draws on every run.
     """
 
     def __init__(
@@ -168,10 +173,20 @@ class Stage2Transform:
         self.blur_prob, self.blur_sigma = blur_prob, tuple(blur_sigma)
         self.jpeg_prob, self.jpeg_quality = jpeg_prob, tuple(jpeg_quality)
         self.flip = flip
+        self.seed = seed
         self.rng = random.Random(seed)
+        self._stream: tuple[int, int] | None = None  # (worker id, worker seed) the rng was seeded for
+
+    def _worker_rng(self) -> random.Random:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._stream != (info.id, info.seed):
+            # A worker holds a copy of this object, rng state included: re-seed per worker.
+            self._stream = (info.id, info.seed)
+            self.rng = random.Random(f"{self.seed}:{info.seed}")
+        return self.rng
 
     def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = self.rng
+        rng = self._worker_rng()
         if rng.random() < self.blur_prob:
             img = gaussian_blur(img, rng.uniform(*self.blur_sigma))
         if rng.random() < self.jpeg_prob:

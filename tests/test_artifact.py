@@ -84,7 +84,8 @@ def _check_round_trip(det: Detector, saved_art: DetectorArtifact, loaded: Detect
     assert len(model_id) == 16 and int(model_id, 16) >= 0
 
     meta = _strict_json(meta_bytes)
-    assert meta["format_version"] == FORMAT_VERSION == 1
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["head"] == "transfer" and loaded.head == "transfer"
     assert meta["model_id"] == model_id
     assert meta["backbone"] == "tiny"
     assert meta["input_size"] == 64
@@ -115,7 +116,7 @@ def _check_round_trip(det: Detector, saved_art: DetectorArtifact, loaded: Detect
     state = det.state_dict()
     with safe_open_bytes(weights) as f:
         assert set(f.keys()) == set(state)
-        assert json.loads(f.metadata()["ntf_ray"]) == {"backbone": "tiny", "format_version": 1}
+        assert json.loads(f.metadata()["ntf_ray"]) == {"backbone": "tiny", "format_version": 2}
 
 
 class safe_open_bytes:
@@ -248,7 +249,7 @@ def test_missing_folder_and_files(tmp_path, saved):
         load_artifact(str(tmp_path / "a-file"))
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None, True, 1.5, [1]])
+@pytest.mark.parametrize("version", [3, 0, "1", None, True, 1.5, [1]])
 def test_wrong_format_version(saved, version):
     uri, _, _ = saved
     meta = _meta(uri)
@@ -444,3 +445,46 @@ def test_pickle_payload_is_rejected_without_executing(saved, tmp_path):
             load_artifact(uri)
         assert not marker.exists(), what
 
+
+
+def _write_format1(uri: Path, det: Detector) -> str:
+    """An artifact as ntf-ray wrote it before the transfer layer (format 1: D on E)."""
+    from safetensors.torch import save as save_safetensors
+
+    uri.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in det.state_dict().items()}
+    weights = save_safetensors(state, metadata={"ntf_ray": json.dumps({"backbone": "tiny", "format_version": 1})})
+    (uri / "model.safetensors").write_bytes(weights)
+    meta = {"format_version": 1, "model_id": hashlib.sha256(weights).hexdigest()[:16], "backbone": "tiny",
+            "input_size": 64, "threshold": 0.5,
+            "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+            "training": {}, "metrics": {}}
+    (uri / "model.json").write_text(json.dumps(meta))
+    return meta["model_id"]
+
+
+def test_format1_artifact_still_loads_as_a_classifier_on_the_encoder(tmp_path):
+    torch.manual_seed(3)
+    old = Detector.build("tiny", head="linear").eval()
+    assert set(old.state_dict()) == {k for k in old.state_dict() if k.startswith(("encoder.", "classifier."))}
+    model_id = _write_format1(tmp_path / "old", old)
+    loaded = load_artifact(str(tmp_path / "old"))
+    assert loaded.head == "linear" and loaded.detector.transfer is None and loaded.model_id == model_id
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(loaded.detector(x), old(x))
+        # what format 1 computed: D(E(x))
+        assert torch.equal(loaded.detector(x), old.classifier(old.encoder(x)).squeeze(1))
+
+
+def test_head_that_does_not_fit_the_weights_is_an_error(saved):
+    uri, _, _ = saved
+    meta = _meta(uri)
+    meta["head"] = "linear"  # the weights hold a transfer layer
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="linear head"):
+        load_artifact(uri)
+    meta["head"] = "mlp"
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="head 'mlp'"):
+        load_artifact(uri)

@@ -19,11 +19,11 @@ def test_defaults_are_the_papers():
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("backbone: tiny\nlr: 0.5\nuse_orth: false\n")
-    cfg = load_config(path, ["lr=0.25", "epochs_stage1=3", "use_het=no", "blur_sigma=[0, 1.5]",
+    path.write_text("backbone: tiny\nlr: 0.5\nvariant: no-orth\namp: false\n")
+    cfg = load_config(path, ["lr=0.25", "epochs_stage1=3", "amp=yes", "variant=no-scl", "blur_sigma=[0, 1.5]",
                              "train_generators=[progan, tconv]", "lr_stage2=0.01"])
     assert cfg.backbone == "tiny" and cfg.lr == 0.25 and cfg.epochs_stage1 == 3
-    assert cfg.use_orth is False and cfg.use_het is False
+    assert cfg.amp is True and cfg.variant == "no-scl"
     assert cfg.blur_sigma == (0.0, 1.5) and cfg.train_generators == ["progan", "tconv"] and cfg.lr_stage2 == 0.01
     assert TrainConfig(**{**cfg.to_dict(), "blur_sigma": tuple(cfg.blur_sigma),
                           "jpeg_quality": tuple(cfg.jpeg_quality),
@@ -35,7 +35,11 @@ def test_yaml_then_overrides(tmp_path):
     (["lr"], "key=value"),
     (["epochs_stage1=1.5"], "integer"),
     (["lr=fast"], "number"),
-    (["use_scl=maybe"], "true/false"),
+    (["amp=maybe"], "true/false"),
+    (["variant=wang"], "unknown variant 'wang'; choose one of ntf, no-orth, no-het-orth, no-scl, linear-probe, bce"),
+    (["use_scl=false"], "replaced by the variant switch: use variant=no-scl"),
+    (["use_orth=false"], "variant=no-orth"),
+    (["train_encoder_stage2=true"], "variant=bce"),
     (["backbone=vit"], "backbone"),
     (["scl_crop_size=300"], "scl_crop_size"),
     (["blur_prob=2"], "blur_prob"),

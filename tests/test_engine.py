@@ -75,14 +75,15 @@ def test_stage2_epoch_keeps_encoder_and_f_hom_bit_identical():
     train_stage1_epoch(stage1, stage1_batches(), make_optimizer(stage1.parameters(), lr=0.05), epoch=0, log_every=0)
     model = Stage2Model.from_stage1(stage1, proj_dim=16)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("encoder.", "f_hom."))}
-    heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("g.", "classifier."))}
+    heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("transfer.", "project.", "classifier."))}
     params = prepare_stage2(model)
     opt = make_optimizer(params, lr=0.1)
     m = train_stage2_epoch(model, stage2_batches(), opt, epoch=0, log_every=0)
     state = model.state_dict()
     for k, v in frozen.items():  # weights and batch-norm buffers alike
         assert torch.equal(state[k], v), k
-    assert any(not torch.equal(state[k], v) for k, v in heads.items() if k.startswith("g."))
+    assert any(not torch.equal(state[k], v) for k, v in heads.items() if k.startswith("project."))
+    assert any(not torch.equal(state[k], v) for k, v in heads.items() if k.startswith("transfer.fc"))
     assert any(not torch.equal(state[k], v) for k, v in heads.items() if k.startswith("classifier.fc"))
     assert all(not p.requires_grad for p in model.encoder.parameters())
     assert all(not p.requires_grad for p in model.f_hom.parameters())
@@ -174,3 +175,92 @@ def test_stage2_skips_single_image_batches():
     one = stage2_batches(1, b=1)
     m = train_stage2_epoch(model, one + stage2_batches(1), make_optimizer(params, lr=0.1), epoch=0, log_every=0)
     assert m["steps"] == 1 and m["images"] == 8
+
+
+# ---------------------------------------------------------------- variants
+
+
+def _stage2_after(variant: str, *, eta: float = 0.5, seed: int = 0):
+    """A trained stage 1, then one stage-2 epoch of ``variant``, all seeds equal."""
+    from ntf_ray.config import load_config
+    from ntf_ray.recipe import build_stage1, build_stage2, stage1_kwargs, stage2_kwargs
+
+    cfg = load_config(None, {"backbone": "tiny", "proj_dim": 16, "variant": variant, "eta": eta})
+    torch.manual_seed(seed)
+    stage1 = build_stage1(cfg) if variant != "bce" else None
+    if stage1 is not None:
+        train_stage1_epoch(stage1, stage1_batches(), make_optimizer(stage1.parameters(), lr=0.05), epoch=0,
+                           log_every=0, **stage1_kwargs(cfg))
+    torch.manual_seed(seed + 1)
+    model = build_stage2(cfg, stage1)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    params = prepare_stage2(model, train_encoder=variant == "bce")
+    torch.manual_seed(seed + 2)
+    train_stage2_epoch(model, stage2_batches(), make_optimizer(params, lr=0.1), epoch=0, log_every=0,
+                       **stage2_kwargs(cfg))
+    return model, encoder_before
+
+
+def _scores(model) -> torch.Tensor:
+    x = stage2_batches(1, b=8, seed=9)[0]["image"]
+    with torch.no_grad():
+        return torch.sigmoid(model.detector().eval()(x))
+
+
+def test_scl_and_eta_change_the_detector():
+    """SCL trains the layer the classifier reads: NTF, its BCE-only ablation and another eta differ."""
+    ntf, _ = _stage2_after("ntf")
+    no_scl, _ = _stage2_after("no-scl")
+    other_eta, _ = _stage2_after("ntf", eta=5.0)
+    again, _ = _stage2_after("ntf")
+    for name in ("classifier.fc.weight", "transfer.fc.weight"):
+        a, b, c, d = (m.state_dict()[name] for m in (ntf, no_scl, other_eta, again))
+        assert torch.equal(a, d), name  # the comparison is deterministic
+        assert not torch.allclose(a, b), name
+        assert not torch.allclose(a, c), name
+    s_ntf, s_no_scl, s_eta = _scores(ntf), _scores(no_scl), _scores(other_eta)
+    assert (s_ntf - s_no_scl).abs().max() > 1e-4 and (s_ntf - s_eta).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["ntf", "no-orth", "no-het-orth", "no-scl", "linear-probe", "bce"])
+def test_encoder_is_frozen_in_every_variant_but_bce(variant):
+    model, before = _stage2_after(variant)
+    after = model.encoder.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+    if variant == "bce":
+        assert changed, "the Wang2020 baseline trains its encoder end to end"
+    else:
+        assert changed == []
+    assert (model.transfer is None) == (variant in ("linear-probe", "bce"))
+
+
+def test_scl_crops_leave_the_transfer_layers_statistics_to_the_224_crops():
+    """t's batch norm keeps running statistics of the classifier's crops only: SCL crops
+    (another scale of features) normalise with their own batch but update nothing."""
+    from ntf_ray.model import TransferLayer
+
+    model = Stage2Model.from_stage1(tiny_stage1(), proj_dim=16)
+    model.train()
+    e_full, e_small = torch.randn(8, model.encoder.dim), 5 + 3 * torch.randn(8, model.encoder.dim)
+    assert isinstance(model.transfer, TransferLayer)
+    model.logits(e_full)
+    mean_after_full = model.transfer.norm.running_mean.clone()
+    model.scl_projection(e_small)
+    assert torch.equal(model.transfer.norm.running_mean, mean_after_full)
+    assert model.transfer.norm.momentum == 0.1  # restored
+
+
+def test_stage1_reports_the_spread_of_homogeneous_features(caplog):
+    model = tiny_stage1()
+    m = train_stage1_epoch(model, stage1_batches(), make_optimizer(model.parameters(), lr=0.01), epoch=0, log_every=0)
+    assert 0.0 < m["hom_spread"] <= 2.0
+    # A constant f_hom (what L_hom alone drives towards) has spread 0, and stage 1 says so.
+    last = model.f_hom.net[2]
+    torch.nn.init.zeros_(last.weight)
+    with torch.no_grad():
+        last.bias.fill_(1.0)
+    with caplog.at_level("WARNING"):
+        m = train_stage1_epoch(model, stage1_batches(), make_optimizer(model.parameters(), lr=0.0), epoch=1,
+                               log_every=0)
+    assert m["hom_spread"] < 1e-6
+    assert "collapsed" in caplog.text

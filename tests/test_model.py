@@ -27,7 +27,8 @@ def test_shapes(backbone):
     assert z_hom.shape == z_het.shape == (2, 128)
     stage2 = Stage2Model.from_stage1(stage1).eval()
     assert stage2.encoder is enc and stage2.f_hom is stage1.f_hom
-    assert stage2.g(enc(x)).shape == (2, 128)
+    assert stage2.scl_projection(enc(x)).shape == (2, 128)
+    assert stage2.detector().embed(x).shape == (2, BACKBONES[backbone])
     assert stage2.detector()(x).shape == (2,)
     assert enc(x).shape == (2, BACKBONES[backbone])
 
