@@ -19,11 +19,12 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from ntf_ray.datasets import index_folder, write_manifest
+    from ntf_ray.datasets import index_root, write_manifest
     from ntf_ray.storage import StorageOptions
 
-    table = index_folder(args.root, default_split=args.split)
-    write_manifest(table, args.out, StorageOptions.resolve(args.s3_endpoint))
+    options = StorageOptions.resolve(args.s3_endpoint)
+    table = index_root(args.root, default_split=args.split, options=options)
+    write_manifest(table, args.out, options)
     labels = table.column("label").to_pylist()
     print(f"indexed {table.num_rows} images ({labels.count(0)} real, {labels.count(1)} fake) -> {args.out}")
     return 0
@@ -226,14 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("index", help="build a dataset manifest from a CNNDetection-layout folder",
-                       description="Write a manifest (uri, label, generator, split) for ROOT/[split/]<generator>/.../{0_real,1_fake}/*. "
-                                   "The output format follows the extension: .parquet or .csv.")
-    s.add_argument("root", help="local folder in the CNNDetection layout")
+    s = sub.add_parser("index", help="build a dataset manifest from a CNNDetection- or GenImage-layout folder",
+                       description="Write a manifest (uri, label, generator, split) for ROOT/[split/]<generator>/.../{0_real,1_fake}/* "
+                                   "(CNNDetection) or ROOT/[<generator>/...]/{train,val}/{ai,nature}/* (GenImage; its val is "
+                                   "written as split test). The output format follows the extension: .parquet or .csv.")
+    s.add_argument("root", help="local folder or s3://bucket/prefix, in the CNNDetection or GenImage layout")
     s.add_argument("--out", required=True, help="manifest to write (.parquet or .csv; local path or s3://)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="split for files not under a train/val/test folder (default: test)")
-    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
+                   help="split for CNNDetection files not under a train/val/test folder (default: test)")
+    s.add_argument("--s3-endpoint", help="S3 endpoint URL for ROOT and --out (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("synth", help="make a synthetic real/fake image set (test data, not a benchmark)",

@@ -1,17 +1,31 @@
 """The dataset manifest and a torch Dataset over it.
 
-A manifest is a Parquet or CSV table with columns ``uri`` (local path or ``s3://``),
-``label`` (0 real / 1 fake, null when unknown), ``generator`` (e.g. ``progan``; ``real``
-for reals without one) and ``split`` (``train`` / ``val`` / ``test``).
-``index_folder`` builds one from the CNNDetection layout
-``ROOT/[split/]<generator-or-class>/.../{0_real,1_fake}/*``.
+A manifest is a Parquet or CSV table with columns ``uri`` (absolute local path or
+``s3://bucket/key``), ``label`` (0 real / 1 fake, null when unknown), ``generator`` (e.g.
+``progan``; ``real`` for reals without one) and ``split`` (``train`` / ``val`` / ``test``),
+plus an optional ``family`` column.
+
+``family`` (string, nullable) names a generator family (e.g. ``gan`` for progan and
+stylegan, ``dm`` for ddpm and ldm) for evaluations that average per family. It is a
+property of the *generator*: every row of one generator, its reals and its fakes alike,
+carries the same family (the reals of a generator folder are scored against that
+generator's fakes, so they belong to its family). The column is present only when the
+table or the records have it: manifests without it read, validate and write exactly as
+before (the four columns of ``MANIFEST_SCHEMA``), with it they have ``MANIFEST_SCHEMA``
+plus ``family`` last. Other unknown columns are dropped.
+
+``index_root`` (also importable as ``index_folder``) builds a manifest by listing a local
+folder or an ``s3://bucket/prefix`` in one of two layouts, see its docstring:
+CNNDetection ``ROOT/[split/]<generator>/.../{0_real,1_fake}/*`` and GenImage
+``ROOT/[<generator>/...]/{train,val}/{ai,nature}/*``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +44,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 LABEL_DIRS = {"0_real": 0, "1_fake": 1}
+#: GenImage: class folder -> label, split folder -> manifest split. GenImage has no test
+#: split and papers report its ``val`` images as the test set, so ``val`` becomes ``test``.
+GENIMAGE_LABEL_DIRS = {"nature": 0, "ai": 1}
+GENIMAGE_SPLITS = {"train": "train", "val": "test"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -39,12 +57,33 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("split", pa.string()),
     ]
 )
+#: The optional column: kept (after the others) when a table or the records have it.
+FAMILY_FIELD = pa.field("family", pa.string())
+
+CNNDETECTION = "CNNDetection"
+GENIMAGE = "GenImage"
+_LAYOUT_HELP = (
+    "the CNNDetection layout ROOT/[train|val|test/]<generator>/.../{0_real,1_fake}/<image> "
+    "(e.g. ROOT/train/progan/airplane/1_fake/00001.png) or the GenImage layout "
+    "ROOT/[<generator>/...]/{train,val}/{ai,nature}/<image> (e.g. ROOT/stable_diffusion_v_1_4/train/ai/00001.png)"
+)
+#: Keys per ListObjectsV2 page (the S3 maximum); tests lower it to exercise paging.
+_S3_PAGE_KEYS = 1000
+
+
+def manifest_schema(with_family: bool = False) -> pa.Schema:
+    """``MANIFEST_SCHEMA``, plus ``family`` last when ``with_family``."""
+    return MANIFEST_SCHEMA.append(FAMILY_FIELD) if with_family else MANIFEST_SCHEMA
 
 
 def manifest_table(records: Iterable[dict[str, Any]]) -> pa.Table:
-    """Records with at least ``uri`` -> a table with the manifest schema (extra keys dropped)."""
+    """Records with at least ``uri`` -> a table with the manifest schema (extra keys dropped).
+
+    ``family`` is kept when any record has that key (null where others lack it).
+    """
     rows = list(records)
-    cols = {f.name: [r.get(f.name) for r in rows] for f in MANIFEST_SCHEMA}
+    schema = manifest_schema(any(FAMILY_FIELD.name in r for r in rows))
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
     try:
         # Types are inferred, then cast by validate_manifest, so a bad value gets its message.
         table = pa.table(cols)
@@ -54,19 +93,24 @@ def manifest_table(records: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
-    """Check columns and values and cast to the manifest schema; a clear error otherwise."""
+    """Check columns and values and cast to the manifest schema; a clear error otherwise.
+
+    Missing ``label``/``generator``/``split`` columns become nulls; ``family`` is kept (as
+    strings) only when present; any other column is dropped.
+    """
     if "uri" not in table.column_names:
         raise ValueError(f"{source} has no 'uri' column (columns: {table.column_names})")
-    for f in MANIFEST_SCHEMA:
+    schema = manifest_schema(FAMILY_FIELD.name in table.column_names)
+    for f in schema:
         if f.name not in table.column_names:
             table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
-    table = table.select([f.name for f in MANIFEST_SCHEMA])
+    table = table.select([f.name for f in schema])
     # Before the cast: casting nulls into the non-nullable uri field fails with a message
     # that does not say which rows are wrong.
     if table.column("uri").null_count:
         raise ValueError(f"{source}: {table.column('uri').null_count} rows have no uri")
     try:
-        table = table.cast(MANIFEST_SCHEMA)
+        table = table.cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
         raise ValueError(f"{source}: columns do not fit the manifest schema ({exc})") from None
     bad_labels = [v for v in table.column("label").to_pylist() if v not in (0, 1, None)]
@@ -92,7 +136,7 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> pa.Table:
         # string columns stay strings whatever they look like (a generator named "1" or "true").
         convert = pacsv.ConvertOptions(
             strings_can_be_null=True,
-            column_types={f.name: f.type for f in MANIFEST_SCHEMA if pa.types.is_string(f.type)},
+            column_types={f.name: f.type for f in manifest_schema(True) if pa.types.is_string(f.type)},
         )
         try:
             table = pacsv.read_csv(io.BytesIO(data), convert_options=convert)
@@ -122,38 +166,134 @@ def write_manifest(table: pa.Table, uri: str, options: StorageOptions | None = N
     storage.write_bytes(uri, buf.getvalue(), options)
 
 
-def index_folder(root: str | Path, *, default_split: str = "test") -> pa.Table:
-    """Manifest for a local CNNDetection-layout folder.
+def index_root(root: str | Path, *, default_split: str = "test", options: StorageOptions | None = None) -> pa.Table:
+    """Manifest for a local folder or an ``s3://bucket/prefix``, laid out as CNNDetection or GenImage.
 
-    ``ROOT/<split>/<generator>/.../<0_real|1_fake>/file`` or, without a split level,
-    ``ROOT/<generator>/...`` (split = ``default_split``). The generator is the first folder
-    below the split (the root folder's name for a flat ``ROOT/{0_real,1_fake}`` set); files not under a ``0_real``/``1_fake`` folder, files without an image
-    extension and hidden files or folders (``.name``, e.g. macOS ``._x.png`` resource forks)
-    are skipped.
+    The layout is recognised per file, from its path below ROOT:
+
+    * **CNNDetection**: a ``0_real`` (label 0) or ``1_fake`` (label 1) folder anywhere in
+      the path: ``ROOT/<split>/<generator>/.../<0_real|1_fake>/file`` or, without a split
+      level, ``ROOT/<generator>/...`` (split = ``default_split``). The generator is the
+      first folder below the split, or the root's name for a flat ``ROOT/{0_real,1_fake}``.
+    * **GenImage**: the file's folder is ``ai`` (label 1) or ``nature`` (label 0) and the
+      folder above it ``train`` or ``val``: ``ROOT/<generator>/[...]/<train|val>/<ai|nature>/file``
+      (the release nests one more level: ``ROOT/ADM/imagenet_ai_0508_adm/train/ai/x.PNG``) or,
+      for a root that is one generator's folder, ``ROOT/<train|val>/<ai|nature>/file``. The
+      generator is the first folder below ROOT (``ADM`` above), or the root's name when
+      ``train``/``val`` is directly below it. Splits: ``train`` -> ``train`` and ``val`` ->
+      ``test``: GenImage has no test split and evaluations report its ``val`` images.
+      ``default_split`` does not apply (every GenImage file has a split folder).
+
+    A path with a ``0_real``/``1_fake`` folder is CNNDetection even if it also looks like
+    GenImage. Files in neither layout (``README.png``, a ``preview.png`` above the label
+    folders), files without an image extension and hidden files or folders (``.name``,
+    e.g. macOS ``._x.png`` resource forks) are skipped. One root holds one layout: files
+    of both under one root are a ValueError (index them as two roots), as is a root with
+    no image in either layout.
+
+    S3 prefixes are listed with paginated ListObjectsV2 (keys are taken verbatim, never
+    as glob patterns), local folders with ``os.walk`` (symlinked folders are not entered).
+    Rows are ordered by path below ROOT; ``uri`` is ``s3://bucket/key`` or an absolute path.
+    No ``family`` column: the layouts do not name families.
     """
-    root = Path(root).absolute()
-    if not root.is_dir():
-        raise FileNotFoundError(f"not a folder: {root}")
     if default_split not in SPLITS:
         raise ValueError(f"default_split must be one of {SPLITS}")
-    records = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-        rel = path.relative_to(root).parts
-        if any(part.startswith(".") for part in rel):
+    root = storage.normalize(root)
+    if storage.is_s3(root):
+        bucket, prefix = storage.split_s3(root)
+        files, root_name = _list_s3(root, options), prefix.strip("/").rsplit("/", 1)[-1] or bucket
+    else:
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"not a folder: {root}")
+        files, root_name = _list_local(root), Path(root).name
+    found: dict[str, list[dict[str, Any]]] = {CNNDETECTION: [], GENIMAGE: []}
+    first: dict[str, str] = {}  # layout -> its first path below ROOT, for messages
+    n_images, unmatched = 0, None
+    for parts, uri in sorted(files):
+        if any(p.startswith(".") for p in parts) or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
             continue
-        parts = rel[:-1]
-        label_dirs = [p for p in parts if p in LABEL_DIRS]
-        if not label_dirs:
+        n_images += 1
+        layout, record = _classify(parts, root_name, default_split)
+        if layout is None:
+            unmatched = unmatched or "/".join(parts)
             continue
-        split = parts[0] if parts[0] in SPLITS else default_split
-        rest = parts[1:] if parts[0] in SPLITS else parts
+        first.setdefault(layout, "/".join(parts))
+        found[layout].append({"uri": uri, **record})
+    cnn, gen = found[CNNDETECTION], found[GENIMAGE]
+    if cnn and gen:
+        raise ValueError(
+            f"{root} mixes two layouts: CNNDetection (e.g. ROOT/{first[CNNDETECTION]}) and GenImage "
+            f"(e.g. ROOT/{first[GENIMAGE]}); index each layout's folder as its own root")
+    if not n_images:
+        raise ValueError(f"no images under {root}: expected {_LAYOUT_HELP}")
+    records = cnn or gen
+    if not records:
+        raise ValueError(f"{n_images} image{'s' * (n_images != 1)} under {root} but none in a known layout "
+                         f"(e.g. ROOT/{unmatched}): expected {_LAYOUT_HELP}")
+    if n_images > len(records):
+        log.info("index %s: skipped %d images outside the %s layout (e.g. ROOT/%s)", root,
+                 n_images - len(records), CNNDETECTION if cnn else GENIMAGE, unmatched)
+    return manifest_table(records)
+
+
+#: The name the CLI and older code use.
+index_folder = index_root
+
+
+def _classify(parts: tuple[str, ...], root_name: str, default_split: str) -> tuple[str | None, dict[str, Any]]:
+    """(layout, label/generator/split) of one file's path parts below the root; (None, {}) if neither."""
+    dirs = parts[:-1]
+    label_dirs = [p for p in dirs if p in LABEL_DIRS]
+    if label_dirs:
+        split = dirs[0] if dirs[0] in SPLITS else default_split
+        rest = dirs[1:] if dirs[0] in SPLITS else dirs
         # A flat ROOT/{0_real,1_fake} set has no generator folder: both classes take the
         # root's name, so they stay one group with defined per-generator AP.
-        generator = rest[0] if rest and rest[0] not in LABEL_DIRS else root.name
-        records.append({"uri": str(path), "label": LABEL_DIRS[label_dirs[-1]], "generator": generator, "split": split})
-    if not records:
-        raise ValueError(f"no images under {root} in a 0_real/ or 1_fake/ folder")
-    return manifest_table(records)
+        generator = rest[0] if rest and rest[0] not in LABEL_DIRS else root_name
+        return CNNDETECTION, {"label": LABEL_DIRS[label_dirs[-1]], "generator": generator, "split": split}
+    if len(dirs) >= 2 and dirs[-1] in GENIMAGE_LABEL_DIRS and dirs[-2] in GENIMAGE_SPLITS:
+        generator = dirs[0] if len(dirs) > 2 else root_name
+        return GENIMAGE, {"label": GENIMAGE_LABEL_DIRS[dirs[-1]], "generator": generator,
+                          "split": GENIMAGE_SPLITS[dirs[-2]]}
+    return None, {}
+
+
+def _list_local(root: str) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(path parts below root, absolute path) of every file; hidden folders are not entered."""
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(folder).relative_to(root).parts
+        for name in filenames:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):  # not a broken symlink
+                yield (*rel, name), path
+
+
+def _list_s3(root: str, options: StorageOptions | None) -> list[tuple[tuple[str, ...], str]]:
+    """(key parts below the prefix, ``s3://bucket/key``) of every object, one ListObjectsV2 page at a time."""
+    from fsspec.asyn import sync
+
+    fs = storage.fsspec_filesystem(options)
+    bucket, prefix = storage.split_s3(root)
+    prefix = prefix.strip("/")
+    prefix = f"{prefix}/" if prefix else ""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _S3_PAGE_KEYS}
+    out = []
+    while True:
+        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if key.endswith("/"):  # a "folder" marker object
+                continue
+            # Empty parts (a "//" in the key) are no folder level; the uri keeps the key verbatim.
+            parts = tuple(p for p in key[len(prefix):].split("/") if p)
+            out.append((parts, f"s3://{bucket}/{key}"))
+        if not page.get("IsTruncated"):
+            break
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+    if not out:
+        raise FileNotFoundError(f"not a folder: no objects under {root.rstrip('/')}/")
+    return out
 
 
 def select(table: pa.Table, *, split: str | None = None, labels: Sequence[int] | None = None,

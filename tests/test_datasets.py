@@ -20,6 +20,7 @@ from ntf_ray.datasets import (
     ManifestDataset,
     collate_drop_none,
     index_folder,
+    manifest_schema,
     manifest_table,
     read_manifest,
     select,
@@ -105,11 +106,14 @@ def test_index_folder_without_split_level(tmp_path, monkeypatch):
 
 
 def test_index_folder_errors(tmp_path):
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no images") as info:
         index_folder(tmp_path)
+    assert_names_both_layouts(str(info.value))
     make_files(tmp_path, ["progan/notes.txt", "progan/0_real/notes.txt", "progan/x.png"])
-    with pytest.raises(ValueError, match=r"0_real/ or 1_fake/"):
+    message = r"1 image under .* but none in a known layout \(e\.g\. ROOT/progan/x\.png\)"
+    with pytest.raises(ValueError, match=message) as info:
         index_folder(tmp_path)
+    assert_names_both_layouts(str(info.value))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         index_folder(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -117,6 +121,171 @@ def test_index_folder_errors(tmp_path):
     make_files(tmp_path, ["progan/0_real/a.png"])
     with pytest.raises(ValueError, match="default_split"):
         index_folder(tmp_path, default_split="holdout")
+
+
+def assert_names_both_layouts(message: str) -> None:
+    assert "CNNDetection" in message and "ROOT/train/progan/airplane/1_fake/00001.png" in message
+    assert "GenImage" in message and "ROOT/stable_diffusion_v_1_4/train/ai/00001.png" in message
+
+
+def test_unknown_layout_lists_both_layouts(tmp_path):
+    """ImageNet-style class folders, and ai/nature folders not below train/val, are neither layout."""
+    make_files(tmp_path, ["train/n01440764/a.JPEG", "val/n01440764/b.JPEG", "sd/ai/c.png", "sd/test/nature/d.png"])
+    with pytest.raises(ValueError, match=r"4 images under .* but none in a known layout") as info:
+        index_folder(tmp_path)
+    assert_names_both_layouts(str(info.value))
+
+
+# --- GenImage layout ---------------------------------------------------------------------
+
+GENIMAGE = [
+    "stable_diffusion_v_1_4/train/ai/000_sdv4_00001.png",
+    "stable_diffusion_v_1_4/train/nature/n01440764_1.JPEG",
+    "stable_diffusion_v_1_4/val/ai/000_sdv4_00002.png",
+    "stable_diffusion_v_1_4/val/nature/ILSVRC2012_val_00000001.JPEG",
+    "ADM/imagenet_ai_0508_adm/val/ai/1_adm_3.PNG",  # the release nests one more folder
+    "ADM/imagenet_ai_0508_adm/val/nature/ILSVRC2012_val_00000002.JPEG",
+]
+GENIMAGE_SKIPPED = [
+    "stable_diffusion_v_1_4/train/ai/._000_sdv4_00001.png",  # macOS resource fork
+    "stable_diffusion_v_1_4/.thumbs/train/ai/x.png",  # hidden folder
+    "stable_diffusion_v_1_4/train/ai/captions.txt",  # not an image
+    "stable_diffusion_v_1_4/preview.png",  # not in a class folder
+]
+
+
+def test_index_genimage_layout(tmp_path):
+    make_files(tmp_path, GENIMAGE + GENIMAGE_SKIPPED)
+    table = index_folder(tmp_path, default_split="val")  # default_split does not apply to GenImage
+    assert table.schema == MANIFEST_SCHEMA
+    assert rows(table) == sorted([
+        (str(tmp_path / GENIMAGE[0]), 1, "stable_diffusion_v_1_4", "train"),
+        (str(tmp_path / GENIMAGE[1]), 0, "stable_diffusion_v_1_4", "train"),
+        (str(tmp_path / GENIMAGE[2]), 1, "stable_diffusion_v_1_4", "test"),  # GenImage val is the test set
+        (str(tmp_path / GENIMAGE[3]), 0, "stable_diffusion_v_1_4", "test"),
+        (str(tmp_path / GENIMAGE[4]), 1, "ADM", "test"),  # the first folder below the root
+        (str(tmp_path / GENIMAGE[5]), 0, "ADM", "test"),
+    ])
+
+
+def test_index_genimage_single_generator_root(tmp_path):
+    root = tmp_path / "imagenet_ai_0419_sdv4"
+    make_files(root, ["train/ai/a.png", "train/nature/b.JPEG", "val/ai/c.png", "val/nature/d.JPEG"])
+    assert rows(index_folder(root)) == [
+        (str(root / "train/ai/a.png"), 1, "imagenet_ai_0419_sdv4", "train"),
+        (str(root / "train/nature/b.JPEG"), 0, "imagenet_ai_0419_sdv4", "train"),
+        (str(root / "val/ai/c.png"), 1, "imagenet_ai_0419_sdv4", "test"),
+        (str(root / "val/nature/d.JPEG"), 0, "imagenet_ai_0419_sdv4", "test"),
+    ]
+
+
+def test_mixed_layouts_are_an_error(tmp_path):
+    make_files(tmp_path, ["cnndetection/progan/0_real/a.png", "genimage/sd14/train/ai/b.png"])
+    with pytest.raises(ValueError, match=r"mixes two layouts: CNNDetection \(e\.g\. ROOT/cnndetection/progan/0_real/a\.png\) "
+                                         r"and GenImage \(e\.g\. ROOT/genimage/sd14/train/ai/b\.png\)"):
+        index_folder(tmp_path)
+    # Each part on its own is fine.
+    assert index_folder(tmp_path / "genimage").column("generator").to_pylist() == ["sd14"]
+    # A 0_real/1_fake folder decides: this is CNNDetection, not GenImage.
+    make_files(tmp_path / "both", ["train/ai/1_fake/c.png"])
+    assert rows(index_folder(tmp_path / "both")) == [(str(tmp_path / "both/train/ai/1_fake/c.png"), 1, "ai", "train")]
+
+
+def test_local_file_names_with_glob_characters(tmp_path):
+    names = ["[1].png", "*.png", "?.png", "a[!b].png", "sp ace.png"]
+    make_files(tmp_path, [f"progan/1_fake/{n}" for n in names] + ["progan/1_fake/1.png"])
+    uris = index_folder(tmp_path).column("uri").to_pylist()
+    assert sorted(uris) == sorted(str(tmp_path / "progan/1_fake" / n) for n in names + ["1.png"])
+
+
+# --- indexing S3 -------------------------------------------------------------------------
+
+GLOB_NAMES = ["[1].png", "*.png", "?.png", "a[!b].png", "sp ace.png", "1.png"]
+
+
+def put_keys(s3, bucket: str, keys: list[str]) -> None:
+    """Objects put under their exact keys (no glob expansion anywhere on the way)."""
+    client = s3.client()
+    name = bucket[len("s3://"):]
+    for i, key in enumerate(keys):
+        client.put_object(Bucket=name, Key=key, Body=png_bytes(i, side=8))
+
+
+@pytest.mark.parametrize("layout", ["cnndetection", "genimage"])
+def test_index_s3_matches_local(s3, bucket, tmp_path, monkeypatch, layout):
+    """The same tree indexed locally and on S3 gives the same rows, with s3://bucket/key uris."""
+    monkeypatch.setattr("ntf_ray.datasets._S3_PAGE_KEYS", 3)  # several ListObjectsV2 pages
+    files = (WITH_SPLIT + SKIPPED) if layout == "cnndetection" else (GENIMAGE + GENIMAGE_SKIPPED)
+    local = tmp_path / "data"
+    make_files(local, files)
+    put_keys(s3, bucket, [f"sets/data/{f}" for f in files] + ["sets/data2/progan/0_real/x.png",  # another prefix
+                                                              "sets/data/test/progan/",  # a folder marker
+                                                              "top.png"])
+    opts = StorageOptions(endpoint_url=s3.endpoint_url)
+    for root in (f"{bucket}/sets/data", f"{bucket}/sets/data/"):
+        table = index_folder(root, options=opts)
+        assert table.schema == MANIFEST_SCHEMA
+        local_rows = [(u.replace(str(local), f"{bucket}/sets/data"), *rest) for u, *rest in rows(index_folder(local))]
+        assert rows(table) == sorted(local_rows)
+        assert len(local_rows) == (7 if layout == "cnndetection" else 6)
+
+
+def test_index_s3_lists_every_page(s3, bucket, monkeypatch):
+    """Prefixes with more keys than one ListObjectsV2 page are listed page by page, to the end."""
+    put_keys(s3, bucket, [f"d/g/0_real/{i}.png" for i in range(7)])
+    opts = StorageOptions(endpoint_url=s3.endpoint_url)
+    fs = storage.fsspec_filesystem(opts)  # fsspec's cached instance: the one index_folder uses
+    tokens = []
+    call = fs._call_s3
+
+    async def spy(method, *args, **kwargs):
+        tokens.append((method, kwargs.get("MaxKeys"), kwargs.get("ContinuationToken") is not None))
+        return await call(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", spy)
+    monkeypatch.setattr("ntf_ray.datasets._S3_PAGE_KEYS", 3)
+    assert index_folder(f"{bucket}/d", options=opts).num_rows == 7
+    assert tokens == [("list_objects_v2", 3, False), ("list_objects_v2", 3, True), ("list_objects_v2", 3, True)]
+
+
+def test_index_s3_glob_characters_and_hidden_keys(s3, bucket):
+    keys = [f"ds/progan/1_fake/{n}" for n in GLOB_NAMES] + [
+        "ds/progan/0_real/.hidden.png", "ds/progan/.cache/0_real/h.png", "ds/progan/0_real//double.png"]
+    put_keys(s3, bucket, keys)
+    table = index_folder(f"{bucket}/ds", options=StorageOptions(endpoint_url=s3.endpoint_url))
+    uris = table.column("uri").to_pylist()
+    assert len(uris) == len(set(uris)) == len(GLOB_NAMES) + 1
+    assert sorted(uris) == sorted([f"{bucket}/ds/progan/1_fake/{n}" for n in GLOB_NAMES]
+                                  + [f"{bucket}/ds/progan/0_real//double.png"])  # the key verbatim
+    assert set(table.column("generator").to_pylist()) == {"progan"}
+    assert table.column("label").to_pylist().count(0) == 1
+
+
+def test_index_s3_bucket_root_and_flat_sets(s3, bucket):
+    opts = StorageOptions(endpoint_url=s3.endpoint_url)
+    put_keys(s3, bucket, ["0_real/a.png", "1_fake/b.png", "flat/train/ai/c.png"])
+    with pytest.raises(ValueError, match="mixes two layouts"):
+        index_folder(bucket, options=opts)
+    put_keys(s3, bucket, ["cnn/0_real/a.png", "cnn/1_fake/b.png"])
+    # A flat set takes the last prefix component (the bucket's name at the bucket root).
+    assert index_folder(f"{bucket}/cnn", options=opts).column("generator").to_pylist() == ["cnn", "cnn"]
+    assert index_folder(f"{bucket}/flat", options=opts).to_pylist() == [
+        {"uri": f"{bucket}/flat/train/ai/c.png", "label": 1, "generator": "flat", "split": "train"}]
+
+
+def test_index_s3_errors(s3, bucket):
+    opts = StorageOptions(endpoint_url=s3.endpoint_url)
+    put_keys(s3, bucket, ["imgs/a.png", "imgs/b/c.png", "notes/readme.txt"])
+    with pytest.raises(FileNotFoundError, match=f"no objects under {bucket}/missing/"):
+        index_folder(f"{bucket}/missing", options=opts)
+    with pytest.raises(FileNotFoundError, match=f"no objects under {bucket}/imgs/a.png/"):
+        index_folder(f"{bucket}/imgs/a.png", options=opts)  # an object, not a prefix
+    with pytest.raises(ValueError, match="2 images under .* but none in a known layout") as info:
+        index_folder(f"{bucket}/imgs", options=opts)
+    assert_names_both_layouts(str(info.value))
+    with pytest.raises(ValueError, match="no images under") as info:
+        index_folder(f"{bucket}/notes", options=opts)
+    assert_names_both_layouts(str(info.value))
 
 
 # --- manifest I/O ------------------------------------------------------------------------
@@ -158,6 +327,56 @@ def test_manifest_round_trip_s3(bucket, s3, suffix):
     write_manifest(table, uri, opts)
     assert storage.exists(uri, opts)
     assert read_manifest(uri, opts).equals(table)
+
+
+FAMILY_RECORDS = [
+    {"uri": "/d/progan/0_real/a.png", "label": 0, "generator": "progan", "split": "test", "family": "gan"},
+    {"uri": "/d/progan/1_fake/b.png", "label": 1, "generator": "progan", "split": "test", "family": "gan"},
+    {"uri": "/d/ldm/1_fake/c.png", "label": 1, "generator": "ldm", "split": "test", "family": "dm", "extra": 1},
+    {"uri": "/d/x/1_fake/d.png", "label": 1, "generator": "x", "split": "test", "family": None},
+    {"uri": "/d/y/1_fake/e.png", "label": 1, "generator": "y", "split": "test"},  # no family key: null
+    {"uri": "/d/z/1_fake/f.png", "label": 1, "generator": "z", "split": "test", "family": "1"},  # numeric-looking
+]
+
+
+def test_family_column_kept_when_present():
+    table = manifest_table(FAMILY_RECORDS)
+    assert table.schema == manifest_schema(with_family=True)
+    assert table.column_names == ["uri", "label", "generator", "split", "family"]
+    assert table.column("family").to_pylist() == ["gan", "gan", "dm", None, None, "1"]
+    # Without the key, no family column: the schema is exactly as before.
+    without = [{k: v for k, v in r.items() if k != "family"} for r in FAMILY_RECORDS]
+    assert manifest_table(without).schema == MANIFEST_SCHEMA
+    # validate_manifest keeps family (cast to string) and still drops other columns.
+    raw = pa.table({"uri": ["a.png", "b.png"], "family": [7, None], "other": ["x", "y"]})
+    checked = validate_manifest(raw)
+    assert checked.column_names == ["uri", "label", "generator", "split", "family"]
+    assert checked.column("family").to_pylist() == ["7", None]
+    assert select(table, generators=["progan"]).column("family").to_pylist() == ["gan", "gan"]
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_family_round_trip(tmp_path, s3, bucket, suffix):
+    table = manifest_table(FAMILY_RECORDS)
+    opts = StorageOptions(endpoint_url=s3.endpoint_url)
+    for uri, options in ((str(tmp_path / f"m.{suffix}"), None), (f"{bucket}/m.{suffix}", opts)):
+        write_manifest(table, uri, options)
+        back = read_manifest(uri, options)
+        assert back.schema == manifest_schema(with_family=True)
+        assert back.equals(table)
+    # A hand-made CSV with a family column, in any position.
+    path = tmp_path / "hand.csv"
+    path.write_text("family,uri,label\ngan,/a.png,0\n,/b.png,1\n")
+    assert read_manifest(str(path)).column("family").to_pylist() == ["gan", None]
+
+
+def test_synth_records_carry_family(tmp_path):
+    from ntf_ray.synth import make_synthetic
+
+    records = make_synthetic(tmp_path, n_real=2, n_fake=2, size=16, splits={"test": 1.0}, generators=("tconv",),
+                             workers=1)
+    table = manifest_table(records)
+    assert table.column("family").to_pylist() == [r["family"] for r in records]
 
 
 @pytest.mark.parametrize("suffix", ["parquet", "csv"])
@@ -412,3 +631,12 @@ def test_flat_layout_uses_the_root_name_as_generator(tmp_path):
     table = index_folder(root)
     assert table.column("generator").to_pylist() == ["mydata", "mydata"]
     assert table.column("label").to_pylist() == [0, 1]
+
+
+def test_cli_index_reads_an_s3_root(s3, bucket, tmp_path):
+    put_keys(s3, bucket, ["d/sd14/val/ai/a.png", "d/sd14/val/nature/b.png"])
+    out = tmp_path / "m.parquet"
+    assert cli_main(["index", f"{bucket}/d", "--out", str(out), "--s3-endpoint", s3.endpoint_url]) == 0
+    table = read_manifest(str(out))
+    assert table.column("uri").to_pylist() == [f"{bucket}/d/sd14/val/ai/a.png", f"{bucket}/d/sd14/val/nature/b.png"]
+    assert table.column("label").to_pylist() == [1, 0] and set(table.column("split").to_pylist()) == {"test"}
