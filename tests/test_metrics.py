@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix
 
-from ntf_ray.metrics import Metrics, average_precision, binary_metrics, format_table, per_generator_table
+from ntf_ray.metrics import (
+    Metrics,
+    average_precision,
+    binary_metrics,
+    format_table,
+    per_family_rows,
+    per_generator_table,
+)
 
 
 def _sk_ap(y, s) -> float:
@@ -260,6 +267,86 @@ def test_format_table_prints_percentages():
     assert "nan" not in text.lower()
     assert "-" in text.splitlines()[2].split()
     assert not any(ln.startswith("mAP") for ln in text.splitlines())
+
+
+# ---------------------------------------------------------------------------------------
+# per_family_rows
+
+
+def _family_case():
+    rng = np.random.default_rng(7)
+    sizes = {"progan": 30, "stylegan": 12, "ddpm": 20, "ldm": 9, "other": 15}
+    y, s, g = [], [], []
+    for name, n in sizes.items():
+        yy = rng.integers(0, 2, n)
+        yy[0], yy[1] = 0, 1
+        y += yy.tolist()
+        s += np.round(rng.random(n), 2).tolist()
+        g += [name] * n
+    return y, s, g
+
+
+def test_per_family_rows_weighted_by_hand():
+    y, s, g = _family_case()
+    families = {"progan": "gan", "stylegan": "gan", "ddpm": "dm", "ldm": "dm", "absent": "dm"}
+    table = per_generator_table(y, s, g, threshold=0.4)
+    hand = _hand_table(y, s, g, 0.4)
+    rows = per_family_rows(table, families)
+    assert [r["family"] for r in rows] == ["dm", "gan"]  # sorted; "other" has no family
+    for row in rows:
+        names = sorted(n for n, f in families.items() if f == row["family"] and n in hand)
+        assert row["generators"] == names
+        w = np.array([hand[n]["images"] for n in names], dtype=float)
+        assert row["images"] == int(w.sum())
+        assert row["n_real"] == sum(hand[n]["n_real"] for n in names)
+        assert row["n_fake"] == sum(hand[n]["n_fake"] for n in names)
+        for key in ("ap", "acc", "fpr", "fnr"):  # every value is defined: both classes present
+            v = np.array([hand[n][key] for n in names])
+            assert row[key] == pytest.approx(float(np.dot(v, w) / w.sum()), abs=1e-12), key
+        assert row["map"] == pytest.approx(float(np.mean([hand[n]["ap"] for n in names])), abs=1e-12)
+    # two generators of different sizes: the weighted mean is not the plain mean
+    gan = rows[1]
+    assert gan["ap"] != pytest.approx(gan["map"], abs=1e-6)
+
+
+def test_per_family_rows_small_case_and_edge_cases():
+    # a: 4 images, ACC 1 ; b: 1 fake missed, ACC 0, no reals (FPR undefined)
+    table = per_generator_table([0, 0, 1, 1, 1], [0.1, 0.2, 0.8, 0.9, 0.3], ["a", "a", "a", "a", "b"])
+    (fam,) = per_family_rows(table, {"a": "f", "b": "f", "average": "f"})  # "average" is never a member
+    assert fam["generators"] == ["a", "b"] and fam["images"] == 5
+    assert fam["acc"] == pytest.approx(4 / 5) and fam["fnr"] == pytest.approx(1 / 5)
+    assert fam["fpr"] == 0.0  # b left out of the FPR mean
+    assert fam["map"] == 1.0
+    assert per_family_rows(table, {}) == []
+    # a family whose generators have no fakes: AP and mAP undefined
+    (real,) = per_family_rows(per_generator_table([0, 0], [0.1, 0.9], ["r", "r"]), {"r": "reals"})
+    assert math.isnan(real["ap"]) and math.isnan(real["map"]) and real["fpr"] == 0.5
+
+
+def test_format_table_prints_families():
+    y, s, g = _family_case()
+    table = per_generator_table(y, s, g)
+    fams = per_family_rows(table, {"progan": "gan", "stylegan": "gan", "ddpm": "dm", "ldm": "dm"})
+    lines = format_table(table, families=fams).splitlines()
+    assert format_table(table).splitlines() == lines[: len(table) + 3]  # generator part unchanged
+    i = lines.index("") + 1
+    assert lines[i].split() == ["family", "images", "AP", "ACC", "FPR", "FNR", "mAP"]
+    body = {ln.split()[0]: ln.split()[1:] for ln in lines[i + 2 :]}
+    assert set(body) == {"gan", "dm"}
+    for row in fams:
+        cells = body[row["family"]]
+        assert int(cells[0]) == row["images"]
+        for cell, key in zip(cells[1:], ("ap", "acc", "fpr", "fnr", "map")):
+            assert float(cell) == pytest.approx(100 * row[key], abs=0.05)
+
+
+def test_average_precision_leaks_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(average_precision([0, 0], [0.1, 0.2]))
+        assert average_precision([1, 1], [0.1, 0.2]) == 1.0
+        assert math.isnan(binary_metrics([0, 0], [0.3, 0.6]).ap)
+        assert binary_metrics([1], [0.3]).ap == 1.0
 
 
 @pytest.mark.parametrize(
