@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ntf_ray import __version__
+from ntf_ray.variants import VARIANTS
 
 log = logging.getLogger("ntf_ray")
 
@@ -48,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.set)
     for flag, key in (("backbone", "backbone"), ("pretrained", "pretrained"), ("epochs_stage1", "epochs_stage1"),
-                      ("epochs_stage2", "epochs_stage2"), ("batch_size", "batch_size")):
+                      ("epochs_stage2", "epochs_stage2"), ("batch_size", "batch_size"), ("variant", "variant")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -61,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         storage_path=args.storage, max_failures=args.max_failures, endpoint=args.s3_endpoint,
     )
     ray_train.init_local_ray()
-    print(f"training stage {args.stage} as run {spec.run_name!r} with {spec.num_workers} workers "
+    print(f"training {cfg.variant} stage {args.stage} as run {spec.run_name!r} with {spec.num_workers} workers "
           f"({'GPU' if spec.use_gpu else 'CPU'}); outputs in {spec.output}", flush=True)
     metrics = ray_train.train(args.stage, cfg, spec)
     for stage, m in metrics.items():
@@ -83,6 +84,9 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", help="YAML with TrainConfig fields (e.g. ntf_ray/configs/paper.yaml)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field; repeatable (e.g. --set lr=0.05 --set use_orth=false)")
+    s.add_argument("--variant", choices=tuple(VARIANTS),
+                   help="which of the paper's detectors to train (overrides the config; default ntf): "
+                        + "; ".join(f"{v.name}: {v.summary}" for v in VARIANTS.values()))
     s.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
     s.add_argument("--gpus", action="store_true", help="one GPU per worker (default: CPU)")
     s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
@@ -97,6 +101,23 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-failures", type=int, default=0,
                    help="worker failures to recover from, each from the latest checkpoint (default 0)")
     s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ntf_ray import ray_evaluate, ray_train, storage
+    from ntf_ray.storage import StorageOptions
+
+    spec = ray_evaluate.EvaluateSpec(
+        model=args.model, manifest=args.manifest, output=args.output, split=None if args.split == "all" else args.split,
+        families=args.families, perturb=args.perturb, embeddings=args.embeddings, threshold=args.threshold,
+        seed=args.seed, batch_size=args.batch_size, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
+        endpoint=StorageOptions.resolve(args.s3_endpoint).endpoint_url,
+    )
+    ray_train.init_local_ray()
+    metrics = ray_evaluate.evaluate(spec, command=storage.redact(" ".join(["ntf-ray", *args.argv])))
+    print(ray_evaluate.format_summary(metrics))
+    print(f"report: {storage.join(args.output, 'report.md')}", flush=True)
+    return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -281,6 +302,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_scan_arguments(s, incremental_default=True)
     s.set_defaults(func=cmd_scan)
 
+    s = sub.add_parser("evaluate", help="the paper's metrics of a detector on a labelled manifest split, with a report",
+                       description="Score a manifest split through the scan's Ray Data path (clean and, with --perturb, "
+                                   "at every perturbation level), join the labels, and write OUTPUT/report.md, "
+                                   "metrics.json, scores.parquet and PNG figures: per generator AP, ACC, FPR, FNR (fake = "
+                                   "positive, the artifact's threshold), the image-weighted average and mAP, family "
+                                   "averages, robustness curves, PR curves, score histograms and a t-SNE map.")
+    s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
+    s.add_argument("--manifest", required=True, help="labelled manifest (.parquet/.csv, local or s3://)")
+    s.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="manifest split to evaluate (default test; all: every labelled row)")
+    s.add_argument("--output", required=True, help="report folder (local or s3://)")
+    s.add_argument("--families", nargs="+", default=[], metavar="FAMILY=GEN,GEN",
+                   help="average per generator family, e.g. --families gan=progan,stylegan dm=ddpm,ldm "
+                        "(default: the manifest's family column, if any)")
+    s.add_argument("--perturb", nargs="+", default=[], metavar="KIND=LEVEL,LEVEL",
+                   help="robustness: e.g. --perturb blur=0,1,2,3 jpeg=100,75,50,30 noise=0,0.01,0.02 scale=1,0.5,0.25 "
+                        "(blur sigma in px, JPEG quality, noise sigma in [0, 1] units, down-scaling factor); seeded")
+    s.add_argument("--embeddings", type=int, default=0, metavar="N",
+                   help="t-SNE map of N clean test images' features, coloured by generator and label (default 0: none)")
+    s.add_argument("--threshold", type=float, help="decision threshold for ACC/FPR/FNR (default: the artifact's)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise perturbation and the t-SNE sample (default 0)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
+    s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
+    s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
+    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
+    s.set_defaults(func=cmd_evaluate)
+
     s = sub.add_parser("score", help="score images with a detector artifact, one JSON line per input")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
     s.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="image files or s3:// objects")
@@ -295,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

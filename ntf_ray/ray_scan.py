@@ -446,33 +446,57 @@ def scan(spec: ScanSpec) -> ScanResult:
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
 
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many detector actors, and what each holds."""
+
+    min_actors: int
+    max_actors: int
+    gpus: float
+    cpus: float
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus else "cpu"
+
+
+def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
+                cpus_per_actor: float) -> ActorPlan:
+    """The detector actor pool for ``blocks`` read blocks on this cluster.
+
+    Default: one actor per GPU (or 2 on CPU), never more than blocks, and never so many
+    CPU-holding actors that Ray Data's read tasks find no CPU (the job would hang silently).
+    """
+    gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if _gpus_in_cluster() >= 1 else 0.0)
+    most = max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
+    most = min(most, blocks)  # an actor without a block to score would only cost its start-up
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if cpus_per_actor > 0 and cpus and most * cpus_per_actor > cpus - 1:
+        fit = max(1, int((cpus - 1) // cpus_per_actor))
+        if fit < most:
+            log.warning("the cluster has %g CPUs: running %d detector actor(s) of %g CPU, not %d, so that "
+                        "Ray Data's other tasks can run", cpus, fit, cpus_per_actor, most)
+            most = fit
+    least = most if min_actors is None else min(min_actors, most)
+    return ActorPlan(min_actors=least, max_actors=most, gpus=gpus, cpus=cpus_per_actor)
+
+
 def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, run_dir: str,
                 options: StorageOptions) -> None:
-    gpus = spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if _gpus_in_cluster() >= 1 else 0.0)
-    max_actors = spec.max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
     blocks = max(1, -(-listing.num_rows // spec.read_block_rows))
-    max_actors = min(max_actors, blocks)  # an actor without a block to score would only cost its start-up
-    cpus = float(ray.cluster_resources().get("CPU", 0))
-    if spec.cpus_per_actor > 0 and cpus and max_actors * spec.cpus_per_actor > cpus - 1:
-        # Actors holding every CPU leave none for Ray Data's other tasks: the job would hang.
-        fit = max(1, int((cpus - 1) // spec.cpus_per_actor))
-        if fit < max_actors:
-            log.warning("the cluster has %g CPUs: running %d detector actor(s) of %g CPU, not %d, so that "
-                        "Ray Data's other tasks can run", cpus, fit, spec.cpus_per_actor, max_actors)
-            max_actors = fit
-    min_actors = max_actors if spec.min_actors is None else min(spec.min_actors, max_actors)
+    plan = plan_actors(blocks=blocks, gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors,
+                       max_actors=spec.max_actors, cpus_per_actor=spec.cpus_per_actor)
     ds = ray.data.from_arrow(listing).repartition(blocks)
     ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": spec.endpoint})
     ds = ds.map_batches(
         DetectorActor,
         fn_constructor_kwargs={"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold,
-                               "batch_size": spec.batch_size,
-                               "device": "cuda" if gpus else "cpu", "decoder": spec.decoder},
+                               "batch_size": spec.batch_size, "device": plan.device, "decoder": spec.decoder},
         batch_format="pyarrow",
         batch_size=spec.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        num_gpus=gpus,
-        num_cpus=spec.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        num_gpus=plan.gpus,
+        num_cpus=plan.cpus,
     )
     if storage.is_s3(run_dir):
         fs, path = storage.arrow_filesystem(run_dir, options)

@@ -111,12 +111,19 @@ class Scorer:
             **kwargs,
         )
 
-    def preprocess(self, data: bytes) -> tuple[torch.Tensor | None, ScoreResult]:
-        """Decode (core decoder) and crop one image; on failure the result carries the reason."""
+    def decode(self, data: bytes) -> tuple[torch.Tensor | None, ScoreResult]:
+        """Decode one image with the core decoder: ``(3, H, W)`` uint8, or None and the reason."""
         decoded = decode(data, max_pixels=self.max_pixels)
         if not decoded.ok:
             return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format, decoded.error, "pil")
-        return self.crop(to_tensor(decoded.image), decoded.format, "pil")
+        return to_tensor(decoded.image), ScoreResult(None, None, decoded.width, decoded.height, decoded.format, None, "pil")
+
+    def preprocess(self, data: bytes) -> tuple[torch.Tensor | None, ScoreResult]:
+        """Decode (core decoder) and crop one image; on failure the result carries the reason."""
+        image, result = self.decode(data)
+        if image is None:
+            return None, result
+        return self.crop(image, result.format, "pil")
 
     def crop(self, image: torch.Tensor, fmt: str | None, decoder: str) -> tuple[torch.Tensor | None, ScoreResult]:
         """Centre crop of a decoded ``(3, H, W)`` uint8 image, on whatever device it is."""
@@ -136,18 +143,27 @@ class Scorer:
             return None, ScoreResult(None, None, w, h, fmt, f"decode: cannot crop ({type(exc).__name__})", decoder)
         return crop, ScoreResult(None, None, w, h, fmt, None, decoder)
 
-    @torch.inference_mode()
+    def _in_batches(self, crops: torch.Tensor, network) -> list[torch.Tensor]:
+        """``network`` over ``(B, 3, S, S)`` uint8 crops in chunks of ``batch_size`` (float32, CPU)."""
+        out = []
+        with torch.inference_mode():
+            for start in range(0, crops.shape[0], self.batch_size):
+                x = crops[start : start + self.batch_size].to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16" and self.device.type == "cuda"):
+                    out.append(network(x).float().cpu())
+        return out
+
     def score_tensors(self, crops: torch.Tensor) -> np.ndarray:
         """``(B, 3, S, S)`` uint8 crops -> ``(B,)`` float32 P(fake), in chunks of ``batch_size``."""
-        out = []
-        for start in range(0, crops.shape[0], self.batch_size):
-            x = crops[start : start + self.batch_size].to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16" and self.device.type == "cuda"):
-                logits = self.detector(x)
-            out.append(torch.sigmoid(logits.float()).cpu())
+        out = self._in_batches(crops, lambda x: torch.sigmoid(self.detector(x).float()))
         return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0,), np.float32)
+
+    def embed_tensors(self, crops: torch.Tensor) -> np.ndarray:
+        """``(B, 3, S, S)`` uint8 crops -> ``(B, d)`` float32: the features the classifier reads."""
+        out = self._in_batches(crops, self.detector.embed)
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
     def score_bytes(self, items: Sequence[bytes]) -> list[ScoreResult]:
         """One result per input, in order; bad inputs get an error and never raise."""

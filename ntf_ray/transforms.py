@@ -87,20 +87,20 @@ def downscale(img: torch.Tensor, factor: float) -> torch.Tensor:
     return TF.resize(img, size, interpolation=T.InterpolationMode.BILINEAR, antialias=True)
 
 
-PERTURBATIONS = ("blur", "jpeg", "noise", "downscale")
+PERTURBATIONS = ("blur", "jpeg", "noise", "scale")
 
 
 def perturb(img: torch.Tensor, kind: str, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Robustness perturbation: ``blur`` (sigma px), ``jpeg`` (quality), ``noise`` (sigma in
-    [0, 1] units) or ``downscale`` (factor). Applied before the eval crop, as an attacker or a
-    re-upload would."""
+    [0, 1] units) or ``scale`` (down-scaling factor; ``downscale`` is the same). Applied
+    before the eval crop, as an attacker or a re-upload would."""
     if kind == "blur":
         return gaussian_blur(img, float(level))
     if kind == "jpeg":
         return jpeg(img, int(level))
     if kind == "noise":
         return gaussian_noise(img, float(level), generator)
-    if kind == "downscale":
+    if kind in ("scale", "downscale"):
         return downscale(img, float(level))
     raise ValueError(f"unknown perturbation {kind!r}; choose one of {PERTURBATIONS}")
 

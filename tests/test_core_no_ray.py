@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 CORE = ["config", "storage", "decode", "transforms", "datasets", "model", "losses", "dist",
-        "engine", "artifact", "scoring", "metrics", "synth", "recipe"]
+        "engine", "artifact", "scoring", "metrics", "synth", "recipe", "variants", "evaluate",
+        "evaluate.tables", "evaluate.figures", "evaluate.report"]
 
 
 def test_core_imports_without_ray():
