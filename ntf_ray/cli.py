@@ -36,11 +36,26 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from ntf_ray.synth import make_synthetic
 
     records = make_synthetic(args.out, n_real=args.n_real, n_fake=args.n_fake, size=args.size, seed=args.seed,
-                             image_format=args.format)
+                             image_format=args.format, generators=_generators(args.generators))
     manifest = str(Path(args.out) / "manifest.parquet")
     write_manifest(manifest_table(records), manifest)
     print(f"wrote {len(records)} synthetic images (test data, not a benchmark) to {args.out}; manifest {manifest}")
     return 0
+
+
+def _generators(text: str) -> list[str]:
+    """``--generators``: names, or the groups ``all``, ``upsampling``, ``full_res``."""
+    from ntf_ray.synth import ALL_GENERATORS, FAMILY_KIND
+
+    out: list[str] = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name == "all":
+            out += ALL_GENERATORS
+        elif name in set(FAMILY_KIND.values()):
+            out += [g for g in ALL_GENERATORS if FAMILY_KIND[g] == name]
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -261,15 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="make a synthetic real/fake image set (test data, not a benchmark)",
                        description="Procedurally generated TEST DATA for the demo, tests and benchmarks: 'real' images with "
-                                   "natural-image statistics and 'fake' ones from upsampling generators (tconv, nnconv, "
-                                   "bilinear_conv). It says nothing about accuracy on real-world images. Writes "
-                                   "OUT/<split>/<generator>/{0_real,1_fake}/* and OUT/manifest.parquet; deterministic by --seed.")
+                                   "natural-image statistics and camera-like noise; 'fake' ones from upsampling generators "
+                                   "(tconv, nnconv, bilinear_conv: the default) or full-resolution ones that keep the reals' "
+                                   "detail and differ by one trace (fingerprint: a faint periodic pattern; noise_shape: "
+                                   "coloured, channel-independent noise). It says nothing about accuracy on real-world "
+                                   "images. Writes OUT/<split>/<generator>/{0_real,1_fake}/* and OUT/manifest.parquet "
+                                   "(family column: upsampling or full_res); deterministic by --seed.")
     s.add_argument("out", help="output folder")
     s.add_argument("--n-real", type=int, default=200, help="number of real images (default 200)")
     s.add_argument("--n-fake", type=int, default=200, help="number of fake images (default 200)")
     s.add_argument("--size", type=_size, default=64, help="square image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--format", choices=("png", "jpeg"), default="png", help="file format (default png)")
+    s.add_argument("--generators", default="upsampling",
+                   help="comma-separated fake generators, or all / upsampling / full_res (default upsampling: "
+                        "tconv,nnconv,bilinear_conv)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("demo", help="run the whole product on this machine: synthetic data, training, a scan",

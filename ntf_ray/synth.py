@@ -17,7 +17,26 @@ traces that NTF-style detectors learn:
 Each family upsamples by x2 or x4 (one or two stages, chosen per image), with a
 StyleGAN-like noise injection, a bias and a mild nonlinearity after every stage. All of
 them lack the full-resolution detail and sensor noise of the reals above the
-low-resolution band, which is part of the trace.
+low-resolution band, which is part of the trace. These three are ``GENERATORS``, the
+default set.
+
+That shared lack of high frequencies is a shortcut: a detector trained on two of them
+finds the third by it. The ``FULL_RES_GENERATORS`` (selectable, not in the default set)
+render the scene at full resolution like the reals, so the high-frequency content matches
+the reals', and differ from them, and from each other, by one trace each:
+
+* ``fingerprint``: the reals' camera noise plus a periodic residual (a random tile of
+  period 4-16 px per axis, drawn per image, std 4-10 levels): GAN-like spectral peaks.
+* ``noise_shape``: the camera noise replaced by decoder-like noise: spatially coloured
+  (a random low-/high-pass or oriented 3-tap filter per axis), (almost) no correlation
+  between channels and std 4-9 levels (the reals': white, correlated, 0.8-3).
+
+The traces are larger than the reals' sensor noise because the scenes' own pixel-level
+texture is about ten times that noise; they are still hidden in it (see the tests for
+statistics that do and do not tell them apart). In a leave-one-generator-out run over
+``ALL_GENERATORS`` a held-out full-resolution family is not found by the missing high
+frequencies, only by departing from what the reals have in common. ``FAMILY_KIND`` maps
+each family to ``"upsampling"`` or ``"full_res"``.
 
 Fakes are re-toned to the same luminance mean and standard deviation as drawn for a real
 image, so a detector has to key on local pixel structure rather than global statistics.
@@ -44,10 +63,34 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["GENERATORS", "make_synthetic", "render_real", "render_fake"]
+__all__ = [
+    "ALL_GENERATORS",
+    "FAMILY_KIND",
+    "FULL_RES_GENERATORS",
+    "GENERATORS",
+    "make_synthetic",
+    "render_fake",
+    "render_real",
+]
 
-#: Upsampling generator families, in the default order used for the generator folders.
+#: Upsampling generator families, in the default order used for the generator folders
+#: (the default of ``make_synthetic(generators=...)``).
 GENERATORS: tuple[str, ...] = ("tconv", "nnconv", "bilinear_conv")
+
+#: Full-resolution generator families (selectable, not in the default set): rendered at
+#: full resolution like the reals (their high-frequency power matches the reals'), each
+#: differs from the reals by a faint trace of its own.
+FULL_RES_GENERATORS: tuple[str, ...] = ("fingerprint", "noise_shape")
+
+#: Every known family: ``make_synthetic(generators=...)`` accepts any subset, in any order.
+ALL_GENERATORS: tuple[str, ...] = GENERATORS + FULL_RES_GENERATORS
+
+#: Family -> kind: ``"upsampling"`` (rendered at low resolution, then upsampled) or
+#: ``"full_res"`` (rendered at full resolution with full-resolution noise).
+FAMILY_KIND: dict[str, str] = {
+    **{g: "upsampling" for g in GENERATORS},
+    **{g: "full_res" for g in FULL_RES_GENERATORS},
+}
 
 _FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "jpg": ("JPEG", "jpg")}
 _DEFAULT_SPLITS = {"train": 0.6, "val": 0.1, "test": 0.3}
@@ -163,9 +206,11 @@ def _span(lo: float, hi: float, scale: int, n: int) -> slice:
     return slice(a, max(a, b))
 
 
-def _render_scene(p: dict, rng: np.random.Generator, H: int, W: int, scale: int) -> np.ndarray:
+def _render_scene(
+    p: dict, rng: np.random.Generator, H: int, W: int, scale: int, noise: bool = True
+) -> np.ndarray:
     """Render scene ``p`` at (ceil(H/scale), ceil(W/scale)) in 8-bit units (float32,
-    unclipped, sensor noise included)."""
+    unclipped; sensor noise included unless ``noise`` is false, which draws none)."""
     h, w = -(-H // scale), -(-W // scale)
     img = _pink_fields(p, rng, h, w, scale)
     img *= p["gains"].astype(np.float32)[:, None, None]
@@ -225,14 +270,20 @@ def _render_scene(p: dict, rng: np.random.Generator, H: int, W: int, scale: int)
     img += (light - np.float32(2.0 * p["vignette"]) * r2)[None]
 
     img = _tone(img, p["mean"], p["std"])
-    img += _sensor_noise(p, rng, h, w)
+    if noise:
+        img += _sensor_noise(p, rng, h, w)
     return img
 
 
 def _sensor_noise(p: dict, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Gaussian noise, std ``noise`` per channel, inter-channel correlation ``noise_corr``
     (n + g * mean_c(n), rescaled; three draws per pixel)."""
-    n = rng.standard_normal((3, h, w), dtype=np.float32)
+    return _mix_channels(p, rng.standard_normal((3, h, w), dtype=np.float32))
+
+
+def _mix_channels(p: dict, n: np.ndarray) -> np.ndarray:
+    """Give unit-variance, channel-independent noise n (3, h, w) the camera's channel
+    correlation ``noise_corr`` and std ``noise`` (in place)."""
     q = p["noise_corr"] / (1.0 - p["noise_corr"])  # corr = q / (1 + q)
     g = math.sqrt(1.0 + 3.0 * q) - 1.0  # cov = (2g + g^2) / 3 = q
     n += np.float32(g / 3.0) * (n[0] + n[1] + n[2])
@@ -339,6 +390,62 @@ def _upsample(
     return x
 
 
+# ------------------------------------------------------------- full-resolution fakes
+
+
+# Trace strengths of the full-resolution families, in 8-bit levels. Above the reals'
+# sensor noise (std 0.8-3) on purpose: the scenes' own pixel-level texture is ~10x that
+# (high-pass residual std ~10-30), and at the sensor-noise level a small CNN does not
+# pick either trace up in a short training.
+_FP_AMP = (4.0, 10.0)  # std of the fingerprint pattern
+_NS_SIGMA = (4.0, 9.0)  # std of the decoder noise, per channel
+
+
+def _render_fingerprint(p: dict, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
+    """``fingerprint``: a full-resolution scene with the reals' camera noise plus a
+    periodic residual, like the spectral fingerprint of a GAN generator: a random zero-mean
+    tile (3 x py x px, periods 4-16 px drawn per axis and image, square half of the time,
+    partly correlated across channels) repeated over the image at a random offset, with
+    std ``_FP_AMP`` levels per channel."""
+    img = _render_scene(p, rng, H, W, 1)
+    py, px = int(rng.integers(4, 17)), int(rng.integers(4, 17))
+    if rng.random() < 0.5:
+        px = py  # square tiles half of the time
+    amp = rng.uniform(*_FP_AMP)
+    tile = rng.standard_normal((3, py, px)).astype(np.float32)
+    tile += np.float32(rng.uniform(0.0, 2.0)) * tile.mean(axis=0)  # some channel correlation
+    tile -= tile.mean(axis=(1, 2), keepdims=True)
+    tile *= np.float32(amp / (tile.std(axis=(1, 2)).mean() + 1e-6))
+    oy, ox = int(rng.integers(0, py)), int(rng.integers(0, px))
+    reps = (1, -(-(H + oy) // py), -(-(W + ox) // px))
+    img += np.tile(tile, reps)[:, oy : oy + H, ox : ox + W]
+    return _tone(img, p["mean"], p["std"])
+
+
+def _render_noise_shape(p: dict, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
+    """``noise_shape``: a full-resolution scene whose noise is not camera-like, as in the
+    output of a decoder (VAE / diffusion): instead of the reals' white noise (std 0.8-3,
+    inter-channel correlation 0.3-0.8) it has std ``_NS_SIGMA`` levels, (almost) no
+    inter-channel correlation (0-0.15) and is spatially coloured: white noise filtered by
+    a separable 3-tap kernel [b, 1, b] per axis, b = +-(0.2-0.5) drawn per axis (low-pass,
+    high-pass or oriented grain), renormalised to unit variance."""
+    img = _render_scene(p, rng, H, W, 1, noise=False)
+    n = rng.standard_normal((3, H + 2, W + 2), dtype=np.float32)
+    by, bx = (float(rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.5)) for _ in range(2))
+    n = n[:, 1:-1, :] + np.float32(by) * (n[:, :-2, :] + n[:, 2:, :])
+    n = n[:, :, 1:-1] + np.float32(bx) * (n[:, :, :-2] + n[:, :, 2:])
+    n *= np.float32(1.0 / math.sqrt((1.0 + 2.0 * by * by) * (1.0 + 2.0 * bx * bx)))
+    q = {"noise": rng.uniform(*_NS_SIGMA), "noise_corr": rng.uniform(0.0, 0.15)}
+    img += _mix_channels(q, n)
+    return _tone(img, p["mean"], p["std"])
+
+
+_FULL_RES_RENDER = {
+    "fingerprint": _render_fingerprint,
+    "noise_shape": _render_noise_shape,
+}
+
+
 # ------------------------------------------------------------------------ renderers
 
 
@@ -355,10 +462,13 @@ def render_real(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 def render_fake(
     rng: np.random.Generator, width: int, height: int, family: str
 ) -> np.ndarray:
-    """One "fake" image of ``family`` as a (height, width, 3) uint8 array."""
-    if family not in GENERATORS:
-        raise ValueError(f"unknown generator family {family!r}; known: {GENERATORS}")
+    """One "fake" image of ``family`` (any of ``ALL_GENERATORS``) as a (height, width, 3)
+    uint8 array."""
+    if family not in ALL_GENERATORS:
+        raise ValueError(f"unknown generator family {family!r}; known: {ALL_GENERATORS}")
     p = _draw_scene(rng)
+    if family in _FULL_RES_RENDER:
+        return _to_uint8(_FULL_RES_RENDER[family](p, rng, height, width))
     stages = 2 if (min(width, height) >= 32 and rng.random() < 0.5) else 1
     low = _render_scene(p, rng, height, width, 2**stages)
     up = _upsample(low * np.float32(1 / 255), family, stages, rng, p["noise"] / 255.0)
@@ -425,9 +535,9 @@ def _validate(n_real, n_fake, size, seed, image_format, jpeg_quality, splits, ge
     gens = list(generators)
     if not gens:
         raise ValueError("generators must not be empty")
-    unknown = [g for g in gens if g not in GENERATORS]
+    unknown = [g for g in gens if g not in ALL_GENERATORS]
     if unknown:
-        raise ValueError(f"unknown generators {unknown}; known: {GENERATORS}")
+        raise ValueError(f"unknown generators {unknown}; known: {ALL_GENERATORS}")
     if len(set(gens)) != len(gens):
         raise ValueError(f"duplicate generators in {gens}")
     return width, height, fmt, gens
@@ -457,7 +567,8 @@ def make_synthetic(
     """Write a procedural real/fake image set in CNNDetection layout under ``out``.
 
     ``n_real`` / ``n_fake`` images are divided over ``splits`` (default train 0.6, val
-    0.1, test 0.3; largest-remainder rounding). Fakes cycle through ``generators`` and
+    0.1, test 0.3; largest-remainder rounding). Fakes cycle through ``generators`` (any
+    of ``ALL_GENERATORS``, in any order; default the upsampling ``GENERATORS``) and
     reals are spread evenly over the same generator folders, as in CNNDetection's
     per-generator folders; the cycle runs on across splits, so ``n_fake >=
     len(generators)`` gives every family. ``size`` is an int (square) or ``(width,
@@ -469,10 +580,12 @@ def make_synthetic(
     Returns one record per file, ordered by split, generator folder, label, index::
 
         {"uri": "/abs/OUT/test/tconv/1_fake/fake_000003.png", "label": 1,
-         "generator": "tconv", "split": "test", "family": "tconv"}
+         "generator": "tconv", "split": "test", "source": "tconv", "family": "upsampling"}
 
-    (``family`` is ``"real"`` for reals.) This is test data, not a benchmark of
-    real-world accuracy.
+    ``source`` is what made the image (``"real"`` for reals); ``family`` is the generator
+    folder's kind (``FAMILY_KIND``), the same for its reals and fakes, as the manifest's
+    ``family`` column groups generators. This is test data, not a benchmark of real-world
+    accuracy.
     """
     if splits is None:
         splits = dict(_DEFAULT_SPLITS)
@@ -540,7 +653,8 @@ def make_synthetic(
             "label": label,
             "generator": gen,
             "split": split,
-            "family": "real" if label == 0 else gen,
+            "source": "real" if label == 0 else gen,
+            "family": FAMILY_KIND[gen],
         }
         for split, gen, label, _, path in jobs
     ]

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from ntf_ray import synth
-from ntf_ray.synth import GENERATORS, make_synthetic
+from ntf_ray.synth import (
+    ALL_GENERATORS,
+    FAMILY_KIND,
+    FULL_RES_GENERATORS,
+    GENERATORS,
+    make_synthetic,
+)
 
 
 def _files(root: Path) -> list[Path]:
@@ -51,12 +57,13 @@ def test_layout_counts_and_records(tmp_path):
     for r in recs:
         p = Path(r["uri"])
         assert p.is_absolute() and p.suffix == ".png"
-        assert set(r) == {"uri", "label", "generator", "split", "family"}
+        assert set(r) == {"uri", "label", "generator", "split", "source", "family"}
         assert p.parent.name == ("0_real" if r["label"] == 0 else "1_fake")
         assert p.parent.parent.name == r["generator"] in GENERATORS
         assert p.parent.parent.parent.name == r["split"]
         assert p.parent.parent.parent.parent == out.resolve()
-        assert r["family"] == ("real" if r["label"] == 0 else r["generator"])
+        assert r["source"] == ("real" if r["label"] == 0 else r["generator"])
+        assert r["family"] == FAMILY_KIND[r["generator"]]
         with Image.open(p) as im:
             assert im.size == (41, 23)  # (width, height), odd on purpose
             assert im.mode == "RGB"
@@ -80,7 +87,7 @@ def test_layout_counts_and_records(tmp_path):
 def test_square_size_and_families_with_two_fakes(tmp_path):
     recs = make_synthetic(tmp_path, n_real=0, n_fake=2, size=16, seed=0)
     assert len(recs) == 2 and all(r["label"] == 1 for r in recs)
-    assert {r["family"] for r in recs} == {"tconv", "nnconv"}
+    assert {r["source"] for r in recs} == {"tconv", "nnconv"}
     for r in recs:
         with Image.open(r["uri"]) as im:
             assert im.size == (16, 16)
@@ -93,7 +100,7 @@ def test_generator_subset_and_custom_splits(tmp_path):
         tmp_path, n_real=5, n_fake=7, size=8, splits={"a": 0.5, "b": 0.5}, generators=["nnconv"]
     )
     assert {r["generator"] for r in recs} == {"nnconv"}
-    assert {r["family"] for r in recs if r["label"] == 1} == {"nnconv"}
+    assert {r["source"] for r in recs if r["label"] == 1} == {"nnconv"}
     # largest-remainder rounding, ties to the earlier split
     per = Counter((r["split"], r["label"]) for r in recs)
     assert per == {("a", 0): 3, ("b", 0): 2, ("a", 1): 4, ("b", 1): 3}
@@ -159,6 +166,8 @@ def test_jpeg(tmp_path):
         {"generators": []},
         {"generators": "tconv"},
         {"generators": ["tconv", "tconv"]},
+        {"generators": ["fingerprint", "fingerprint"]},
+        {"generators": ["noise_shape", "full_res"]},
         {"workers": 0},
     ],
 )
@@ -230,10 +239,152 @@ def test_fakes_carry_periodic_upsampling_traces(signal_set):
     spectral positions that the full-resolution 'real' images do not have."""
     logs: dict[str, list[float]] = {}
     for r in signal_set:
-        logs.setdefault(r["family"], []).append(np.log(_periodic_peak(r["uri"])))
+        logs.setdefault(r["source"], []).append(np.log(_periodic_peak(r["uri"])))
     assert set(logs) == {"real", *GENERATORS}
     real = np.mean(logs["real"])
     for fam in GENERATORS:
         assert len(logs[fam]) >= 20
         # on average at least 3x the reals' level (observed: ~10x to ~200x)
         assert np.mean(logs[fam]) > real + np.log(3.0), (fam, np.mean(logs[fam]), real)
+
+
+# ------------------------------------------------------- full-resolution families
+
+
+def test_family_tuples_and_kinds():
+    # the default set is the three upsamplers, unchanged
+    assert GENERATORS == ("tconv", "nnconv", "bilinear_conv")
+    assert len(FULL_RES_GENERATORS) >= 2
+    assert ALL_GENERATORS == GENERATORS + FULL_RES_GENERATORS
+    assert len(set(ALL_GENERATORS)) == len(ALL_GENERATORS)
+    assert set(FAMILY_KIND) == set(ALL_GENERATORS)
+    assert {FAMILY_KIND[g] for g in GENERATORS} == {"upsampling"}
+    assert {FAMILY_KIND[g] for g in FULL_RES_GENERATORS} == {"full_res"}
+    with pytest.raises(ValueError):
+        synth.render_fake(np.random.default_rng(0), 16, 16, "gan9000")
+
+
+def test_default_generators_are_the_upsamplers(tmp_path):
+    recs = make_synthetic(tmp_path, n_real=0, n_fake=9, size=8, seed=0)
+    assert {r["source"] for r in recs} == set(GENERATORS)
+
+
+def test_full_res_families_deterministic(tmp_path):
+    kw = {"n_real": 2, "n_fake": 2 * len(ALL_GENERATORS), "size": (40, 24),
+          "splits": {"all": 1.0}, "generators": list(reversed(ALL_GENERATORS))}
+    a = make_synthetic(tmp_path / "a", seed=3, workers=1, **kw)
+    make_synthetic(tmp_path / "b", seed=3, workers=3, **kw)
+    make_synthetic(tmp_path / "c", seed=4, **kw)
+    assert {r["source"] for r in a if r["label"] == 1} == set(ALL_GENERATORS)
+    da, db, dc = _digests(tmp_path / "a"), _digests(tmp_path / "b"), _digests(tmp_path / "c")
+    assert da == db
+    assert set(da) == set(dc) and all(da[k] != dc[k] for k in da)
+    assert len(set(da.values())) == len(da)
+    for fam in FULL_RES_GENERATORS:
+        x = synth.render_fake(synth._image_rng(5, "s", 1, 0), 33, 17, fam)
+        y = synth.render_fake(synth._image_rng(5, "s", 1, 0), 33, 17, fam)
+        assert x.shape == (17, 33, 3) and x.dtype == np.uint8
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def family_set(tmp_path_factory):
+    """50 fakes of every family and 100 reals, 64 px."""
+    out = tmp_path_factory.mktemp("families")
+    recs = make_synthetic(out, n_real=100, n_fake=50 * len(ALL_GENERATORS), size=64, seed=11,
+                          splits={"all": 1.0}, generators=ALL_GENERATORS)
+    imgs: dict[str, list[np.ndarray]] = {}
+    for r in recs:
+        a = np.asarray(Image.open(r["uri"]).convert("RGB"), dtype=np.float64)
+        imgs.setdefault(r["source"], []).append(a)
+    return imgs
+
+
+def _auc(neg, pos) -> float:
+    """P(a positive scores above a negative), ties count half."""
+    neg, pos = np.asarray(neg)[None, :], np.asarray(pos)[:, None]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def _hp(y: np.ndarray) -> np.ndarray:
+    """High-pass residual: each pixel minus the mean of its 4 neighbours."""
+    return y[1:-1, 1:-1] - 0.25 * (y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:])
+
+
+def _log_top_band(a: np.ndarray) -> float:
+    """log share of the luminance power (DC excluded) in the top band, max |f| > 3/8."""
+    y = a @ np.array([0.299, 0.587, 0.114])
+    p = np.abs(np.fft.fft2(y - y.mean())) ** 2
+    fy = np.abs(np.fft.fftfreq(y.shape[0]))[:, None]
+    fx = np.abs(np.fft.fftfreq(y.shape[1]))[None, :]
+    return float(np.log(p[np.maximum(fy, fx) > 0.375].sum() / p.sum()))
+
+
+def _periodicity(a: np.ndarray) -> float:
+    """Strongest periodic correlation of the luminance residual: max over periods (py, px)
+    in 4..16 of the mean normalised autocorrelation at lags (py, 0), (0, px), (py, px)."""
+    r = _hp(a @ np.array([0.299, 0.587, 0.114]))
+    r = r - r.mean()
+    h, w = r.shape
+    v = (r * r).mean()
+
+    def ac(dy: int, dx: int) -> float:
+        return float((r[dy:, dx:] * r[: h - dy, : w - dx]).mean() / v)
+
+    lags = range(4, 17)
+    acy, acx = {d: ac(d, 0) for d in lags}, {d: ac(0, d) for d in lags}
+    return max((acy[py] + acx[px] + ac(py, px)) / 3.0 for py in lags for px in lags)
+
+
+def _chroma_share(a: np.ndarray) -> float:
+    """log variance of the red-green residual relative to the luminance residual: the
+    reals' fine detail and camera noise are strongly correlated across channels."""
+    return float(np.log(_hp(a[..., 0] - a[..., 1]).var() / _hp(a @ [0.299, 0.587, 0.114]).var()))
+
+
+def test_full_res_families_keep_full_resolution_detail(family_set):
+    """The shortcut of the upsampling families (little power in the top frequency band)
+    does not tell the full-resolution families from the reals."""
+    top = {f: [_log_top_band(a) for a in imgs] for f, imgs in family_set.items()}
+    assert set(top) == {"real", *ALL_GENERATORS}
+    real = np.mean(top["real"])
+    for fam in GENERATORS:  # observed: 7x to 15x less than the reals
+        assert np.mean(top[fam]) < real - np.log(3.0), (fam, np.mean(top[fam]), real)
+        assert _auc(top[fam], top["real"]) > 0.95
+    for fam in FULL_RES_GENERATORS:  # observed: 1.0x to 1.2x the reals, AUC 0.5-0.6
+        assert abs(np.mean(top[fam]) - real) < np.log(2.0), (fam, np.mean(top[fam]), real)
+        assert 0.25 < _auc(top["real"], top[fam]) < 0.8
+        # nor does global brightness / contrast
+        y = [a @ np.array([0.299, 0.587, 0.114]) for a in family_set[fam]]
+        yr = [a @ np.array([0.299, 0.587, 0.114]) for a in family_set["real"]]
+        assert abs(np.mean([v.mean() for v in y]) - np.mean([v.mean() for v in yr])) < 8.0
+        assert abs(np.mean([v.std() for v in y]) / np.mean([v.std() for v in yr]) - 1) < 0.1
+
+
+def test_full_res_families_carry_their_own_traces(family_set):
+    """Each full-resolution family departs from the reals by its own trace, and the traces
+    differ: a periodic residual marks the fingerprint and not noise_shape; noise_shape's
+    decorrelated noise raises the chroma share of the fine detail (so does the
+    fingerprint's partly decorrelated tile: that statistic is not specific)."""
+    per = {f: [_periodicity(a) for a in family_set[f]] for f in ("real", *FULL_RES_GENERATORS)}
+    chroma = {f: [_chroma_share(a) for a in family_set[f]] for f in ("real", "noise_shape")}
+    # observed: AUC 0.92 (fingerprint), 0.52 (noise_shape)
+    assert _auc(per["real"], per["fingerprint"]) > 0.85
+    assert np.mean(per["fingerprint"]) > np.mean(per["real"]) + 0.04
+    assert _auc(per["real"], per["noise_shape"]) < 0.7
+    # observed: AUC 0.92, 2.9x the reals' chroma share
+    assert _auc(chroma["real"], chroma["noise_shape"]) > 0.75
+    assert np.mean(chroma["noise_shape"]) > np.mean(chroma["real"]) + np.log(1.5)
+
+
+def test_cli_generators_groups_and_manifest_family(tmp_path, capsys):
+    from ntf_ray.cli import main
+    from ntf_ray.datasets import read_manifest
+
+    assert main(["synth", str(tmp_path / "d"), "--n-real", "5", "--n-fake", "5", "--size", "16",
+                 "--generators", "full_res,tconv"]) == 0
+    table = read_manifest(str(tmp_path / "d" / "manifest.parquet"))
+    pairs = set(zip(table.column("generator").to_pylist(), table.column("family").to_pylist()))
+    assert pairs == {("fingerprint", "full_res"), ("noise_shape", "full_res"), ("tconv", "upsampling")}
+    assert main(["synth", str(tmp_path / "e"), "--generators", "nope"]) == 2
+    assert "unknown generators ['nope']" in capsys.readouterr().err
