@@ -163,11 +163,17 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         xf = x.float()
-        count = xf.new_tensor([x.numel() / channels])
-        stats = all_reduce_with_grad(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        # Sums accumulated in float64: the variance is E[x^2] - E[x]^2, which loses about
+        # log10(mean^2 / var) digits, and float32 sums made 2 workers differ from one
+        # process by 1e-5 (relative) in stage 2's losses. Squares stay float32 (no float64
+        # copy of the activations is kept for the backward).
+        count = torch.tensor([x.numel() / channels], dtype=torch.float64, device=x.device)
+        stats = all_reduce_with_grad(torch.cat([xf.sum(dims, dtype=torch.float64),
+                                                (xf * xf).sum(dims, dtype=torch.float64), count]))
         total = stats[-1]
-        mean = stats[:channels] / total
-        var = (stats[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+        mean64 = stats[:channels] / total
+        var = (stats[channels : 2 * channels] / total - mean64 * mean64).clamp_min(0.0).float()
+        mean = mean64.float()
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
