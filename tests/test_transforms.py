@@ -102,3 +102,35 @@ def test_perturbations():
         perturb(x, "downscale", 0)
     with pytest.raises(ValueError):
         perturb(x, "sharpen", 1)
+
+
+class _Crops(torch.utils.data.Dataset):
+    """Every item: the same image through the stage-2 transform, so only its random draws vary."""
+
+    def __init__(self, transform):
+        self.transform, self.image = transform, img(64, 64, seed=3)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        crop, small = self.transform(self.image)
+        return torch.cat([crop.flatten(), small.flatten()])
+
+
+def _draws(workers: int, loader_seed: int) -> list[torch.Tensor]:
+    t = Stage2Transform(32, 8, blur_prob=0.5, jpeg_prob=0.5, seed=7)
+    loader = torch.utils.data.DataLoader(_Crops(t), batch_size=4, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(loader_seed))
+    return [row for batch in loader for row in batch]
+
+
+def test_stage2_draws_differ_per_dataloader_worker_and_repeat_per_seed():
+    # Worker k gets batches k, k + W, ...: with W = 2, batches 0 and 1 come from different workers.
+    two = _draws(2, loader_seed=0)
+    first_batches = two[:4], two[4:8]
+    assert not all(torch.equal(a, b) for a, b in zip(*first_batches)), "two workers repeated each other's draws"
+    assert all(torch.equal(a, b) for a, b in zip(two, _draws(2, loader_seed=0)))  # seeded: reproducible
+    assert not all(torch.equal(a, b) for a, b in zip(two, _draws(2, loader_seed=1)))
+    # In the main process the transform's own seed sets the stream.
+    assert all(torch.equal(a, b) for a, b in zip(_draws(0, 0), _draws(0, 5)))

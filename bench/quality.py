@@ -1,0 +1,147 @@
+"""Leave-one-generator-out generalisation of every variant on the synthetic families.
+
+For each generator family F (``ntf-ray synth --generators all``: the three upsamplers
+and the two full-resolution families), train on the other families' folders only, then
+measure AP and ACC on F's test split (the left-out family) and on the training families'
+test split (in distribution). Every variant of the paper's comparison (``--variant``)
+trains on the same data with the same settings and seeds; stage 1 is shared by the
+variants whose stage 1 is the same (ntf, no-scl, linear-probe). The training is the
+product's one-process recipe (``ntf_ray.recipe``), scoring the product's ``Scorer``.
+
+    python bench/quality.py                      # 5 families x 6 variants x 3 seeds
+    python bench/quality.py --seeds 0 --families fingerprint --variants ntf bce
+
+Prints one line per run, then the tables: per variant the mean and spread (standard
+deviation over families x seeds) of AP and ACC on the left-out family and in
+distribution, and the mean left-out AP per family. Nothing here is tuned on a left-out
+family: the settings are the smoke recipe's, at the image size below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yaml"
+
+
+def _stage1_key(variant) -> tuple:
+    return (variant.use_het, variant.use_orth) if variant.stage1 else None
+
+
+def run_fold(job: dict) -> list[dict]:
+    """Every variant on one (left-out family, seed); returns one result row per variant."""
+    import torch
+
+    from ntf_ray.config import load_config
+    from ntf_ray.datasets import read_manifest, select
+    from ntf_ray.metrics import binary_metrics
+    from ntf_ray.recipe import seed_everything, train_stage1, train_stage2
+    from ntf_ray.scoring import Scorer
+    from ntf_ray.variants import get_variant
+
+    torch.set_num_threads(1)
+    table = read_manifest(job["manifest"])
+    train_gens = [g for g in job["families"] if g != job["left_out"]]
+    tests = {"left_out": select(table, split="test", generators=[job["left_out"]]),
+             "in_dist": select(table, split="test", generators=train_gens)}
+    data = {k: ([open(u, "rb").read() for u in t.column("uri").to_pylist()], t.column("label").to_pylist())
+            for k, t in tests.items()}
+    stage1_cache: dict = {}
+    rows = []
+    for name in job["variants"]:
+        variant = get_variant(name)
+        cfg = load_config(SMOKE, {**job["overrides"], "variant": name, "seed": job["seed"],
+                                  "train_generators": train_gens, "num_workers": 0})
+        start = time.perf_counter()
+        seed_everything(cfg.seed)
+        key = _stage1_key(variant)
+        if key is not None and key not in stage1_cache:
+            stage1_cache[key] = train_stage1(table, cfg)
+        stage1 = copy.deepcopy(stage1_cache[key]) if key is not None else None
+        seed_everything(cfg.seed + 1)
+        detector = train_stage2(table, stage1, cfg).detector().cpu().eval()
+        scorer = Scorer(detector, input_size=cfg.crop_size, threshold=cfg.threshold, device="cpu")
+        row = {"variant": name, "left_out": job["left_out"], "seed": job["seed"],
+               "seconds": round(time.perf_counter() - start, 1)}
+        for part, (blobs, labels) in data.items():
+            scores = [r.score for r in scorer.score_bytes(blobs)]
+            m = binary_metrics(labels, scores, threshold=cfg.threshold)
+            row[f"{part}_ap"], row[f"{part}_acc"] = m.ap, m.acc
+        print(f"{name:<13} left out {job['left_out']:<14} seed {job['seed']}: left-out AP {row['left_out_ap']:.3f} "
+              f"ACC {row['left_out_acc']:.3f} | in-dist AP {row['in_dist_ap']:.3f} ACC {row['in_dist_acc']:.3f} "
+              f"({row['seconds']} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{100 * np.mean(values):5.1f} ± {100 * np.std(values):4.1f}"
+
+
+def summarise(rows: list[dict], variants: list[str], families: list[str]) -> str:
+    lines = ["", "| variant | left-out AP | left-out ACC | in-dist AP | in-dist ACC | runs |",
+             "|---|---|---|---|---|---|"]
+    for v in variants:
+        r = [x for x in rows if x["variant"] == v]
+        lines.append(f"| {v} | {_fmt([x['left_out_ap'] for x in r])} | {_fmt([x['left_out_acc'] for x in r])} | "
+                     f"{_fmt([x['in_dist_ap'] for x in r])} | {_fmt([x['in_dist_acc'] for x in r])} | {len(r)} |")
+    lines += ["", "Left-out AP per family (mean over seeds, percent):", "",
+              "| variant | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for v in variants:
+        cells = [f"{100 * np.mean([x['left_out_ap'] for x in rows if x['variant'] == v and x['left_out'] == f]):.1f}"
+                 for f in families]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from ntf_ray.datasets import manifest_table, write_manifest
+    from ntf_ray.synth import ALL_GENERATORS, make_synthetic
+    from ntf_ray.variants import VARIANTS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=300, help="real and fake images per family folder (default 300)")
+    p.add_argument("--size", type=int, default=48, help="image side in px (default 48)")
+    p.add_argument("--crop", type=int, default=32, help="classifier crop (default 32; SCL crop = crop / 2)")
+    p.add_argument("--epochs-stage1", type=int, default=2)
+    p.add_argument("--epochs-stage2", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--families", nargs="+", default=list(ALL_GENERATORS), help="left-out families to run")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--data-seed", type=int, default=11)
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        records = make_synthetic(Path(tmp) / "data", n_real=args.n * len(ALL_GENERATORS),
+                                 n_fake=args.n * len(ALL_GENERATORS), size=args.size, seed=args.data_seed,
+                                 generators=ALL_GENERATORS)
+        manifest = str(Path(tmp) / "data" / "manifest.parquet")
+        write_manifest(manifest_table(records), manifest)
+        overrides = {"crop_size": args.crop, "scl_crop_size": args.crop // 2, "epochs_stage1": args.epochs_stage1,
+                     "epochs_stage2": args.epochs_stage2}
+        jobs = [{"manifest": manifest, "families": list(ALL_GENERATORS), "left_out": f, "seed": s,
+                 "variants": args.variants, "overrides": overrides} for f in args.families for s in args.seeds]
+        print(f"quality: {len(jobs)} folds x {len(args.variants)} variants; {args.n} real + {args.n} fake per family, "
+              f"{args.size} px, crop {args.crop}, {args.epochs_stage1}+{args.epochs_stage2} epochs, tiny backbone, "
+              f"{platform.machine()} {os.cpu_count()} cores, {args.jobs} processes", flush=True)
+        start = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            rows = [r for part in pool.map(run_fold, jobs) for r in part]
+    print(summarise(rows, args.variants, args.families))
+    print(f"\n{len(rows)} runs in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
