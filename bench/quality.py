@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--families", nargs="+", default=list(ALL_GENERATORS), help="left-out families to run")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--data-seed", type=int, default=11)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another training config field for every run (e.g. --set lr=0.05)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -130,11 +132,12 @@ def main() -> None:
         manifest = str(Path(tmp) / "data" / "manifest.parquet")
         write_manifest(manifest_table(records), manifest)
         overrides = {"crop_size": args.crop, "scl_crop_size": args.crop // 2, "epochs_stage1": args.epochs_stage1,
-                     "epochs_stage2": args.epochs_stage2}
+                     "epochs_stage2": args.epochs_stage2, **dict(item.split("=", 1) for item in args.set)}
         jobs = [{"manifest": manifest, "families": list(ALL_GENERATORS), "left_out": f, "seed": s,
                  "variants": args.variants, "overrides": overrides} for f in args.families for s in args.seeds]
         print(f"quality: {len(jobs)} folds x {len(args.variants)} variants; {args.n} real + {args.n} fake per family, "
               f"{args.size} px, crop {args.crop}, {args.epochs_stage1}+{args.epochs_stage2} epochs, tiny backbone, "
+              f"settings {' '.join(args.set) or 'smoke.yaml'}, "
               f"{platform.machine()} {os.cpu_count()} cores, {args.jobs} processes", flush=True)
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -161,34 +161,33 @@ SMOKE_CONFIG = Path(__file__).resolve().parent / "configs" / "smoke.yaml"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> both NTF stages on local Ray (tiny backbone, CPU) -> a scan of the data folder."""
+    """Synthetic data -> both NTF stages on local Ray (tiny backbone, CPU) -> evaluation -> a scan of the data folder."""
     import time
 
-    from ntf_ray import ray_scan, ray_train
+    from ntf_ray import ray_evaluate, ray_scan, ray_train
     from ntf_ray.config import load_config
-    from ntf_ray.datasets import manifest_table, read_manifest, select, write_manifest
-    from ntf_ray.metrics import format_table
-    from ntf_ray.recipe import evaluate
-    from ntf_ray.scoring import Scorer
+    from ntf_ray.datasets import manifest_table, write_manifest
     from ntf_ray.synth import make_synthetic
 
     start = time.perf_counter()
     work = Path(args.work).absolute()
-    data, run = work / "data", work / "run"
+    data, run, report = work / "data", work / "run", work / "report"
     print(f"[1/4] making {2 * args.n} synthetic images in {data} (test data, not a benchmark)", flush=True)
     records = make_synthetic(data, n_real=args.n, n_fake=args.n, size=64, seed=args.seed)
     manifest = str(data / "manifest.parquet")
     write_manifest(manifest_table(records), manifest)
     cfg = load_config(SMOKE_CONFIG, args.set)
-    print(f"[2/4] training both NTF stages on local Ray ({cfg.backbone} backbone, {cfg.epochs_stage1}+"
+    print(f"[2/4] training both NTF stages on local Ray ({cfg.variant}, {cfg.backbone} backbone, {cfg.epochs_stage1}+"
           f"{cfg.epochs_stage2} epochs, 2 CPU workers)", flush=True)
     ray_train.init_local_ray()
     ray_train.train("both", cfg, ray_train.RunSpec(manifest=manifest, output=str(run), num_workers=2,
                                                    run_name=ray_train.new_run_name()))
     detector = str(run / ray_train.DETECTOR)
-    print("[3/4] held-out test split, scored by the new detector:", flush=True)
-    rows = evaluate(Scorer.from_artifact(detector, device="cpu"), select(read_manifest(manifest), split="test"))
-    print(format_table(rows))
+    print("[3/4] evaluating the detector on the held-out test split (ntf-ray evaluate):", flush=True)
+    metrics = ray_evaluate.evaluate(ray_evaluate.EvaluateSpec(model=detector, manifest=manifest, output=str(report),
+                                                              embeddings=min(300, args.n)))
+    print(ray_evaluate.format_summary(metrics))
+    print(f"report: {report / 'report.md'}")
     print(f"[4/4] scanning {data} with Ray Data into a score table", flush=True)
     result = ray_scan.scan(ray_scan.ScanSpec(model=detector, output=str(work / "scores"), input=str(data),
                                              pattern="*.png"))
@@ -295,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the whole product on this machine: synthetic data, training, a scan",
                        description="Make synthetic data in a work folder, train both NTF stages on local Ray with the "
-                                   "tiny backbone on the CPU, score the held-out split, and scan the folder into a "
-                                   "score table. A few minutes on a laptop.")
+                                   "tiny backbone on the CPU, evaluate the detector on the held-out split (a report in "
+                                   "WORK/report), and scan the folder into a score table. A few minutes on a laptop.")
     s.add_argument("--work", default="ntf-work", help="work folder (default ./ntf-work)")
     s.add_argument("--n", type=int, default=1000, help="real and fake images each (default 1000)")
     s.add_argument("--seed", type=int, default=0)

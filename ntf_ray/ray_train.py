@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STAGE1_EXPORT = "stage1"  # OUTPUT/stage1: the final stage-1 checkpoint, stage 2's starting point
 DETECTOR = "detector"
+METRICS = "metrics"  # OUTPUT/metrics/stageN/epoch-EEEE.json: each epoch's metrics, as reported
 
 
 class InjectedFailure(RuntimeError):
@@ -157,6 +158,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("stage %d epoch %d/%d: %s", stage, epoch + 1, epochs,
                      ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+            # One small file per epoch (object stores cannot append): OUTPUT/metrics/stageN/epoch-EEEE.json
+            storage.write_bytes(storage.join(config["output"], METRICS, f"stage{stage}", f"epoch-{epoch + 1:04d}.json"),
+                                json.dumps(metrics, sort_keys=True).encode(), options)
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, models={f"stage{stage}": model}, optimizer=optimizer, scheduler=scheduler,
                                 epoch=epoch + 1, config=cfg.to_dict(), extra={"stage": stage, "world_size": world})

@@ -101,6 +101,18 @@ def s3():
             server.stop()
 
 
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    """A local Ray for one test module (4 logical CPUs: detector actors and Ray Data's tasks
+    both find one). After ``s3``: Ray's workers inherit the environment, the test credentials
+    included."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def bucket(s3) -> str:
     """A new, empty, uniquely named bucket as ``s3://name``."""

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, confusion_matrix
@@ -30,14 +29,6 @@ from tests.conftest import FAKE_SECRET_ACCESS_KEY
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PERTURB = ["blur=0,1.5", "jpeg=90,40", "noise=0,0.05", "scale=1,0.5"]
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3):
-    # After `s3`: Ray's workers inherit the environment, the test credentials included.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-import ray
 
 from ntf_ray import ray_scan, storage
 from ntf_ray.cli import main
@@ -21,14 +20,6 @@ from tests.awkward import make_awkward_files
 from tests.conftest import FAKE_SECRET_ACCESS_KEY, save_random_detector
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3):
-    # After `s3`: Ray's workers inherit the environment, the test credentials included.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +192,9 @@ def test_demo_runs_end_to_end(local_ray, tmp_path, capsys):
     assert code == 0, out
     assert "[4/4]" in out and "80 listed" in out and "demo finished" in out
     assert _completed_local(tmp_path / "work" / "scores")
+    report = tmp_path / "work" / "report"
+    assert {"report.md", "metrics.json", "scores.parquet", "tsne.png"} <= {p.name for p in report.iterdir()}
+    assert json.loads((report / "metrics.json").read_text())["clean"]["table"][-1]["images"] == 24
 
 
 def _completed_local(root: Path) -> list[str]:

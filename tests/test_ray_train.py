@@ -5,6 +5,7 @@ Local Ray, 2 CPU workers on gloo. Both stages from S3 to S3 through `ray job sub
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -62,15 +63,21 @@ def _parity_loop(config):
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def test_global_batch_parity_one_vs_two_workers(local_ray, tmp_path):
+def _one_and_two_workers(loop, storage_path) -> dict[int, dict]:
+    """The metrics ``loop`` reports with 1 and with 2 workers."""
     results = {}
     for workers in (1, 2):
         trainer = TorchTrainer(
-            _parity_loop,
+            loop,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-            run_config=ray.train.RunConfig(name=f"parity-{workers}", storage_path=str(tmp_path)),
+            run_config=ray.train.RunConfig(name=f"{loop.__name__.strip('_')}-{workers}", storage_path=str(storage_path)),
         )
         results[workers] = trainer.fit().metrics
+    return results
+
+
+def test_global_batch_parity_one_vs_two_workers(local_ray, tmp_path):
+    results = _one_and_two_workers(_parity_loop, tmp_path)
     for key in ("loss", "hom", "het", "orth"):
         assert results[2][key] == pytest.approx(results[1][key], rel=1e-5), key
     # Same parameters after the SGD step: the gradients agree after DDP-style averaging.
@@ -139,14 +146,7 @@ def _stage2_parity_loop(config):
 
 
 def test_stage2_global_batch_parity_one_vs_two_workers(local_ray, tmp_path):
-    results = {}
-    for workers in (1, 2):
-        trainer = TorchTrainer(
-            _stage2_parity_loop,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-            run_config=ray.train.RunConfig(name=f"parity2-{workers}", storage_path=str(tmp_path)),
-        )
-        results[workers] = trainer.fit().metrics
+    results = _one_and_two_workers(_stage2_parity_loop, tmp_path)
     assert {k for k in results[1] if k.startswith("transfer.")}, results[1]
     for key, value in results[1].items():
         if isinstance(value, float):
@@ -167,6 +167,8 @@ def test_every_variant_trains_on_two_workers(local_ray, small_manifest, tmp_path
         metrics = ray_train.train("both", cfg, spec)
         assert ("stage1" in metrics) == variant.stage1, name
         assert metrics["stage2"]["images"] > 0, name
+        epoch = json.loads((out / "metrics" / "stage2" / "epoch-0001.json").read_text())
+        assert epoch["stage"] == 2 and epoch["images"] == metrics["stage2"]["images"] and "ce" in epoch
         art = load_artifact(str(out / "detector"))
         assert art.head == variant.head and art.training["config"]["variant"] == name
         if variant.stage1:
