@@ -1,0 +1,108 @@
+"""The detector actors: ``DetectorActor`` scores blocks of encoded images in Ray Data, and
+``plan_actors`` sizes their pool for the cluster."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+
+from ntf_ray.ray_scan.table import FILE_SCHEMA
+from ntf_ray.storage import StorageOptions
+
+log = logging.getLogger(__package__)  # "ntf_ray.ray_scan", the logger's name before the split
+
+
+class DetectorActor:
+    """Ray Data actor: loads the detector once, scores blocks of encoded images."""
+
+    def __init__(self, model: str, *, endpoint: str | None, threshold: float | None, batch_size: int,
+                 device: str = "auto", decoder: str = "auto"):
+        import torch
+
+        from ntf_ray.scoring import Scorer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.scorer = Scorer.from_artifact(model, device=device, threshold=threshold,
+                                           options=StorageOptions(endpoint_url=endpoint), batch_size=batch_size,
+                                           decoder=decoder)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        data = batch.column("data").to_pylist()
+        read_errors = batch.column("read_error").to_pylist()
+        ok = [i for i, e in enumerate(read_errors) if e is None]
+        results = dict(zip(ok, self.scorer.score_bytes([data[i] for i in ok])))
+        n = batch.num_rows
+        cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "error",
+                                                         "decoder")}
+        for i in range(n):
+            r = results.get(i)
+            if r is None:
+                cols["error"][i] = read_errors[i]
+                continue
+            cols["score"][i], cols["is_fake"][i], cols["error"][i] = r.score, r.is_fake, r.error
+            cols["width"][i], cols["height"][i], cols["format"][i] = r.width, r.height, r.format
+            cols["decoder"][i] = r.decoder
+        now = dt.datetime.now(dt.timezone.utc)
+        return pa.table({
+            "uri": batch.column("uri"),
+            "etag": batch.column("etag"),
+            "size_bytes": batch.column("size_bytes"),
+            "last_modified": batch.column("last_modified"),
+            "score": pa.array(cols["score"], pa.float32()),
+            "is_fake": pa.array(cols["is_fake"], pa.bool_()),
+            "threshold": pa.array([self.scorer.threshold] * n, pa.float32()),
+            "width": pa.array(cols["width"], pa.int32()),
+            "height": pa.array(cols["height"], pa.int32()),
+            "format": pa.array(cols["format"], pa.string()),
+            "error": pa.array(cols["error"], pa.string()),
+            "model_id": pa.array([self.scorer.model_id] * n, pa.string()),
+            "scanned_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "decoder": pa.array(cols["decoder"], pa.string()),
+        }, schema=FILE_SCHEMA)
+
+
+def _gpus_in_cluster() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many detector actors, and what each holds."""
+
+    min_actors: int
+    max_actors: int
+    gpus: float
+    cpus: float
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus else "cpu"
+
+
+def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
+                cpus_per_actor: float) -> ActorPlan:
+    """The detector actor pool for ``blocks`` read blocks on this cluster.
+
+    Default: one actor per GPU (or 2 on CPU), never more than blocks, and never so many
+    CPU-holding actors that Ray Data's read tasks find no CPU (the job would hang silently).
+    """
+    gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if _gpus_in_cluster() >= 1 else 0.0)
+    most = max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
+    most = min(most, blocks)  # an actor without a block to score would only cost its start-up
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if cpus_per_actor > 0 and cpus and most * cpus_per_actor > cpus - 1:
+        fit = max(1, int((cpus - 1) // cpus_per_actor))
+        if fit < most:
+            log.warning("the cluster has %g CPUs: running %d detector actor(s) of %g CPU, not %d, so that "
+                        "Ray Data's other tasks can run", cpus, fit, cpus_per_actor, most)
+            most = fit
+    least = most if min_actors is None else min(min_actors, most)
+    return ActorPlan(min_actors=least, max_actors=most, gpus=gpus, cpus=cpus_per_actor)
