@@ -24,7 +24,7 @@ import ray
 from ntf_ray import storage
 from ntf_ray.datasets import read_manifest, select
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
-from ntf_ray.ray_scan import plan_actors, read_objects
+from ntf_ray.ray_scan import scored_stream
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -176,20 +176,13 @@ def _rows_to_score(spec: EvaluateSpec, options: StorageOptions) -> pa.Table:
 
 def score_rows(spec: EvaluateSpec, rows: pa.Table, plan: list[tuple[str, float | None]], threshold: float) -> pa.Table:
     """Every row scored at every level through Ray Data (read tasks -> evaluation actors)."""
-    blocks = max(1, -(-rows.num_rows // spec.read_block_rows))
-    actors = plan_actors(blocks=blocks, gpus_per_actor=spec.gpus_per_actor, min_actors=None,
-                         max_actors=spec.max_actors, cpus_per_actor=spec.cpus_per_actor)
-    ds = ray.data.from_arrow(rows).repartition(blocks)
-    ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": spec.endpoint})
-    ds = ds.map_batches(
-        EvaluationActor,
-        fn_constructor_kwargs={"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold,
-                               "batch_size": spec.batch_size, "device": actors.device, "plan": plan, "seed": spec.seed},
-        batch_format="pyarrow",
-        batch_size=spec.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors),
-        num_gpus=actors.gpus,
-        num_cpus=actors.cpus,
+    ds = scored_stream(
+        rows, EvaluationActor,
+        {"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold, "batch_size": spec.batch_size,
+         "plan": plan, "seed": spec.seed},
+        endpoint=spec.endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows,
+        gpus_per_actor=spec.gpus_per_actor, min_actors=None, max_actors=spec.max_actors,
+        cpus_per_actor=spec.cpus_per_actor,
     )
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     if not tables:

@@ -23,17 +23,17 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from ntf_ray import storage
 
 # "X as X": not used here, re-exported as part of the module's interface before the split
 from ntf_ray.ray_scan.actor import ActorPlan as ActorPlan
-from ntf_ray.ray_scan.actor import DetectorActor, plan_actors
+from ntf_ray.ray_scan.actor import DetectorActor, scored_stream
+from ntf_ray.ray_scan.actor import plan_actors as plan_actors
 from ntf_ray.ray_scan.listing import list_objects
 from ntf_ray.ray_scan.reading import READ_ATTEMPTS as READ_ATTEMPTS
 from ntf_ray.ray_scan.reading import _read_with_retries as _read_with_retries
-from ntf_ray.ray_scan.reading import read_objects
+from ntf_ray.ray_scan.reading import read_objects as read_objects
 from ntf_ray.ray_scan.table import FILE_SCHEMA as FILE_SCHEMA
 from ntf_ray.ray_scan.table import LISTING_SCHEMA as LISTING_SCHEMA
 from ntf_ray.ray_scan.table import SCORE_SCHEMA as SCORE_SCHEMA
@@ -128,20 +128,13 @@ def scan(spec: ScanSpec) -> ScanResult:
 
 def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, run_dir: str,
                 options: StorageOptions) -> None:
-    blocks = max(1, -(-listing.num_rows // spec.read_block_rows))
-    plan = plan_actors(blocks=blocks, gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors,
-                       max_actors=spec.max_actors, cpus_per_actor=spec.cpus_per_actor)
-    ds = ray.data.from_arrow(listing).repartition(blocks)
-    ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": spec.endpoint})
-    ds = ds.map_batches(
-        DetectorActor,
-        fn_constructor_kwargs={"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold,
-                               "batch_size": spec.batch_size, "device": plan.device, "decoder": spec.decoder},
-        batch_format="pyarrow",
-        batch_size=spec.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        num_gpus=plan.gpus,
-        num_cpus=plan.cpus,
+    ds = scored_stream(
+        listing, DetectorActor,
+        {"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold, "batch_size": spec.batch_size,
+         "decoder": spec.decoder},
+        endpoint=spec.endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows,
+        gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,
+        cpus_per_actor=spec.cpus_per_actor,
     )
     if storage.is_s3(run_dir):
         fs, path = storage.arrow_filesystem(run_dir, options)

@@ -106,3 +106,29 @@ def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | 
             most = fit
     least = most if min_actors is None else min(min_actors, most)
     return ActorPlan(min_actors=least, max_actors=most, gpus=gpus, cpus=cpus_per_actor)
+
+
+def scored_stream(rows: pa.Table, actor: type, constructor_kwargs: dict, *, endpoint: str | None, batch_size: int,
+                  read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
+                  cpus_per_actor: float) -> ray.data.Dataset:
+    """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
+
+    The scan and the evaluation share this shape; ``actor`` is built once per pool member
+    with ``constructor_kwargs`` plus ``device`` (``cuda`` on GPU actors, else ``cpu``).
+    """
+    from ntf_ray.ray_scan.reading import read_objects
+
+    blocks = max(1, -(-rows.num_rows // read_block_rows))
+    plan = plan_actors(blocks=blocks, gpus_per_actor=gpus_per_actor, min_actors=min_actors, max_actors=max_actors,
+                       cpus_per_actor=cpus_per_actor)
+    ds = ray.data.from_arrow(rows).repartition(blocks)
+    ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": endpoint})
+    return ds.map_batches(
+        actor,
+        fn_constructor_kwargs={**constructor_kwargs, "device": plan.device},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        num_gpus=plan.gpus,
+        num_cpus=plan.cpus,
+    )
