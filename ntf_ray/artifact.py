@@ -69,14 +69,14 @@ def model_id_of(weights: bytes) -> str:
     return hashlib.sha256(weights).hexdigest()[:16]
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Non-finite floats (e.g. an undefined AP in a metrics table) -> null: ``NaN`` is not JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -110,7 +110,7 @@ def save_artifact(
     )
     # Weights first: a reader that finds model.json finds the weights it describes.
     storage.write_bytes(storage.join(uri, WEIGHTS), weights, options)
-    text = json.dumps(_json_safe(artifact.metadata()), indent=2, sort_keys=True, allow_nan=False)
+    text = json.dumps(json_safe(artifact.metadata()), indent=2, sort_keys=True, allow_nan=False)
     storage.write_bytes(storage.join(uri, METADATA), text.encode(), options)
     return artifact
 
@@ -141,7 +141,7 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
     if not isinstance(backbone, str) or backbone not in BACKBONES:
         raise ArtifactError(f"artifact at {uri} names backbone {backbone!r}; known: {sorted(BACKBONES)}")
     # Format 1 had no transfer layer: its classifier reads the encoder.
-    head = meta.get("head", "linear") if version >= 2 else "linear"
+    head = meta.get("head") if version >= 2 else "linear"
     if head not in ("transfer", "linear"):
         raise ArtifactError(f"artifact at {uri} names head {head!r}; known: transfer, linear")
     weights = _read(uri, WEIGHTS, options)

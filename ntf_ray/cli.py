@@ -98,7 +98,7 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
                    help="output folder (local or s3://): config.json, stage1/, detector/, ray/ (checkpoints)")
     s.add_argument("--config", help="YAML with TrainConfig fields (e.g. ntf_ray/configs/paper.yaml)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field; repeatable (e.g. --set lr=0.05 --set use_orth=false)")
+                   help="override one config field; repeatable (e.g. --set lr=0.05 --set variant=no-orth)")
     s.add_argument("--variant", choices=tuple(VARIANTS),
                    help="which of the paper's detectors to train (overrides the config; default ntf): "
                         + "; ".join(f"{v.name}: {v.summary}" for v in VARIANTS.values()))
@@ -129,10 +129,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         endpoint=StorageOptions.resolve(args.s3_endpoint).endpoint_url,
     )
     ray_train.init_local_ray()
-    metrics = ray_evaluate.evaluate(spec, command=storage.redact(" ".join(["ntf-ray", *args.argv])))
+    metrics = ray_evaluate.evaluate(spec, command=storage.redact(" ".join(["ntf-ray", *_without_endpoint(args.argv)])))
     print(ray_evaluate.format_summary(metrics))
     print(f"report: {storage.join(args.output, 'report.md')}", flush=True)
     return 0
+
+
+def _without_endpoint(argv: list[str]) -> list[str]:
+    """The command line as a report records it: without the S3 endpoint, which may name internal hosts."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--s3-endpoint":
+            skip = True
+        elif not item.startswith("--s3-endpoint="):
+            out.append(item)
+    return out
 
 
 def cmd_score(args: argparse.Namespace) -> int:

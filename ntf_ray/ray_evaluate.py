@@ -11,9 +11,10 @@ paper's tables, figures and a report.
 
 from __future__ import annotations
 
-import logging
-import os
 import hashlib
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +68,10 @@ class EvaluateSpec:
         # Bad arguments fail here, before a cluster is started or a byte is read.
         self.perturbations = parse_perturbations(self.perturb)
         self.family_map = parse_families(self.families) or None
-        if self.embeddings < 0:
-            raise ValueError("--embeddings must be >= 0")
+        if self.embeddings < 0 or self.embeddings == 1:
+            raise ValueError("--embeddings must be 0 (no t-SNE map) or at least 2")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"--threshold must be a finite number, got {self.threshold}")
 
 
 def perturbation_plan(perturbations: dict[str, list[float]]) -> list[tuple[str, float | None]]:

@@ -28,7 +28,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ntf_ray import dist, storage
-from ntf_ray.artifact import save_artifact
+from ntf_ray.artifact import json_safe, save_artifact
 from ntf_ray.config import TrainConfig
 from ntf_ray.datasets import read_manifest
 from ntf_ray.engine import (
@@ -160,7 +160,7 @@ def train_loop(config: dict[str, Any]) -> None:
                      ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
             # One small file per epoch (object stores cannot append): OUTPUT/metrics/stageN/epoch-EEEE.json
             storage.write_bytes(storage.join(config["output"], METRICS, f"stage{stage}", f"epoch-{epoch + 1:04d}.json"),
-                                json.dumps(metrics, sort_keys=True).encode(), options)
+                                json.dumps(json_safe(metrics), sort_keys=True, allow_nan=False).encode(), options)
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, models={f"stage{stage}": model}, optimizer=optimizer, scheduler=scheduler,
                                 epoch=epoch + 1, config=cfg.to_dict(), extra={"stage": stage, "world_size": world})
@@ -207,9 +207,31 @@ def _storage(spec: RunSpec) -> tuple[str, Any]:
     return path, None
 
 
+def check_stage1_export(cfg: TrainConfig, output: str, options: StorageOptions) -> None:
+    """Stage 2 of ``cfg.variant`` may start from ``OUTPUT/stage1`` only if that stage 1 was
+    trained as this variant's (same terms, backbone and projection width): otherwise the
+    detector would record a variant its encoder was never trained as."""
+    uri = storage.join(output, STAGE1_EXPORT, "checkpoint.json")
+    try:
+        saved = json.loads(storage.read_bytes(uri, options)).get("config", {})
+    except FileNotFoundError:
+        raise FileNotFoundError(f"stage 2 needs stage 1's result at {storage.join(output, STAGE1_EXPORT)}; "
+                                "run --stage 1 (or --stage both) with this --output first") from None
+    want, have = get_variant(cfg.variant), get_variant(saved.get("variant", "ntf"))
+    mismatch = [name for name, a, b in (("terms", (want.use_het, want.use_orth), (have.use_het, have.use_orth)),
+                                        ("backbone", cfg.backbone, saved.get("backbone")),
+                                        ("proj_dim", cfg.proj_dim, saved.get("proj_dim"))) if a != b]
+    if mismatch:
+        raise ValueError(f"{storage.join(output, STAGE1_EXPORT)} holds stage 1 of variant {have.name} "
+                         f"({saved.get('backbone')}, proj_dim {saved.get('proj_dim')}); variant {want.name} needs its own "
+                         f"(differs in {', '.join(mismatch)}): use another --output or --stage both")
+
+
 def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | None = None) -> ray.train.Result:
     """Train one stage on Ray Train; stage 2 starts from ``OUTPUT/stage1``."""
     options = StorageOptions(endpoint_url=spec.endpoint)
+    if stage == 2 and get_variant(cfg.variant).stage1:
+        check_stage1_export(cfg, spec.output, options)
     table = table if table is not None else read_manifest(spec.manifest, options)
     rows = training_rows(table, cfg, stage=stage)
     counter = DropCounter.remote()

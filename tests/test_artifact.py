@@ -488,3 +488,7 @@ def test_head_that_does_not_fit_the_weights_is_an_error(saved):
     _write_meta(uri, meta)
     with pytest.raises(ArtifactError, match="head 'mlp'"):
         load_artifact(uri)
+    del meta["head"]  # format 2 always names its head
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="head None"):
+        load_artifact(uri)

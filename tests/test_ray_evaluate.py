@@ -135,10 +135,14 @@ def test_perturbed_tables_are_reproducible_and_reports_go_to_s3(local_ray, setup
     assert set(first["robustness"]) == {"blur", "jpeg", "noise", "scale"}
     text = storage.read_bytes(f"{bucket}/a/report.md", options).decode()
     assert "## Robustness" in text and FAKE_SECRET_ACCESS_KEY not in text
+    assert s3.endpoint_url not in text and "ntf-ray evaluate --model" in text  # the command, less the endpoint
 
 
 def test_evaluate_rejects_bad_arguments_before_any_work(setup, tmp_path, capsys):
     assert main(["evaluate", "--model", setup["model"], "--manifest", setup["manifest"], "--output",
                  str(tmp_path / "r"), "--perturb", "sharpen=1"]) == 2
     assert "sharpen" in capsys.readouterr().err
+    assert main(["evaluate", "--model", setup["model"], "--manifest", setup["manifest"], "--output",
+                 str(tmp_path / "r"), "--embeddings", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -178,3 +178,23 @@ def test_every_variant_trains_on_two_workers(local_ray, small_manifest, tmp_path
             for key, value in art.detector.state_dict().items():
                 if key.startswith("encoder."):  # frozen through stage 2, buffers included
                     assert torch.equal(value, encoder[key]), (name, key)
+
+
+def test_stage2_refuses_a_stage1_export_of_another_variant(tmp_path):
+    """A variant's stage 2 starts only from a stage 1 trained with its terms, at once, on the driver."""
+    from ntf_ray import storage
+
+    export = tmp_path / "stage1"
+    export.mkdir()
+    cfg = _resume_config(variant="ntf")
+    (export / "checkpoint.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    options = storage.StorageOptions()
+    for same in ("ntf", "no-scl", "linear-probe"):  # one stage 1 serves these three
+        ray_train.check_stage1_export(_resume_config(variant=same), str(tmp_path), options)
+    for other in ("no-orth", "no-het-orth"):
+        with pytest.raises(ValueError, match=f"stage 1 of variant ntf .* variant {other} needs its own"):
+            ray_train.check_stage1_export(_resume_config(variant=other), str(tmp_path), options)
+    with pytest.raises(ValueError, match="proj_dim"):
+        ray_train.check_stage1_export(_resume_config(variant="ntf", proj_dim=64), str(tmp_path), options)
+    with pytest.raises(FileNotFoundError, match="run --stage 1"):
+        ray_train.check_stage1_export(cfg, str(tmp_path / "elsewhere"), options)

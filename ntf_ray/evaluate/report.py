@@ -101,6 +101,10 @@ def write_report(scores: pa.Table, *, output: str, threshold: float, model: Mapp
         raise ValueError("give embeddings and embedding_rows together (one row of uri, label, generator per embedding)")
     if embeddings is not None and len(embeddings) != embedding_rows.num_rows:
         raise ValueError(f"{len(embeddings)} embeddings but {embedding_rows.num_rows} embedding_rows")
+    if embeddings is not None and len(embeddings) < 2:
+        # After the scoring: a map of one point is no reason to lose the report.
+        log.warning("no t-SNE map: %d embedding(s) could be computed, it needs at least 2", len(embeddings))
+        embeddings = embedding_rows = None
     figures = {
         "pr": pr_curves(scores, output=output, threshold=threshold, options=options),
         "histogram": score_histograms(scores, output=output, threshold=threshold, options=options),
