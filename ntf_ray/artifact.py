@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ntf_ray import storage
+from ntf_ray.metrics import json_safe
 from ntf_ray.model import BACKBONES, Detector
 from ntf_ray.storage import StorageOptions
 
@@ -67,17 +68,6 @@ class DetectorArtifact:
 
 def model_id_of(weights: bytes) -> str:
     return hashlib.sha256(weights).hexdigest()[:16]
-
-
-def json_safe(value: Any) -> Any:
-    """Non-finite floats (e.g. an undefined AP in a metrics table) -> null: ``NaN`` is not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def save_artifact(

@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix
@@ -134,6 +135,20 @@ def per_family_rows(rows: Sequence[Mapping], families: Mapping[str, str]) -> lis
 
 def _pct(value: float) -> str:
     return f"{100 * value:8.1f}" if not math.isnan(value) else f"{'-':>8}"
+
+
+def json_safe(value: Any) -> Any:
+    """Metrics as strict JSON values: NaN and infinities (an undefined AP, FPR without reals)
+    become null, numpy scalars plain numbers, mapping keys strings."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def format_table(rows: list[dict], families: list[dict] | None = None) -> str:

@@ -28,9 +28,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ntf_ray import dist, storage
-from ntf_ray.artifact import json_safe, save_artifact
+from ntf_ray.artifact import save_artifact
 from ntf_ray.config import TrainConfig
 from ntf_ray.datasets import read_manifest
+from ntf_ray.metrics import json_safe
 from ntf_ray.engine import (
     load_checkpoint,
     make_optimizer,

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ntf_ray.metrics import per_family_rows, per_generator_table
+from ntf_ray.metrics import json_safe, per_family_rows, per_generator_table
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +199,6 @@ def compute_metrics(scores: pa.Table, *, threshold: float, families: Mapping[str
     return result
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def as_float(value: Any) -> float:
     """A metric read back from JSON: null -> NaN."""
     return math.nan if value is None else float(value)
@@ -218,4 +206,4 @@ def as_float(value: Any) -> float:
 
 def to_json(metrics: Mapping[str, Any]) -> str:
     """Strict JSON (NaN and infinities become null)."""
-    return json.dumps(_plain(metrics), indent=2, allow_nan=False, default=str)
+    return json.dumps(json_safe(metrics), indent=2, allow_nan=False, default=str)
