@@ -174,3 +174,16 @@ def redact(text: str) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "<redacted>")
     return text
+
+
+def read_error(exc: BaseException) -> str:
+    """The ``read:`` error of one object, as a scan row, a score line or a log says it.
+
+    One line of at most 200 characters, without secrets; a missing object reads as such,
+    since between a listing and its read it most likely was deleted.
+    """
+    if isinstance(exc, FileNotFoundError):
+        return "read: not found (deleted after listing?)"
+    message = " ".join(redact(str(exc)).split())
+    text = f"read: {type(exc).__name__}: {message}" if message else f"read: {type(exc).__name__}"
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -239,6 +239,18 @@ def test_redact_uses_the_current_secret(s3):
     assert FAKE_SECRET_ACCESS_KEY not in storage.redact(f"oops {FAKE_SECRET_ACCESS_KEY} leaked")
 
 
+def test_read_error_is_one_redacted_line_of_at_most_200_characters(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    assert storage.read_error(FileNotFoundError(2, "No such file", "/x.png")) == "read: not found (deleted after listing?)"
+    assert storage.read_error(TimeoutError()) == "read: TimeoutError"
+    assert storage.read_error(OSError("SlowDown:\n  please  reduce\tyour rate")) == \
+        "read: OSError: SlowDown: please reduce your rate"
+    long = storage.read_error(PermissionError("denied for AKIAIOSFODNN7EXAMPLE with wJalrXUtnFEMI/K7MDENG/"
+                                              "bPxRfiCYEXAMPLEKEY\n" + "x" * 500))
+    assert len(long) == 200 and "\n" not in long and long.startswith("read: PermissionError: denied for <redacted>")
+    assert "AKIA" not in long and "wJalr" not in long
+
+
 def test_no_secret_in_storage_logs(bucket, opts, caplog):
     caplog.set_level(logging.DEBUG)
     storage.write_bytes(f"{bucket}/x.bin", b"x", opts)
