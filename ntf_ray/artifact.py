@@ -2,8 +2,14 @@
 
 ``model.safetensors`` holds the Detector's weights only (never a pickle); ``model.json``
 holds the format version, backbone, head, input size, normalisation, threshold, training
-config and data summary, metrics if evaluated, and ``model_id`` = the first 16 hex
-digits of the sha256 of the weights file. Loading never executes code from the artifact.
+config and data summary, metrics if evaluated, and ``model_id``. Loading never executes
+code from the artifact.
+
+``model_id`` names everything that decides a score and a decision: the first 16 hex digits
+of the sha256 of the weights file's digest together with the backbone, head, input size and
+threshold (format 3). Editing any of them in ``model.json`` without a new id is refused at
+load time, so a table's ``model_id`` always says which weights *and* which decision rule
+made its rows. Formats 1 and 2 named the weights only; they still load with their stored id.
 
 Format 2 added the transfer layer (``head = "transfer"``: ``D(t(E(x)))``). Format-1
 artifacts, written before it, hold a classifier on the encoder (``D(E(x))``); they still
@@ -28,8 +34,10 @@ from ntf_ray.metrics import json_safe
 from ntf_ray.model import BACKBONES, Detector
 from ntf_ray.storage import StorageOptions
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: The range of input sizes a detector may declare (pixels of the square crop).
+INPUT_SIZES = (8, 4096)
 WEIGHTS = "model.safetensors"
 METADATA = "model.json"
 
@@ -66,8 +74,24 @@ class DetectorArtifact:
         }
 
 
-def model_id_of(weights: bytes) -> str:
-    return hashlib.sha256(weights).hexdigest()[:16]
+def model_id_of(weights: bytes, *, backbone: str | None = None, head: str | None = None,
+                input_size: int | None = None, threshold: float | None = None) -> str:
+    """The artifact's id: the weights' digest alone (formats 1-2), or with the scoring contract (format 3)."""
+    digest = hashlib.sha256(weights).hexdigest()
+    if backbone is None:
+        return digest[:16]
+    contract = json.dumps({"weights": digest, "backbone": backbone, "head": head, "input_size": int(input_size),
+                           "threshold": float(threshold)}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(contract.encode()).hexdigest()[:16]
+
+
+def check_contract(input_size: object, threshold: object, where: str) -> None:
+    """Refuse an input size or threshold no detector can score with."""
+    lo, hi = INPUT_SIZES
+    if type(input_size) is not int or not lo <= input_size <= hi:
+        raise ArtifactError(f"{where}: input_size {input_size!r}; expected an integer in [{lo}, {hi}]")
+    if type(threshold) not in (int, float) or not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
+        raise ArtifactError(f"{where}: threshold {threshold!r}; expected a number in [0, 1] (scores are P(fake))")
 
 
 def save_artifact(
@@ -81,6 +105,7 @@ def save_artifact(
     options: StorageOptions | None = None,
 ) -> DetectorArtifact:
     """Write ``uri/model.safetensors`` then ``uri/model.json``; returns the artifact with its model_id."""
+    check_contract(input_size, threshold, f"artifact for {uri}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
     # One metadata entry only: safetensors writes its metadata map in hash order, so two
     # entries would make the file bytes (and so model_id) differ between saves of one model.
@@ -94,7 +119,8 @@ def save_artifact(
         threshold=float(threshold),
         mean=tuple(float(x) for x in detector.encoder.mean.flatten()),
         std=tuple(float(x) for x in detector.encoder.std.flatten()),
-        model_id=model_id_of(weights),
+        model_id=model_id_of(weights, backbone=detector.encoder.backbone, head=detector.head,
+                             input_size=int(input_size), threshold=float(threshold)),
         training=dict(training or {}),
         metrics=dict(metrics or {}),
     )
@@ -134,12 +160,22 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
     head = meta.get("head") if version >= 2 else "linear"
     if head not in ("transfer", "linear"):
         raise ArtifactError(f"artifact at {uri} names head {head!r}; known: transfer, linear")
+    input_size = meta.get("input_size", 224)
+    threshold = meta.get("threshold", 0.5)
+    check_contract(input_size, threshold, f"artifact at {uri}")
     weights = _read(uri, WEIGHTS, options)
-    model_id = model_id_of(weights)
     if not isinstance(meta.get("model_id"), str) or not meta["model_id"]:
         raise ArtifactError(f"{METADATA} at {uri} has no model_id, so its weights cannot be verified")
-    if meta["model_id"] != model_id:
-        raise ArtifactError(f"artifact at {uri}: weights hash {model_id} does not match model.json's model_id {meta['model_id']}")
+    if version >= 3:
+        model_id = model_id_of(weights, backbone=backbone, head=head, input_size=input_size, threshold=threshold)
+        if meta["model_id"] != model_id:
+            raise ArtifactError(f"artifact at {uri}: model.json's model_id {meta['model_id']} does not match its weights, "
+                                f"backbone, head, input_size and threshold (expected {model_id}); an edited model.json "
+                                "is not this model: save a new artifact")
+    else:
+        model_id = model_id_of(weights)
+        if meta["model_id"] != model_id:
+            raise ArtifactError(f"artifact at {uri}: weights hash {model_id} does not match model.json's model_id {meta['model_id']}")
     try:
         state = load_safetensors(weights)
     except (SafetensorError, Exception) as exc:  # safetensors raises several types on corrupt input
@@ -157,12 +193,6 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         )
     detector.load_state_dict(state)
     detector.to(map_location).eval()
-    input_size = meta.get("input_size", 224)
-    if type(input_size) is not int or input_size < 1:
-        raise ArtifactError(f"artifact at {uri} has input_size {input_size!r}; expected a positive integer")
-    threshold = meta.get("threshold", 0.5)
-    if type(threshold) not in (int, float) or not math.isfinite(threshold):
-        raise ArtifactError(f"artifact at {uri} has threshold {threshold!r}; expected a finite number")
     # The normalisation applied is the one stored with the weights (Encoder buffers);
     # model.json describes it, and a model.json that says otherwise is not this model.
     mean = tuple(float(x) for x in detector.encoder.mean.flatten())

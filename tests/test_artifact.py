@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from ntf_ray.artifact import FORMAT_VERSION, ArtifactError, DetectorArtifact, load_artifact, save_artifact
+from ntf_ray.artifact import FORMAT_VERSION, ArtifactError, DetectorArtifact, load_artifact, model_id_of, save_artifact
 from ntf_ray.model import Detector
 from ntf_ray.storage import StorageOptions
 from tests.awkward import texture
@@ -78,13 +78,13 @@ def saved(tmp_path) -> tuple[str, Detector, DetectorArtifact]:
 
 def _check_round_trip(det: Detector, saved_art: DetectorArtifact, loaded: DetectorArtifact,
                       weights: bytes, meta_bytes: bytes) -> None:
-    # model_id = first 16 hex digits of sha256(model.safetensors)
-    model_id = hashlib.sha256(weights).hexdigest()[:16]
+    # model_id = first 16 hex digits of the sha256 of the weights' digest and the scoring contract
+    model_id = model_id_of(weights, backbone="tiny", head="transfer", input_size=64, threshold=0.4)
     assert saved_art.model_id == loaded.model_id == model_id
     assert len(model_id) == 16 and int(model_id, 16) >= 0
 
     meta = _strict_json(meta_bytes)
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     assert meta["head"] == "transfer" and loaded.head == "transfer"
     assert meta["model_id"] == model_id
     assert meta["backbone"] == "tiny"
@@ -116,7 +116,7 @@ def _check_round_trip(det: Detector, saved_art: DetectorArtifact, loaded: Detect
     state = det.state_dict()
     with safe_open_bytes(weights) as f:
         assert set(f.keys()) == set(state)
-        assert json.loads(f.metadata()["ntf_ray"]) == {"backbone": "tiny", "format_version": 2}
+        assert json.loads(f.metadata()["ntf_ray"]) == {"backbone": "tiny", "format_version": 3}
 
 
 class safe_open_bytes:
@@ -165,16 +165,47 @@ def test_round_trip_from_train_mode_and_resave(tmp_path):
 
 
 def test_model_id_is_deterministic(tmp_path):
-    """Same weights -> same bytes -> same model_id, every save (incremental scans rely on it)."""
+    """Same weights and contract -> same model_id, every save (incremental scans rely on it);
+    another threshold or input size is another model."""
     det = make_detector(seed=3)
     ids = set()
     for i in range(12):  # safetensors' metadata map is hash-ordered: repeat to catch that
-        art = save_artifact(str(tmp_path / f"a{i}"), det, input_size=64, threshold=0.9 if i % 2 else 0.5,
-                            metrics={"x": i})
+        art = save_artifact(str(tmp_path / f"a{i}"), det, input_size=64, threshold=0.5, metrics={"x": i})
         ids.add(art.model_id)
     assert len(ids) == 1
     assert len({(tmp_path / f"a{i}" / "model.safetensors").read_bytes() for i in range(12)}) == 1
     assert save_artifact(str(tmp_path / "other"), make_detector(seed=4), input_size=64).model_id not in ids
+    assert save_artifact(str(tmp_path / "t"), det, input_size=64, threshold=0.9).model_id not in ids
+    assert save_artifact(str(tmp_path / "s"), det, input_size=32, threshold=0.5).model_id not in ids
+
+
+@pytest.mark.parametrize("key,value", [("threshold", 0.9), ("threshold", 1.5), ("input_size", 128), ("input_size", 0)])
+def test_an_edited_threshold_or_input_size_is_refused(saved, key, value):
+    """Editing model.json's decision rule without a new id would keep the id of another model:
+    moderate would skip objects the edited model was never asked about."""
+    uri, _, _ = saved
+    meta = _meta(uri)
+    meta[key] = value
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="model_id|expected"):
+        load_artifact(uri)
+
+
+@pytest.mark.parametrize("kwargs", [{"threshold": 1.5}, {"threshold": -0.1}, {"threshold": float("nan")},
+                                    {"input_size": 0}, {"input_size": 10**6}])
+def test_out_of_range_threshold_or_input_size_is_not_saved(tmp_path, kwargs):
+    with pytest.raises(ArtifactError, match="expected"):
+        save_artifact(str(tmp_path / "bad"), make_detector(), **{"input_size": 64, **kwargs})
+
+
+def test_format2_artifact_still_loads_with_its_weights_id(saved):
+    """Artifacts written before the id covered the contract keep the id their tables carry."""
+    uri, _, _ = saved
+    meta = _meta(uri)
+    weights = Path(uri, "model.safetensors").read_bytes()
+    meta.update(format_version=2, model_id=hashlib.sha256(weights).hexdigest()[:16])
+    _write_meta(uri, meta)
+    assert load_artifact(uri).model_id == meta["model_id"]
 
 
 def test_round_trip_s3(s3, bucket):
@@ -227,9 +258,16 @@ def _write_weights(uri: str, data: bytes, *, fix_model_id: bool = True) -> None:
     loader gets past the hash check and must judge the bytes themselves."""
     Path(uri, "model.safetensors").write_bytes(data)
     if fix_model_id:
-        meta = _meta(uri)
-        meta["model_id"] = hashlib.sha256(data).hexdigest()[:16]
-        _write_meta(uri, meta)
+        _fix_model_id(uri, data)
+
+
+def _fix_model_id(uri: str, weights: bytes | None = None) -> None:
+    """Make model.json's model_id match its weights and contract, as a forger would."""
+    meta = _meta(uri)
+    weights = Path(uri, "model.safetensors").read_bytes() if weights is None else weights
+    meta["model_id"] = model_id_of(weights, backbone=str(meta["backbone"]), head=meta["head"],
+                                   input_size=meta["input_size"], threshold=meta["threshold"])
+    _write_meta(uri, meta)
 
 
 def test_missing_folder_and_files(tmp_path, saved):
@@ -249,7 +287,7 @@ def test_missing_folder_and_files(tmp_path, saved):
         load_artifact(str(tmp_path / "a-file"))
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", None, True, 1.5, [1]])
+@pytest.mark.parametrize("version", [4, 0, "1", None, True, 1.5, [1]])
 def test_wrong_format_version(saved, version):
     uri, _, _ = saved
     meta = _meta(uri)
@@ -278,6 +316,7 @@ def test_mismatched_backbone(saved):
     meta = _meta(uri)
     meta["backbone"] = "resnet18"
     _write_meta(uri, meta)
+    _fix_model_id(uri)
     with pytest.raises(ArtifactError, match="do not fit backbone 'resnet18'"):
         load_artifact(uri)
 
@@ -301,7 +340,7 @@ def test_tampered_weights(saved):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # flip a bit inside the last tensor: still a valid safetensors file
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="does not match model.json's model_id"):
+    with pytest.raises(ArtifactError, match="model_id .* does not match"):
         load_artifact(uri)
 
 
@@ -482,13 +521,17 @@ def test_head_that_does_not_fit_the_weights_is_an_error(saved):
     meta = _meta(uri)
     meta["head"] = "linear"  # the weights hold a transfer layer
     _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="model_id .* does not match"):
+        load_artifact(uri)
+    _fix_model_id(uri)
+    meta = _meta(uri)
     with pytest.raises(ArtifactError, match="linear head"):
         load_artifact(uri)
     meta["head"] = "mlp"
     _write_meta(uri, meta)
     with pytest.raises(ArtifactError, match="head 'mlp'"):
         load_artifact(uri)
-    del meta["head"]  # format 2 always names its head
+    del meta["head"]  # formats 2 and 3 always name their head
     _write_meta(uri, meta)
     with pytest.raises(ArtifactError, match="head None"):
         load_artifact(uri)
