@@ -1,0 +1,130 @@
+"""Peak memory of one detector actor scoring a batch: ordinary JPEGs against a batch with large images.
+
+A detector actor (``ntf_ray.ray_scan.actor.DetectorActor``) hands each block's bytes to
+``Scorer.score_bytes``. This script does the same work in a fresh process per case: load a
+tiny-backbone detector (random weights) from an artifact, read the files, score one small
+image to warm up, note ``ru_maxrss``, score the batch, note ``ru_maxrss`` again. The
+figure is the difference: what scoring the batch added to the process's peak.
+
+Cases, ``--batch`` images each (64 by default):
+
+- ``ordinary``: JPEGs of 1024x768 (quality 90);
+- ``large mixed``: the same batch with three of them replaced by a 5000x5000 RGBA PNG with
+  partial alpha (about 100 KiB), an 8000x6000 JPEG and a 1x20000 PNG sliver.
+
+    python bench/scan_memory.py
+    python bench/scan_memory.py --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CHILD = """
+import resource, sys
+import numpy as np
+from PIL import Image
+import io
+from ntf_ray.scoring import Scorer
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+model, network_batch, *paths = sys.argv[1:]
+scorer = Scorer.from_artifact(model, device="cpu", batch_size=int(network_batch), decoder="pil")
+items = [open(p, "rb").read() for p in paths]
+warm = io.BytesIO()
+Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(warm, "JPEG")
+scorer.score_bytes([warm.getvalue()])
+base = peak_mib()
+results = scorer.score_bytes(items)
+peak = peak_mib()
+errors = sorted({r.error.split(":")[0] for r in results if r.error})
+print(base, peak, sum(r.error is None for r in results), ",".join(errors) or "-")
+"""
+
+
+def textured(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like ``(H, W, 3)`` uint8 image: upscaled noise plus fine noise (JPEG can't squash it flat)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(1, height // 8), max(1, width // 8), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+    return img // 2 + rng.integers(0, 24, (height, width, 3), dtype=np.uint8)
+
+
+def make_files(folder: Path, n: int) -> tuple[list[Path], list[Path]]:
+    """``(ordinary, large_mixed)``: ``n`` 1024x768 JPEGs, and the same with three large images in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ordinary = []
+    for i in range(n):
+        p = folder / f"photo_{i:03d}.jpg"
+        Image.fromarray(textured(1024, 768, i)).save(p, quality=90)
+        ordinary.append(p)
+
+    rgba = folder / "big_rgba.png"
+    ramp = np.linspace(0, 255, 5000).astype(np.uint8)
+    pixels = np.empty((5000, 5000, 4), np.uint8)
+    pixels[..., 0] = ramp[None, :]
+    pixels[..., 1] = ramp[:, None]
+    pixels[..., 2] = 90
+    pixels[..., 3] = ramp[None, :] // 2 + 64  # partial alpha everywhere: the compositing path
+    Image.fromarray(pixels, "RGBA").save(rgba, optimize=True)
+    del pixels
+    big_jpeg = folder / "big.jpg"
+    Image.fromarray(textured(8000, 6000, 1)).save(big_jpeg, quality=85)
+    sliver = folder / "sliver.png"
+    Image.fromarray(textured(20000, 1, 2)).save(sliver)
+    mixed = [rgba, big_jpeg, sliver, *ordinary[3:]]
+    return ordinary, mixed
+
+
+def measure(model: str, network_batch: int, paths: list[Path]) -> tuple[float, float, int, str]:
+    out = subprocess.run([sys.executable, "-c", CHILD, model, str(network_batch), *map(str, paths)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return float(out[0]), float(out[1]), int(out[2]), out[3]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64, help="images per batch (default 64, the scan's default)")
+    p.add_argument("--network-batch", type=int, default=8,
+                   help="crops per forward pass (default 8: on a GPU actor the activations live on the card, "
+                        "so a small chunk keeps them from swamping the host figure)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ntf_ray.artifact import save_artifact
+    from ntf_ray.model import Detector
+
+    print(f"host: {os.cpu_count()} cores; torch {torch.__version__}; tiny backbone (random weights), 224 px crop, "
+          f"CPU, decoder pil, batch {args.batch} "
+          f"(forward passes of {args.network_batch})")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ordinary, mixed = make_files(tmp / "images", args.batch)
+        torch.manual_seed(0)
+        model = str(tmp / "detector")
+        save_artifact(model, Detector.build("tiny"), input_size=224)
+        sizes = {p.name: p.stat().st_size for p in mixed[:3]}
+        print("large files: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
+        print(f"{'case':<12} {'baseline MiB':>12} {'peak MiB':>9} {'added MiB':>10} {'scored':>7}  errors")
+        added = {}
+        for name, paths in (("ordinary", ordinary), ("large mixed", mixed)):
+            base, peak, scored, errors = measure(model, args.network_batch, paths)
+            added[name] = peak - base
+            print(f"{name:<12} {base:12.0f} {peak:9.0f} {peak - base:10.0f} {scored:4d}/{len(paths)}  {errors}",
+                  flush=True)
+        print(f"ratio large mixed / ordinary (added MiB) = {added['large mixed'] / max(added['ordinary'], 1):.2f}")
+
+
+if __name__ == "__main__":
+    main()
