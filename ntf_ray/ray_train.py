@@ -91,7 +91,7 @@ def train_loop(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage: int = config["stage"]
     cfg = TrainConfig.from_dict(config["cfg"])
-    options = StorageOptions(endpoint_url=config["endpoint"])
+    options = StorageOptions.resolve(config["endpoint"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -197,13 +197,19 @@ class RunSpec:
     storage_path: str | None = None  # default OUTPUT/ray
     max_failures: int = 0
     num_to_keep: int = 2
-    endpoint: str | None = None
+    endpoint: str | None = None  # None: AWS_ENDPOINT_URL(_S3), as everywhere (StorageOptions.resolve)
+
+
+def _resolve_endpoint(spec: RunSpec) -> RunSpec:
+    """``spec`` with the endpoint the driver resolved: the workers get it explicitly, as
+    their nodes need not share the driver's environment."""
+    return dataclasses.replace(spec, endpoint=StorageOptions.resolve(spec.endpoint).endpoint_url)
 
 
 def _storage(spec: RunSpec) -> tuple[str, Any]:
     path = storage.normalize(spec.storage_path or storage.join(spec.output, "ray"))
     if storage.is_s3(path):
-        fs, inner = storage.arrow_filesystem(path, StorageOptions(endpoint_url=spec.endpoint))
+        fs, inner = storage.arrow_filesystem(path, StorageOptions.resolve(spec.endpoint))
         return inner, fs
     return path, None
 
@@ -230,7 +236,8 @@ def check_stage1_export(cfg: TrainConfig, output: str, options: StorageOptions) 
 
 def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | None = None) -> ray.train.Result:
     """Train one stage on Ray Train; stage 2 starts from ``OUTPUT/stage1``."""
-    options = StorageOptions(endpoint_url=spec.endpoint)
+    spec = _resolve_endpoint(spec)
+    options = StorageOptions.resolve(spec.endpoint)
     if stage == 2 and get_variant(cfg.variant).stage1:
         check_stage1_export(cfg, spec.output, options)
     table = table if table is not None else read_manifest(spec.manifest, options)
@@ -263,7 +270,8 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
 
 def train(stage: str, cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
     """``stage`` in {"1", "2", "both"}; writes ``OUTPUT/config.json``; returns the last metrics."""
-    options = StorageOptions(endpoint_url=spec.endpoint)
+    spec = _resolve_endpoint(spec)
+    options = StorageOptions.resolve(spec.endpoint)
     resolved = {"config": cfg.to_dict(), "run": {k: v for k, v in spec.__dict__.items() if k != "endpoint"},
                 "stage": stage}
     storage.write_bytes(storage.join(spec.output, "config.json"), json.dumps(resolved, indent=2).encode(), options)

@@ -42,7 +42,7 @@ def read_batch(batch: pa.Table, *, endpoint: str | None) -> pa.Table:
     """Ray Data task: fetch the encoded bytes of a block of manifest rows (``None`` on failure)."""
     uris = batch.column("uri").to_pylist()
     blobs = []
-    for uri, data in zip(uris, storage.read_many(uris, StorageOptions(endpoint_url=endpoint))):
+    for uri, data in zip(uris, storage.read_many(uris, StorageOptions.resolve(endpoint))):
         if isinstance(data, Exception):
             log.warning("dropping %s: read: %s", uri, storage.redact(str(data))[:200])
             data = None

@@ -198,3 +198,49 @@ def test_stage2_refuses_a_stage1_export_of_another_variant(tmp_path):
         ray_train.check_stage1_export(_resume_config(variant="ntf", proj_dim=64), str(tmp_path), options)
     with pytest.raises(FileNotFoundError, match="run --stage 1"):
         ray_train.check_stage1_export(cfg, str(tmp_path / "elsewhere"), options)
+
+
+def test_training_takes_the_endpoint_from_the_environment(monkeypatch, small_manifest, tmp_path):
+    """With only AWS_ENDPOINT_URL set (no --s3-endpoint), the driver, the checkpoint storage,
+    the read tasks and the workers all use it, as the scan does (StorageOptions.resolve)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from ntf_ray import ray_train_data
+
+    endpoint = "http://minio.internal:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    seen: dict = {}
+
+    class Trainer:  # records what the workers would be given
+        def __init__(self, loop, *, train_loop_config, **kwargs):
+            seen["workers"] = train_loop_config["endpoint"]
+
+        def fit(self):
+            return SimpleNamespace(metrics={})
+
+    real_read_manifest = ray_train.read_manifest
+
+    def read_manifest(uri, options=None, **kwargs):
+        seen["driver"] = options.endpoint_url
+        return real_read_manifest(uri, options, **kwargs)
+
+    monkeypatch.setattr(ray_train, "TorchTrainer", Trainer)
+    monkeypatch.setattr(ray_train, "read_manifest", read_manifest)
+    monkeypatch.setattr(ray_train, "DropCounter", SimpleNamespace(remote=lambda: None))
+    monkeypatch.setattr(ray_train, "build_dataset", lambda rows, **kw: seen.setdefault("read_tasks", kw["endpoint"]))
+    monkeypatch.setattr(ray_train.ray, "kill", lambda actor: None)
+    cfg = _resume_config(epochs_stage1=1)
+    ray_train.train("1", cfg, ray_train.RunSpec(manifest=small_manifest, output=str(tmp_path / "out"), run_name="env"))
+    assert seen == {"driver": endpoint, "workers": endpoint, "read_tasks": endpoint}
+
+    _, fs = ray_train._storage(ray_train.RunSpec(manifest=small_manifest, output="s3://bucket/out"))
+    assert fs.__reduce__()[1][0]["endpoint_override"] == "minio.internal:9000"
+
+    # A read task on a node without the variable still gets the driver's endpoint explicitly;
+    # one that is handed none resolves it like the driver.
+    used = []
+    monkeypatch.setattr(ray_train_data.storage, "read_many", lambda uris, options: used.append(options) or [b""] * len(uris))
+    ray_train_data.read_batch(pa.table({"uri": ["s3://b/k"], "label": [0]}), endpoint=None)
+    assert used[0].endpoint_url == endpoint
