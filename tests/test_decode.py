@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, features
 
-from ntf_ray.decode import DEFAULT_MAX_PIXELS, Decoded, decode
+from ntf_ray.decode import DEFAULT_MAX_PIXELS, FORMATS, Decoded, decode
 from tests.awkward import BOMB_SIDE, make_awkward_files, png16_bytes, texture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,6 +385,92 @@ def test_pillow_global_limit_untouched(awkward):
     decode((folder / "bomb.png").read_bytes())
     decode((folder / "baseline.jpg").read_bytes(), max_pixels=None)
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+# --------------------------------------------------------------------------- formats
+
+_SVG = (b'<?xml version="1.0" encoding="UTF-8"?>\n<!-- drawn by hand -->\n'
+        b'<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd">\n'
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>\n')
+
+
+def _ftyp(major: bytes, *compatible: bytes) -> bytes:
+    """The start of an ISO-BMFF (HEIF/AVIF/MP4) file: an ``ftyp`` box, then an empty ``meta`` box."""
+    box = major + b"\0\0\0\0" + b"".join(compatible)
+    return (8 + len(box)).to_bytes(4, "big") + b"ftyp" + box + b"\0\0\0\x08meta" + bytes(64)
+
+
+def test_eps_is_refused_by_name_and_no_process_starts(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    started, opened = [], []
+
+    def no_process(*args, **kwargs):
+        started.append(args)
+        raise AssertionError("decoding must not start a process")
+
+    factory, accept = Image.OPEN["EPS"]
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # probe for Ghostscript again, as a fresh process would
+    monkeypatch.setitem(Image.OPEN, "EPS", (lambda *a: opened.append(a) or factory(*a), accept))
+    for data in (_encode(Image.new("RGB", (8, 8), (200, 30, 30)), "EPS"),
+                 b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"):
+        res = decode(data)
+        assert (res.error, res.format, res.image) == ("unsupported_format: EPS", "EPS", None)
+    assert started == [] and opened == []  # Pillow's EPS plugin sniffed the bytes, never opened them
+
+
+def test_vector_and_heif_files_are_refused_by_name():
+    pdf = _encode(Image.new("RGB", (8, 8)), "PDF")
+    assert decode(pdf).error == "unsupported_format: PDF"
+    assert decode(_SVG).error == "unsupported_format: SVG"
+    assert decode(b"\xef\xbb\xbf\n  <svg xmlns='http://www.w3.org/2000/svg'/>").error == "unsupported_format: SVG"
+    assert decode(_ftyp(b"heic", b"mif1", b"heic")).error == "unsupported_format: HEIC"
+    assert decode(_ftyp(b"mif1", b"mif1", b"heic")).error == "unsupported_format: HEIC"
+    assert decode(_ftyp(b"avif", b"mif1", b"miaf")).error == "unsupported_format: AVIF"
+    assert decode(_ftyp(b"mif1", b"mif1", b"avif")).error == "unsupported_format: AVIF"
+    assert decode(_ftyp(b"mif1", b"mif1")).error == "unsupported_format: HEIF"
+    # Not images: an HTML page that draws with an inline <svg>, an MP4 video, text.
+    assert decode(b"<!DOCTYPE html><html><body><svg width='8'></svg></body></html>").error == "decode: not an image"
+    assert decode(_ftyp(b"isom", b"isom", b"mp41")).error == "decode: not an image"
+    assert decode(b"<" + b" " * 100_000 + b"svg").error == "decode: not an image"  # and no regex blow-up
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "PCX", "SGI", "QOI", "DDS", "JPEG2000", "XBM"])
+def test_other_pillow_formats_are_refused_by_name(fmt):
+    img = Image.new("1" if fmt == "XBM" else "RGB", (8, 8))
+    try:
+        data = _encode(img, fmt)
+    except (KeyError, OSError) as exc:  # a Pillow build without that encoder
+        pytest.skip(f"Pillow cannot write {fmt}: {exc}")
+    res = decode(data)
+    assert (res.error, res.format) == (f"unsupported_format: {fmt}", fmt)
+
+
+def test_refused_format_is_not_opened_by_the_bomb_fallback(monkeypatch):
+    """Above Pillow's global limit the header is re-read without Pillow's check: still only FORMATS."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    ppm = _encode(Image.fromarray(texture(300, 300, 17)), "PPM")
+    assert decode(ppm, max_pixels=None).error == "unsupported_format: PPM"
+    png = _encode(Image.fromarray(texture(300, 300, 17)), "PNG")
+    _assert_good(decode(png, max_pixels=None))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ICO"])
+def test_allowed_formats_decode(fmt):
+    assert fmt in FORMATS
+    if fmt == "WEBP" and not features.check("webp"):
+        pytest.skip("Pillow built without WebP")
+    arr = texture(48, 64, 18)
+    if fmt == "MPO":  # two pictures, as a 3D camera writes them
+        data = _encode(Image.fromarray(arr), "MPO", save_all=True, append_images=[Image.fromarray(arr[::-1])])
+    else:
+        data = _encode(Image.fromarray(arr), fmt, **({"sizes": [(64, 48)]} if fmt == "ICO" else {}))
+    res = decode(data)
+    _assert_good(res)
+    assert (res.format, res.width, res.height) == (fmt, 64, 48)
+    if fmt in ("PNG", "BMP", "TIFF", "ICO"):
+        np.testing.assert_array_equal(res.image, arr)
 
 
 # --------------------------------------------------------------------------- inputs / misc
