@@ -51,10 +51,14 @@ def read_batch(batch: pa.Table, *, endpoint: str | None) -> pa.Table:
 
 
 def prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, counter) -> dict[str, np.ndarray]:
-    """Ray Data task: decode and augment a block of encoded images (CPU)."""
+    """Ray Data task: decode and augment a block of encoded images (CPU).
+
+    Unreadable, undecodable and too-thin images (see ``transforms.check_fit``) are dropped,
+    logged with their reason and counted on ``counter``.
+    """
     import torch
 
-    from ntf_ray.transforms import stage1_transform, stage2_transform, to_tensor
+    from ntf_ray.transforms import TooLargeToFit, stage1_transform, stage2_transform, to_tensor
 
     torch.set_num_threads(1)  # many small tensors: threads only add overhead here
     c = TrainConfig.from_dict(cfg)
@@ -69,7 +73,12 @@ def prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, counter) -> dict[st
                 log.warning("dropping an image: %s", decoded.error)
             dropped += 1
             continue
-        a, b = transform(to_tensor(decoded.image))
+        try:
+            a, b = transform(to_tensor(decoded.image))
+        except TooLargeToFit as exc:  # a sliver that upscaling to the crop would blow up
+            log.warning("dropping an image: %s", exc)
+            dropped += 1
+            continue
         out[keys[0]].append(a.numpy())
         out[keys[1]].append(b.numpy())
         out["label"].append(int(label))

@@ -34,7 +34,7 @@ from ntf_ray.metrics import per_generator_table
 from ntf_ray.model import Detector, Stage1Model, Stage2Model, build_encoder
 from ntf_ray.scoring import Scorer
 from ntf_ray.storage import StorageOptions
-from ntf_ray.transforms import stage1_transform, stage2_transform
+from ntf_ray.transforms import TooLargeToFit, stage1_transform, stage2_transform
 from ntf_ray.variants import get_variant
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,18 @@ def stage2_kwargs(cfg: TrainConfig) -> dict[str, Any]:
                 train_encoder=v.train_encoder, amp=cfg.amp, channels_last=cfg.channels_last)
 
 
+class TrainingImages(ManifestDataset):
+    """A manifest's training images; one the transform refuses (a sliver that upscaling to
+    the crop would blow up, ``TooLargeToFit``) is dropped and counted like an undecodable one."""
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            return super().__getitem__(index)
+        except TooLargeToFit as exc:
+            log.warning("skipping %s: %s", self.uris[index], exc)
+            return None
+
+
 def _loader(dataset: ManifestDataset, cfg: TrainConfig) -> DataLoader:
     return DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
@@ -104,7 +116,7 @@ def train_stage1(table: pa.Table, cfg: TrainConfig, *, options: StorageOptions |
     model = build_stage1(cfg).to(device)
     if cfg.epochs_stage1 == 0:
         return model
-    data = ManifestDataset(training_rows(table, cfg, stage=1), stage1_transform(cfg), keys=("view1", "view2"),
+    data = TrainingImages(training_rows(table, cfg, stage=1), stage1_transform(cfg), keys=("view1", "view2"),
                            options=options, max_pixels=cfg.max_pixels)
     loader = _loader(data, cfg)
     optimizer = make_optimizer(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -125,7 +137,7 @@ def train_stage2(table: pa.Table, stage1: Stage1Model | None, cfg: TrainConfig, 
     device = resolve_device(cfg.device)
     model = build_stage2(cfg, stage1).to(device)
     params = prepare_stage2(model, train_encoder=get_variant(cfg.variant).train_encoder)
-    data = ManifestDataset(training_rows(table, cfg, stage=2), stage2_transform(cfg, cfg.seed), keys=("image", "crop"),
+    data = TrainingImages(training_rows(table, cfg, stage=2), stage2_transform(cfg, cfg.seed), keys=("image", "crop"),
                            options=options, max_pixels=cfg.max_pixels)
     loader = _loader(data, cfg)
     optimizer = make_optimizer(params, lr=cfg.lr_stage2 or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -28,14 +28,40 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True))
 
 
-def fit_min_side(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Upscale (bilinear, aspect kept) so both sides are >= ``size``; bigger images untouched."""
-    h, w = img.shape[-2:]
+class TooLargeToFit(ValueError):
+    """An image whose short side cannot be upscaled to the crop size within the pixel limit;
+    the message is the reason a dropped image is logged with (``too_large: ...``)."""
+
+
+def fit_min_side_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """``(H, W)`` after ``fit_min_side``: the short side upscaled to ``size``, aspect kept."""
     if h >= size and w >= size:
-        return img
+        return h, w
     short = min(h, w)
     # integer ceil(side * size / short): float scaling can round 224.00000000000003 up to 225
-    new_h, new_w = max(size, -(-h * size // short)), max(size, -(-w * size // short))
+    return max(size, -(-h * size // short)), max(size, -(-w * size // short))
+
+
+def check_fit(h: int, w: int, size: int, max_pixels: int | None) -> None:
+    """Raise ``TooLargeToFit`` when fitting an ``h x w`` image to ``size`` needs more than
+    ``max_pixels``: a sliver (say 1 x 20000) would need gigabytes. The scorer refuses the
+    same images under the same ceiling as the decoder."""
+    new_h, new_w = fit_min_side_shape(h, w, size)
+    if max_pixels is not None and (new_h, new_w) != (h, w) and new_h * new_w > max_pixels:
+        raise TooLargeToFit(f"too_large: upscaling {w}x{h} to fit {size} px needs {new_w}x{new_h} = "
+                            f"{new_h * new_w} px > limit {max_pixels}")
+
+
+def fit_min_side(img: torch.Tensor, size: int, max_pixels: int | None = None) -> torch.Tensor:
+    """Upscale (bilinear, aspect kept) so both sides are >= ``size``; bigger images untouched.
+
+    Raises ``TooLargeToFit`` when the upscaled image would hold more than ``max_pixels``.
+    """
+    h, w = img.shape[-2:]
+    check_fit(h, w, size, max_pixels)
+    new_h, new_w = fit_min_side_shape(h, w, size)
+    if (new_h, new_w) == (h, w):
+        return img
     return TF.resize(img, [new_h, new_w], interpolation=T.InterpolationMode.BILINEAR, antialias=False)
 
 
@@ -44,20 +70,27 @@ def eval_transform(img: torch.Tensor, size: int = 224) -> torch.Tensor:
     return TF.center_crop(fit_min_side(img, size), [size, size])
 
 
-def random_crop(img: torch.Tensor, size: int, generator: random.Random | None = None) -> torch.Tensor:
+def random_crop(img: torch.Tensor, size: int, generator: random.Random | None = None,
+                max_pixels: int | None = None) -> torch.Tensor:
     rng = generator or random
-    img = fit_min_side(img, size)
+    img = fit_min_side(img, size, max_pixels)
     h, w = img.shape[-2:]
     top, left = rng.randint(0, h - size), rng.randint(0, w - size)
     return img[:, top : top + size, left : left + size]
 
 
 def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur with a kernel of ``2 * ceil(3 sigma) + 1`` pixels; sigma <= 0 is identity."""
+    """Gaussian blur with a kernel of ``2 * ceil(3 sigma) + 1`` pixels; sigma <= 0 is identity.
+
+    Along a side shorter than the kernel's half-width the kernel is cut to ``2 * side - 1``
+    (reflect padding needs fewer pixels of padding than the side has): a 1 x N image is
+    blurred along its row only.
+    """
     if sigma <= 0:
         return img
     k = 2 * math.ceil(3 * sigma) + 1
-    return TF.gaussian_blur(img, [k, k], [sigma, sigma])
+    h, w = img.shape[-2:]
+    return TF.gaussian_blur(img, [min(k, 2 * w - 1), min(k, 2 * h - 1)], [sigma, sigma])
 
 
 def jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
@@ -110,7 +143,8 @@ class Stage1Views:
 
     ``resized_crop=True`` is SimCLR's random resized crop (scale ``crop_scale``);
     ``False`` crops at native resolution, keeping pixel-level traces intact. ``jitter`` is
-    SimCLR's colour-distortion strength s (0 disables it).
+    SimCLR's colour-distortion strength s (0 disables it). An image that cannot be upscaled
+    to ``size`` within ``max_pixels`` raises ``TooLargeToFit``.
     """
 
     def __init__(
@@ -121,9 +155,11 @@ class Stage1Views:
         crop_scale=(0.08, 1.0),
         jitter: float = 0.5,
         grayscale_prob: float = 0.2,
+        max_pixels: int | None = None,
     ):
         self.size = size
         self.resized_crop = resized_crop
+        self.max_pixels = max_pixels
         crop = (
             T.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)
             if resized_crop
@@ -140,7 +176,7 @@ class Stage1Views:
         )
 
     def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        img = fit_min_side(img, self.size)
+        img = fit_min_side(img, self.size, self.max_pixels)
         return self.augment(img), self.augment(img)
 
 
@@ -155,6 +191,9 @@ class Stage2Transform:
     process the stream is re-seeded from ``seed`` and the worker's own seed (which torch
     draws per worker from the loader's generator), so workers never repeat each other's
     draws and a seeded loader still gives the same draws on every run.
+
+    An image that cannot be upscaled to ``size`` within ``max_pixels`` raises
+    ``TooLargeToFit`` before any work or draw.
     """
 
     def __init__(
@@ -168,8 +207,10 @@ class Stage2Transform:
         jpeg_quality=(30, 100),
         flip: bool = True,
         seed: int | None = None,
+        max_pixels: int | None = None,
     ):
         self.size, self.scl_size = size, scl_size
+        self.max_pixels = max_pixels
         self.blur_prob, self.blur_sigma = blur_prob, tuple(blur_sigma)
         self.jpeg_prob, self.jpeg_quality = jpeg_prob, tuple(jpeg_quality)
         self.flip = flip
@@ -186,6 +227,7 @@ class Stage2Transform:
         return self.rng
 
     def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_fit(*img.shape[-2:], self.size, self.max_pixels)
         rng = self._worker_rng()
         if rng.random() < self.blur_prob:
             img = gaussian_blur(img, rng.uniform(*self.blur_sigma))
@@ -200,12 +242,12 @@ class Stage2Transform:
 def stage1_transform(cfg: TrainConfig) -> Stage1Views:
     """Stage 1's two-view augmentation as a training config sets it."""
     return Stage1Views(cfg.crop_size, resized_crop=cfg.stage1_resized_crop, crop_scale=cfg.stage1_crop_scale,
-                       jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale)
+                       jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale, max_pixels=cfg.max_pixels)
 
 
 def stage2_transform(cfg: TrainConfig, seed: int | None = None) -> Stage2Transform:
     """Stage 2's 224 crop (+ flip, blur/JPEG) and SCL crop as a training config sets them."""
     return Stage2Transform(
         cfg.crop_size, cfg.scl_crop_size, blur_prob=cfg.blur_prob, blur_sigma=cfg.blur_sigma,
-        jpeg_prob=cfg.jpeg_prob, jpeg_quality=cfg.jpeg_quality, seed=seed,
+        jpeg_prob=cfg.jpeg_prob, jpeg_quality=cfg.jpeg_quality, seed=seed, max_pixels=cfg.max_pixels,
     )

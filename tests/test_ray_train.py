@@ -244,3 +244,34 @@ def test_training_takes_the_endpoint_from_the_environment(monkeypatch, small_man
     monkeypatch.setattr(ray_train_data.storage, "read_many", lambda uris, options: used.append(options) or [b""] * len(uris))
     ray_train_data.read_batch(pa.table({"uri": ["s3://b/k"], "label": [0]}), endpoint=None)
     assert used[0].endpoint_url == endpoint
+
+
+def _png(h: int, w: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_prepare_batch_drops_and_counts_slivers(stage, caplog):
+    """A 1 x 1000 image, which upscaling to the crop would blow up past max_pixels, is dropped,
+    logged with its reason and counted, like an undecodable one; the others train."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from ntf_ray.ray_train_data import prepare_batch
+
+    added = []
+    counter = SimpleNamespace(add=SimpleNamespace(remote=added.append))
+    cfg = _resume_config(max_pixels=1_000_000)  # crop 32: 1 x 1000 needs 32 x 32000 = 1,024,000 px
+    batch = pa.table({"label": [0, 1, 0, 1], "data": [_png(40, 40), _png(1, 1000), b"not an image", _png(20, 40)]})
+    with caplog.at_level("WARNING", logger="ntf_ray.ray_train_data"):
+        out = prepare_batch(batch, stage=stage, cfg=cfg.to_dict(), counter=counter)
+    assert out["label"].tolist() == [0, 1] and added == [2]
+    assert "too_large: upscaling 1000x1 to fit 32 px needs 32000x32 = 1024000 px > limit 1000000" in caplog.text

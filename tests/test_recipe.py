@@ -39,3 +39,24 @@ def test_both_stages_reach_ap_on_held_out_synthetic_split(tmp_path, capsys):
     loaded = load_artifact(str(tmp_path / "out" / "detector"))
     assert loaded.training["config"]["backbone"] == "tiny" and loaded.input_size == 48
     assert loaded.training["data"]["counts"]["train/real"] == 600
+
+
+def test_local_training_drops_slivers(tmp_path):
+    """The local recipe drops a 1 x 1000 image that upscaling to the crop would blow up, as the
+    Ray path does, and collates the rest."""
+    import numpy as np
+    from PIL import Image
+
+    from ntf_ray.datasets import collate_drop_none, manifest_table
+    from ntf_ray.recipe import TrainingImages
+    from ntf_ray.transforms import stage1_transform, stage2_transform
+
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"ok.png": (40, 40), "thin.png": (1, 1000)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    table = manifest_table([{"uri": str(tmp_path / n), "label": 0, "split": "train"} for n in ("ok.png", "thin.png")])
+    cfg = load_config(SMOKE, ["crop_size=32", "scl_crop_size=16", "max_pixels=1000000"])
+    for transform, keys in ((stage1_transform(cfg), ("view1", "view2")), (stage2_transform(cfg, 0), ("image", "crop"))):
+        data = TrainingImages(table, transform, keys=keys, max_pixels=cfg.max_pixels)
+        batch = collate_drop_none([data[0], data[1]])
+        assert batch["dropped"] == 1 and batch[keys[0]].shape == (1, 3, 32, 32)

@@ -10,8 +10,10 @@ import torch
 from ntf_ray.transforms import (
     Stage1Views,
     Stage2Transform,
+    TooLargeToFit,
     eval_transform,
     fit_min_side,
+    gaussian_blur,
     perturb,
     to_tensor,
 )
@@ -50,6 +52,48 @@ def test_fit_min_side_keeps_aspect_and_leaves_big_images():
     assert fit_min_side(x, 224).shape == (3, 224, 672)
     big = img(230, 240)
     assert fit_min_side(big, 224) is big
+
+
+@pytest.mark.parametrize("make", [
+    lambda limit: Stage1Views(224, max_pixels=limit),
+    lambda limit: Stage2Transform(224, 32, blur_prob=1.0, jpeg_prob=1.0, seed=0, max_pixels=limit),
+], ids=["stage1", "stage2"])
+def test_training_transforms_refuse_slivers_whose_upscale_passes_the_limit(make):
+    # 1 x 1000 upscaled until its short side is 224: 224 x 224000 = 50,176,000 px.
+    thin = img(1, 1000)
+    with pytest.raises(TooLargeToFit, match=r"^too_large: upscaling 1000x1 to fit 224 px needs "
+                                            r"224000x224 = 50176000 px > limit 10000000$"):
+        make(10_000_000)(thin)
+    with pytest.raises(TooLargeToFit, match="upscaling 1x1000"):
+        make(10_000_000)(img(1000, 1))
+    # Within the limit, or with none, it is upscaled as before; a big image is never refused.
+    assert make(60_000_000)(thin)[0].shape[-2:] == (224, 224)
+    assert make(None)(thin)[0].shape[-2:] == (224, 224)
+    assert make(224 * 224 - 1)(img(230, 240))[0].shape[-2:] == (224, 224)
+
+
+@pytest.mark.parametrize("h,w", [(1, 200), (2, 200), (200, 1)])
+def test_blur_of_a_sliver_blurs_along_its_long_side(h, w):
+    # sigma 2: a 13-pixel kernel, more than reflect padding allows across 1 or 2 pixels.
+    x = img(h, w)
+    out = gaussian_blur(x, 2.0)
+    assert out.shape == x.shape and out.float().std() < x.float().std()
+
+
+def test_the_sliver_limit_is_the_scorers():
+    """Training refuses exactly the images the scorer refuses, with the same reason."""
+    from ntf_ray.model import Detector
+    from ntf_ray.scoring import Scorer
+
+    scorer = Scorer(Detector.build("tiny"), input_size=48, max_pixels=100_000, device="cpu")
+    for h, w in [(1, 2000), (1, 2100), (2, 4200), (3000, 1), (40, 2100), (48, 5000)]:
+        _, result = scorer.crop(img(h, w), "png", "pil")
+        try:
+            Stage1Views(48, max_pixels=100_000)(img(h, w))
+            refused = None
+        except TooLargeToFit as exc:
+            refused = str(exc)
+        assert refused == result.error, (h, w)
 
 
 def test_stage1_views_shapes_and_differ():
