@@ -149,64 +149,22 @@ def _without_endpoint(argv: list[str]) -> list[str]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ntf_ray import storage
+    from ntf_ray.score_files import score_files
     from ntf_ray.scoring import Scorer
     from ntf_ray.storage import StorageOptions
 
     options = StorageOptions.resolve(args.s3_endpoint)
     scorer = Scorer.from_artifact(args.model, device=args.device, threshold=args.threshold, options=options,
                                   decoder=args.decoder)
-    for uri in args.inputs:
-        uri = storage.normalize(uri)
-        try:
-            data = storage.read_bytes(uri, options)
-        except (OSError, ValueError) as exc:
-            row = {"uri": uri, "score": None, "is_fake": None, "error": f"read: {storage.redact(str(exc))[:200]}",
-                   "decoder": None}
-        else:
-            r = scorer.score_bytes([data])[0]
-            row = {"uri": uri, "score": r.score, "is_fake": r.is_fake, "error": r.error, "decoder": r.decoder}
+    for row in score_files(scorer, args.inputs, options=options):
         print(json.dumps(row), flush=True)
     return 0
 
 
-SMOKE_CONFIG = Path(__file__).resolve().parent / "configs" / "smoke.yaml"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> both NTF stages on local Ray (tiny backbone, CPU) -> evaluation -> a scan of the data folder."""
-    import time
+    from ntf_ray.ray_demo import run_demo
 
-    from ntf_ray import ray_evaluate, ray_scan, ray_train
-    from ntf_ray.config import load_config
-    from ntf_ray.datasets import manifest_table, write_manifest
-    from ntf_ray.synth import make_synthetic
-
-    start = time.perf_counter()
-    work = Path(args.work).absolute()
-    data, run, report = work / "data", work / "run", work / "report"
-    print(f"[1/4] making {2 * args.n} synthetic images in {data} (test data, not a benchmark)", flush=True)
-    records = make_synthetic(data, n_real=args.n, n_fake=args.n, size=64, seed=args.seed)
-    manifest = str(data / "manifest.parquet")
-    write_manifest(manifest_table(records), manifest)
-    cfg = load_config(SMOKE_CONFIG, args.set)
-    print(f"[2/4] training both NTF stages on local Ray ({cfg.variant}, {cfg.backbone} backbone, {cfg.epochs_stage1}+"
-          f"{cfg.epochs_stage2} epochs, 2 CPU workers)", flush=True)
-    ray_train.init_local_ray()
-    ray_train.train("both", cfg, ray_train.RunSpec(manifest=manifest, output=str(run), num_workers=2,
-                                                   run_name=ray_train.new_run_name()))
-    detector = str(run / ray_train.DETECTOR)
-    print("[3/4] evaluating the detector on the held-out test split (ntf-ray evaluate):", flush=True)
-    metrics = ray_evaluate.evaluate(ray_evaluate.EvaluateSpec(model=detector, manifest=manifest, output=str(report),
-                                                              embeddings=min(300, args.n)))
-    print(ray_evaluate.format_summary(metrics))
-    print(f"report: {report / 'report.md'}")
-    print(f"[4/4] scanning {data} with Ray Data into a score table", flush=True)
-    result = ray_scan.scan(ray_scan.ScanSpec(model=detector, output=str(work / "scores"), input=str(data),
-                                             pattern="*.png"))
-    print(ray_scan.format_summary(result.summary))
-    print(f"detector at {detector}; score more files with: ntf-ray score --model {detector} FILE...")
-    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    run_demo(work=args.work, n=args.n, seed=args.seed, overrides=args.set)
     return 0
 
 

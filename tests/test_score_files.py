@@ -1,0 +1,42 @@
+"""Tests for ntf_ray.score_files: one row per input, in order, read failures as rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from ntf_ray.score_files import score_files
+from ntf_ray.scoring import ScoreResult
+
+
+class RecordingScorer:
+    """Scores an input by its length; records what it was given."""
+
+    def __init__(self):
+        self.seen: list[bytes] = []
+
+    def score_bytes(self, items):
+        self.seen += items
+        return [ScoreResult(len(b) / 10, len(b) >= 5, 1, 1, "PNG", None, "pil") for b in items]
+
+
+def test_rows_in_order_with_read_errors(tmp_path):
+    (tmp_path / "a").write_bytes(b"abc")
+    (tmp_path / "b").write_bytes(b"abcdefg")
+    scorer = RecordingScorer()
+    rows = list(score_files(scorer, [tmp_path / "a", str(tmp_path / "gone"), tmp_path, f"file://{tmp_path}/b"]))
+    assert [r["uri"] for r in rows] == [str(tmp_path / "a"), str(tmp_path / "gone"), str(tmp_path), str(tmp_path / "b")]
+    assert rows[0] == {"uri": str(tmp_path / "a"), "score": 0.3, "is_fake": False, "error": None, "decoder": "pil"}
+    assert rows[1] == {"uri": str(tmp_path / "gone"), "score": None, "is_fake": None,
+                       "error": "read: not found (deleted after listing?)", "decoder": None}
+    assert rows[2]["error"].startswith("read: IsADirectoryError: ") and rows[2]["score"] is None
+    assert rows[3]["score"] == 0.7 and rows[3]["is_fake"] is True
+    assert scorer.seen == [b"abc", b"abcdefg"]  # unreadable inputs never reach the scorer
+
+
+def test_rows_come_as_each_input_is_scored(tmp_path):
+    (tmp_path / "a").write_bytes(b"abc")
+    scorer = RecordingScorer()
+    rows = score_files(scorer, [tmp_path / "a", "gs://bucket/x"])
+    assert next(rows)["score"] == 0.3 and scorer.seen == [b"abc"]
+    with pytest.raises(ValueError, match="unsupported URI scheme"):  # a wrong argument, not a row
+        next(rows)
