@@ -135,7 +135,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     counter = config.get("counter")
-    dropped_before = ray.get(counter.total.remote()) if counter is not None and rank == 0 else 0
+    if counter is not None and rank == 0:
+        ray.get(counter.take.remote())  # rows an earlier, failed attempt dropped
     common = dict(gather=True, device=device)
     for epoch in range(start_epoch, epochs):
         if cfg.fail_at_epoch == epoch and resumed is None and rank == 0:
@@ -153,8 +154,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 f"stage {stage} epoch {epoch + 1}: no training image could be read and decoded; check the "
                 "manifest's uris, the storage credentials and endpoint (--s3-endpoint), and the workers' logs")
         if counter is not None and rank == 0:
-            total = ray.get(counter.total.remote())
-            metrics["rows_dropped"], dropped_before = total - dropped_before, total
+            metrics["rows_dropped"] = ray.get(counter.take.remote())
         metrics["resumed_from_epoch"] = start_epoch if resumed is not None else -1
         if rank == 0:
             log.info("stage %d epoch %d/%d: %s", stage, epoch + 1, epochs,

@@ -24,9 +24,15 @@ READ_BLOCK_ROWS = 256  # rows per read task: enough to keep s3fs's concurrent re
 DECODE_BLOCK_ROWS = 64  # at least this many rows per decode task
 
 
-@ray.remote(num_cpus=0)
+# Restarted wherever its node is lost, calls retried meanwhile: a count is not worth a failed
+# training run.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class DropCounter:
-    """Counts rows that Ray Data's decode tasks dropped, for the per-epoch metrics."""
+    """Counts rows that Ray Data's decode tasks dropped, for the per-epoch metrics.
+
+    Best-effort: a restart loses the rows counted since the last ``take``, and a retried
+    call may count a block twice; training itself never depends on the count.
+    """
 
     def __init__(self) -> None:
         self.dropped = 0
@@ -34,8 +40,10 @@ class DropCounter:
     def add(self, n: int) -> None:
         self.dropped += n
 
-    def total(self) -> int:
-        return self.dropped
+    def take(self) -> int:
+        """The rows dropped since the last ``take`` (the count starts again at 0)."""
+        n, self.dropped = self.dropped, 0
+        return n
 
 
 def read_batch(batch: pa.Table, *, endpoint: str | None) -> pa.Table:

@@ -275,3 +275,18 @@ def test_prepare_batch_drops_and_counts_slivers(stage, caplog):
         out = prepare_batch(batch, stage=stage, cfg=cfg.to_dict(), counter=counter)
     assert out["label"].tolist() == [0, 1] and added == [2]
     assert "too_large: upscaling 1000x1 to fit 32 px needs 32000x32 = 1024000 px > limit 1000000" in caplog.text
+
+
+def test_drop_counter_survives_losing_its_process(local_ray):
+    """Losing the counter's node costs only the count since the last take, never the training."""
+    from ntf_ray.ray_train_data import DropCounter
+
+    counter = DropCounter.remote()
+    ray.get(counter.add.remote(3), timeout=60)
+    assert ray.get(counter.take.remote(), timeout=60) == 3
+    ray.get(counter.add.remote(2), timeout=60)
+    ray.kill(counter, no_restart=False)  # as when its node is lost
+    counter.add.remote(5)  # from a decode task, while it restarts
+    assert ray.get(counter.take.remote(), timeout=60) == 5  # the 2 not yet taken are lost
+    assert ray.get(counter.take.remote(), timeout=60) == 0
+    ray.kill(counter)
