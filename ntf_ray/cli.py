@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -21,11 +22,9 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from ntf_ray.datasets import index_root, write_manifest
-    from ntf_ray.storage import StorageOptions
 
-    options = StorageOptions.resolve(args.s3_endpoint)
-    table = index_root(args.root, default_split=args.split, options=options)
-    write_manifest(table, args.out, options)
+    table = index_root(args.root, default_split=args.split, options=args.storage_options)
+    write_manifest(table, args.out, args.storage_options)
     labels = table.column("label").to_pylist()
     print(f"indexed {table.num_rows} images ({labels.count(0)} real, {labels.count(1)} fake) -> {args.out}")
     return 0
@@ -62,19 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ntf_ray import ray_train
     from ntf_ray.config import load_config
 
-    overrides = list(args.set)
-    for flag, key in (("backbone", "backbone"), ("pretrained", "pretrained"), ("epochs_stage1", "epochs_stage1"),
-                      ("epochs_stage2", "epochs_stage2"), ("batch_size", "batch_size"), ("variant", "variant")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if args.gpus:
-        overrides.append("device=cuda")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, _train_overrides(args))
     spec = ray_train.RunSpec(
         manifest=args.manifest, output=args.output, num_workers=args.num_workers, use_gpu=args.gpus,
         cpus_per_worker=args.cpus_per_worker, run_name=args.run_name or ray_train.new_run_name(),
-        storage_path=args.storage, max_failures=args.max_failures, endpoint=args.s3_endpoint,
+        storage_path=args.storage, max_failures=args.max_failures, endpoint=args.storage_options.endpoint_url,
     )
     ray_train.init_local_ray()
     print(f"training {cfg.variant} stage {args.stage} as run {spec.run_name!r} with {spec.num_workers} workers "
@@ -87,6 +78,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(f"detector artifact: {storage.join(args.output, ray_train.DETECTOR)}")
     return 0
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set KEY=VALUE`` items, then the config fields that have their own flags."""
+    overrides = list(args.set)
+    for flag in ("backbone", "pretrained", "epochs_stage1", "epochs_stage2", "batch_size", "variant"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{flag}={value}")
+    if args.gpus:
+        overrides.append("device=cuda")
+    return overrides
 
 
 def add_train_arguments(s: argparse.ArgumentParser) -> None:
@@ -115,18 +118,16 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--storage", help="Ray Train storage for checkpoints (default OUTPUT/ray)")
     s.add_argument("--max-failures", type=int, default=0,
                    help="worker failures to recover from, each from the latest checkpoint (default 0)")
-    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ntf_ray import ray_evaluate, ray_train, storage
-    from ntf_ray.storage import StorageOptions
 
     spec = ray_evaluate.EvaluateSpec(
         model=args.model, manifest=args.manifest, output=args.output, split=None if args.split == "all" else args.split,
         families=args.families, perturb=args.perturb, embeddings=args.embeddings, threshold=args.threshold,
         seed=args.seed, batch_size=args.batch_size, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
-        endpoint=StorageOptions.resolve(args.s3_endpoint).endpoint_url,
+        endpoint=args.storage_options.endpoint_url,
     )
     ray_train.init_local_ray()
     metrics = ray_evaluate.evaluate(spec, command=storage.redact(" ".join(["ntf-ray", *_without_endpoint(args.argv)])))
@@ -151,12 +152,10 @@ def _without_endpoint(argv: list[str]) -> list[str]:
 def cmd_score(args: argparse.Namespace) -> int:
     from ntf_ray.score_files import score_files
     from ntf_ray.scoring import Scorer
-    from ntf_ray.storage import StorageOptions
 
-    options = StorageOptions.resolve(args.s3_endpoint)
-    scorer = Scorer.from_artifact(args.model, device=args.device, threshold=args.threshold, options=options,
-                                  decoder=args.decoder)
-    for row in score_files(scorer, args.inputs, options=options):
+    scorer = Scorer.from_artifact(args.model, device=args.device, threshold=args.threshold,
+                                  options=args.storage_options, decoder=args.decoder)
+    for row in score_files(scorer, args.inputs, options=args.storage_options):
         print(json.dumps(row), flush=True)
     return 0
 
@@ -170,15 +169,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from ntf_ray import ray_scan, ray_train
-    from ntf_ray.storage import StorageOptions
 
-    if (args.input is None) == (args.manifest is None):
-        raise ValueError("give exactly one of --input (an s3:// prefix or a folder) and --manifest")
     spec = ray_scan.ScanSpec(
         model=args.model, output=args.output, input=args.input, manifest=args.manifest, run_id=args.run_id,
         incremental=args.incremental, threshold=args.threshold, pattern=args.glob, limit=args.limit,
         batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
-        gpus_per_actor=args.gpus_per_actor, decoder=args.decoder, endpoint=StorageOptions.resolve(args.s3_endpoint).endpoint_url,
+        gpus_per_actor=args.gpus_per_actor, decoder=args.decoder, max_bytes=args.max_bytes,
+        endpoint=args.storage_options.endpoint_url,
     )
     ray_train.init_local_ray()
     result = ray_scan.scan(spec)
@@ -187,8 +184,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool) -> None:
-    s.add_argument("--input", help="what to scan: an s3://bucket/prefix or a local folder (all files below it)")
-    s.add_argument("--manifest", help="or: scan the uris of a manifest (.parquet/.csv, local or s3://)")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--input", help="what to scan: an s3://bucket/prefix or a local folder (all files below it)")
+    what.add_argument("--manifest", help="or: scan the uris of a manifest (.parquet/.csv, local or s3://)")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
     s.add_argument("--output", required=True,
                    help="score table root (local or s3://); rows go to OUTPUT/dt=YYYY-MM-DD/run_id=ID/")
@@ -210,7 +208,8 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
                    help="GPUs per detector actor (default: 1 when the cluster has GPUs, else 0 = CPU)")
     add_decoder_argument(s)
     s.add_argument("--limit", type=int, help="scan at most this many objects (a trial run)")
-    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
+    s.add_argument("--max-bytes", type=_byte_size, default=128 * 2**20, metavar="SIZE",
+                   help="skip objects larger than this without reading them (error row too_large:); default 128MiB")
 
 
 def add_decoder_argument(s: argparse.ArgumentParser) -> None:
@@ -227,13 +226,38 @@ def _size(text: str) -> int:
     return value
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """A byte count: ``4096``, ``128MiB``, ``1.5GB`` (case-insensitive; KiB = 1024, KB = 1000)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and _BYTE_UNITS.get(match.group(2).lower())
+    if not unit:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes: give e.g. 1048576, 128MiB or 1GB")
+    value = int(float(match.group(1)) * unit)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a size must be at least 1 byte")
+    return value
+
+
+def _endpoint_parser() -> argparse.ArgumentParser:
+    """The ``--s3-endpoint`` every command that touches storage takes (``parents=[...]``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ntf-ray", description="Find AI-generated images at scale (Natural Trace Forensics on Ray).")
     p.add_argument("--version", action="version", version=f"ntf-ray {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    endpoint = [_endpoint_parser()]
 
-    s = sub.add_parser("index", help="build a dataset manifest from a CNNDetection- or GenImage-layout folder",
+    s = sub.add_parser("index", parents=endpoint,
+                       help="build a dataset manifest from a CNNDetection- or GenImage-layout folder",
                        description="Write a manifest (uri, label, generator, split) for ROOT/[split/]<generator>/.../{0_real,1_fake}/* "
                                    "(CNNDetection) or ROOT/[<generator>/...]/{train,val}/{ai,nature}/* (GenImage; its val is "
                                    "written as split test). The output format follows the extension: .parquet or .csv.")
@@ -241,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="manifest to write (.parquet or .csv; local path or s3://)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="split for CNNDetection files not under a train/val/test folder (default: test)")
-    s.add_argument("--s3-endpoint", help="S3 endpoint URL for ROOT and --out (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("synth", help="make a synthetic real/fake image set (test data, not a benchmark)",
@@ -273,27 +296,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training config field")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("train", help="train both NTF stages on Ray Train (local Ray, or a cluster via RAY_ADDRESS)",
+    s = sub.add_parser("train", parents=endpoint,
+                       help="train both NTF stages on Ray Train (local Ray, or a cluster via RAY_ADDRESS)",
                        description="Train NTF with Ray Train: data streamed with Ray Data from the manifest, "
                                    "checkpoints every epoch, resumable under the same --run-name. The resolved "
                                    "config is written to OUTPUT/config.json; the detector to OUTPUT/detector.")
     add_train_arguments(s)
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("scan", help="score every object under a prefix (or in a manifest) into a Parquet table",
+    s = sub.add_parser("scan", parents=endpoint,
+                       help="score every object under a prefix (or in a manifest) into a Parquet table",
                        description="A Ray Data job: list, read, decode and score in detector actors, and write one "
                                    "row per object to OUTPUT/dt=YYYY-MM-DD/run_id=ID/ (then _summary.json and "
                                    "_SUCCESS). Unreadable objects get an error row; the run goes on.")
     add_scan_arguments(s, incremental_default=False)
     s.set_defaults(func=cmd_scan)
 
-    s = sub.add_parser("moderate", help="an incremental scan: only objects new or changed since the last runs",
+    s = sub.add_parser("moderate", parents=endpoint,
+                       help="an incremental scan: only objects new or changed since the last runs",
                        description="`scan --incremental`: scores only objects whose (uri, etag) has no row from the "
                                    "same model in a completed earlier run under OUTPUT. Made to run on a schedule.")
     add_scan_arguments(s, incremental_default=True)
     s.set_defaults(func=cmd_scan)
 
-    s = sub.add_parser("evaluate", help="the paper's metrics of a detector on a labelled manifest split, with a report",
+    s = sub.add_parser("evaluate", parents=endpoint,
+                       help="the paper's metrics of a detector on a labelled manifest split, with a report",
                        description="Score a manifest split through the scan's Ray Data path (clean and, with --perturb, "
                                    "at every perturbation level), join the labels, and write OUTPUT/report.md, "
                                    "metrics.json, scores.parquet and PNG figures: per generator AP, ACC, FPR, FNR (fake = "
@@ -317,16 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
     s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
     s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
-    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("score", help="score images with a detector artifact, one JSON line per input")
+    s = sub.add_parser("score", parents=endpoint,
+                       help="score images with a detector artifact, one JSON line per input")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
     s.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="image files or s3:// objects")
     s.add_argument("--threshold", type=float, help="decision threshold (default: the artifact's)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_decoder_argument(s)
-    s.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
     s.set_defaults(func=cmd_score)
     return p
 
@@ -336,11 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
+    from ntf_ray.storage import StorageOptions, redact
+
+    # Resolved once, here: an absent --s3-endpoint means AWS_ENDPOINT_URL for every command.
+    args.storage_options = StorageOptions.resolve(getattr(args, "s3_endpoint", None))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
-        from ntf_ray.storage import redact
-
         print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
 

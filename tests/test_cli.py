@@ -1,0 +1,237 @@
+"""Tests for ntf_ray.cli, through ``main([...])``: parsing, one endpoint for every command, ``score``.
+
+The commands' work is replaced by recorders where it would start Ray: the CLI's part is to
+parse and hand over, and that is what these check. The commands themselves have their
+tests beside their modules (test_ray_scan, test_ray_train, test_ray_evaluate, test_scoring).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ntf_ray import cli
+from ntf_ray.cli import main
+
+ENV_ENDPOINT = "http://minio.internal:9000"
+FLAG_ENDPOINT = "http://ceph.internal:7480"
+ENDPOINT_COMMANDS = ("index", "train", "scan", "moderate", "evaluate", "score")
+
+
+@pytest.fixture
+def env_endpoint(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ENV_ENDPOINT)
+
+
+def _subparsers() -> dict:
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return sub.choices
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["index"],
+    ["index", "root"],  # --out
+    ["synth"],
+    ["train", "--output", "o"],  # --manifest
+    ["train", "--manifest", "m"],  # --output
+    ["scan", "--model", "m", "--output", "o"],  # --input or --manifest
+    ["scan", "--input", "i", "--output", "o"],  # --model
+    ["scan", "--input", "i", "--model", "m"],  # --output
+    ["moderate", "--model", "m", "--output", "o"],
+    ["evaluate", "--model", "m", "--manifest", "x"],  # --output
+    ["evaluate", "--manifest", "x", "--output", "o"],  # --model
+    ["score", "--model", "m"],  # no input
+    ["score", "file.png"],  # --model
+    [],  # no command
+], ids=lambda argv: " ".join(argv) or "none")
+def test_missing_required_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["scan", "moderate"])
+def test_input_and_manifest_exclude_each_other(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--input", "s3://b/p", "--manifest", "m.parquet", "--model", "m", "--output", "o"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--manifest: not allowed with argument --input" in err
+
+
+@pytest.mark.parametrize("command", ["scan", "moderate"])
+def test_scan_needs_input_or_manifest(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--model", "m", "--output", "o"])
+    assert info.value.code == 2
+    assert "one of the arguments --input --manifest is required" in capsys.readouterr().err
+
+
+def test_every_storage_command_takes_the_one_s3_endpoint_flag():
+    subparsers = _subparsers()
+    helps = set()
+    for name, parser in subparsers.items():
+        flags = {a.dest: a for a in parser._actions}
+        assert ("s3_endpoint" in flags) == (name in ENDPOINT_COMMANDS), name
+        if name in ENDPOINT_COMMANDS:
+            helps.add(flags["s3_endpoint"].help)
+    assert helps == {"S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL"}
+
+
+@pytest.mark.parametrize(("text", "value"), [("4096", 4096), ("128MiB", 128 * 2**20), ("1gb", 10**9),
+                                             ("1.5 KiB", 1536), ("2GiB", 2 * 2**30)])
+def test_max_bytes_sizes(text, value):
+    args = cli.build_parser().parse_args(["scan", "--input", "i", "--model", "m", "--output", "o",
+                                          "--max-bytes", text])
+    assert args.max_bytes == value
+
+
+def test_max_bytes_default_is_the_scans():
+    from ntf_ray import ray_scan
+
+    args = cli.build_parser().parse_args(["moderate", "--input", "i", "--model", "m", "--output", "o"])
+    assert args.max_bytes == ray_scan.DEFAULT_MAX_BYTES == 128 * 2**20
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "12 parsecs", "MiB", ""])
+def test_max_bytes_rejects_what_is_not_a_size(text, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["moderate", "--input", "i", "--model", "m", "--output", "o", "--max-bytes", text])
+    assert info.value.code == 2
+    assert "--max-bytes" in capsys.readouterr().err
+
+
+# --- one endpoint, resolved once ---------------------------------------------------------
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace what would start Ray by recorders; returns what each was given."""
+    from ntf_ray import ray_evaluate, ray_scan, ray_train
+
+    calls: dict = {}
+
+    def train(stage, cfg, spec):
+        calls["train"] = (stage, cfg, spec)
+        return {"stage1": {"loss": 0.5, "epochs": 1}}
+
+    def scan(spec):
+        calls["scan"] = spec
+        return ray_scan.ScanResult(run_id="r1", run_dir="o/r1", summary={"rows": 0})
+
+    def evaluate(spec, *, command=None):
+        calls["evaluate"] = (spec, command)
+        return {}
+
+    monkeypatch.setattr(ray_train, "init_local_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_train, "train", train)
+    monkeypatch.setattr(ray_scan, "scan", scan)
+    monkeypatch.setattr(ray_scan, "format_summary", lambda summary: f"summary {summary}")
+    monkeypatch.setattr(ray_evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(ray_evaluate, "format_summary", lambda metrics: "metrics")
+    return calls
+
+
+@pytest.mark.parametrize(("flag", "want"), [([], ENV_ENDPOINT), (["--s3-endpoint", FLAG_ENDPOINT], FLAG_ENDPOINT)])
+def test_train_gets_the_resolved_endpoint(env_endpoint, recorded, flag, want, tmp_path, capsys):
+    assert main(["train", "--manifest", "s3://b/m.parquet", "--output", str(tmp_path), "--stage", "1",
+                 "--epochs-stage1", "3", "--set", "lr=0.05", "--run-name", "r", *flag]) == 0
+    stage, cfg, spec = recorded["train"]
+    assert spec.endpoint == want
+    assert (stage, cfg.epochs_stage1, cfg.lr, spec.run_name, spec.manifest) == ("1", 3, 0.05, "r", "s3://b/m.parquet")
+    assert "stage1: loss=0.5, epochs=1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["scan", "moderate"])
+@pytest.mark.parametrize(("flag", "want"), [([], ENV_ENDPOINT), (["--s3-endpoint", FLAG_ENDPOINT], FLAG_ENDPOINT)])
+def test_scan_gets_the_resolved_endpoint(env_endpoint, recorded, command, flag, want, capsys):
+    assert main([command, "--manifest", "m.parquet", "--model", "s3://b/det", "--output", "s3://b/t",
+                 "--glob", "*.jpg", "--max-bytes", "1MiB", *flag]) == 0
+    spec = recorded["scan"]
+    assert spec.endpoint == want
+    assert (spec.input, spec.manifest, spec.pattern, spec.incremental, spec.max_bytes) == (
+        None, "m.parquet", "*.jpg", command == "moderate", 2**20)
+    assert capsys.readouterr().out.strip() == "summary {'rows': 0}"
+
+
+def test_evaluate_gets_the_resolved_endpoint_and_records_no_endpoint(env_endpoint, recorded, capsys):
+    assert main(["evaluate", "--model", "m", "--manifest", "x", "--output", "o", "--s3-endpoint", FLAG_ENDPOINT]) == 0
+    spec, command = recorded["evaluate"]
+    assert spec.endpoint == FLAG_ENDPOINT
+    assert command == "ntf-ray evaluate --model m --manifest x --output o"
+
+
+def test_no_endpoint_anywhere_is_none(monkeypatch, recorded):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert main(["scan", "--input", "i", "--model", "m", "--output", "o"]) == 0
+    assert recorded["scan"].endpoint is None
+
+
+def test_demo_delegates(monkeypatch):
+    from ntf_ray import ray_demo
+
+    seen = {}
+    monkeypatch.setattr(ray_demo, "run_demo", lambda **kwargs: seen.update(kwargs))
+    assert main(["demo", "--work", "w", "--n", "4", "--seed", "3", "--set", "lr=0.1"]) == 0
+    assert seen == {"work": "w", "n": 4, "seed": 3, "overrides": ["lr=0.1"]}
+
+
+# --- score -------------------------------------------------------------------------------
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_score_two_images_and_a_missing_file(tmp_path, capsys):
+    import torch
+
+    from ntf_ray.artifact import save_artifact
+    from ntf_ray.model import Detector
+
+    torch.manual_seed(0)
+    model = str(tmp_path / "detector")
+    save_artifact(model, Detector.build("tiny"), input_size=32, threshold=0.5)
+    files = []
+    for i in range(2):
+        (tmp_path / f"img{i}.png").write_bytes(_png(i))
+        files.append(str(tmp_path / f"img{i}.png"))
+    missing = str(tmp_path / "gone.png")
+    assert main(["score", "--model", model, "--device", "cpu", "--decoder", "pil", *files, missing]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["uri"] for r in rows] == [*files, missing]
+    for r in rows[:2]:
+        assert r["error"] is None and 0 <= r["score"] <= 1 and r["is_fake"] == (r["score"] >= 0.5)
+        assert r["decoder"] == "pil"
+    assert rows[2] == {"uri": missing, "score": None, "is_fake": None,
+                      "error": "read: not found (deleted after listing?)", "decoder": None}
+
+
+def test_score_a_folder_gets_the_formatted_read_error(tmp_path, capsys, monkeypatch):
+    from ntf_ray import scoring
+
+    monkeypatch.setattr(scoring.Scorer, "from_artifact", classmethod(lambda cls, *a, **k: None))
+    assert main(["score", "--model", "m", str(tmp_path)]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["error"].startswith("read: IsADirectoryError: ") and len(row["error"]) <= 200
+
+
+def test_score_a_bad_scheme_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from ntf_ray import scoring
+
+    monkeypatch.setattr(scoring.Scorer, "from_artifact", classmethod(lambda cls, *a, **k: None))
+    assert main(["score", "--model", "m", "gs://bucket/x.png"]) == 2
+    assert "ntf-ray score: error: unsupported URI scheme" in capsys.readouterr().err
