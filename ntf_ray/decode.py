@@ -149,6 +149,12 @@ _ORIENTATION_TO_TRANSPOSE = {
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
+# Pixels leave Pillow a block of rows (about this many pixels) at a time, converted and
+# composited block by block, so the temporaries stay a few MB at any image size: the only
+# full-size buffers are Pillow's decoded frame and the result. (Whole-image numpy work on
+# a 5000x5000 RGBA PNG held about 620 MiB at once.)
+_BLOCK_PIXELS = 1 << 20
+
 # Pillow puts the BytesIO repr ("<_io.BytesIO object at 0x7f...>") into some messages;
 # scrub it so identical failures produce identical reasons.
 _ADDRESS_RE = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
@@ -451,29 +457,63 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         return _gray_to_rgb(_scale_float(np.asarray(im)))
     if _has_transparency(im):
         try:
-            rgba = im if mode == "RGBA" else im.convert("RGBA")
+            return _composite_on_white(im)
         except (ValueError, TypeError, KeyError):
-            # A malformed transparency key should not lose the image: ignore it.
+            # A malformed transparency key (convert("RGBA") refuses it) should not lose the
+            # image: ignore it.
             if mode in _ALPHA_MODES:
                 raise
-        else:
-            return _composite_on_white(np.asarray(rgba))
-    rgb = im if mode == "RGB" else im.convert("RGB")
-    # np.asarray over a Pillow image is read-only (it wraps tobytes()); copy once so
-    # downstream code (e.g. torch.from_numpy) gets a writeable, contiguous array.
-    return np.array(rgb, dtype=np.uint8, order="C", copy=True)
+    # A fresh array, not np.asarray(im) (read-only: it wraps tobytes()), so downstream code
+    # (e.g. torch.from_numpy) gets a writeable, contiguous array.
+    width, height = im.size
+    out = np.empty((height, width, 3), np.uint8)
+    for rows, rgb in _row_blocks(im, "RGB"):
+        out[rows] = rgb
+    return out
 
 
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """``(H, W, 4)`` uint8 RGBA -> ``(H, W, 3)`` uint8 RGB over a white background."""
-    alpha = rgba[..., 3:4]
-    if alpha.size == 0 or alpha.min() == 255:
-        return rgba[..., :3].copy()  # copy() is C-order: contiguous and writeable
-    rgb = rgba[..., :3].astype(np.uint16)
-    a = alpha.astype(np.uint16)
-    # rgb*a + 255*(255-a) <= 255*255, so uint16 cannot overflow; +127 rounds.
-    out = (rgb * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
+def _row_blocks(im: Image.Image, mode: str):
+    """Yield ``(rows, pixels)``: a ``slice`` of ``im``'s rows and those rows converted to
+    ``mode`` as a ``(len(rows), W, C)`` uint8 array, about ``_BLOCK_PIXELS`` at a time.
+
+    Converting a crop gives the same pixels as cropping the converted image: every
+    conversion used here (to RGB or RGBA, palette and transparency key included, since a
+    crop keeps both) maps each pixel on its own.
+    """
+    width, height = im.size
+    step = max(1, _BLOCK_PIXELS // width)
+    for top in range(0, height, step):
+        bottom = min(height, top + step)
+        block = im if step >= height else im.crop((0, top, width, bottom))
+        if block.mode != mode:
+            block = block.convert(mode)
+        yield slice(top, bottom), np.asarray(block)
+
+
+def _composite_on_white(im: Image.Image) -> np.ndarray:
+    """An image with transparency -> ``(H, W, 3)`` uint8 RGB over a white background.
+
+    ``out = (rgb * a + 255 * (255 - a) + 127) // 255`` per pixel, in uint16 and in place,
+    one block of rows at a time (so no full-size temporaries).
+    """
+    width, height = im.size
+    out = np.empty((height, width, 3), np.uint8)
+    for rows, rgba in _row_blocks(im, "RGBA"):
+        alpha = rgba[..., 3:]
+        if alpha.min() == 255:
+            out[rows] = rgba[..., :3]
+            continue
+        mixed = rgba[..., :3].astype(np.uint16)
+        background = alpha.astype(np.uint16)
+        # rgb*a + 255*(255-a) <= 255*255, so uint16 cannot overflow; +127 rounds.
+        mixed *= background
+        np.subtract(255, background, out=background)
+        background *= 255
+        mixed += background
+        mixed += 127
+        mixed //= 255
+        out[rows] = mixed
+    return out
 
 
 def _scale_16bit(values: np.ndarray) -> np.ndarray:
