@@ -175,7 +175,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         incremental=args.incremental, threshold=args.threshold, pattern=args.glob, limit=args.limit,
         batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor, decoder=args.decoder, max_bytes=args.max_bytes,
-        endpoint=args.storage_options.endpoint_url,
+        read_block_rows=args.read_block_rows, endpoint=args.storage_options.endpoint_url,
     )
     ray_train.init_local_ray()
     result = ray_scan.scan(spec)
@@ -210,6 +210,8 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     s.add_argument("--limit", type=int, help="scan at most this many objects (a trial run)")
     s.add_argument("--max-bytes", type=_byte_size, default=128 * 2**20, metavar="SIZE",
                    help="skip objects larger than this without reading them (error row too_large:); default 128MiB")
+    s.add_argument("--read-block-rows", type=int, default=128, metavar="N",
+                   help="objects per read task (default 128): smaller blocks reach the detectors sooner")
 
 
 def add_decoder_argument(s: argparse.ArgumentParser) -> None:

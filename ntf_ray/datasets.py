@@ -124,10 +124,11 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
     return table
 
 
-def read_manifest(uri: str, options: StorageOptions | None = None) -> pa.Table:
+def read_manifest(uri: str, options: StorageOptions | None = None, *, uris_only: bool = False) -> pa.Table:
     """Read a Parquet (``.parquet``/``.pq``) or CSV manifest, local or ``s3://``.
 
-    Relative local ``uri`` entries are resolved against the manifest's folder.
+    Relative local ``uri`` entries are resolved against the manifest's folder. With
+    ``uris_only`` (a scan needs nothing else) the other columns are neither read nor checked.
     """
     uri = storage.normalize(uri)
     data = storage.read_bytes(uri, options)
@@ -147,6 +148,8 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> pa.Table:
             table = pq.read_table(io.BytesIO(data))
         except pa.ArrowInvalid as exc:
             raise ValueError(f"{uri} is not a Parquet manifest ({exc}); CSV manifests must end in .csv") from None
+    if uris_only and "uri" in table.column_names:
+        table = table.select(["uri"])
     table = validate_manifest(table, uri)
     if not storage.is_s3(uri):
         base = Path(uri).parent
@@ -346,7 +349,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         try:
             data = storage.read_bytes(uri, self.options)
         except (OSError, ValueError) as exc:
-            log.warning("skipping %s: read: %s", uri, storage.redact(str(exc))[:200])
+            log.warning("skipping %s: %s", uri, storage.read_error(exc))
             return None
         decoded = decode(data, max_pixels=self.max_pixels)
         if not decoded.ok:

@@ -8,9 +8,12 @@ the environment. Credentials are never part of anything this module returns or l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,27 +118,104 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     return Path(uri).read_bytes()
 
 
-def read_many(uris: list[str], options: StorageOptions | None = None) -> list[bytes | Exception]:
+class ObjectChanged(OSError):
+    """The object read is not the one listed: another etag (S3) or size, time or inode (local)."""
+
+
+class ObjectTooLarge(OSError):
+    """The object holds more bytes than the reader's cap."""
+
+
+def local_etag(st: os.stat_result) -> str:
+    """A local file's etag: a digest of its size, mtime, ctime and inode.
+
+    ctime cannot be set by a user, so a file rewritten with the same size and mtime (``cp -p``,
+    ``touch -d``, rsync ``-t``) still reads as changed.
+    """
+    key = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def read_many(uris: list[str], options: StorageOptions | None = None, *, etags: list[str | None] | None = None,
+              max_bytes: int | None = None) -> list[bytes | Exception]:
     """Read many objects or files; each result is the bytes or the exception it raised.
 
-    S3 objects are fetched concurrently (s3fs's async ``cat``): per-object latency, not
-    bandwidth, bounds a sequential loop over small images.
+    Each uri names exactly one object: nothing is expanded as a pattern (``*``, ``?``, ``[``
+    are ordinary characters in a key). With ``etags``, an object whose etag (S3, sent as
+    ``If-Match``) or ``local_etag`` (local) is no longer the one given reads as
+    ``ObjectChanged``, so the bytes read are always the bytes listed. With ``max_bytes``, an
+    object larger than that reads as ``ObjectTooLarge`` after at most ``max_bytes + 1`` bytes.
+    S3 objects are fetched concurrently: per-object latency, not bandwidth, bounds a
+    sequential loop over small images.
     """
     uris = [normalize(u) for u in uris]
+    etags = list(etags) if etags is not None else [None] * len(uris)
     out: list[bytes | Exception] = [b""] * len(uris)
     remote = [i for i, u in enumerate(uris) if is_s3(u)]
     if remote:
-        fetched = fsspec_filesystem(options).cat([uris[i] for i in remote], on_error="return")
-        for i in remote:
-            value = fetched.get(uris[i][len("s3://"):], fetched.get(uris[i]))
-            out[i] = value if value is not None else FileNotFoundError(uris[i])
+        from fsspec.asyn import sync
+
+        fs = fsspec_filesystem(options)
+
+        async def fetch_all():
+            return await asyncio.gather(*[_get_s3(fs, uris[i], etags[i], max_bytes) for i in remote],
+                                        return_exceptions=True)
+
+        for i, value in zip(remote, sync(fs.loop, fetch_all)):
+            out[i] = value
     for i, u in enumerate(uris):
         if not is_s3(u):
             try:
-                out[i] = Path(u).read_bytes()
+                out[i] = _read_local(u, etags[i], max_bytes)
             except OSError as exc:
                 out[i] = exc
     return out
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception s3fs translated (``PreconditionFailed``, ...)."""
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None)
+    return (response or {}).get("Error", {}).get("Code")
+
+
+async def _get_s3(fs, uri: str, etag: str | None, max_bytes: int | None) -> bytes:
+    bucket, key = split_s3(uri)
+    kwargs: dict = {}
+    if etag:
+        kwargs["IfMatch"] = f'"{etag}"'
+    if max_bytes is not None:
+        kwargs["Range"] = f"bytes=0-{max_bytes}"  # one byte more than allowed says "too large"
+    try:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kwargs)
+    except OSError as exc:
+        code = _s3_error_code(exc)
+        if code in ("PreconditionFailed", "412"):
+            raise ObjectChanged(f"{uri} changed after it was listed") from None
+        if code in ("InvalidRange", "416"):  # a range of an empty object
+            return b""
+        raise
+    try:
+        data = await response["Body"].read()
+    finally:
+        response["Body"].close()
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ObjectTooLarge(f"more than {max_bytes} bytes")
+    return data
+
+
+def _read_local(path: str, etag: str | None, max_bytes: int | None) -> bytes:
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"{path} is a folder")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise OSError(f"{path} is not a regular file")
+        if etag is not None and local_etag(st) != etag:
+            raise ObjectChanged(f"{path} changed after it was listed")
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ObjectTooLarge(f"more than {max_bytes} bytes")
+    return data
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
@@ -157,6 +237,21 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def remove(uri: str, options: StorageOptions | None = None) -> None:
+    """Remove a file, or a folder with everything under it; nothing if it is not there."""
+    uri = normalize(uri)
+    if is_s3(uri):
+        fs = fsspec_filesystem(options)
+        if fs.exists(uri):
+            fs.rm(uri, recursive=True)
+    elif os.path.isdir(uri) and not os.path.islink(uri):
+        import shutil
+
+        shutil.rmtree(uri, ignore_errors=True)
+    else:
+        Path(uri).unlink(missing_ok=True)
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
@@ -184,6 +279,8 @@ def read_error(exc: BaseException) -> str:
     """
     if isinstance(exc, FileNotFoundError):
         return "read: not found (deleted after listing?)"
+    if isinstance(exc, ObjectChanged):
+        return "read: changed after listing"
     message = " ".join(redact(str(exc)).split())
     text = f"read: {type(exc).__name__}: {message}" if message else f"read: {type(exc).__name__}"
     return text if len(text) <= 200 else text[:197] + "..."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,7 +51,7 @@ def test_transient_read_errors_are_retried_and_missing_objects_are_not(monkeypat
     calls: list[list[str]] = []
     flaky = {"s3://b/flaky": 2}
 
-    def fake_read_many(uris, options=None):
+    def fake_read_many(uris, options=None, **kwargs):
         calls.append(list(uris))
         out = []
         for u in uris:
@@ -90,9 +91,10 @@ def test_already_scored_counts_only_completed_runs_of_the_same_model(tmp_path):
     _run(tmp_path, "r2", [("u3", "e3")], complete=False)  # crashed: ignored
     _run(tmp_path, "r3", [("u4", "e4")], model_id="other")  # another model: ignored
     _run(tmp_path, "r4", [("u1", "e1")])  # the same pair twice: counted once
-    seen = ray_scan.already_scored(str(tmp_path), "m1", storage.StorageOptions())
+    seen, runs = ray_scan.already_scored(str(tmp_path), "m1", storage.StorageOptions())
     assert sorted(zip(seen.column("uri").to_pylist(), seen.column("etag").to_pylist())) == [("u1", "e1"), ("u2", "e2")]
-    assert ray_scan.already_scored(str(tmp_path / "empty"), "m1", storage.StorageOptions()).num_rows == 0
+    assert runs == ["r1", "r3", "r4"]
+    assert ray_scan.already_scored(str(tmp_path / "empty"), "m1", storage.StorageOptions())[0].num_rows == 0
 
 
 def test_manifest_listing_keeps_a_row_for_a_missing_file(tmp_path):
@@ -107,3 +109,64 @@ def test_manifest_listing_keeps_a_row_for_a_missing_file(tmp_path):
     assert [r["uri"] for r in rows] == [str(tmp_path / "a.png"), str(tmp_path / "gone.png")]
     assert rows[0]["size_bytes"] == 2 and rows[0]["etag"]
     assert rows[1]["etag"] is None and rows[1]["size_bytes"] is None  # its read fails later: an error row
+
+
+def test_local_listing_gives_one_honest_row_per_file_and_reads_nothing_outside(tmp_path, monkeypatch):
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD.jpg").write_bytes(b"x")  # hidden folder: not scanned
+    (root / "locked").mkdir()
+    (root / "locked" / "a.jpg").write_bytes(b"x")
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"x")
+    (root / "ok.jpg").write_bytes(b"x")
+    (root / "new\nline.jpg").write_bytes(b"x")
+    (root / "sub" / "in.jpg").symlink_to(root / "ok.jpg")
+    (root / "out.jpg").symlink_to(outside / "secret.jpg")
+    os.mkfifo(root / "pipe.jpg")  # reading a FIFO would block the scan
+    bad = os.fsencode(str(root)) + b"/caf\xe9.jpg"  # Latin-1 bytes: not UTF-8
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    rows = {r["uri"][len(str(root)) + 1:]: r for r in
+            ray_scan.list_objects(_spec(input=str(root)), storage.StorageOptions()).to_pylist()}
+    assert set(rows) == {"ok.jpg", "new\nline.jpg", "sub/in.jpg", "out.jpg", "caf\\xe9.jpg", "locked/"}
+    assert rows["ok.jpg"]["listing_error"] is None and rows["sub/in.jpg"]["listing_error"] is None
+    assert rows["out.jpg"]["listing_error"].startswith("unsupported_name: a symbolic link that leads outside")
+    assert rows["caf\\xe9.jpg"]["listing_error"] == "unsupported_name: the file name is not valid UTF-8"
+    assert rows["locked/"]["listing_error"].startswith("read: cannot list this folder (PermissionError)")
+    # the listing's reasons become the rows' errors, and those objects are never read
+    read = ray_scan.read_objects(pa.Table.from_pylist(list(rows.values()), schema=ray_scan.LISTING_SCHEMA), endpoint=None)
+    errors = dict(zip(read.column("uri").to_pylist(), read.column("read_error").to_pylist()))
+    assert errors[str(root / "out.jpg")].startswith("unsupported_name:") and errors[str(root / "ok.jpg")] is None
+
+
+def test_s3_listing_decodes_keys_with_control_characters(s3):
+    name = s3.create_bucket()
+    keys = ["k/tab\tname.jpg", "k/bell\x07.jpg", "k/plus+space .jpg", "k/pct%20.jpg"]
+    for key in keys:
+        s3.client().put_object(Bucket=name, Key=key, Body=b"x")
+    listing = ray_scan.list_objects(_spec(input=f"s3://{name}/k"), storage.StorageOptions(endpoint_url=s3.endpoint_url))
+    assert sorted(listing.column("uri").to_pylist()) == sorted(f"s3://{name}/{k}" for k in keys)
+
+
+def test_a_manifest_naming_an_object_twice_lists_it_once_and_labels_do_not_matter(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"xy")
+    (tmp_path / "m.csv").write_text(f"uri,label\n{tmp_path / 'a.png'},2\n{tmp_path / 'a.png'},0\n{tmp_path / 'b.png'},\n")
+    rows = ray_scan.list_objects(_spec(manifest=str(tmp_path / "m.csv")), storage.StorageOptions())
+    assert rows.column("uri").to_pylist() == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+
+
+@pytest.mark.parametrize("run_id", ["../x", "a/../../b", "a/b", "..", "", "x=y", "a b", "-x", "é"])
+def test_a_run_id_that_is_not_a_plain_name_is_refused(run_id):
+    with pytest.raises(ValueError, match="run id"):
+        ray_scan.check_run_id(run_id)
+    assert ray_scan.check_run_id("night-2026.11.26_a") == "night-2026.11.26_a"

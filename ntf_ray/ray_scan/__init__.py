@@ -2,20 +2,23 @@
 
 One row per listed object, always: objects that cannot be read or decoded get an error
 row with a short reason, and the run goes on. The table follows the contract in the
-architecture notes (columns, types, ``OUTPUT/dt=YYYY-MM-DD/run_id=ID/``), and a run is
-complete only once ``_summary.json`` and ``_SUCCESS`` are written after its rows were
-counted back. Re-running a run_id first removes that run's files, so a run that failed
-midway and is resubmitted ends with one row per object and no duplicates.
+architecture notes (columns, types, ``OUTPUT/dt=YYYY-MM-DD/run_id=ID/``). A run's rows are
+staged and published in one piece once every listed object has its row (see ``table``), so
+readers never see a crashed or running run, and re-running a run id replaces it only when
+the new attempt succeeds.
 
-Incremental mode (``ntf-ray moderate``) scores only objects whose (uri, etag) has no row
-from the same model_id in a completed earlier run under OUTPUT.
+Incremental mode (``ntf-ray moderate``) scores only objects whose (uri, etag) has no final
+row from the same model_id in another completed run under OUTPUT (errors such as ``read:``
+are retried), and holds OUTPUT's lease (``lock``) so that two such runs never overlap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,13 +34,26 @@ from ntf_ray.ray_scan.actor import ActorPlan as ActorPlan
 from ntf_ray.ray_scan.actor import DetectorActor, scored_stream
 from ntf_ray.ray_scan.actor import plan_actors as plan_actors
 from ntf_ray.ray_scan.listing import list_objects
+from ntf_ray.ray_scan.lock import lease
+from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.ray_scan.reading import READ_ATTEMPTS as READ_ATTEMPTS
 from ntf_ray.ray_scan.reading import _read_with_retries as _read_with_retries
 from ntf_ray.ray_scan.reading import read_objects as read_objects
 from ntf_ray.ray_scan.table import FILE_SCHEMA as FILE_SCHEMA
 from ntf_ray.ray_scan.table import LISTING_SCHEMA as LISTING_SCHEMA
 from ntf_ray.ray_scan.table import SCORE_SCHEMA as SCORE_SCHEMA
-from ntf_ray.ray_scan.table import SUCCESS, SUMMARY, _read_runs, _remove, _run_dirs, _summary, already_scored
+from ntf_ray.ray_scan.table import (
+    SUCCESS,
+    SUMMARY,
+    _read_runs,
+    _run_dirs,
+    _summary,
+    already_scored,
+    is_retried,
+    publish,
+    staging_dir,
+    write_index,
+)
 from ntf_ray.ray_scan.table import completed_runs as completed_runs
 from ntf_ray.storage import StorageOptions
 
@@ -64,6 +80,7 @@ class ScanSpec:
     cpus_per_actor: float = 1.0
     decoder: str = "auto"  # auto: nvJPEG for plain JPEGs on GPU actors, the core decoder otherwise
     read_block_rows: int = 128
+    max_bytes: int | None = DEFAULT_MAX_BYTES  # larger objects get a too_large: row without being read
     endpoint: str | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
@@ -78,69 +95,93 @@ class ScanResult:
     summary: dict[str, Any]
 
 
+#: What a run id may be: it names a folder (``run_id=ID``), so no "/", "=", ".." or spaces.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+LOST = ("worker_lost: no row came back for this object (its worker died or its task failed for good); "
+        "the next moderate scores it again")
+
+
 def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ValueError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                         "or digit (it names a folder under OUTPUT)")
+    return run_id
 
 
 def scan(spec: ScanSpec) -> ScanResult:
     """Run one scan; returns where its table is and its summary (also in _summary.json)."""
     from ntf_ray.artifact import load_artifact
 
-    options = StorageOptions(endpoint_url=spec.endpoint)
+    options = StorageOptions.resolve(spec.endpoint)
     output = storage.normalize(spec.output)
-    run_id = spec.run_id or new_run_id()
+    run_id = check_run_id(spec.run_id or new_run_id())
+    if spec.max_bytes is not None and spec.max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, got {spec.max_bytes}")
     art = load_artifact(spec.model, options=options)  # fail early on a bad artifact, before listing
     threshold = art.threshold if spec.threshold is None else float(spec.threshold)
     start = time.perf_counter()
 
-    listing = list_objects(spec, options)
-    listed = listing.num_rows
-    skipped = 0
-    if spec.incremental:
-        seen = already_scored(output, art.model_id, options)
-        todo = listing.join(seen, keys=["uri", "etag"], join_type="left anti") if seen.num_rows else listing
-        skipped = listed - todo.num_rows
-        listing = todo
-    log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s", run_id, listed,
-             listing.num_rows, skipped, art.model_id)
+    with lease(output, run_id, options) if spec.incremental else contextlib.nullcontext() as held:
+        listing = list_objects(spec, options)
+        listed = listing.num_rows
+        skipped = 0
+        if spec.incremental:
+            seen, runs_read = already_scored(output, art.model_id, options, exclude_run=run_id)
+            if seen.num_rows:
+                listing = listing.join(seen, keys=["uri", "etag"], join_type="left anti")
+            skipped = listed - listing.num_rows
+        log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s", run_id, listed,
+                 listing.num_rows, skipped, art.model_id)
 
-    # Re-running a run_id replaces it (on whatever day it first ran): no duplicate rows.
-    for rid, d in _run_dirs(output, options):
-        if rid == run_id:
-            log.info("removing the earlier files of run %s at %s", run_id, d)
-            _remove(d, options)
-    day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    run_dir = storage.join(output, f"dt={day}", f"run_id={run_id}")
-
-    if listing.num_rows:
-        _write_rows(listing, spec, threshold, run_dir, options)
-    table = _read_runs([run_dir], ["uri", "score", "is_fake", "error"], options)
-    if table.num_rows != listing.num_rows or pc.count_distinct(table["uri"]).as_py() != listing.num_rows:
-        raise RuntimeError(f"scan {run_id}: wrote {table.num_rows} rows for {listing.num_rows} objects; "
-                           "the run is not marked complete")
-    summary = _summary(table, listed=listed, skipped=skipped, seconds=time.perf_counter() - start,
-                       model_id=art.model_id, spec=spec, run_id=run_id, threshold=threshold)
-    summary["table"] = run_dir
-    storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2).encode(), options)
-    storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
+        staged = staging_dir(output, run_id)
+        storage.remove(staged, options)  # an earlier attempt's rows: this attempt writes its own
+        # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
+        earlier = dict(_run_dirs(output, options)).get(run_id)
+        day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+        run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
+        if listing.num_rows:
+            _write_rows(listing, spec, threshold, staged, options)
+        if held is not None:
+            held.check()
+        rows = publish(staged, run_dir, listing, LOST, run_id=run_id, model_id=art.model_id, threshold=threshold,
+                       options=options)
+        table = _read_runs([run_dir], ["uri", "score", "is_fake", "error"], options)
+        if table.num_rows != listing.num_rows or pc.count_distinct(table["uri"]).as_py() != listing.num_rows:
+            raise RuntimeError(f"scan {run_id}: published {table.num_rows} rows for {listing.num_rows} objects")
+        summary = _summary(table, listed=listed, skipped=skipped, seconds=time.perf_counter() - start,
+                           model_id=art.model_id, spec=spec, run_id=run_id, threshold=threshold)
+        summary["table"] = run_dir
+        storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2).encode(), options)
+        storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
+        if spec.incremental:
+            final = rows.filter(pa.array([not is_retried(e) for e in rows.column("error").to_pylist()], pa.bool_()))
+            write_index(output, art.model_id, pa.concat_tables([seen, final.select(["uri", "etag"])]),
+                        [*runs_read, run_id], options)
+        storage.remove(staged, options)
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
 
-def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, run_dir: str,
+def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, staged: str,
                 options: StorageOptions) -> None:
+    """Score ``listing`` into Parquet files under ``staged`` (the endpoint as the driver resolved it)."""
+    endpoint = options.endpoint_url
     ds = scored_stream(
         listing, DetectorActor,
-        {"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold, "batch_size": spec.batch_size,
+        {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": spec.batch_size,
          "decoder": spec.decoder},
-        endpoint=spec.endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows,
+        endpoint=endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows, max_bytes=spec.max_bytes,
         gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,
         cpus_per_actor=spec.cpus_per_actor,
     )
-    if storage.is_s3(run_dir):
-        fs, path = storage.arrow_filesystem(run_dir, options)
+    if storage.is_s3(staged):
+        fs, path = storage.arrow_filesystem(staged, options)
         ds.write_parquet(path, filesystem=fs)
     else:
-        ds.write_parquet(run_dir)
+        ds.write_parquet(staged)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

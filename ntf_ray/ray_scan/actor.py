@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -108,27 +109,47 @@ def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | 
     return ActorPlan(min_actors=least, max_actors=most, gpus=gpus, cpus=cpus_per_actor)
 
 
+#: Retries of a read task, and of a detector actor's batch when the actor died on it (Ray's
+#: default retries a batch forever: one file that kills its decoder would hang the run).
+READ_TASK_RETRIES = 2
+ACTOR_TASK_RETRIES = 2
+
+
 def scored_stream(rows: pa.Table, actor: type, constructor_kwargs: dict, *, endpoint: str | None, batch_size: int,
                   read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
-                  cpus_per_actor: float) -> ray.data.Dataset:
+                  cpus_per_actor: float, max_bytes: int | None = None) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
     The scan and the evaluation share this shape; ``actor`` is built once per pool member
-    with ``constructor_kwargs`` plus ``device`` (``cuda`` on GPU actors, else ``cpu``).
+    with ``constructor_kwargs`` plus ``device`` (``cuda`` on GPU actors, else ``cpu``). A
+    block whose tasks fail for good is dropped, not fatal (``max_errored_blocks``): its
+    objects come back without rows, and the caller accounts for them.
     """
-    from ntf_ray.ray_scan.reading import read_objects
+    from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES, read_objects
+
+    if max_bytes is None:
+        max_bytes = DEFAULT_MAX_BYTES
 
     blocks = max(1, -(-rows.num_rows // read_block_rows))
     plan = plan_actors(blocks=blocks, gpus_per_actor=gpus_per_actor, min_actors=min_actors, max_actors=max_actors,
                        cpus_per_actor=cpus_per_actor)
     ds = ray.data.from_arrow(rows).repartition(blocks)
-    ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": endpoint})
-    return ds.map_batches(
-        actor,
-        fn_constructor_kwargs={**constructor_kwargs, "device": plan.device},
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        num_gpus=plan.gpus,
-        num_cpus=plan.cpus,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameters for task retries and actor restarts; the
+        # ray_remote_args it deprecates still apply them (revisit before Ray 2.64).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"endpoint": endpoint, "max_bytes": max_bytes}, max_retries=READ_TASK_RETRIES)
+        ds = ds.map_batches(
+            actor,
+            fn_constructor_kwargs={**constructor_kwargs, "device": plan.device},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+            num_gpus=plan.gpus,
+            num_cpus=plan.cpus,
+            max_restarts=-1,  # an actor that died is replaced ...
+            max_task_retries=ACTOR_TASK_RETRIES,  # ... but a batch that kills it is not retried forever
+        )
+    ds.context.max_errored_blocks = -1
+    return ds

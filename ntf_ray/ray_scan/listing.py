@@ -1,16 +1,23 @@
 """Listing the objects to scan (a local folder, an S3 prefix or a manifest's uris) into the
-listing table."""
+listing table.
+
+Every object found gets a row, and only objects found: a local file whose name is not
+UTF-8, a symbolic link that leads out of the folder and a subfolder that cannot be read get
+a row with ``listing_error`` (written as the row's error), so nothing is silently left out
+and nothing outside the input is read. Hidden files and folders (``.git/``) are skipped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import fnmatch
-import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 import pyarrow as pa
 
@@ -21,15 +28,30 @@ from ntf_ray.storage import StorageOptions
 if TYPE_CHECKING:
     from ntf_ray.ray_scan import ScanSpec
 
-
-def _local_etag(size: int, mtime_ns: int) -> str:
-    return hashlib.sha256(f"{size}:{mtime_ns}".encode()).hexdigest()[:32]
+log = logging.getLogger(__package__)
 
 
 def _local_row(uri: str, st: os.stat_result) -> dict:
-    """A listing row for a local file; its etag is a digest of size and mtime."""
-    return {"uri": uri, "etag": _local_etag(st.st_size, st.st_mtime_ns), "size_bytes": st.st_size,
+    """A listing row for a local file."""
+    return {"uri": uri, "etag": storage.local_etag(st), "size_bytes": st.st_size,
             "last_modified": dt.datetime.fromtimestamp(st.st_mtime_ns / 1e9, dt.timezone.utc)}
+
+
+def _error_row(uri: str, error: str) -> dict:
+    return {"uri": uri, "etag": None, "size_bytes": None, "last_modified": None, "listing_error": error}
+
+
+def _printable(path: str) -> str:
+    """A path that is valid UTF-8 whatever bytes its name holds (invalid bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # os.scandir hands undecodable bytes over as surrogates
+        return False
+    return True
 
 
 def _matches(name: str, pattern: str | None) -> bool:
@@ -37,14 +59,43 @@ def _matches(name: str, pattern: str | None) -> bool:
 
 
 def _iter_local(root: str, pattern: str | None) -> Iterator[dict]:
+    real_root = os.path.realpath(root)
     stack = [root]
     while stack:
-        with os.scandir(stack.pop()) as entries:
-            for e in sorted(entries, key=lambda e: e.name):
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if folder == root:
+                raise
+            yield _error_row(_printable(os.path.abspath(folder)) + os.sep,
+                             f"read: cannot list this folder ({type(exc).__name__}); its files are not scanned")
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            uri = os.path.abspath(e.path)
+            try:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-                elif e.is_file() and not e.name.startswith(".") and _matches(e.name, pattern):
-                    yield _local_row(os.path.abspath(e.path), e.stat())
+                    continue
+                if not _matches(e.name, pattern):
+                    continue
+                if not _is_utf8(uri):
+                    yield _error_row(_printable(uri), "unsupported_name: the file name is not valid UTF-8")
+                elif e.is_symlink():  # followed to a file inside the folder only; folders behind links are not
+                    target = os.path.realpath(uri)
+                    if os.path.commonpath([target, real_root]) != real_root:
+                        yield _error_row(uri, "unsupported_name: a symbolic link that leads outside the input folder")
+                    elif os.path.isfile(target):
+                        yield _local_row(uri, os.stat(target))
+                    elif not os.path.isdir(target):
+                        yield _error_row(uri, "read: a symbolic link to no regular file")
+                elif e.is_file(follow_symlinks=False):  # never a FIFO, socket or device: reading one can block
+                    yield _local_row(uri, e.stat(follow_symlinks=False))
+            except OSError as exc:
+                yield _error_row(_printable(uri), f"read: cannot stat ({type(exc).__name__})")
 
 
 def _iter_s3(prefix: str, pattern: str | None, options: StorageOptions) -> Iterator[dict]:
@@ -53,14 +104,17 @@ def _iter_s3(prefix: str, pattern: str | None, options: StorageOptions) -> Itera
 
     fs = storage.fsspec_filesystem(options)
     bucket, key = storage.split_s3(prefix)
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+    # Keys come URL-encoded: XML cannot carry every character a key may hold (control characters).
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "EncodingType": "url"}
     while True:
         page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        encoded = page.get("EncodingType") == "url"
         for obj in page.get("Contents", []):
-            name = obj["Key"].rsplit("/", 1)[-1]
-            if obj["Key"].endswith("/") or not _matches(name, pattern):
+            object_key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
+            name = object_key.rsplit("/", 1)[-1]
+            if object_key.endswith("/") or not _matches(name, pattern):
                 continue
-            yield {"uri": f"s3://{bucket}/{obj['Key']}", "etag": obj.get("ETag", "").strip('"'),
+            yield {"uri": f"s3://{bucket}/{object_key}", "etag": obj.get("ETag", "").strip('"'),
                    "size_bytes": int(obj.get("Size", 0)), "last_modified": obj.get("LastModified")}
         if not page.get("IsTruncated"):
             return
@@ -123,8 +177,12 @@ def list_objects(spec: ScanSpec, options: StorageOptions) -> pa.Table:
     if spec.manifest is not None:
         from ntf_ray.datasets import read_manifest
 
-        uris = [storage.normalize(u) for u in read_manifest(spec.manifest, options).column("uri").to_pylist()]
+        uris = [storage.normalize(u) for u in read_manifest(spec.manifest, options, uris_only=True).column("uri").to_pylist()]
         uris = [u for u in uris if _matches(u.rsplit("/", 1)[-1], spec.pattern)]
+        unique = list(dict.fromkeys(uris))  # one row per object, however often the manifest names it
+        if len(unique) < len(uris):
+            log.warning("the manifest names %d objects more than once; each is scored once", len(uris) - len(unique))
+        uris = unique
         if spec.limit is not None:
             uris = uris[: spec.limit]
         return _to_table(_stat_many(uris, options), None)

@@ -1,5 +1,10 @@
-"""Ray Data's read stage: the listed objects' bytes, with retries of transient errors and a
-short reason for each object that cannot be read."""
+"""Ray Data's read stage: the listed objects' bytes, exactly the objects listed, with retries
+of transient errors and a short reason for each object that cannot be read.
+
+A row's key is never a pattern, its bytes are the listed version (``If-Match`` on S3, the
+listed size, times and inode locally), and no object larger than ``max_bytes`` is read: the
+listing's size decides before any byte moves, and a read stops one byte past the cap.
+"""
 
 from __future__ import annotations
 
@@ -8,33 +13,65 @@ import time
 import pyarrow as pa
 
 from ntf_ray import storage
-from ntf_ray.storage import StorageOptions
+from ntf_ray.storage import ObjectChanged, ObjectTooLarge, StorageOptions
 
-READ_ATTEMPTS = 3  # transient read errors are retried; a missing object is not
+READ_ATTEMPTS = 3  # transient read errors are retried; these are not:
+NOT_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, ObjectChanged, ObjectTooLarge)
+#: Default cap on an object's size: far above any photo (a 100 Mpx JPEG is ~50 MB), far below what hurts a worker.
+DEFAULT_MAX_BYTES = 128 * 2**20
 
 
-def _read_with_retries(uris: list[str], options: StorageOptions) -> list[bytes | Exception]:
-    out = storage.read_many(uris, options)
+def _read_with_retries(uris: list[str], options: StorageOptions, *, etags: list[str | None] | None = None,
+                       max_bytes: int | None = None) -> list[bytes | Exception]:
+    etags = etags if etags is not None else [None] * len(uris)
+    out = storage.read_many(uris, options, etags=etags, max_bytes=max_bytes)
     for attempt in range(1, READ_ATTEMPTS):
-        retry = [i for i, v in enumerate(out)
-                 if isinstance(v, Exception) and not isinstance(v, (FileNotFoundError, PermissionError, IsADirectoryError))]
+        retry = [i for i, v in enumerate(out) if isinstance(v, Exception) and not isinstance(v, NOT_RETRIED)]
         if not retry:
             break
         time.sleep(0.2 * 2**attempt)
-        for i, v in zip(retry, storage.read_many([uris[i] for i in retry], options)):
+        again = storage.read_many([uris[i] for i in retry], options, etags=[etags[i] for i in retry], max_bytes=max_bytes)
+        for i, v in zip(retry, again):
             out[i] = v
     return out
 
 
-def _read_error(exc: Exception) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "read: not found (deleted after listing?)"
-    return f"read: {type(exc).__name__}: {storage.redact(str(exc))[:160]}"
+def object_error(exc: BaseException) -> str:
+    """The error a row gets for an object that could not be read."""
+    if isinstance(exc, ObjectTooLarge):
+        return f"too_large: {exc}"
+    return storage.read_error(exc)
 
 
-def read_objects(batch: pa.Table, *, endpoint: str | None) -> pa.Table:
-    """Ray Data task: the listing rows plus ``data`` (bytes) and ``read_error``."""
-    values = _read_with_retries(batch.column("uri").to_pylist(), StorageOptions(endpoint_url=endpoint))
-    data = [None if isinstance(v, Exception) else v for v in values]
-    errors = [_read_error(v) if isinstance(v, Exception) else None for v in values]
+def _column(batch: pa.Table, name: str) -> list:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def read_objects(batch: pa.Table, *, endpoint: str | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> pa.Table:
+    """Ray Data task: the listing rows plus ``data`` (bytes) and ``read_error``.
+
+    Optional listing columns: ``etag`` (the version to read), ``size_bytes`` (checked against
+    ``max_bytes`` before reading) and ``listing_error`` (the listing's own reason: not read).
+    """
+    uris, etags, sizes = _column(batch, "uri"), _column(batch, "etag"), _column(batch, "size_bytes")
+    listed_errors = _column(batch, "listing_error")
+    data: list[bytes | None] = [None] * batch.num_rows
+    errors: list[str | None] = list(listed_errors)
+    todo = []
+    for i, size in enumerate(sizes):
+        if errors[i] is not None:
+            continue
+        if max_bytes is not None and size is not None and size > max_bytes:
+            errors[i] = f"too_large: {size} bytes > limit {max_bytes}"
+        elif size == 0 and etags[i] is not None:
+            data[i] = b""  # listed empty: nothing to read (S3 refuses a range of an empty object)
+        else:
+            todo.append(i)
+    values = _read_with_retries([uris[i] for i in todo], StorageOptions(endpoint_url=endpoint),
+                                etags=[etags[i] for i in todo], max_bytes=max_bytes)
+    for i, value in zip(todo, values):
+        if isinstance(value, Exception):
+            errors[i] = object_error(value)
+        else:
+            data[i] = value
     return batch.append_column("data", pa.array(data, pa.binary())).append_column("read_error", pa.array(errors, pa.string()))

@@ -1,8 +1,24 @@
 """The score table: its schemas and file names, the run folders under OUTPUT, which runs
-completed, what a model already scored there, and a run's summary."""
+completed, what a model already scored there, publishing a run, and a run's summary.
+
+A run writes its rows under ``OUTPUT/_staging/run_id=ID/`` (readers skip names that start
+with ``_``) and is published, once every listed object has its row, as one Parquet file
+``OUTPUT/dt=DAY/run_id=ID/scores.parquet`` written in one piece (a local rename, one S3
+object), then ``_summary.json`` and ``_SUCCESS``. So a reader of ``OUTPUT`` sees a run's rows
+all at once or not at all, whatever crashes, and re-running a run replaces its file in place.
+
+Errors a later ``moderate`` retries: ``read:`` (transient, missing or changed object),
+``worker_lost:`` and ``decode: out of memory``. Every other error is final for that
+(uri, etag, model_id): ``decode:``, ``too_large:``, ``unsupported_format:``, ``unsupported_name:``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from ntf_ray import storage
 from ntf_ray.storage import StorageOptions
@@ -42,73 +59,230 @@ SCORE_SCHEMA = pa.schema([
 #: files too, it would clash with the partition's type in readers that infer dictionaries
 #: for partitions (pandas).
 FILE_SCHEMA = pa.schema([f for f in SCORE_SCHEMA if f.name != "run_id"])
-#: What the listing carries for each object.
+#: What the listing carries for each object; ``listing_error`` when the listing itself already
+#: knows the object cannot be read (a file name that is not UTF-8, a link out of the folder).
 LISTING_SCHEMA = pa.schema([
     ("uri", pa.string()),
     ("etag", pa.string()),
     ("size_bytes", pa.int64()),
     ("last_modified", pa.timestamp("us", tz="UTC")),
+    ("listing_error", pa.string()),
 ])
 SUCCESS = "_SUCCESS"
 # Not "summary.json": readers of the table (pyarrow, pandas, Spark, Athena) skip names starting
 # with "_" or ".", and would otherwise try to read the summary as a Parquet file.
 SUMMARY = "_summary.json"
+#: The one file a published run holds.
+ROWS = "scores.parquet"
+#: Where runs write before they are complete, and the index of what each model scored.
+STAGING, INDEX = "_staging", "_index"
+#: Error prefixes the next ``moderate`` scores again; any other error is final.
+RETRIED_ERRORS = ("read:", "worker_lost:", "decode: out of memory")
+_RUN_FILE = re.compile(r"(?:^|/)dt=([^/]+)/run_id=([^/]+)/([^/]+)$")
+
+
+def is_retried(error: str | None) -> bool:
+    return error is not None and error.startswith(RETRIED_ERRORS)
+
+
+def _files_under(output: str, options: StorageOptions) -> Iterator[str]:
+    """Every file under OUTPUT as a path relative to it (a listing, never a pattern)."""
+    if storage.is_s3(output):
+        fs = storage.fsspec_filesystem(options)
+        base = output[len("s3://"):].rstrip("/")
+        for path in fs.find(base):
+            yield path[len(base) + 1:]
+    elif Path(output).is_dir():
+        for folder, dirs, files in os.walk(output):
+            dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
+            rel = os.path.relpath(folder, output)
+            for name in files:
+                yield name if rel == "." else f"{rel}/{name}"
+
+
+def _runs(output: str, options: StorageOptions) -> dict[str, tuple[str, set[str]]]:
+    """run_id -> (run folder, names of its files) for every published or legacy run under OUTPUT."""
+    output = storage.normalize(output)
+    found: dict[str, tuple[str, set[str]]] = {}
+    for rel in _files_under(output, options):
+        m = _RUN_FILE.match(rel)
+        if m and not rel.startswith(("_", ".")):
+            day, run_id, name = m.groups()
+            folder = storage.join(output, f"dt={day}", f"run_id={run_id}")
+            found.setdefault(run_id, (folder, set()))[1].add(name)
+    return found
 
 
 def _run_dirs(output: str, options: StorageOptions) -> list[tuple[str, str]]:
     """(run_id, run folder) of every run under OUTPUT, complete or not."""
-    output = storage.normalize(output)
-    found = []
-    if storage.is_s3(output):
-        fs = storage.fsspec_filesystem(options)
-        for d in fs.glob(output[len("s3://"):] + "/dt=*/run_id=*"):
-            found.append((d.rsplit("run_id=", 1)[1], "s3://" + d))
-    elif Path(output).is_dir():
-        for d in sorted(Path(output).glob("dt=*/run_id=*")):
-            found.append((d.name.split("=", 1)[1], str(d)))
-    return found
+    return sorted((rid, folder) for rid, (folder, _) in _runs(output, options).items())
 
 
-def _remove(uri: str, options: StorageOptions) -> None:
-    if storage.is_s3(uri):
-        fs = storage.fsspec_filesystem(options)
-        if fs.exists(uri):
-            fs.rm(uri, recursive=True)
-    else:
-        import shutil
-
-        shutil.rmtree(uri, ignore_errors=True)
+def _is_complete(names: set[str]) -> bool:
+    # scores.parquet is written whole, and only once the run's rows were all counted: it alone
+    # says the run is complete, even if the driver died before writing _SUCCESS after it.
+    return SUCCESS in names or ROWS in names
 
 
 def completed_runs(output: str, options: StorageOptions) -> list[str]:
-    """Folders of the runs under OUTPUT that finished (``_SUCCESS`` present)."""
-    return [d for _, d in _run_dirs(output, options) if storage.exists(storage.join(d, SUCCESS), options)]
-
-
-def _read_runs(dirs: list[str], columns: list[str], options: StorageOptions) -> pa.Table:
-    """The given columns of every Parquet file in the given run folders."""
-    files = [f for d in dirs for f in _parquet_files(d, options)]
-    if not files:
-        return pa.table({c: pa.array([], FILE_SCHEMA.field(c).type) for c in columns})
-    fs = None
-    if storage.is_s3(files[0]):
-        fs, _ = storage.arrow_filesystem(files[0], options)
-        files = [f[len("s3://"):] for f in files]
-    return pads.dataset(files, format="parquet", filesystem=fs, schema=FILE_SCHEMA).to_table(columns=columns)
+    """Folders of the runs under OUTPUT that finished."""
+    return sorted(folder for folder, names in _runs(output, options).values() if _is_complete(names))
 
 
 def _parquet_files(run_dir: str, options: StorageOptions) -> list[str]:
     if storage.is_s3(run_dir):
         fs = storage.fsspec_filesystem(options)
-        return ["s3://" + p for p in fs.glob(run_dir[len("s3://"):] + "/*.parquet")]
-    return [str(p) for p in sorted(Path(run_dir).glob("*.parquet"))]
+        base = run_dir[len("s3://"):].rstrip("/")
+        return sorted("s3://" + p for p in fs.find(base, maxdepth=1) if p.endswith(".parquet")
+                      and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+    if not Path(run_dir).is_dir():
+        return []
+    return sorted(str(p) for p in Path(run_dir).iterdir() if p.suffix == ".parquet" and not p.name.startswith(("_", ".")))
 
 
-def already_scored(output: str, model_id: str, options: StorageOptions) -> pa.Table:
-    """(uri, etag) pairs with a row from ``model_id`` in a completed run under OUTPUT."""
-    seen = _read_runs(completed_runs(output, options), ["uri", "etag", "model_id"], options)
-    seen = seen.filter(pc.equal(seen["model_id"], model_id)).select(["uri", "etag"])
-    return seen.group_by(["uri", "etag"]).aggregate([])
+def _dataset(files: list[str], options: StorageOptions) -> pads.Dataset | None:
+    if not files:
+        return None
+    fs = None
+    if storage.is_s3(files[0]):
+        fs, _ = storage.arrow_filesystem(files[0], options)
+        files = [f[len("s3://"):] for f in files]
+    return pads.dataset(files, format="parquet", filesystem=fs, schema=FILE_SCHEMA)
+
+
+def _read_runs(dirs: list[str], columns: list[str], options: StorageOptions) -> pa.Table:
+    """The given columns of every Parquet file in the given run folders."""
+    ds = _dataset([f for d in dirs for f in _parquet_files(d, options)], options)
+    if ds is None:
+        return pa.table({c: pa.array([], FILE_SCHEMA.field(c).type) for c in columns})
+    return ds.to_table(columns=columns)
+
+
+def _final_pairs(table: pa.Table, model_id: str) -> pa.Table:
+    """Distinct (uri, etag) of rows from ``model_id`` whose outcome is final."""
+    keep = pc.equal(table["model_id"], model_id)
+    retried = pc.match_substring_regex(table["error"], "^(?:" + "|".join(map(re.escape, RETRIED_ERRORS)) + ")")
+    keep = pc.and_(keep, pc.invert(pc.fill_null(retried, False)))
+    return table.filter(keep).select(["uri", "etag"]).group_by(["uri", "etag"]).aggregate([])
+
+
+def _index_path(output: str, model_id: str) -> str:
+    return storage.join(storage.normalize(output), INDEX, f"model_id={model_id}", "scored.parquet")
+
+
+def already_scored(output: str, model_id: str, options: StorageOptions, *,
+                   exclude_run: str | None = None) -> tuple[pa.Table, list[str]]:
+    """(uri, etag) pairs ``model_id`` has a final row for in a completed run under OUTPUT, and
+    the run ids they were read from.
+
+    ``exclude_run``'s own rows never count (re-running a run replaces it). The pairs of runs
+    already folded into the model's index (``OUTPUT/_index/``) come from that one file, so
+    the check reads only the runs since the last ``moderate``, not all history.
+    """
+    runs = {rid: folder for rid, (folder, names) in _runs(output, options).items()
+            if _is_complete(names) and rid != exclude_run}
+    seen, indexed = _read_index(output, model_id, options)
+    if exclude_run in indexed:  # the index holds the run being replaced: read everything again
+        seen, indexed = None, set()
+    fresh = _read_runs([runs[r] for r in sorted(set(runs) - indexed)], ["uri", "etag", "model_id", "error"], options)
+    pairs = _final_pairs(fresh, model_id)
+    if seen is not None:
+        pairs = pa.concat_tables([seen, pairs]).group_by(["uri", "etag"]).aggregate([])
+    return pairs, sorted(runs)
+
+
+def _read_index(output: str, model_id: str, options: StorageOptions) -> tuple[pa.Table | None, set[str]]:
+    path = _index_path(output, model_id)
+    try:
+        data = storage.read_bytes(path, options)
+    except FileNotFoundError:
+        return None, set()
+    table = pq.read_table(pa.BufferReader(data))
+    runs = json.loads((table.schema.metadata or {}).get(b"runs", b"[]"))
+    return table.select(["uri", "etag"]), set(runs)
+
+
+def write_index(output: str, model_id: str, pairs: pa.Table, runs: list[str], options: StorageOptions) -> None:
+    """Replace the model's index with ``pairs`` read from ``runs`` (one whole-file write)."""
+    table = pairs.select(["uri", "etag"]).replace_schema_metadata({"runs": json.dumps(sorted(runs))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(_index_path(output, model_id), sink.getvalue().to_pybytes(), options)
+
+
+def staging_dir(output: str, run_id: str) -> str:
+    return storage.join(storage.normalize(output), STAGING, f"run_id={run_id}")
+
+
+def publish(staged: str, run_dir: str, listing: pa.Table, lost_error: str, *, run_id: str, model_id: str,
+            threshold: float, options: StorageOptions) -> pa.Table:
+    """Write the run's rows as ``run_dir/scores.parquet`` in one piece; returns (uri, etag, error).
+
+    One row per listed object: a uri staged twice (a retried task) keeps its first row, and a
+    listed object without a staged row (its worker was lost for good) gets one with ``lost_error``.
+    """
+    listed = set(listing.column("uri").to_pylist())
+    seen: set[str] = set()
+    kept = []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        ds = _dataset(_parquet_files(staged, options), options)
+        for batch in ds.to_batches() if ds is not None else []:
+            mask = []
+            for u in batch.column("uri").to_pylist():
+                mask.append(u in listed and u not in seen)
+                seen.add(u)
+            if any(mask):
+                part = batch.filter(pa.array(mask))
+                kept.append(pa.table({c: part.column(c) for c in ("uri", "etag", "error")}))
+                yield part
+        lost = listing.filter(pc.invert(pc.is_in(listing["uri"], pa.array(sorted(seen), pa.string()))))
+        if lost.num_rows:
+            rows = lost_rows(lost, lost_error, run_id=run_id, model_id=model_id, threshold=threshold)
+            kept.append(rows.select(["uri", "etag", "error"]))
+            yield from rows.to_batches()
+
+    target = storage.join(run_dir, ROWS)
+    _write_whole(target, batches(), options)
+    for old in _parquet_files(run_dir, options):  # files of an earlier layout of this run
+        if old != target:
+            storage.remove(old, options)
+    return pa.concat_tables(kept) if kept else pa.table({c: pa.array([], pa.string()) for c in ("uri", "etag", "error")})
+
+
+def lost_rows(listing: pa.Table, error: str, *, run_id: str, model_id: str, threshold: float) -> pa.Table:
+    """Error rows for listed objects that have no row of their own."""
+    import datetime as dt
+
+    n = listing.num_rows
+    columns = {f.name: pa.nulls(n, f.type) for f in FILE_SCHEMA}
+    for name in ("uri", "etag", "size_bytes", "last_modified"):
+        columns[name] = listing.column(name)
+    columns["error"] = pa.array([error] * n, pa.string())
+    columns["threshold"] = pa.array([threshold] * n, pa.float32())
+    columns["model_id"] = pa.array([model_id] * n, pa.string())
+    columns["scanned_at"] = pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
+    return pa.table(columns, schema=FILE_SCHEMA)
+
+
+def _write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOptions) -> None:
+    """Stream ``batches`` into one Parquet file that readers see whole or not at all."""
+    if storage.is_s3(uri):
+        fs, path = storage.arrow_filesystem(uri, options)
+        with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, FILE_SCHEMA) as writer:
+            for b in batches:  # a multipart upload: the object appears only when it completes
+                writer.write_batch(b)
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with pq.ParquetWriter(str(tmp), FILE_SCHEMA) as writer:
+            for b in batches:
+                writer.write_batch(b)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _summary(table: pa.Table, *, listed: int, skipped: int, seconds: float, model_id: str, spec: ScanSpec,

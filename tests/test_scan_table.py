@@ -1,0 +1,122 @@
+"""The score table without a cluster: publishing a run in one piece, what counts as already
+scored (final outcomes only, the index, a re-run's own rows), and OUTPUT's lease."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ntf_ray import storage
+from ntf_ray.ray_scan import lock, table
+
+
+def _rows(uris: list[str], errors: list[str | None] | None = None, model_id: str = "m1") -> pa.Table:
+    n = len(uris)
+    cols = {f.name: pa.nulls(n, f.type) for f in table.FILE_SCHEMA}
+    cols["uri"] = pa.array(uris, pa.string())
+    cols["etag"] = pa.array([f"e-{u}" for u in uris], pa.string())
+    cols["error"] = pa.array(errors or [None] * n, pa.string())
+    cols["model_id"] = pa.array([model_id] * n, pa.string())
+    return pa.table(cols, schema=table.FILE_SCHEMA)
+
+
+def _listing(uris: list[str]) -> pa.Table:
+    return pa.table({"uri": uris, "etag": [f"e-{u}" for u in uris], "size_bytes": pa.array([1] * len(uris), pa.int64()),
+                     "last_modified": pa.nulls(len(uris), pa.timestamp("us", tz="UTC"))})
+
+
+def _publish(out, run_id: str, staged_tables: list[pa.Table], listing: pa.Table) -> pa.Table:
+    staged = table.staging_dir(str(out), run_id)
+    for i, t in enumerate(staged_tables):
+        storage.write_bytes(f"{staged}/part-{i}.parquet", _parquet(t))
+    run_dir = f"{out}/dt=2026-01-01/run_id={run_id}"
+    rows = table.publish(staged, run_dir, listing, "worker_lost: test", run_id=run_id, model_id="m1", threshold=0.5,
+                         options=storage.StorageOptions())
+    (out / "dt=2026-01-01" / f"run_id={run_id}" / table.SUCCESS).write_bytes(b"")
+    return rows
+
+
+def _parquet(t: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(t, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_run_is_published_as_one_file_with_one_row_per_listed_object(tmp_path):
+    listing = _listing(["a", "b", "c"])
+    staged = [_rows(["a", "b"]), _rows(["b"])]  # "b" twice: a retried task; "c" never came back
+    assert table.completed_runs(str(tmp_path), storage.StorageOptions()) == []
+    rows = _publish(tmp_path, "r1", staged, listing)
+    run_dir = tmp_path / "dt=2026-01-01" / "run_id=r1"
+    assert sorted(p.name for p in run_dir.iterdir()) == [table.SUCCESS, table.ROWS]
+    published = pq.read_table(run_dir / table.ROWS)
+    assert sorted(published.column("uri").to_pylist()) == ["a", "b", "c"]
+    lost = published.filter(pa.compute.equal(published["uri"], "c")).to_pylist()[0]
+    assert lost["error"] == "worker_lost: test" and lost["etag"] == "e-c" and lost["model_id"] == "m1"
+    assert sorted(rows.column("uri").to_pylist()) == ["a", "b", "c"]
+    # the staging folder is under a name every reader skips
+    assert table._run_dirs(str(tmp_path), storage.StorageOptions()) == [("r1", str(run_dir))]
+
+
+def test_only_final_outcomes_count_as_scored_and_a_rerun_does_not_count_itself(tmp_path):
+    opts = storage.StorageOptions()
+    _publish(tmp_path, "r1", [_rows(["ok", "bad", "slow", "lost", "oom"], [
+        None, "decode: not an image", "read: OSError: SlowDown", "worker_lost: x", "decode: out of memory"])],
+        _listing(["ok", "bad", "slow", "lost", "oom"]))
+    seen, runs = table.already_scored(str(tmp_path), "m1", opts)
+    assert sorted(seen.column("uri").to_pylist()) == ["bad", "ok"] and runs == ["r1"]
+    assert table.already_scored(str(tmp_path), "m1", opts, exclude_run="r1")[0].num_rows == 0
+    assert table.already_scored(str(tmp_path), "other-model", opts)[0].num_rows == 0
+
+
+def test_the_index_spares_rereading_history(tmp_path, monkeypatch):
+    opts = storage.StorageOptions()
+    for i in range(3):
+        _publish(tmp_path, f"r{i}", [_rows([f"u{i}"])], _listing([f"u{i}"]))
+    seen, runs = table.already_scored(str(tmp_path), "m1", opts)
+    table.write_index(str(tmp_path), "m1", seen, runs, opts)
+    _publish(tmp_path, "r3", [_rows(["u3"])], _listing(["u3"]))
+    read: list[list[str]] = []
+    real = table._read_runs
+    monkeypatch.setattr(table, "_read_runs", lambda dirs, *a: read.append(dirs) or real(dirs, *a))
+    seen, runs = table.already_scored(str(tmp_path), "m1", opts)
+    assert sorted(seen.column("uri").to_pylist()) == ["u0", "u1", "u2", "u3"] and runs == ["r0", "r1", "r2", "r3"]
+    assert [[d.rsplit("=", 1)[1] for d in dirs] for dirs in read] == [["r3"]]  # only the run since the index
+    # re-running an indexed run: its old rows must not count, so everything is read again
+    seen, _ = table.already_scored(str(tmp_path), "m1", opts, exclude_run="r1")
+    assert sorted(seen.column("uri").to_pylist()) == ["u0", "u2", "u3"]
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out"), storage.StorageOptions()
+    s3 = request.getfixturevalue("s3")
+    return f"s3://{s3.create_bucket()}/out", storage.StorageOptions(endpoint_url=s3.endpoint_url)
+
+
+def test_a_second_moderate_run_refuses_while_the_first_holds_the_output(output):
+    out, opts = output
+    with lock.lease(out, "night-1", opts):
+        with pytest.raises(lock.OutputBusy, match="run night-1 is scoring into this output"):
+            with lock.lease(out, "night-2", opts):
+                pass
+        with lock.lease(out, "night-1", opts):  # the same run resubmitted takes its lease back
+            pass
+    with lock.lease(out, "night-2", opts):  # released: the next run goes
+        pass
+    assert not storage.exists(storage.join(out, lock.LOCK), opts)
+
+
+def test_a_dead_runs_lease_is_taken_over_once_stale_and_the_loser_cannot_publish(output):
+    out, opts = output
+    dead = lock.Lease(out, "crashed", opts)
+    dead.acquire()  # and never renewed
+    storage.write_bytes(storage.join(out, lock.LOCK), json.dumps(
+        {"run_id": "crashed", "since": "2026-01-01T00:00:00+00:00", "heartbeat": "2026-01-01T00:00:00+00:00"}).encode(), opts)
+    with lock.lease(out, "night-2", opts, stale_s=60):
+        with pytest.raises(lock.LeaseLost):
+            dead.check()
