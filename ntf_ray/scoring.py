@@ -8,12 +8,17 @@ Two decoders: ``pil``, the core decoder (Pillow, CPU), one image at a time; and
 ``nvjpeg``: JPEGs that pass the marker screen (``jpeg_screen``) decode in one batched call
 on the scorer's device (nvJPEG on CUDA), everything else, and any file the batched
 decoder fails on, through the core decoder. Each result names the decoder that made it.
+
+Memory: each image's decoded frame lives only until its crop is taken, and the crop is a
+copy (``3 * S * S`` bytes), not a view that would keep the frame alive, so a batch holds
+its crops plus one frame (or one batched decoder call's frames, at most ``max_pixels``
+pixels in all) at a time, whatever the images' sizes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -141,6 +146,9 @@ class Scorer:
             crop = eval_transform(image, self.input_size)
         except (RuntimeError, ValueError) as exc:  # e.g. a degenerate 1 x N image
             return None, ScoreResult(None, None, w, h, fmt, f"decode: cannot crop ({type(exc).__name__})", decoder)
+        if crop.untyped_storage().nbytes() > crop.numel() * crop.element_size():
+            # The centre crop is a view: a copy lets the whole frame go now, not with the batch.
+            crop = crop.clone(memory_format=torch.contiguous_format)
         return crop, ScoreResult(None, None, w, h, fmt, None, decoder)
 
     def _in_batches(self, crops: torch.Tensor, network) -> list[torch.Tensor]:
@@ -169,19 +177,22 @@ class Scorer:
         """One result per input, in order; bad inputs get an error and never raise."""
         results: list[ScoreResult | None] = [None] * len(items)
         crops: dict[int, torch.Tensor] = {}
-        on_device: dict[int, torch.Tensor] = {}
-        if self.decoder == "nvjpeg":
-            on_device = self._decode_jpegs(items)
-        for i, data in enumerate(items):
-            if i in on_device:
-                crop, results[i] = self.crop(on_device[i], "JPEG", "nvjpeg")
-            elif not isinstance(data, (bytes, bytearray, memoryview)):
-                results[i] = ScoreResult(None, None, None, None, None, f"read: expected bytes, got {type(data).__name__}")
-                continue
-            else:
-                crop, results[i] = self.preprocess(data)
+
+        def keep(i: int, crop: torch.Tensor | None, result: ScoreResult) -> None:
+            results[i] = result
             if crop is not None:
                 crops[i] = crop.to(self.device, non_blocking=True)
+
+        if self.decoder == "nvjpeg":
+            for i, crop, result in self._crop_jpegs_on_device(items):
+                keep(i, crop, result)
+        for i, data in enumerate(items):
+            if results[i] is not None:
+                continue
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                results[i] = ScoreResult(None, None, None, None, None, f"read: expected bytes, got {type(data).__name__}")
+                continue
+            keep(i, *self.preprocess(data))
         if crops:
             scores = self.score_tensors(torch.stack(list(crops.values())))
             for slot, score in zip(crops, scores):
@@ -190,22 +201,47 @@ class Scorer:
                 results[slot] = ScoreResult(score, score >= self.threshold, r.width, r.height, r.format, None, r.decoder)
         return results  # type: ignore[return-value]
 
-    def _decode_jpegs(self, items: Sequence[bytes]) -> dict[int, torch.Tensor]:
-        """Batch-decode the JPEGs the screen lets through; {index: (3, H, W) image on the device}.
+    def _crop_jpegs_on_device(self, items: Sequence[bytes]) -> Iterator[tuple[int, torch.Tensor | None, ScoreResult]]:
+        """Decode the JPEGs the screen lets through on the device and crop each as it comes:
+        ``(index, crop or None, result)``.
 
-        Files the screen routes elsewhere, and files the batched decoder fails on, are left
-        out: ``score_bytes`` hands them to the core decoder.
+        The batched decoder runs on groups of files holding at most ``max_pixels`` pixels in
+        all (``DEFAULT_MAX_PIXELS`` without a limit; a larger file goes alone), and each
+        frame is dropped once cropped, so the device holds one group's frames at a time.
+        Files the screen routes elsewhere, and files the batched decoder fails on, are not
+        yielded: ``score_bytes`` hands them to the core decoder.
         """
         from ntf_ray.gpu_decode import decode_jpegs
+
+        for group in self._jpeg_groups(items):
+            frames = decode_jpegs([bytes(items[i]) for i in group], self.device)
+            for k, i in enumerate(group):
+                frame, frames[k] = frames[k], None
+                if not (isinstance(frame, torch.Tensor) and frame.ndim == 3 and frame.shape[0] == 3):
+                    log.debug("the batched JPEG decoder failed on item %d (%s); using the core decoder", i, frame)
+                    continue
+                crop, result = self.crop(frame, "JPEG", "nvjpeg")
+                del frame  # the crop is a copy: the frame goes now
+                yield i, crop, result
+
+    def _jpeg_groups(self, items: Sequence[bytes]) -> Iterator[list[int]]:
+        """Indices of the files the screen passes, in groups of at most ``max_pixels`` pixels."""
         from ntf_ray.jpeg_screen import screen
 
-        picked = [i for i, d in enumerate(items)
-                  if isinstance(d, (bytes, bytearray, memoryview)) and len(d) and screen(d, max_pixels=self.max_pixels).gpu]
-        decoded = decode_jpegs([bytes(items[i]) for i in picked], self.device)
-        out = {}
-        for i, image in zip(picked, decoded):
-            if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
-                out[i] = image
-            else:
-                log.debug("the batched JPEG decoder failed on item %d (%s); using the core decoder", i, image)
-        return out
+        budget = self.max_pixels or DEFAULT_MAX_PIXELS
+        group: list[int] = []
+        pixels = 0
+        for i, data in enumerate(items):
+            if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
+                continue
+            found = screen(data, max_pixels=self.max_pixels)
+            if not found.gpu:
+                continue
+            size = found.width * found.height
+            if group and pixels + size > budget:
+                yield group
+                group, pixels = [], 0
+            group.append(i)
+            pixels += size
+        if group:
+            yield group

@@ -275,6 +275,82 @@ def test_extreme_aspect_ratio_is_refused_not_exploded(detector):
 
 
 # ---------------------------------------------------------------------------------------
+# memory: a crop owns its pixels, a frame lives until its crop is taken
+
+
+@pytest.mark.parametrize("hw", [(600, 400), (SIZE, 5 * SIZE), (SIZE // 2, 3 * SIZE), (SIZE, SIZE)])
+def test_crop_owns_its_memory_not_the_frame(detector, hw):
+    scorer = Scorer(detector, input_size=SIZE, device="cpu")
+    arr = texture(*hw, seed=hw[0] + hw[1])
+    crop, meta = scorer.preprocess(png(arr))
+    assert meta.error is None and crop.shape == (3, SIZE, SIZE)
+    assert crop.untyped_storage().nbytes() == 3 * SIZE * SIZE  # not 3 * H * W
+    assert crop.is_contiguous()
+    frame = to_tensor(arr)
+    crop, _ = scorer.crop(frame, "PNG", "pil")
+    assert torch.equal(crop, eval_transform(frame, SIZE))
+    assert crop.untyped_storage().nbytes() == 3 * SIZE * SIZE
+
+
+def _frames_alive_at_each_crop(monkeypatch, scorer: Scorer, items: list[bytes]) -> list[int]:
+    """Score ``items``; for each crop taken, how many decoded frames were still alive."""
+    import weakref
+
+    from ntf_ray import gpu_decode
+
+    frames: list[weakref.ref] = []
+    alive: list[int] = []
+    real_decode, real_decode_jpegs, real_crop = Scorer.decode, gpu_decode.decode_jpegs, Scorer.crop
+
+    def decode_spy(self, data):
+        image, result = real_decode(self, data)
+        frames.append(weakref.ref(image))
+        return image, result
+
+    def decode_jpegs_spy(blobs, device, decode_fn=None):
+        out = real_decode_jpegs(blobs, device, decode_fn)
+        frames.extend(weakref.ref(f) for f in out)
+        return out
+
+    def crop_spy(self, image, fmt, decoder):
+        alive.append(sum(ref() is not None for ref in frames))
+        return real_crop(self, image, fmt, decoder)
+
+    monkeypatch.setattr(Scorer, "decode", decode_spy)
+    monkeypatch.setattr(gpu_decode, "decode_jpegs", decode_jpegs_spy)
+    monkeypatch.setattr(Scorer, "crop", crop_spy)
+    results = scorer.score_bytes(items)
+    assert all(r.error is None for r in results), results
+    return alive
+
+
+def test_core_decoder_path_holds_one_frame_at_a_time(detector, monkeypatch):
+    items = [png(texture(200 + 10 * i, 300, seed=70 + i)) for i in range(5)]
+    scorer = Scorer(detector, input_size=SIZE, device="cpu", decoder="pil")
+    assert _frames_alive_at_each_crop(monkeypatch, scorer, items) == [1] * 5  # views kept 1, 2, 3, ...
+
+
+def test_batched_jpeg_path_decodes_in_groups_and_drops_each_frame_once_cropped(detector, monkeypatch):
+    from ntf_ray import gpu_decode
+
+    h, w = 96, 128
+    items = [jpg(texture(h, w, seed=80 + i)) for i in range(6)]
+    groups: list[int] = []
+    real = gpu_decode.decode_jpegs
+    monkeypatch.setattr(gpu_decode, "decode_jpegs", lambda blobs, device, decode_fn=None:
+                        groups.append(len(blobs)) or real(blobs, device, decode_fn))
+    # The pixel ceiling bounds each batched call: three of these images per call.
+    scorer = Scorer(detector, input_size=SIZE, device="cpu", decoder="nvjpeg", max_pixels=3 * h * w + 1)
+    alive = _frames_alive_at_each_crop(monkeypatch, scorer, items)
+    assert groups == [3, 3]
+    assert alive == [3, 2, 1, 3, 2, 1]  # the group's frames not yet cropped, never the whole batch
+    pil = Scorer(detector, input_size=SIZE, device="cpu", decoder="pil", max_pixels=3 * h * w + 1)
+    monkeypatch.undo()
+    assert [r.score for r in scorer.score_bytes(items)] == [r.score for r in pil.score_bytes(items)]
+    assert {r.decoder for r in scorer.score_bytes(items)} == {"nvjpeg"}
+
+
+# ---------------------------------------------------------------------------------------
 # from_artifact and the CLI
 
 
