@@ -54,7 +54,7 @@ def test_every_key_reads_its_own_bytes_and_none_is_a_pattern(s3, awkward_bucket,
     with caplog.at_level("INFO", logger="werkzeug"):
         assert read_objects(only, endpoint=s3.endpoint_url).column("data").to_pylist() == [_png(0)]
     requests = [r.getMessage() for r in caplog.records if r.name == "werkzeug" and awkward_bucket in r.getMessage()]
-    assert len(requests) == 1 and '"GET ' in requests[0], requests
+    assert len(requests) == 1 and "GET /" in requests[0], requests
 
 
 def test_an_object_replaced_after_listing_is_not_scored_under_the_old_etag(s3, awkward_bucket):
