@@ -121,6 +121,8 @@ def scan(spec: ScanSpec) -> ScanResult:
     run_id = check_run_id(spec.run_id or new_run_id())
     if spec.max_bytes is not None and spec.max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, got {spec.max_bytes}")
+    if spec.read_block_rows < 1 or spec.batch_size < 1:
+        raise ValueError(f"read_block_rows and batch_size must be positive, got {spec.read_block_rows} and {spec.batch_size}")
     art = load_artifact(spec.model, options=options)  # fail early on a bad artifact, before listing
     threshold = art.threshold if spec.threshold is None else float(spec.threshold)
     start = time.perf_counter()
