@@ -33,6 +33,10 @@ Design rules (the detector keys on pixel-level traces, and the input is a crawl)
   :func:`PIL.ImageOps.exif_transpose`; ``width``/``height`` are after the transpose.
 * **No colour management.** ICC profiles are ignored; values are Pillow's conversion
   of the stored samples.
+* **Bounded memory.** Pixels leave Pillow a block of rows at a time (converted and
+  composited per block), so besides Pillow's decoded frame the result is the only
+  full-size buffer (16-bit, ``I`` and ``F`` greyscale excepted: their scaling reads the
+  whole image).
 
 Mode handling (all results are ``(H, W, 3)`` ``uint8`` RGB, C-contiguous, writeable):
 
