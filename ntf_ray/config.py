@@ -63,8 +63,11 @@ class TrainConfig:
     cache_bytes: bool = False  # Ray Train: keep encoded images in the object store after the first read
     seed: int = 0
     threshold: float = 0.5
-    # Recovery drills: raise once at the start of this (0-based) epoch, unless resuming.
+    # Recovery drills: fail once at the start of this (0-based) epoch of each stage, unless
+    # resuming; fail_mode "raise" (rank 0 raises) or "kill" (the last rank's process is
+    # killed with SIGKILL, as when its node is lost).
     fail_at_epoch: int | None = None
+    fail_mode: str = "raise"
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -74,6 +77,65 @@ class TrainConfig:
         """Inverse of ``to_dict`` (JSON turns tuples into lists)."""
         tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
         return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in values.items()})
+
+
+#: Fields a resumed run may change: they say where and how the work runs (device, memory
+#: layout, local data-loading processes, byte cache), the detector's decision threshold, or
+#: the recovery drill. Every other field (lr, batch size, variant, crops, augmentations,
+#: losses, seed, data selection, ...) shapes the optimisation already under way in the
+#: checkpoint: the optimiser would keep the stored lr while the rest followed the new one.
+RESUMABLE = frozenset({"device", "channels_last", "num_workers", "cache_bytes", "threshold", "fail_at_epoch",
+                       "fail_mode"})
+#: Epoch counts may change (extend or shorten a run) only where an epoch's learning rate
+#: does not depend on them: under the step and constant schedules. Cosine decays over the
+#: epoch count, so the remaining epochs would follow another curve than the one begun.
+EPOCHS = ("epochs_stage1", "epochs_stage2")
+
+
+class ResumeConflict(ValueError):
+    """A run resumed with a config that would change its maths (see ``RESUMABLE``)."""
+
+
+def resume_conflicts(stored: dict[str, Any], new: TrainConfig, *, stored_workers: int | None = None,
+                     workers: int | None = None) -> dict[str, tuple[Any, Any]]:
+    """``{field: (stored value, new value)}`` for each change a resumed run must refuse.
+
+    ``stored`` is the ``to_dict()`` of the run's first config; fields it lacks (written by
+    an older version) count as their defaults, fields it has that no longer exist are ignored.
+    With the number of data-parallel workers of both, ``batch_size`` may change with them
+    as long as the global batch (workers x batch_size: what the losses, batch norm and the
+    number of steps per epoch see) stays the same.
+    """
+    defaults = TrainConfig().to_dict()
+    current = new.to_dict()
+    extendable = stored.get("schedule", defaults["schedule"]) in ("step", "constant") and \
+        current["schedule"] in ("step", "constant")
+    out = {}
+    for name, value in current.items():
+        old = stored.get(name, defaults[name])
+        if old == value or name in RESUMABLE or (name in EPOCHS and extendable):
+            continue
+        out[name] = (old, value)
+    if stored_workers is not None and workers is not None:
+        out.pop("batch_size", None)
+        old_batch = stored.get("batch_size", defaults["batch_size"])
+        if stored_workers * old_batch != workers * new.batch_size:
+            out["global batch (workers x batch_size)"] = (f"{stored_workers} x {old_batch} = {stored_workers * old_batch}",
+                                                          f"{workers} x {new.batch_size} = {workers * new.batch_size}")
+    return out
+
+
+def refuse_resume(run: str, conflicts: dict[str, tuple[Any, Any]]) -> None:
+    """Raise a ``ResumeConflict`` naming each of ``conflicts`` with its old and new value."""
+    if not conflicts:
+        return
+    lines = [f"  {name}: {old!r} -> {new!r}"
+             + (" (the cosine schedule spans the epoch count; schedules step and constant may extend a run)"
+                if name in EPOCHS else "")
+             for name, (old, new) in conflicts.items()]
+    raise ResumeConflict(f"{run} was started with another config; resuming it with this one would go on with a "
+                         "mix of both:\n" + "\n".join(lines)
+                         + "\nresume with the stored values, or start a new run with a new --output and --run-name")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -165,6 +227,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"schedule {cfg.schedule!r}: choose cosine, step or constant")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device {cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.fail_mode not in ("raise", "kill"):
+        raise ValueError(f"fail_mode {cfg.fail_mode!r}: choose raise or kill")
     for name in ("crop_size", "scl_crop_size", "batch_size", "proj_dim"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive")

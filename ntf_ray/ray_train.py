@@ -14,13 +14,17 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -29,7 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from ntf_ray import dist, storage
 from ntf_ray.artifact import save_artifact
-from ntf_ray.config import TrainConfig
+from ntf_ray.config import ResumeConflict, TrainConfig, refuse_resume, resume_conflicts
 from ntf_ray.datasets import read_manifest
 from ntf_ray.metrics import json_safe
 from ntf_ray.engine import (
@@ -86,6 +90,42 @@ def _load_stage1_export(model: Stage1Model, output: str, options: StorageOptions
         return load_checkpoint(tmp, models={"stage1": model})
 
 
+def _kept_checkpoints(latest: Checkpoint) -> list[Checkpoint]:
+    """``latest`` and the older checkpoints Ray keeps beside it, newest first (Ray names them
+    ``checkpoint_<timestamp>``, so the names sort by age)."""
+    parent, name = latest.path.rstrip("/").rsplit("/", 1)
+    try:
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError as exc:
+        log.warning("cannot list the checkpoints beside %s (%s): only the latest is tried", latest.path, exc)
+        return [latest]
+    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [latest, *(Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem) for n in older)]
+
+
+def restore(latest: Checkpoint, load: Callable[[str], dict[str, Any]], *, warn: bool = True
+            ) -> tuple[Checkpoint, dict[str, Any]]:
+    """Load the newest kept checkpoint that loads, starting from ``latest``: a truncated or
+    corrupt one (a node lost while writing, a damaged object) is skipped with a warning
+    naming it. ``load(directory)`` restores the state and returns the checkpoint's metadata.
+    Raises ``RuntimeError`` listing every checkpoint tried when none loads."""
+    failures = []
+    for ckpt in _kept_checkpoints(latest):
+        try:
+            with ckpt.as_directory() as d:
+                return ckpt, load(d)
+        except ResumeConflict:
+            raise
+        except Exception as exc:  # safetensors, JSON or storage errors: whatever a damaged file raises
+            failures.append(f"{ckpt.path}: {type(exc).__name__}: {exc}")
+            if warn:
+                log.warning("checkpoint %s does not load (%s: %s); trying the one before it",
+                            ckpt.path, type(exc).__name__, exc)
+    raise RuntimeError("no kept checkpoint of this run loads, so it cannot resume:\n  " + "\n  ".join(failures)
+                       + "\nstart a new run with a new --output and --run-name")
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker function for one stage (config: see ``run_stage``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,12 +159,24 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, epochs=epochs, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
 
+    def load(directory: str) -> dict[str, Any]:
+        meta = json.loads(Path(directory, "checkpoint.json").read_text())
+        # Before any weight: a run submitted again with another config stops here, whatever
+        # its config.json says (the driver checks that first).
+        refuse_resume(f"run {config['run_name']!r} (checkpoint of stage {stage})", resume_conflicts(
+            meta.get("config", {}), cfg, stored_workers=meta.get("extra", {}).get("world_size"), workers=world))
+        return load_checkpoint(directory, models={f"stage{stage}": model}, optimizer=optimizer, scheduler=scheduler)
+
     start_epoch = 0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        with resumed.as_directory() as d:
-            meta = load_checkpoint(d, models={f"stage{stage}": model}, optimizer=optimizer, scheduler=scheduler)
+        resumed, meta = restore(resumed, load, warn=rank == 0)
         start_epoch = int(meta["epoch"])
+        if world > 1:  # every rank must go on from the same epoch, or the collectives would hang
+            epochs_of_ranks = [int(t) for t in dist.gather_no_grad(torch.tensor([start_epoch], device=device))]
+            if len(set(epochs_of_ranks)) > 1:
+                raise RuntimeError(f"the workers restored different checkpoints (epochs {epochs_of_ranks}); "
+                                   "submit the run again")
         if rank == 0:
             log.info("stage %d resumed from its checkpoint after epoch %d of %d; continuing with epoch %d (checkpoint %s)",
                      stage, start_epoch, epochs, start_epoch + 1, resumed.path)
@@ -139,8 +191,17 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.get(counter.take.remote())  # rows an earlier, failed attempt dropped
     common = dict(gather=True, device=device)
     for epoch in range(start_epoch, epochs):
-        if cfg.fail_at_epoch == epoch and resumed is None and rank == 0:
-            raise InjectedFailure(f"injected failure at the start of stage {stage} epoch {epoch} (fail_at_epoch)")
+        if cfg.fail_at_epoch == epoch and resumed is None:
+            if cfg.fail_mode == "kill" and rank == world - 1:
+                # Ray Train registers a checkpoint once it has polled every worker's report
+                # (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker lost sooner takes the
+                # last report with it, and the run restarts from the checkpoint before.
+                time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+                log.warning("killing this worker (rank %d) at the start of stage %d epoch %d (fail_at_epoch)",
+                            rank, stage, epoch)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.fail_mode == "raise" and rank == 0:
+                raise InjectedFailure(f"injected failure at the start of stage {stage} epoch {epoch} (fail_at_epoch)")
         batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False,
                                            local_shuffle_buffer_size=4 * cfg.batch_size,
                                            local_shuffle_seed=cfg.seed + epoch, device="cpu")
@@ -248,7 +309,7 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "endpoint": spec.endpoint, "output": spec.output,
-                           "counter": counter, "data": data_summary(table)},
+                           "counter": counter, "data": data_summary(table), "run_name": spec.run_name},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker,
                                                            **({"GPU": 1} if spec.use_gpu else {})}),
@@ -268,13 +329,46 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
     return result
 
 
+def _stored_run(output: str, options: StorageOptions) -> dict[str, Any] | None:
+    """``OUTPUT/config.json`` as ``train`` wrote it, or None (none yet, or the local recipe's)."""
+    try:
+        stored = json.loads(storage.read_bytes(storage.join(output, "config.json"), options))
+    except FileNotFoundError:
+        return None
+    return stored if isinstance(stored, dict) and isinstance(stored.get("run"), dict) else None
+
+
+def check_resume(stored: dict[str, Any], cfg: TrainConfig, spec: RunSpec) -> None:
+    """Refuse to resume the run that ``stored`` (its ``config.json``) describes with a config
+    or data that would change its maths (see ``config.RESUMABLE``); a ``ResumeConflict``
+    names each difference."""
+    run = stored["run"]
+    conflicts = resume_conflicts(stored.get("config", {}), cfg, stored_workers=run.get("num_workers"),
+                                 workers=spec.num_workers)
+    if run.get("manifest") is not None and storage.normalize(run["manifest"]) != storage.normalize(spec.manifest):
+        conflicts["manifest"] = (run["manifest"], spec.manifest)
+    refuse_resume(f"run {spec.run_name!r} ({storage.join(spec.output, 'config.json')})", conflicts)
+
+
 def train(stage: str, cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
-    """``stage`` in {"1", "2", "both"}; writes ``OUTPUT/config.json``; returns the last metrics."""
+    """``stage`` in {"1", "2", "both"}; writes ``OUTPUT/config.json``; returns the last metrics.
+
+    Submitted again under the same run name, the run resumes: its ``config.json`` stays as
+    written first, and a config that would change the run's maths is refused (``check_resume``).
+    """
     spec = _resolve_endpoint(spec)
     options = StorageOptions.resolve(spec.endpoint)
-    resolved = {"config": cfg.to_dict(), "run": {k: v for k, v in spec.__dict__.items() if k != "endpoint"},
-                "stage": stage}
-    storage.write_bytes(storage.join(spec.output, "config.json"), json.dumps(resolved, indent=2).encode(), options)
+    stored = _stored_run(spec.output, options)
+    if stored is not None and stored["run"].get("run_name") == spec.run_name:
+        check_resume(stored, cfg, spec)
+        changed = {k: (stored.get("config", {}).get(k), v) for k, v in cfg.to_dict().items()
+                   if stored.get("config", {}).get(k, v) != v}
+        log.info("resuming run %s; %s keeps its first config%s", spec.run_name, storage.join(spec.output, "config.json"),
+                 "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else "")
+    else:
+        resolved = {"config": cfg.to_dict(), "run": {k: v for k, v in spec.__dict__.items() if k != "endpoint"},
+                    "stage": stage}
+        storage.write_bytes(storage.join(spec.output, "config.json"), json.dumps(resolved, indent=2).encode(), options)
     table = read_manifest(spec.manifest, options)
     out: dict[str, Any] = {}
     stages = (1, 2) if stage == "both" else (int(stage),)

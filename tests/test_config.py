@@ -53,3 +53,26 @@ def test_bad_values_fail_with_a_message(override, match):
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.backbone in ("tiny", "resnet50")
+
+
+def test_resume_conflicts_are_the_fields_that_change_the_maths():
+    from ntf_ray.config import RESUMABLE, resume_conflicts
+
+    stored = load_config(CONFIGS / "smoke.yaml").to_dict()
+    same = load_config(CONFIGS / "smoke.yaml", ["device=cuda", "channels_last=false", "num_workers=8",
+                                                "cache_bytes=false", "threshold=0.9", "fail_at_epoch=1"])
+    assert resume_conflicts(stored, same) == {}
+    changed = load_config(CONFIGS / "smoke.yaml", ["lr=0.1", "batch_size=64", "variant=no-orth", "seed=1",
+                                                   "train_generators=[progan]", "epochs_stage2=20"])
+    assert resume_conflicts(stored, changed) == {
+        "lr": (0.005, 0.1), "batch_size": (16, 64), "variant": ("ntf", "no-orth"), "seed": (0, 1),
+        "train_generators": (None, ["progan"]), "epochs_stage2": (10, 20)}  # cosine: epochs set the curve
+    step = load_config(CONFIGS / "smoke.yaml", ["schedule=step"])
+    assert resume_conflicts(step.to_dict(), load_config(CONFIGS / "smoke.yaml", ["schedule=step",
+                                                                                "epochs_stage2=20"])) == {}
+    assert set(resume_conflicts(stored, step)) == {"schedule"}
+    # A field the stored config lacks (an older version's) counts as its default.
+    older = {k: v for k, v in stored.items() if k != "jpeg_prob"}
+    assert resume_conflicts(older, same) == {}
+    assert resume_conflicts(older, load_config(CONFIGS / "smoke.yaml", ["jpeg_prob=0.5"])) == {"jpeg_prob": (0.1, 0.5)}
+    assert RESUMABLE <= set(stored)

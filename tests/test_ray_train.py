@@ -115,8 +115,37 @@ def test_resubmission_under_the_same_name_resumes(local_ray, small_manifest, tmp
                              run_name="resubmit", max_failures=0)
     with pytest.raises(Exception, match="injected failure"):
         ray_train.run_stage(1, _resume_config(fail_at_epoch=1), spec)
+    # The workers check the checkpoint's own config too (here run_stage is called directly,
+    # without train's check of config.json): another lr is refused before any weight loads.
+    with pytest.raises(Exception, match=r"was started with another config(.|\n)*lr: 0.005 -> 0.05"):
+        ray_train.run_stage(1, _resume_config(lr=0.05), spec)
     result = ray_train.run_stage(1, _resume_config(), spec)  # same name, no failure this time
     assert result.metrics["resumed_from_epoch"] == 1 and result.metrics["epoch"] == 2
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(local_ray, small_manifest, tmp_path):
+    """A node lost while writing leaves the newest checkpoint truncated: the run resumes from
+    the older one Ray keeps, and fails with every checkpoint named only when none loads."""
+    spec = ray_train.RunSpec(manifest=small_manifest, output=str(tmp_path / "out"), num_workers=2,
+                             run_name="truncated", max_failures=0, num_to_keep=2)
+    with pytest.raises(Exception, match="injected failure"):  # stops after 2 of 3 epochs
+        ray_train.run_stage(1, _resume_config(fail_at_epoch=2), spec)
+    run = tmp_path / "out" / "ray" / "truncated-stage1"
+    kept = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2
+    weights = kept[-1] / "models.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    result = ray_train.run_stage(1, _resume_config(), spec)
+    assert result.error is None
+    assert result.metrics["resumed_from_epoch"] == 1 and result.metrics["epoch"] == 2  # epochs 2 and 3 again
+
+    kept = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    for ckpt in kept:
+        (ckpt / "checkpoint.json").write_text('{"format": ')
+    with pytest.raises(Exception, match="no kept checkpoint of this run loads") as failed:
+        ray_train.run_stage(1, _resume_config(), spec)
+    assert all(ckpt.name in str(failed.value) for ckpt in kept)
 
 
 def _stage2_parity_loop(config):
@@ -200,22 +229,18 @@ def test_stage2_refuses_a_stage1_export_of_another_variant(tmp_path):
         ray_train.check_stage1_export(cfg, str(tmp_path / "elsewhere"), options)
 
 
-def test_training_takes_the_endpoint_from_the_environment(monkeypatch, small_manifest, tmp_path):
-    """With only AWS_ENDPOINT_URL set (no --s3-endpoint), the driver, the checkpoint storage,
-    the read tasks and the workers all use it, as the scan does (StorageOptions.resolve)."""
+@pytest.fixture
+def driver_only(monkeypatch):
+    """``ray_train.train`` without Ray: the trainer, the drop counter and the dataset are
+    stand-ins that record what the workers, the read tasks and the driver were given."""
     from types import SimpleNamespace
 
-    import pyarrow as pa
-
-    from ntf_ray import ray_train_data
-
-    endpoint = "http://minio.internal:9000"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     seen: dict = {}
 
-    class Trainer:  # records what the workers would be given
+    class Trainer:
         def __init__(self, loop, *, train_loop_config, **kwargs):
             seen["workers"] = train_loop_config["endpoint"]
+            seen["fits"] = seen.get("fits", 0) + 1
 
         def fit(self):
             return SimpleNamespace(metrics={})
@@ -226,14 +251,29 @@ def test_training_takes_the_endpoint_from_the_environment(monkeypatch, small_man
         seen["driver"] = options.endpoint_url
         return real_read_manifest(uri, options, **kwargs)
 
+    def build_dataset(rows, **kwargs):
+        seen["read_tasks"] = kwargs["endpoint"]
+
     monkeypatch.setattr(ray_train, "TorchTrainer", Trainer)
     monkeypatch.setattr(ray_train, "read_manifest", read_manifest)
     monkeypatch.setattr(ray_train, "DropCounter", SimpleNamespace(remote=lambda: None))
-    monkeypatch.setattr(ray_train, "build_dataset", lambda rows, **kw: seen.setdefault("read_tasks", kw["endpoint"]))
+    monkeypatch.setattr(ray_train, "build_dataset", build_dataset)
     monkeypatch.setattr(ray_train.ray, "kill", lambda actor: None)
+    return seen
+
+
+def test_training_takes_the_endpoint_from_the_environment(monkeypatch, driver_only, small_manifest, tmp_path):
+    """With only AWS_ENDPOINT_URL set (no --s3-endpoint), the driver, the checkpoint storage,
+    the read tasks and the workers all use it, as the scan does (StorageOptions.resolve)."""
+    import pyarrow as pa
+
+    from ntf_ray import ray_train_data
+
+    endpoint = "http://minio.internal:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     cfg = _resume_config(epochs_stage1=1)
     ray_train.train("1", cfg, ray_train.RunSpec(manifest=small_manifest, output=str(tmp_path / "out"), run_name="env"))
-    assert seen == {"driver": endpoint, "workers": endpoint, "read_tasks": endpoint}
+    assert driver_only == {"driver": endpoint, "workers": endpoint, "read_tasks": endpoint, "fits": 1}
 
     _, fs = ray_train._storage(ray_train.RunSpec(manifest=small_manifest, output="s3://bucket/out"))
     assert fs.__reduce__()[1][0]["endpoint_override"] == "minio.internal:9000"
@@ -290,3 +330,60 @@ def test_drop_counter_survives_losing_its_process(local_ray):
     assert ray.get(counter.take.remote(), timeout=60) == 5  # the 2 not yet taken are lost
     assert ray.get(counter.take.remote(), timeout=60) == 0
     ray.kill(counter)
+
+
+def test_resuming_with_another_config_is_refused_and_keeps_config_json(driver_only, small_manifest, tmp_path):
+    """A run submitted again under its name may not change its maths (the optimiser would
+    keep the stored lr, the cosine schedule would take the new epoch count); config.json
+    stays as the run first wrote it. Placement, the threshold and the drill may change."""
+    from ntf_ray.config import ResumeConflict
+
+    out = tmp_path / "out"
+
+    def spec(**over):
+        return ray_train.RunSpec(**{"manifest": small_manifest, "output": str(out), "num_workers": 2,
+                                    "run_name": "r1", **over})
+
+    ray_train.train("1", _resume_config(), spec())
+    first = (out / "config.json").read_bytes()
+    with pytest.raises(ResumeConflict) as refused:
+        ray_train.train("1", _resume_config(lr=0.05, epochs_stage1=5, variant="no-orth"), spec())
+    message = str(refused.value)
+    assert "run 'r1'" in message and "new --output and --run-name" in message
+    for line in ("lr: 0.005 -> 0.05", "variant: 'ntf' -> 'no-orth'", "epochs_stage1: 3 -> 5 (the cosine schedule"):
+        assert f"\n  {line}" in message, message
+    with pytest.raises(ResumeConflict, match=r"global batch \(workers x batch_size\): '2 x 16 = 32' -> '1 x 16 = 16'"):
+        ray_train.train("1", _resume_config(), spec(num_workers=1))
+    with pytest.raises(ResumeConflict, match="manifest"):
+        ray_train.train("1", _resume_config(), spec(manifest=str(tmp_path / "other.parquet")))
+    assert driver_only["fits"] == 1  # nothing was trained with a refused config
+    # The same global batch on other workers, placement, the threshold and the drill: resumed.
+    ray_train.train("1", _resume_config(batch_size=32, device="auto", threshold=0.7, fail_at_epoch=1,
+                                        num_workers=0, cache_bytes=False), spec(num_workers=1, max_failures=3))
+    assert driver_only["fits"] == 2 and (out / "config.json").read_bytes() == first
+    # Another run name in the same output is a new run.
+    ray_train.train("1", _resume_config(lr=0.05), spec(run_name="r2"))
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == 0.05
+
+
+def test_a_step_schedule_may_extend_a_resumed_run(driver_only, small_manifest, tmp_path):
+    from ntf_ray.config import ResumeConflict
+
+    spec = ray_train.RunSpec(manifest=small_manifest, output=str(tmp_path / "out"), run_name="steps")
+    ray_train.train("1", _resume_config(schedule="step", step_size=1), spec)
+    ray_train.train("1", _resume_config(schedule="step", step_size=1, epochs_stage1=6), spec)
+    with pytest.raises(ResumeConflict, match="step_size: 1 -> 2"):
+        ray_train.train("1", _resume_config(schedule="step", step_size=2, epochs_stage1=6), spec)
+
+
+def test_a_worker_killed_in_each_stage_resumes_both(local_ray, small_manifest, tmp_path):
+    """Fault drill: in each stage the last worker's process is killed (SIGKILL, as a lost node)
+    at the start of its second epoch; Ray Train restarts the workers (max_failures) and both
+    stages go on from their checkpoints to the detector."""
+    cfg = _resume_config(epochs_stage1=2, epochs_stage2=2, fail_at_epoch=1, fail_mode="kill")
+    spec = ray_train.RunSpec(manifest=small_manifest, output=str(tmp_path / "out"), num_workers=2,
+                             cpus_per_worker=0.5, run_name="killed", max_failures=1)
+    metrics = ray_train.train("both", cfg, spec)
+    for stage in ("stage1", "stage2"):
+        assert metrics[stage]["resumed_from_epoch"] == 1 and metrics[stage]["epoch"] == 1, (stage, metrics[stage])
+    assert (tmp_path / "out" / "detector" / "model.json").is_file()
