@@ -28,12 +28,13 @@ OPTIONS = storage.StorageOptions()
 
 def publish_run(out: Path, run_id: str, uris: list[str]) -> None:
     listing = pa.table({"uri": uris, "etag": [f"e{u}" for u in uris], "size_bytes": pa.array([1] * len(uris), pa.int64()),
-                        "last_modified": pa.nulls(len(uris), pa.timestamp("us", tz="UTC"))})
+                        "last_modified": pa.nulls(len(uris), pa.timestamp("us", tz="UTC")),
+                        "seq": pa.array(range(len(uris)), pa.int64())})
     run_dir = out / "dt=2026-01-01" / f"run_id={run_id}"
     # Nothing staged: publish writes one row per listed object with the given (final) error, which is
     # all the check reads.
-    table.publish(str(out / "_staging" / run_id), str(run_dir), listing, "decode: bench row", run_id=run_id,
-                  model_id="m", threshold=0.5, options=OPTIONS)
+    table.publish(str(out / "_staging" / run_id), str(run_dir), lambda: [listing], len(uris), "decode: bench row",
+                  run_id=run_id, model_id="m", threshold=0.5, options=OPTIONS)
     (run_dir / table.SUCCESS).write_bytes(b"")
 
 

@@ -13,30 +13,33 @@ from ntf_ray import storage
 from ntf_ray.ray_scan import lock, table
 
 
-def _rows(uris: list[str], errors: list[str | None] | None = None, model_id: str = "m1") -> pa.Table:
+def _rows(uris: list[str], errors: list[str | None] | None = None, seqs: list[int] | None = None) -> pa.Table:
+    """Staged rows as the detector actors write them (the table's columns and ``seq``)."""
     n = len(uris)
-    cols = {f.name: pa.nulls(n, f.type) for f in table.FILE_SCHEMA}
+    cols = {f.name: pa.nulls(n, f.type) for f in table.STAGED_SCHEMA}
     cols["uri"] = pa.array(uris, pa.string())
     cols["etag"] = pa.array([f"e-{u}" for u in uris], pa.string())
     cols["error"] = pa.array(errors or [None] * n, pa.string())
-    cols["model_id"] = pa.array([model_id] * n, pa.string())
-    return pa.table(cols, schema=table.FILE_SCHEMA)
+    cols["model_id"] = pa.array(["m1"] * n, pa.string())
+    cols["seq"] = pa.array(seqs if seqs is not None else range(n), pa.int64())
+    return pa.table(cols, schema=table.STAGED_SCHEMA)
 
 
 def _listing(uris: list[str]) -> pa.Table:
     return pa.table({"uri": uris, "etag": [f"e-{u}" for u in uris], "size_bytes": pa.array([1] * len(uris), pa.int64()),
-                     "last_modified": pa.nulls(len(uris), pa.timestamp("us", tz="UTC"))})
+                     "last_modified": pa.nulls(len(uris), pa.timestamp("us", tz="UTC")),
+                     "seq": pa.array(range(len(uris)), pa.int64())})
 
 
-def _publish(out, run_id: str, staged_tables: list[pa.Table], listing: pa.Table) -> pa.Table:
+def _publish(out, run_id: str, staged_tables: list[pa.Table], listing: pa.Table) -> table.Tally:
     staged = table.staging_dir(str(out), run_id)
     for i, t in enumerate(staged_tables):
         storage.write_bytes(f"{staged}/part-{i}.parquet", _parquet(t))
     run_dir = f"{out}/dt=2026-01-01/run_id={run_id}"
-    rows = table.publish(staged, run_dir, listing, "worker_lost: test", run_id=run_id, model_id="m1", threshold=0.5,
-                         options=storage.StorageOptions())
+    tally = table.publish(staged, run_dir, lambda: [listing], listing.num_rows, "worker_lost: test", run_id=run_id,
+                          model_id="m1", threshold=0.5, options=storage.StorageOptions(), keep_final=True)
     (out / "dt=2026-01-01" / f"run_id={run_id}" / table.SUCCESS).write_bytes(b"")
-    return rows
+    return tally
 
 
 def _parquet(t: pa.Table) -> bytes:
@@ -47,16 +50,19 @@ def _parquet(t: pa.Table) -> bytes:
 
 def test_a_run_is_published_as_one_file_with_one_row_per_listed_object(tmp_path):
     listing = _listing(["a", "b", "c"])
-    staged = [_rows(["a", "b"]), _rows(["b"])]  # "b" twice: a retried task; "c" never came back
+    staged = [_rows(["a", "b"]), _rows(["b"], seqs=[1])]  # "b" twice: a retried task; "c" never came back
     assert table.completed_runs(str(tmp_path), storage.StorageOptions()) == []
-    rows = _publish(tmp_path, "r1", staged, listing)
+    tally = _publish(tmp_path, "r1", staged, listing)
     run_dir = tmp_path / "dt=2026-01-01" / "run_id=r1"
     assert sorted(p.name for p in run_dir.iterdir()) == [table.SUCCESS, table.ROWS]
     published = pq.read_table(run_dir / table.ROWS)
     assert sorted(published.column("uri").to_pylist()) == ["a", "b", "c"]
     lost = published.filter(pa.compute.equal(published["uri"], "c")).to_pylist()[0]
     assert lost["error"] == "worker_lost: test" and lost["etag"] == "e-c" and lost["model_id"] == "m1"
-    assert sorted(rows.column("uri").to_pylist()) == ["a", "b", "c"]
+    assert published.schema.equals(table.FILE_SCHEMA)  # seq stays in the staging files
+    assert (tally.rows, tally.scored, tally.errors_by_kind) == (3, 0, {"worker_lost": 1})
+    # what the index keeps: final outcomes only (a lost object is scored again)
+    assert sorted(pa.concat_tables(tally.final).column("uri").to_pylist()) == ["a", "b"]
     # the staging folder is under a name every reader skips
     assert table._run_dirs(str(tmp_path), storage.StorageOptions()) == [("r1", str(run_dir))]
 

@@ -24,8 +24,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import ray
 
 from ntf_ray import storage
 
@@ -33,7 +34,8 @@ from ntf_ray import storage
 from ntf_ray.ray_scan.actor import ActorPlan as ActorPlan
 from ntf_ray.ray_scan.actor import DetectorActor, scored_stream
 from ntf_ray.ray_scan.actor import plan_actors as plan_actors
-from ntf_ray.ray_scan.listing import list_objects
+from ntf_ray.ray_scan.listing import iter_listing
+from ntf_ray.ray_scan.listing import list_objects as list_objects
 from ntf_ray.ray_scan.lock import lease
 from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.ray_scan.reading import READ_ATTEMPTS as READ_ATTEMPTS
@@ -43,13 +45,12 @@ from ntf_ray.ray_scan.table import FILE_SCHEMA as FILE_SCHEMA
 from ntf_ray.ray_scan.table import LISTING_SCHEMA as LISTING_SCHEMA
 from ntf_ray.ray_scan.table import SCORE_SCHEMA as SCORE_SCHEMA
 from ntf_ray.ray_scan.table import (
+    SEQ,
     SUCCESS,
     SUMMARY,
-    _read_runs,
     _run_dirs,
     _summary,
     already_scored,
-    is_retried,
     publish,
     staging_dir,
     write_index,
@@ -128,16 +129,12 @@ def scan(spec: ScanSpec) -> ScanResult:
     start = time.perf_counter()
 
     with lease(output, run_id, options) if spec.incremental else contextlib.nullcontext() as held:
-        listing = list_objects(spec, options)
-        listed = listing.num_rows
-        skipped = 0
-        if spec.incremental:
-            seen, runs_read = already_scored(output, art.model_id, options, exclude_run=run_id)
-            if seen.num_rows:
-                listing = listing.join(seen, keys=["uri", "etag"], join_type="left anti")
-            skipped = listed - listing.num_rows
-        log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s", run_id, listed,
-                 listing.num_rows, skipped, art.model_id)
+        seen, runs_read = (already_scored(output, art.model_id, options, exclude_run=run_id) if spec.incremental
+                           else (None, []))
+        blocks, listed = _listing_blocks(spec, options, seen)
+        todo = sum(n for _, n in blocks)
+        log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s", run_id, listed, todo,
+                 listed - todo, art.model_id)
 
         staged = staging_dir(output, run_id)
         storage.remove(staged, options)  # an earlier attempt's rows: this attempt writes its own
@@ -145,34 +142,52 @@ def scan(spec: ScanSpec) -> ScanResult:
         earlier = dict(_run_dirs(output, options)).get(run_id)
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
-        if listing.num_rows:
-            _write_rows(listing, spec, threshold, staged, options)
+        if todo:
+            _write_rows([ref for ref, _ in blocks], spec, threshold, staged, options)
         if held is not None:
             held.check()
-        rows = publish(staged, run_dir, listing, LOST, run_id=run_id, model_id=art.model_id, threshold=threshold,
-                       options=options)
-        table = _read_runs([run_dir], ["uri", "score", "is_fake", "error"], options)
-        if table.num_rows != listing.num_rows or pc.count_distinct(table["uri"]).as_py() != listing.num_rows:
-            raise RuntimeError(f"scan {run_id}: published {table.num_rows} rows for {listing.num_rows} objects")
-        summary = _summary(table, listed=listed, skipped=skipped, seconds=time.perf_counter() - start,
+        tally = publish(staged, run_dir, lambda: (ray.get(ref) for ref, _ in blocks), todo, LOST, run_id=run_id,
+                        model_id=art.model_id, threshold=threshold, options=options, keep_final=spec.incremental)
+        if tally.rows != todo:  # publish writes one row per listed object by construction
+            raise RuntimeError(f"scan {run_id}: published {tally.rows} rows for {todo} objects")
+        summary = _summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
                            model_id=art.model_id, spec=spec, run_id=run_id, threshold=threshold)
         summary["table"] = run_dir
         storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2).encode(), options)
         storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
         if spec.incremental:
-            final = rows.filter(pa.array([not is_retried(e) for e in rows.column("error").to_pylist()], pa.bool_()))
-            write_index(output, art.model_id, pa.concat_tables([seen, final.select(["uri", "etag"])]),
-                        [*runs_read, run_id], options)
+            write_index(output, art.model_id, pa.concat_tables([seen, *tally.final]), [*runs_read, run_id], options)
         storage.remove(staged, options)
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
 
-def _write_rows(listing: pa.Table, spec: ScanSpec, threshold: float, staged: str,
+def _listing_blocks(spec: ScanSpec, options: StorageOptions,
+                    seen: pa.Table | None) -> tuple[list[tuple[ray.ObjectRef, int]], int]:
+    """The objects to score as read blocks in Ray's object store, and how many were listed.
+
+    The listing pages in chunk by chunk; each chunk loses what ``seen`` holds, is numbered
+    (``seq``) and goes to the object store in blocks of ``read_block_rows``, so the driver
+    holds one chunk at a time, whatever the bucket holds.
+    """
+    blocks, listed, n = [], 0, 0
+    for chunk in iter_listing(spec, options):
+        listed += chunk.num_rows
+        if seen is not None and seen.num_rows:
+            chunk = chunk.join(seen, keys=["uri", "etag"], join_type="left anti")
+        for start in range(0, chunk.num_rows, spec.read_block_rows):
+            block = chunk.slice(start, spec.read_block_rows)
+            block = block.append_column(SEQ, pa.array(np.arange(n, n + block.num_rows), pa.int64()))
+            n += block.num_rows
+            blocks.append((ray.put(block), block.num_rows))
+    return blocks, listed
+
+
+def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, staged: str,
                 options: StorageOptions) -> None:
-    """Score ``listing`` into Parquet files under ``staged`` (the endpoint as the driver resolved it)."""
+    """Score the listing's blocks into Parquet files under ``staged`` (the endpoint as the driver resolved it)."""
     endpoint = options.endpoint_url
     ds = scored_stream(
-        listing, DetectorActor,
+        blocks, DetectorActor,
         {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": spec.batch_size,
          "decoder": spec.decoder},
         endpoint=endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows, max_bytes=spec.max_bytes,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from ntf_ray.ray_scan.table import FILE_SCHEMA
+from ntf_ray.ray_scan.table import FILE_SCHEMA, SEQ
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__package__)  # "ntf_ray.ray_scan", the logger's name before the split
@@ -52,7 +52,7 @@ class DetectorActor:
             cols["width"][i], cols["height"][i], cols["format"][i] = r.width, r.height, r.format
             cols["decoder"][i] = r.decoder
         now = dt.datetime.now(dt.timezone.utc)
-        return pa.table({
+        out = pa.table({
             "uri": batch.column("uri"),
             "etag": batch.column("etag"),
             "size_bytes": batch.column("size_bytes"),
@@ -68,6 +68,9 @@ class DetectorActor:
             "scanned_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             "decoder": pa.array(cols["decoder"], pa.string()),
         }, schema=FILE_SCHEMA)
+        if SEQ in batch.column_names:  # the object's place in the scan's listing, for publishing
+            out = out.append_column(SEQ, batch.column(SEQ))
+        return out
 
 
 def _gpus_in_cluster() -> float:
@@ -115,10 +118,13 @@ READ_TASK_RETRIES = 2
 ACTOR_TASK_RETRIES = 2
 
 
-def scored_stream(rows: pa.Table, actor: type, constructor_kwargs: dict, *, endpoint: str | None, batch_size: int,
+def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor_kwargs: dict, *, endpoint: str | None, batch_size: int,
                   read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
                   cpus_per_actor: float, max_bytes: int | None = None) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
+
+    ``rows`` is a table (cut into blocks of ``read_block_rows``) or the refs of tables already
+    in the object store, one read block each.
 
     The scan and the evaluation share this shape; ``actor`` is built once per pool member
     with ``constructor_kwargs`` plus ``device`` (``cuda`` on GPU actors, else ``cpu``). A
@@ -130,10 +136,14 @@ def scored_stream(rows: pa.Table, actor: type, constructor_kwargs: dict, *, endp
     if max_bytes is None:
         max_bytes = DEFAULT_MAX_BYTES
 
-    blocks = max(1, -(-rows.num_rows // read_block_rows))
+    if isinstance(rows, pa.Table):
+        blocks = max(1, -(-rows.num_rows // read_block_rows))
+        ds = ray.data.from_arrow(rows).repartition(blocks)
+    else:
+        blocks = len(rows)
+        ds = ray.data.from_arrow_refs(rows)
     plan = plan_actors(blocks=blocks, gpus_per_actor=gpus_per_actor, min_actors=min_actors, max_actors=max_actors,
                        cpus_per_actor=cpus_per_actor)
-    ds = ray.data.from_arrow(rows).repartition(blocks)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameters for task retries and actor restarts; the
         # ray_remote_args it deprecates still apply them (revisit before Ray 2.64).

@@ -155,23 +155,22 @@ def _stat_many(uris: list[str], options: StorageOptions) -> Iterator[dict]:
                 yield {"uri": u, "etag": None, "size_bytes": None, "last_modified": None}
 
 
-def _to_table(rows: Iterator[dict], limit: int | None, chunk: int = 10_000) -> pa.Table:
-    batches, buf, n = [], [], 0
-    for row in rows:
+def _chunks(rows: Iterator[dict], limit: int | None, chunk: int) -> Iterator[pa.Table]:
+    buf: list[dict] = []
+    for n, row in enumerate(rows, 1):
         buf.append(row)
-        n += 1
         if len(buf) >= chunk:
-            batches.append(pa.RecordBatch.from_pylist(buf, schema=LISTING_SCHEMA))
+            yield pa.Table.from_pylist(buf, schema=LISTING_SCHEMA)
             buf = []
         if limit is not None and n >= limit:
             break
     if buf:
-        batches.append(pa.RecordBatch.from_pylist(buf, schema=LISTING_SCHEMA))
-    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+        yield pa.Table.from_pylist(buf, schema=LISTING_SCHEMA)
 
 
-def list_objects(spec: ScanSpec, options: StorageOptions) -> pa.Table:
-    """The objects to scan as an Arrow table (uri, etag, size_bytes, last_modified)."""
+def iter_listing(spec: ScanSpec, options: StorageOptions, chunk: int = 10_000) -> Iterator[pa.Table]:
+    """The objects to scan as Arrow tables of at most ``chunk`` rows (uri, etag, size_bytes,
+    last_modified, listing_error), as the listing pages in: the caller decides what to keep."""
     if (spec.input is None) == (spec.manifest is None):
         raise ValueError("give exactly one of an input prefix/folder or a manifest")
     if spec.manifest is not None:
@@ -182,15 +181,20 @@ def list_objects(spec: ScanSpec, options: StorageOptions) -> pa.Table:
         unique = list(dict.fromkeys(uris))  # one row per object, however often the manifest names it
         if len(unique) < len(uris):
             log.warning("the manifest names %d objects more than once; each is scored once", len(uris) - len(unique))
-        uris = unique
-        if spec.limit is not None:
-            uris = uris[: spec.limit]
-        return _to_table(_stat_many(uris, options), None)
+        yield from _chunks(_stat_many(unique[: spec.limit] if spec.limit is not None else unique, options), None, chunk)
+        return
     root = storage.normalize(spec.input)
     if storage.is_s3(root):
         bucket, key = storage.split_s3(root)
         prefix = f"s3://{bucket}/{key.rstrip('/') + '/' if key else ''}"
-        return _to_table(_iter_s3(prefix, spec.pattern, options), spec.limit)
+        yield from _chunks(_iter_s3(prefix, spec.pattern, options), spec.limit, chunk)
+        return
     if not Path(root).is_dir():
         raise FileNotFoundError(f"input folder {root} does not exist")
-    return _to_table(_iter_local(root, spec.pattern), spec.limit)
+    yield from _chunks(_iter_local(root, spec.pattern), spec.limit, chunk)
+
+
+def list_objects(spec: ScanSpec, options: StorageOptions) -> pa.Table:
+    """The whole listing as one Arrow table (see ``iter_listing``)."""
+    tables = list(iter_listing(spec, options))
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()

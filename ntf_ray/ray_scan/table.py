@@ -18,7 +18,8 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,14 +141,14 @@ def _parquet_files(run_dir: str, options: StorageOptions) -> list[str]:
     return sorted(str(p) for p in Path(run_dir).iterdir() if p.suffix == ".parquet" and not p.name.startswith(("_", ".")))
 
 
-def _dataset(files: list[str], options: StorageOptions) -> pads.Dataset | None:
+def _dataset(files: list[str], options: StorageOptions, schema: pa.Schema = FILE_SCHEMA) -> pads.Dataset | None:
     if not files:
         return None
     fs = None
     if storage.is_s3(files[0]):
         fs, _ = storage.arrow_filesystem(files[0], options)
         files = [f[len("s3://"):] for f in files]
-    return pads.dataset(files, format="parquet", filesystem=fs, schema=FILE_SCHEMA)
+    return pads.dataset(files, format="parquet", filesystem=fs, schema=schema)
 
 
 def _read_runs(dirs: list[str], columns: list[str], options: StorageOptions) -> pa.Table:
@@ -214,40 +215,76 @@ def staging_dir(output: str, run_id: str) -> str:
     return storage.join(storage.normalize(output), STAGING, f"run_id={run_id}")
 
 
-def publish(staged: str, run_dir: str, listing: pa.Table, lost_error: str, *, run_id: str, model_id: str,
-            threshold: float, options: StorageOptions) -> pa.Table:
-    """Write the run's rows as ``run_dir/scores.parquet`` in one piece; returns (uri, etag, error).
+#: The column a scan's staged rows carry beside the table's: the object's place in the run's
+#: listing, so publishing can find duplicates and missing rows with one bit per object.
+SEQ = "seq"
+STAGED_SCHEMA = FILE_SCHEMA.append(pa.field(SEQ, pa.int64()))
 
-    One row per listed object: a uri staged twice (a retried task) keeps its first row, and a
-    listed object without a staged row (its worker was lost for good) gets one with ``lost_error``.
+
+@dataclass
+class Tally:
+    """What a published run holds, counted as its rows stream past (the summary's figures)."""
+
+    rows: int = 0
+    scored: int = 0
+    flagged: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(10, np.int64))
+    final: list[pa.Table] = field(default_factory=list)  # (uri, etag) of final outcomes, when kept
+
+    def add(self, batch: pa.RecordBatch, keep_final: bool) -> None:
+        self.rows += batch.num_rows
+        scores = batch.column("score").drop_null().to_numpy(zero_copy_only=False)
+        self.scored += len(scores)
+        self.histogram += np.histogram(scores, bins=10, range=(0.0, 1.0))[0]
+        self.flagged += int(pc.sum(pc.fill_null(batch.column("is_fake"), False)).as_py() or 0)
+        errors = batch.column("error").to_pylist()
+        for e in errors:
+            if e is not None:
+                kind = e.split(":", 1)[0]
+                self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+        if keep_final:
+            final = pa.array([not is_retried(e) for e in errors], pa.bool_())
+            self.final.append(pa.Table.from_batches([batch.filter(final).select(["uri", "etag"])]))
+
+
+def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]], total: int, lost_error: str, *,
+            run_id: str, model_id: str, threshold: float, options: StorageOptions, keep_final: bool = False) -> Tally:
+    """Write the run's rows as ``run_dir/scores.parquet`` in one piece, and count them.
+
+    ``listing()`` gives the run's listing again, in chunks, each row with its ``seq``
+    (0..total-1), which the staged rows carry too. One row per listed object: a ``seq``
+    staged twice (a retried task) keeps its first row, and one never staged (its worker was
+    lost for good) gets a row with ``lost_error``. Memory: one bit per object and a batch.
     """
-    listed = set(listing.column("uri").to_pylist())
-    seen: set[str] = set()
-    kept = []
+    got = np.zeros(total, np.bool_)
+    tally = Tally()
 
     def batches() -> Iterator[pa.RecordBatch]:
-        ds = _dataset(_parquet_files(staged, options), options)
+        ds = _dataset(_parquet_files(staged, options), options, STAGED_SCHEMA)
         for batch in ds.to_batches() if ds is not None else []:
-            mask = []
-            for u in batch.column("uri").to_pylist():
-                mask.append(u in listed and u not in seen)
-                seen.add(u)
-            if any(mask):
-                part = batch.filter(pa.array(mask))
-                kept.append(pa.table({c: part.column(c) for c in ("uri", "etag", "error")}))
+            seq = batch.column(SEQ).to_numpy(zero_copy_only=False)
+            keep = np.zeros(len(seq), np.bool_)
+            keep[np.unique(seq, return_index=True)[1]] = True
+            keep &= ~got[seq]
+            got[seq[keep]] = True
+            if keep.any():
+                part = batch.filter(pa.array(keep)).select(FILE_SCHEMA.names)
+                tally.add(part, keep_final)
                 yield part
-        lost = listing.filter(pc.invert(pc.is_in(listing["uri"], pa.array(sorted(seen), pa.string()))))
-        if lost.num_rows:
-            rows = lost_rows(lost, lost_error, run_id=run_id, model_id=model_id, threshold=threshold)
-            kept.append(rows.select(["uri", "etag", "error"]))
-            yield from rows.to_batches()
+        for chunk in listing():
+            lost = chunk.filter(pa.array(~got[chunk.column(SEQ).to_numpy(zero_copy_only=False)]))
+            if lost.num_rows:
+                for part in lost_rows(lost, lost_error, run_id=run_id, model_id=model_id, threshold=threshold).to_batches():
+                    tally.add(part, keep_final)
+                    yield part
 
     target = storage.join(run_dir, ROWS)
     _write_whole(target, batches(), options)
     for old in _parquet_files(run_dir, options):  # files of an earlier layout of this run
         if old != target:
             storage.remove(old, options)
-    return pa.concat_tables(kept) if kept else pa.table({c: pa.array([], pa.string()) for c in ("uri", "etag", "error")})
+    return tally
 
 
 def lost_rows(listing: pa.Table, error: str, *, run_id: str, model_id: str, threshold: float) -> pa.Table:
@@ -285,21 +322,15 @@ def _write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOp
         tmp.unlink(missing_ok=True)
 
 
-def _summary(table: pa.Table, *, listed: int, skipped: int, seconds: float, model_id: str, spec: ScanSpec,
+def _summary(tally: Tally, *, listed: int, skipped: int, seconds: float, model_id: str, spec: ScanSpec,
              run_id: str, threshold: float) -> dict[str, Any]:
-    scores = table.column("score").drop_null().to_numpy(zero_copy_only=False)
-    errors = table.column("error").drop_null().to_pylist()
-    reasons: dict[str, int] = {}
-    for e in errors:
-        kind = e.split(":", 1)[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
-    hist, edges = np.histogram(scores, bins=10, range=(0.0, 1.0))
+    edges = np.linspace(0.0, 1.0, 11)
     return {
         "run_id": run_id, "model_id": model_id, "threshold": threshold,
-        "listed": listed, "skipped": skipped, "rows": table.num_rows, "scored": int(len(scores)),
-        "errors": len(errors), "errors_by_kind": reasons,
-        "flagged": int(pc.sum(pc.fill_null(table.column("is_fake"), False)).as_py() or 0),
-        "score_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
-        "seconds": round(seconds, 3), "images_per_s": round(table.num_rows / max(seconds, 1e-9), 2),
+        "listed": listed, "skipped": skipped, "rows": tally.rows, "scored": tally.scored,
+        "errors": sum(tally.errors_by_kind.values()), "errors_by_kind": tally.errors_by_kind,
+        "flagged": tally.flagged,
+        "score_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": tally.histogram.tolist()},
+        "seconds": round(seconds, 3), "images_per_s": round(tally.rows / max(seconds, 1e-9), 2),
         "config": spec.public(),
     }
