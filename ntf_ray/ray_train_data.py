@@ -52,7 +52,7 @@ def read_batch(batch: pa.Table, *, endpoint: str | None) -> pa.Table:
     blobs = []
     for uri, data in zip(uris, storage.read_many(uris, StorageOptions.resolve(endpoint))):
         if isinstance(data, Exception):
-            log.warning("dropping %s: read: %s", uri, storage.redact(str(data))[:200])
+            log.warning("dropping %s: %s", uri, storage.read_error(data))
             data = None
         blobs.append(data)
     return pa.table({"label": batch.column("label"), "data": pa.array(blobs, pa.binary())})

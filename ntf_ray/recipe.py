@@ -164,7 +164,7 @@ def evaluate(scorer: Scorer, table: pa.Table, *, options: StorageOptions | None 
         blobs = storage.read_many([uris[i] for i in chunk], options)
         for i, b in zip(chunk, blobs):
             if isinstance(b, Exception):
-                log.warning("evaluation cannot read %s: %s", uris[i], storage.redact(str(b))[:200])
+                log.warning("evaluation cannot read %s: %s", uris[i], storage.read_error(b))
         results = scorer.score_bytes([b if isinstance(b, bytes) else b"" for b in blobs])
         for i, r in zip(chunk, results):
             if r.error is not None or labels[i] is None:

@@ -29,7 +29,7 @@ from ntf_ray.decode import DEFAULT_MAX_PIXELS, decode
 from ntf_ray.engine import resolve_device
 from ntf_ray.model import Detector
 from ntf_ray.storage import StorageOptions
-from ntf_ray.transforms import eval_transform, to_tensor
+from ntf_ray.transforms import TooLargeToFit, check_fit, eval_transform, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +133,10 @@ class Scorer:
     def crop(self, image: torch.Tensor, fmt: str | None, decoder: str) -> tuple[torch.Tensor | None, ScoreResult]:
         """Centre crop of a decoded ``(3, H, W)`` uint8 image, on whatever device it is."""
         h, w = image.shape[-2:]
-        short = min(h, w)
-        if self.max_pixels is not None and short < self.input_size:
-            # A sliver (say 1 x 20000) upscaled until its short side fits would need gigabytes:
-            # refuse it under the same pixel ceiling as the decoder.
-            up_h, up_w = max(self.input_size, -(-h * self.input_size // short)), max(self.input_size, -(-w * self.input_size // short))
-            if up_h * up_w > self.max_pixels:
-                return None, ScoreResult(None, None, w, h, fmt,
-                                         f"too_large: upscaling {w}x{h} to fit {self.input_size} px needs {up_w}x{up_h} = "
-                                         f"{up_h * up_w} px > limit {self.max_pixels}", decoder)
+        try:  # a sliver (say 1 x 20000) upscaled to fit would need gigabytes: refused as in training
+            check_fit(h, w, self.input_size, self.max_pixels)
+        except TooLargeToFit as exc:
+            return None, ScoreResult(None, None, w, h, fmt, str(exc), decoder)
         try:
             crop = eval_transform(image, self.input_size)
         except (RuntimeError, ValueError) as exc:  # e.g. a degenerate 1 x N image
