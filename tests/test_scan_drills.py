@@ -201,6 +201,9 @@ def test_moderate_retries_exactly_the_transient_failures_and_reruns_never_duplic
     failed = sorted(r["uri"].split("/", 3)[3] for r in first if r["error"])
     assert len(first) == len(keys) and failed == sorted([keys[2], keys[5], keys[8]]) and proxy.failed >= 9
     assert all(r["error"].startswith("read: ") for r in first if r["error"])
+    night1 = json.loads(Path(ray_scan.completed_runs(out, storage.StorageOptions())[0], ray_scan.SUMMARY).read_text())
+    assert (night1["listed"], night1["rows"], night1["scored"], night1["errors_by_kind"]) == (len(keys), len(keys),
+                                                                                                len(keys) - 3, {"read": 3})
 
     proxy.slowdown, proxy.reset = set(), set()
     for _ in range(2):  # the retry, then the same command again (a scheduler's retry)
@@ -214,6 +217,9 @@ def test_moderate_retries_exactly_the_transient_failures_and_reruns_never_duplic
     last = max(set(runs) - {"night-1", "night-2"})
     summary = json.loads(Path(runs[last], ray_scan.SUMMARY).read_text())
     assert summary["rows"] == 0 and summary["skipped"] == len(keys)
+    night2 = json.loads(Path(runs["night-2"], ray_scan.SUMMARY).read_text())
+    assert (night2["listed"], night2["rows"], night2["scored"], night2["skipped"], night2["errors"]) == (
+        len(keys), 3, 3, len(keys) - 3, 0)
     final = [r for r in _published(out).to_pylist() if r["error"] is None]
     assert sorted(r["uri"] for r in final) == sorted(f"s3://{name}/{k}" for k in keys)  # one scored row each
 
