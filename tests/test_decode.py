@@ -317,6 +317,16 @@ def test_blocks_of_rows_give_the_whole_image_result(monkeypatch, block_pixels):
     np.testing.assert_array_equal(decode(_encode(gray, "PNG")).image, np.repeat(arr[..., :1], 3, axis=2))
 
 
+def _decode_with_peak(data: bytes):
+    """``decode(data)`` and the peak of what tracemalloc saw allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        res = decode(data)
+        return res, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_rgba_decode_peak_memory_stays_near_the_output_size():
     """A translucent 3000x3000 PNG: numpy's temporaries must not be whole-image sized
     (tracemalloc sees numpy's and Python's allocations, not Pillow's own frame)."""
@@ -328,12 +338,7 @@ def test_rgba_decode_peak_memory_stays_near_the_output_size():
     data = _encode(Image.fromarray(rgba, "RGBA"), "PNG")
     expected = _composite_reference(rgba[:8])
     del rgba
-    tracemalloc.start()
-    try:
-        res = decode(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    res, peak = _decode_with_peak(data)
     _assert_good(res)
     np.testing.assert_array_equal(res.image[:8], expected)
     # Whole-image uint16 arithmetic peaked at about 8.7x the RGB output; in blocks, about 1.8x.
@@ -356,12 +361,7 @@ def test_bomb_is_refused_without_allocating(awkward, monkeypatch):
         return real_load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
-    tracemalloc.start()
-    try:
-        res = decode(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    res, peak = _decode_with_peak(data)
     _assert_bad(res, "too_large:")
     assert f"{BOMB_SIDE}x{BOMB_SIDE}" in res.error
     assert (res.format, res.width, res.height) == ("PNG", BOMB_SIDE, BOMB_SIDE)
