@@ -123,6 +123,7 @@ def test_a_local_folder_with_a_3gb_sparse_file_and_odd_names(drill_ray, tmp_path
     assert sorted(rows) == sorted(["new\nline.png", "tab\t.png", "ok.png", "huge.jpg"])
     assert rows["huge.jpg"]["error"].startswith("too_large: 3221225472 bytes > limit")
     assert all(rows[n]["score"] is not None for n in ("new\nline.png", "tab\t.png", "ok.png"))
+    assert not marker.exists(), marker.read_text()
 
 
 class _FaultProxy:
@@ -283,9 +284,60 @@ def test_a_driver_killed_mid_scan_publishes_nothing_and_its_resubmission_complet
     driver.wait(timeout=30)
     assert ray_scan.completed_runs(str(out), storage.StorageOptions()) == []
     assert not list(out.glob("dt=*"))  # nothing published: readers see no rows of the killed attempt
+    assert _readers_see(out) == (0, 0)  # though the staging folder holds rows
 
     assert main(command[3:]) == 0  # resubmitted with the same run id, in this process
     rows = _published(str(out))
     n = len(list((tmp_path / "src").rglob("*.png")))
     assert rows.num_rows == n == len(set(rows.column("uri").to_pylist()))
     assert not staged.exists()
+    assert _readers_see(out) == (n, n)
+
+
+def _readers_see(out: Path) -> tuple[int, int]:
+    """Rows the README's readers see under OUTPUT: DuckDB with the documented glob, and pyarrow."""
+    import duckdb
+
+    glob = f"{out}/dt=*/run_id=*/*.parquet"
+    con = duckdb.connect()
+    if con.execute(f"SELECT count(*) FROM glob('{glob}')").fetchone()[0] == 0:
+        by_duckdb = 0  # read_parquet refuses a glob without files: a reader sees nothing
+    else:
+        by_duckdb = con.execute(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true)").fetchone()[0]
+    by_pyarrow = pads.dataset(str(out), format="parquet", partitioning="hive").count_rows() if out.exists() else 0
+    return by_duckdb, by_pyarrow
+
+
+class PoisonActor(ray_scan.DetectorActor):
+    """A detector whose process dies on one object, every time (a decoder that crashes its worker)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if any(u.endswith("poison.png") for u in batch.column("uri").to_pylist()):
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_an_object_that_kills_its_actor_every_time_gets_a_worker_lost_row_and_the_run_ends(drill_ray, tmp_path,
+                                                                                          monkeypatch):
+    make_synthetic(tmp_path / "src", n_real=8, n_fake=8, size=32, seed=6, splits={"test": 1.0})
+    (tmp_path / "src" / "poison.png").write_bytes(_png(32, 9))
+    model = save_random_detector(str(tmp_path / "model"))
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(ray_scan, "DetectorActor", PoisonActor)
+    assert main(["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", out, "--run-id", "p1",
+                 "--batch-size", "2", "--read-block-rows", "4", "--max-actors", "1"]) == 0
+    rows = {Path(r["uri"]).name: r for r in _published(out).to_pylist()}
+    n = len(list((tmp_path / "src").rglob("*.png")))
+    assert len(rows) == n
+    lost = sorted(k for k, r in rows.items() if r["error"] is not None)
+    assert "poison.png" in lost and len(lost) < n  # its batch, and what was in flight on the dying actor
+    assert all(rows[k]["error"].startswith("worker_lost: ") for k in lost)
+    assert all(r["score"] is not None for k, r in rows.items() if k not in lost)
+    # worker_lost is retried: the next moderate scores exactly those again (and loses the poison again)
+    assert main(["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", out, "--run-id", "p2",
+                 "--batch-size", "2", "--read-block-rows", "1", "--max-actors", "1"]) == 0
+    again = {Path(r["uri"]).name: r for r in _published(out).to_pylist() if r["run_id"] == "p2"}
+    assert sorted(again) == lost
+    # the poison is lost again; objects in flight on the actor it kills may be lost with it (and retried next time)
+    assert "poison.png" in {k for k, r in again.items() if r["error"]}
+    assert all(r["error"] is None or r["error"].startswith("worker_lost: ") for r in again.values())
