@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE = ["config", "storage", "decode", "transforms", "datasets", "model", "losses", "dist",
+CORE = ["config", "storage", "formats", "decode", "transforms", "datasets", "model", "losses", "dist",
         "engine", "artifact", "scoring", "metrics", "synth", "recipe", "variants", "evaluate",
-        "evaluate.tables", "evaluate.figures", "evaluate.report"]
+        "evaluate.tables", "evaluate.figures", "evaluate.report", "score_files"]
 
 
 def test_core_imports_without_ray():
