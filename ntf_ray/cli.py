@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ntf_ray import __version__
+from ntf_ray.storage import DEFAULT_MAX_BYTES
 from ntf_ray.variants import VARIANTS
 
 log = logging.getLogger("ntf_ray")
@@ -208,7 +209,7 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
                    help="GPUs per detector actor (default: 1 when the cluster has GPUs, else 0 = CPU)")
     add_decoder_argument(s)
     s.add_argument("--limit", type=int, help="scan at most this many objects (a trial run)")
-    s.add_argument("--max-bytes", type=_byte_size, default=128 * 2**20, metavar="SIZE",
+    s.add_argument("--max-bytes", type=_byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
                    help="skip objects larger than this without reading them (error row too_large:); default 128MiB")
     s.add_argument("--read-block-rows", type=int, default=128, metavar="N",
                    help="objects per read task (default 128): smaller blocks reach the detectors sooner")

@@ -118,10 +118,10 @@ def restore(latest: Checkpoint, load: Callable[[str], dict[str, Any]], *, warn: 
         except ResumeConflict:
             raise
         except Exception as exc:  # safetensors, JSON or storage errors: whatever a damaged file raises
-            failures.append(f"{ckpt.path}: {type(exc).__name__}: {exc}")
+            failures.append(f"{ckpt.path}: {type(exc).__name__}: {storage.redact(str(exc))}")
             if warn:
                 log.warning("checkpoint %s does not load (%s: %s); trying the one before it",
-                            ckpt.path, type(exc).__name__, exc)
+                            ckpt.path, type(exc).__name__, storage.redact(str(exc)))
     raise RuntimeError("no kept checkpoint of this run loads, so it cannot resume:\n  " + "\n  ".join(failures)
                        + "\nstart a new run with a new --output and --run-name")
 

@@ -118,6 +118,11 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     return Path(uri).read_bytes()
 
 
+#: Default cap on an object's size for a scan: far above any photo (a 100 Mpx JPEG is ~50 MB),
+#: far below what hurts a worker.
+DEFAULT_MAX_BYTES = 128 * 2**20
+
+
 class ObjectChanged(OSError):
     """The object read is not the one listed: another etag (S3) or size, time or inode (local)."""
 
@@ -204,7 +209,8 @@ async def _get_s3(fs, uri: str, etag: str | None, max_bytes: int | None) -> byte
 
 
 def _read_local(path: str, etag: str | None, max_bytes: int | None) -> bytes:
-    with open(path, "rb") as f:
+    # O_NONBLOCK: a file swapped for a FIFO after listing must not block the open itself
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
         st = os.fstat(f.fileno())
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(f"{path} is a folder")
@@ -281,6 +287,7 @@ def read_error(exc: BaseException) -> str:
         return "read: not found (deleted after listing?)"
     if isinstance(exc, ObjectChanged):
         return "read: changed after listing"
-    message = " ".join(redact(str(exc)).split())
+    # no endpoint in a row or a log: "Could not connect to the endpoint URL: http://minio.internal:9000/..."
+    message = re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", "<endpoint>", " ".join(redact(str(exc)).split()))
     text = f"read: {type(exc).__name__}: {message}" if message else f"read: {type(exc).__name__}"
     return text if len(text) <= 200 else text[:197] + "..."

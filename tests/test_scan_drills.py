@@ -249,7 +249,7 @@ def test_a_detector_actor_killed_mid_scan_costs_no_row(drill_ray, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             pids = _actor_pids()
-            if pids and staged.is_dir() and any(staged.glob("*.parquet")):
+            if pids and staged.is_dir() and any(staged.rglob("*.parquet")):
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
             time.sleep(0.1)
@@ -277,7 +277,7 @@ def test_a_driver_killed_mid_scan_publishes_nothing_and_its_resubmission_complet
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staged = Path(ray_scan.staging_dir(str(out), "killed"))
     deadline = time.time() + 300
-    while time.time() < deadline and driver.poll() is None and not (staged.is_dir() and any(staged.glob("*.parquet"))):
+    while time.time() < deadline and driver.poll() is None and not (staged.is_dir() and any(staged.rglob("*.parquet"))):
         time.sleep(0.1)
     assert driver.poll() is None, "the scan ended before the drill could kill it"
     driver.kill()

@@ -170,3 +170,30 @@ def test_a_run_id_that_is_not_a_plain_name_is_refused(run_id):
     with pytest.raises(ValueError, match="run id"):
         ray_scan.check_run_id(run_id)
     assert ray_scan.check_run_id("night-2026.11.26_a") == "night-2026.11.26_a"
+
+
+def test_listing_refusals_keep_their_etag_so_moderate_does_not_write_them_again(tmp_path):
+    (tmp_path / "out.jpg").symlink_to("/etc/hostname")
+    etags = [ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0].as_py()
+             for _ in range(2)]
+    assert etags[0] is not None and etags[0] == etags[1]
+
+
+def test_an_s3_key_ending_in_a_slash_that_holds_bytes_is_an_object(s3):
+    name = s3.create_bucket()
+    s3.client().put_object(Bucket=name, Key="up/folder/", Body=b"")  # a folder marker
+    s3.client().put_object(Bucket=name, Key="up/x.jpg/", Body=b"an upload")
+    listing = ray_scan.list_objects(_spec(input=f"s3://{name}/up", pattern="*.jpg"),
+                                    storage.StorageOptions(endpoint_url=s3.endpoint_url))
+    assert listing.column("uri").to_pylist() == [f"s3://{name}/up/x.jpg/"]
+
+
+@pytest.mark.timeout(60)
+def test_a_file_swapped_for_a_fifo_after_listing_does_not_block_its_read(tmp_path):
+    f = tmp_path / "x.jpg"
+    f.write_bytes(b"x")
+    listing = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions())
+    f.unlink()
+    os.mkfifo(f)  # nobody writes: a blocking open would wait forever
+    error = ray_scan.read_objects(listing, endpoint=None).column("read_error")[0].as_py()
+    assert error.startswith("read: ")

@@ -126,3 +126,45 @@ def test_a_dead_runs_lease_is_taken_over_once_stale_and_the_loser_cannot_publish
     with lock.lease(out, "night-2", opts, stale_s=60):
         with pytest.raises(lock.LeaseLost):
             dead.check()
+
+
+def test_a_publish_that_fails_midway_leaves_nothing_at_the_table_path(output):
+    """Written in place, pyarrow's close on the way out would complete the upload: a partial,
+    valid scores.parquet that readers and moderate would take for a finished run."""
+    out, opts = output
+    target = storage.join(out, "dt=2026-01-01", "run_id=r1", table.ROWS)
+    scratch = table.staging_dir(out, "r1", "a1")
+
+    def batches():
+        yield _rows(["a"]).select(table.FILE_SCHEMA.names).to_batches()[0]
+        raise KeyboardInterrupt  # Ctrl-C, or a staged file that cannot be read
+
+    with pytest.raises(KeyboardInterrupt):
+        table._write_whole(target, batches(), opts, scratch=scratch)
+    assert not storage.exists(target, opts)
+    assert table.completed_runs(out, opts) == []
+
+
+def test_a_resubmitted_run_takes_the_lease_and_the_first_attempt_cannot_publish(output):
+    out, opts = output
+    first = lock.Lease(out, "night-1", opts)
+    first.acquire()
+    second = lock.Lease(out, "night-1", opts)
+    second.acquire()  # the same run id: a scheduler's retry takes its own lease back at once
+    second.check()
+    with pytest.raises(lock.LeaseLost, match="not published"):
+        first.check()
+    first.release()  # not its lease any more: left alone
+    assert storage.exists(storage.join(out, lock.LOCK), opts)
+    second.release()
+    assert not storage.exists(storage.join(out, lock.LOCK), opts)
+
+
+def test_a_truncated_staged_file_costs_only_its_rows(tmp_path):
+    listing = _listing(["a", "b", "c"])
+    staged = table.staging_dir(str(tmp_path), "r1")
+    storage.write_bytes(f"{staged}/part-0.parquet", _parquet(_rows(["a"])))
+    storage.write_bytes(f"{staged}/part-1.parquet", _parquet(_rows(["b", "c"], seqs=[1, 2]))[:-40])  # writer killed
+    tally = table.publish(staged, f"{tmp_path}/dt=2026-01-01/run_id=r1", lambda: [listing], 3, "worker_lost: test",
+                          run_id="r1", model_id="m1", threshold=0.5, options=storage.StorageOptions())
+    assert (tally.rows, tally.errors_by_kind) == (3, {"worker_lost": 2})

@@ -267,3 +267,8 @@ def test_read_many_mixes_s3_and_local_and_returns_errors_as_values(s3, bucket, t
                              str(tmp_path / "nope")], options)
     assert out[0] == b"A" and out[1] == b"C" and out[3] == b"BB"
     assert isinstance(out[2], FileNotFoundError) and isinstance(out[4], FileNotFoundError)
+
+
+def test_read_errors_never_name_the_endpoint():
+    exc = ConnectionError('Could not connect to the endpoint URL: "http://minio.internal.example:9000/bucket/key"')
+    assert "minio" not in storage.read_error(exc) and "<endpoint>" in storage.read_error(exc)

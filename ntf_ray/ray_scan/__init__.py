@@ -30,21 +30,19 @@ import ray
 
 from ntf_ray import storage
 
-# "X as X": not used here, re-exported as part of the module's interface before the split
-from ntf_ray.ray_scan.actor import ActorPlan as ActorPlan
+# "X as X": not used here, re-exported as the package's interface
 from ntf_ray.ray_scan.actor import DetectorActor, scored_stream
-from ntf_ray.ray_scan.actor import plan_actors as plan_actors
 from ntf_ray.ray_scan.listing import iter_listing
 from ntf_ray.ray_scan.listing import list_objects as list_objects
 from ntf_ray.ray_scan.lock import lease
 from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES
-from ntf_ray.ray_scan.reading import READ_ATTEMPTS as READ_ATTEMPTS
 from ntf_ray.ray_scan.reading import _read_with_retries as _read_with_retries
 from ntf_ray.ray_scan.reading import read_objects as read_objects
 from ntf_ray.ray_scan.table import FILE_SCHEMA as FILE_SCHEMA
 from ntf_ray.ray_scan.table import LISTING_SCHEMA as LISTING_SCHEMA
 from ntf_ray.ray_scan.table import SCORE_SCHEMA as SCORE_SCHEMA
 from ntf_ray.ray_scan.table import (
+    INDEX,
     SEQ,
     SUCCESS,
     SUMMARY,
@@ -136,8 +134,7 @@ def scan(spec: ScanSpec) -> ScanResult:
         log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s", run_id, listed, todo,
                  listed - todo, art.model_id)
 
-        staged = staging_dir(output, run_id)
-        storage.remove(staged, options)  # an earlier attempt's rows: this attempt writes its own
+        staged = staging_dir(output, run_id, uuid.uuid4().hex[:12])
         # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
         earlier = dict(_run_dirs(output, options)).get(run_id)
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
@@ -146,6 +143,9 @@ def scan(spec: ScanSpec) -> ScanResult:
             _write_rows([ref for ref, _ in blocks], spec, threshold, staged, options)
         if held is not None:
             held.check()
+        if todo and not storage.exists(staged, options):
+            raise RuntimeError(f"scan {run_id}: the detectors returned no row at all (see Ray's errors above: a "
+                               "systematic failure, not lost workers); nothing is published")
         tally = publish(staged, run_dir, lambda: (ray.get(ref) for ref, _ in blocks), todo, LOST, run_id=run_id,
                         model_id=art.model_id, threshold=threshold, options=options, keep_final=spec.incremental)
         if tally.rows != todo:  # publish writes one row per listed object by construction
@@ -157,7 +157,9 @@ def scan(spec: ScanSpec) -> ScanResult:
         storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
         if spec.incremental:
             write_index(output, art.model_id, pa.concat_tables([seen, *tally.final]), [*runs_read, run_id], options)
-        storage.remove(staged, options)
+        elif earlier is not None:  # a run the index may hold was replaced: the next moderate rebuilds it
+            storage.remove(storage.join(output, INDEX), options)
+        storage.remove(staging_dir(output, run_id), options)  # this attempt's rows, and any crashed one's
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
 
@@ -173,7 +175,8 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions,
     for chunk in iter_listing(spec, options):
         listed += chunk.num_rows
         if seen is not None and seen.num_rows:
-            chunk = chunk.join(seen, keys=["uri", "etag"], join_type="left anti")
+            # "right anti" hashes the chunk, not everything scored so far (1.4 s -> 0.02 s per chunk at 2M)
+            chunk = seen.join(chunk, keys=["uri", "etag"], join_type="right anti").select(chunk.column_names)
         for start in range(0, chunk.num_rows, spec.read_block_rows):
             block = chunk.slice(start, spec.read_block_rows)
             block = block.append_column(SEQ, pa.array(np.arange(n, n + block.num_rows), pa.int64()))

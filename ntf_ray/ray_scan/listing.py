@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fnmatch
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -38,7 +39,10 @@ def _local_row(uri: str, st: os.stat_result) -> dict:
 
 
 def _error_row(uri: str, error: str) -> dict:
-    return {"uri": uri, "etag": None, "size_bytes": None, "last_modified": None, "listing_error": error}
+    # A stable etag (a digest of uri and reason): moderate matches rows on (uri, etag), and a
+    # null never matches, so the same refusal would be written again on every run.
+    etag = "listing-" + hashlib.sha256(f"{uri}\n{error}".encode("utf-8", "backslashreplace")).hexdigest()[:24]
+    return {"uri": uri, "etag": etag, "size_bytes": None, "last_modified": None, "listing_error": error}
 
 
 def _printable(path: str) -> str:
@@ -111,9 +115,9 @@ def _iter_s3(prefix: str, pattern: str | None, options: StorageOptions) -> Itera
         encoded = page.get("EncodingType") == "url"
         for obj in page.get("Contents", []):
             object_key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
-            name = object_key.rsplit("/", 1)[-1]
-            if object_key.endswith("/") or not _matches(name, pattern):
-                continue
+            name = object_key.rstrip("/").rsplit("/", 1)[-1]
+            if (object_key.endswith("/") and int(obj.get("Size", 0)) == 0) or not _matches(name, pattern):
+                continue  # an empty "folder/" marker; a key ending in "/" that holds bytes is an object
             yield {"uri": f"s3://{bucket}/{object_key}", "etag": obj.get("ETag", "").strip('"'),
                    "size_bytes": int(obj.get("Size", 0)), "last_modified": obj.get("LastModified")}
         if not page.get("IsTruncated"):

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,16 +26,18 @@ from ntf_ray.storage import StorageOptions
 log = logging.getLogger(__package__)
 
 LOCK = "_lock.json"
+# S3's answers to a conditional write that another writer won (or is winning)
+_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 STALE_S = 600.0
 HEARTBEAT_S = 60.0
 
 
-class OutputBusy(RuntimeError):
-    """Another run holds OUTPUT's lease."""
+class OutputBusy(ValueError):
+    """Another run holds OUTPUT's lease (a ValueError: the CLI reports it as a usage error)."""
 
 
-class LeaseLost(RuntimeError):
-    """This run's lease was taken over (it went without a heartbeat for too long)."""
+class LeaseLost(ValueError):
+    """This run's lease was taken over (it went without a heartbeat, or the run was resubmitted)."""
 
 
 def _now() -> dt.datetime:
@@ -46,11 +49,17 @@ class Lease:
         self.uri = storage.join(storage.normalize(output), LOCK)
         self.run_id, self.options, self.stale_s = run_id, options, stale_s
         self.since = _now().isoformat()
+        self.attempt = uuid.uuid4().hex[:12]  # a resubmission of the same run id is another attempt
         self._token: str | None = None  # S3: the lease's etag as we last wrote it
+        self._renewing = threading.Lock()  # the heartbeat thread and check() must not race each other
         self.lost = False
 
     def _body(self) -> bytes:
-        return json.dumps({"run_id": self.run_id, "since": self.since, "heartbeat": _now().isoformat()}).encode()
+        return json.dumps({"run_id": self.run_id, "attempt": self.attempt, "since": self.since,
+                           "heartbeat": _now().isoformat()}).encode()
+
+    def _ours(self, held: dict | None) -> bool:
+        return bool(held) and held.get("run_id") == self.run_id and held.get("attempt") == self.attempt
 
     # ---- storage: create if absent, replace if unchanged, read
     def _s3(self, op: str, **kwargs):
@@ -65,7 +74,7 @@ class Lease:
             try:
                 self._token = self._s3("put_object", Body=self._body(), IfNoneMatch="*")["ETag"]
             except (FileExistsError, OSError) as exc:
-                if isinstance(exc, FileExistsError) or storage._s3_error_code(exc) in ("PreconditionFailed", "412"):
+                if isinstance(exc, FileExistsError) or storage._s3_error_code(exc) in _LOST_RACE:
                     return False
                 raise
             return True
@@ -84,7 +93,7 @@ class Lease:
             try:
                 self._token = self._s3("put_object", Body=self._body(), IfMatch=token)["ETag"]
             except OSError as exc:
-                if storage._s3_error_code(exc) in ("PreconditionFailed", "412") or isinstance(exc, FileNotFoundError):
+                if storage._s3_error_code(exc) in _LOST_RACE or isinstance(exc, FileNotFoundError):
                     return False
                 raise
             return True
@@ -127,9 +136,10 @@ class Lease:
                             "?" if age is None else f"{age:.0f}")
             if self._replace(token):
                 return
+        heartbeat = "never" if age is None else f"{age:.0f} s ago"
         raise OutputBusy(
             f"run {held.get('run_id')} is scoring into this output (since {held.get('since')}, last heartbeat "
-            f"{age:.0f} s ago): a second moderate run would score the same objects again, so this one stops. "
+            f"{heartbeat}): a second moderate run would score the same objects again, so this one stops. "
             f"Run it after that one finishes; if that run died, its lease expires {self.stale_s:.0f} s after its last "
             f"heartbeat, or resubmit it with --run-id {held.get('run_id')}")
 
@@ -140,21 +150,23 @@ class Lease:
             return None
 
     def renew(self) -> None:
-        held, token = self._read()
-        if not held or held.get("run_id") != self.run_id or not self._replace(token):
-            self.lost = True
+        with self._renewing:
+            if self.lost:
+                return
+            held, token = self._read()
+            if not self._ours(held) or not self._replace(token):
+                self.lost = True
 
     def check(self) -> None:
         """Raise if another run took the lease over: publishing now could duplicate its rows."""
-        if not self.lost:
-            self.renew()
+        self.renew()
         if self.lost:
-            raise LeaseLost(f"run {self.run_id} lost {self.uri} to another run (no heartbeat for {self.stale_s:.0f} s); "
-                            "its rows are not published: resubmit it")
+            raise LeaseLost(f"run {self.run_id} lost this output's lease to another attempt (a resubmission, or a run "
+                            f"that found no heartbeat for {self.stale_s:.0f} s); its rows are not published")
 
     def release(self) -> None:
         held, _ = self._read()
-        if held and held.get("run_id") == self.run_id:
+        if self._ours(held):
             storage.remove(self.uri, self.options)
 
 

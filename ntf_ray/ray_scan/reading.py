@@ -13,12 +13,10 @@ import time
 import pyarrow as pa
 
 from ntf_ray import storage
-from ntf_ray.storage import ObjectChanged, ObjectTooLarge, StorageOptions
+from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectChanged, ObjectTooLarge, StorageOptions
 
 READ_ATTEMPTS = 3  # transient read errors are retried; these are not:
 NOT_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, ObjectChanged, ObjectTooLarge)
-#: Default cap on an object's size: far above any photo (a 100 Mpx JPEG is ~50 MB), far below what hurts a worker.
-DEFAULT_MAX_BYTES = 128 * 2**20
 
 
 def _read_with_retries(uris: list[str], options: StorageOptions, *, etags: list[str | None] | None = None,

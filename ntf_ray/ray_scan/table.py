@@ -14,7 +14,9 @@ Errors a later ``moderate`` retries: ``read:`` (transient, missing or changed ob
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import os
 import re
 import uuid
@@ -69,6 +71,8 @@ LISTING_SCHEMA = pa.schema([
     ("last_modified", pa.timestamp("us", tz="UTC")),
     ("listing_error", pa.string()),
 ])
+log = logging.getLogger(__package__)
+
 SUCCESS = "_SUCCESS"
 # Not "summary.json": readers of the table (pyarrow, pandas, Spark, Athena) skip names starting
 # with "_" or ".", and would otherwise try to read the summary as a Parquet file.
@@ -211,8 +215,11 @@ def write_index(output: str, model_id: str, pairs: pa.Table, runs: list[str], op
     storage.write_bytes(_index_path(output, model_id), sink.getvalue().to_pybytes(), options)
 
 
-def staging_dir(output: str, run_id: str) -> str:
-    return storage.join(storage.normalize(output), STAGING, f"run_id={run_id}")
+def staging_dir(output: str, run_id: str, attempt: str | None = None) -> str:
+    """Where a run's attempt stages its rows (each attempt its own folder: two drivers of one
+    run id, a scheduler's retry beside a run still going, never mix their files)."""
+    run = storage.join(storage.normalize(output), STAGING, f"run_id={run_id}")
+    return run if attempt is None else storage.join(run, f"attempt={attempt}")
 
 
 #: The column a scan's staged rows carry beside the table's: the object's place in the run's
@@ -260,9 +267,16 @@ def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]]
     got = np.zeros(total, np.bool_)
     tally = Tally()
 
+    def staged_batches() -> Iterator[pa.RecordBatch]:
+        for f in _parquet_files(staged, options):
+            try:
+                yield from _dataset([f], options, STAGED_SCHEMA).to_batches()
+            except (OSError, pa.ArrowInvalid) as exc:  # a file its killed writer left truncated
+                log.warning("skipping a staged file that does not read (%s); its objects get rows as lost",
+                            type(exc).__name__)
+
     def batches() -> Iterator[pa.RecordBatch]:
-        ds = _dataset(_parquet_files(staged, options), options, STAGED_SCHEMA)
-        for batch in ds.to_batches() if ds is not None else []:
+        for batch in staged_batches():
             seq = batch.column(SEQ).to_numpy(zero_copy_only=False)
             keep = np.zeros(len(seq), np.bool_)
             keep[np.unique(seq, return_index=True)[1]] = True
@@ -280,7 +294,7 @@ def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]]
                     yield part
 
     target = storage.join(run_dir, ROWS)
-    _write_whole(target, batches(), options)
+    _write_whole(target, batches(), options, scratch=staged)
     for old in _parquet_files(run_dir, options):  # files of an earlier layout of this run
         if old != target:
             storage.remove(old, options)
@@ -289,8 +303,6 @@ def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]]
 
 def lost_rows(listing: pa.Table, error: str, *, run_id: str, model_id: str, threshold: float) -> pa.Table:
     """Error rows for listed objects that have no row of their own."""
-    import datetime as dt
-
     n = listing.num_rows
     columns = {f.name: pa.nulls(n, f.type) for f in FILE_SCHEMA}
     for name in ("uri", "etag", "size_bytes", "last_modified"):
@@ -302,24 +314,30 @@ def lost_rows(listing: pa.Table, error: str, *, run_id: str, model_id: str, thre
     return pa.table(columns, schema=FILE_SCHEMA)
 
 
-def _write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOptions) -> None:
-    """Stream ``batches`` into one Parquet file that readers see whole or not at all."""
-    if storage.is_s3(uri):
-        fs, path = storage.arrow_filesystem(uri, options)
-        with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, FILE_SCHEMA) as writer:
-            for b in batches:  # a multipart upload: the object appears only when it completes
-                writer.write_batch(b)
-        return
-    target = Path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+def _write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOptions, *, scratch: str) -> None:
+    """Stream ``batches`` into one Parquet file that readers see whole or not at all.
+
+    The file is written under ``scratch`` (a folder readers skip), then moved into place in
+    one step: a local rename, or an S3 copy (one object appears whole). Written in place, an
+    error midway would still complete the upload: pyarrow closes the stream, footer and all.
+    """
+    tmp = storage.join(scratch, f"_publish-{uuid.uuid4().hex[:12]}.parquet")
     try:
-        with pq.ParquetWriter(str(tmp), FILE_SCHEMA) as writer:
-            for b in batches:
-                writer.write_batch(b)
-        os.replace(tmp, target)
+        if storage.is_s3(uri):
+            fs, path = storage.arrow_filesystem(tmp, options)
+            with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, FILE_SCHEMA) as writer:
+                for b in batches:
+                    writer.write_batch(b)
+            storage.fsspec_filesystem(options).cp_file(tmp, uri)  # one file, never a pattern
+        else:
+            Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+            with pq.ParquetWriter(tmp, FILE_SCHEMA) as writer:
+                for b in batches:
+                    writer.write_batch(b)
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, uri)
     finally:
-        tmp.unlink(missing_ok=True)
+        storage.remove(tmp, options)
 
 
 def _summary(tally: Tally, *, listed: int, skipped: int, seconds: float, model_id: str, spec: ScanSpec,
