@@ -274,26 +274,14 @@ def _list_local(root: str) -> Iterator[tuple[tuple[str, ...], str]]:
 
 def _list_s3(root: str, options: StorageOptions | None) -> list[tuple[tuple[str, ...], str]]:
     """(key parts below the prefix, ``s3://bucket/key``) of every object, one ListObjectsV2 page at a time."""
-    from fsspec.asyn import sync
-
-    fs = storage.fsspec_filesystem(options)
     bucket, prefix = storage.split_s3(root)
     prefix = prefix.strip("/")
     prefix = f"{prefix}/" if prefix else ""
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _S3_PAGE_KEYS}
     out = []
-    while True:
-        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if key.endswith("/"):  # a "folder" marker object
-                continue
-            # Empty parts (a "//" in the key) are no folder level; the uri keeps the key verbatim.
-            parts = tuple(p for p in key[len(prefix):].split("/") if p)
-            out.append((parts, f"s3://{bucket}/{key}"))
-        if not page.get("IsTruncated"):
-            break
-        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+    for obj in storage.list_s3(f"s3://{bucket}/{prefix}", options, page_keys=_S3_PAGE_KEYS):
+        # Empty parts (a "//" in the key) are no folder level; the uri keeps the key verbatim.
+        parts = tuple(p for p in obj["key"][len(prefix):].split("/") if p)
+        out.append((parts, f"s3://{bucket}/{obj['key']}"))
     if not out:
         raise FileNotFoundError(f"not a folder: no objects under {root.rstrip('/')}/")
     return out

@@ -17,7 +17,8 @@ import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from collections.abc import Iterator
+from urllib.parse import unquote_plus, urlparse
 
 import pyarrow.fs as pafs
 
@@ -175,6 +176,34 @@ def read_many(uris: list[str], options: StorageOptions | None = None, *, etags: 
             except OSError as exc:
                 out[i] = exc
     return out
+
+
+def list_s3(uri: str, options: StorageOptions | None = None, *, page_keys: int = 1000) -> Iterator[dict]:
+    """Every object under the ``s3://bucket/prefix`` ``uri``, one ListObjectsV2 page in memory at
+    a time: dicts with ``key`` (decoded), ``etag``, ``size`` and ``last_modified``.
+
+    Keys are asked for URL-encoded (XML cannot carry every character a key may hold, such as
+    control characters) and decoded here. An empty ``folder/`` marker is left out; a key ending
+    in ``/`` that holds bytes is an object like any other.
+    """
+    from fsspec.asyn import sync
+
+    fs = fsspec_filesystem(options)
+    bucket, prefix = split_s3(uri)
+    kwargs: dict = {"Bucket": bucket, "Prefix": prefix, "EncodingType": "url", "MaxKeys": page_keys}
+    while True:
+        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        encoded = page.get("EncodingType") == "url"
+        for obj in page.get("Contents", []):
+            key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
+            size = int(obj.get("Size", 0))
+            if key.endswith("/") and size == 0:
+                continue
+            yield {"key": key, "etag": obj.get("ETag", "").strip('"'), "size": size,
+                   "last_modified": obj.get("LastModified")}
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _s3_error_code(exc: BaseException) -> str | None:

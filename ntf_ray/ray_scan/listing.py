@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_plus
 
 import pyarrow as pa
 
@@ -103,26 +102,11 @@ def _iter_local(root: str, pattern: str | None) -> Iterator[dict]:
 
 
 def _iter_s3(prefix: str, pattern: str | None, options: StorageOptions) -> Iterator[dict]:
-    """Paginated ListObjectsV2: one page (up to 1,000 keys) in memory at a time."""
-    from fsspec.asyn import sync
-
-    fs = storage.fsspec_filesystem(options)
-    bucket, key = storage.split_s3(prefix)
-    # Keys come URL-encoded: XML cannot carry every character a key may hold (control characters).
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key, "EncodingType": "url"}
-    while True:
-        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
-        encoded = page.get("EncodingType") == "url"
-        for obj in page.get("Contents", []):
-            object_key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
-            name = object_key.rstrip("/").rsplit("/", 1)[-1]
-            if (object_key.endswith("/") and int(obj.get("Size", 0)) == 0) or not _matches(name, pattern):
-                continue  # an empty "folder/" marker; a key ending in "/" that holds bytes is an object
-            yield {"uri": f"s3://{bucket}/{object_key}", "etag": obj.get("ETag", "").strip('"'),
-                   "size_bytes": int(obj.get("Size", 0)), "last_modified": obj.get("LastModified")}
-        if not page.get("IsTruncated"):
-            return
-        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+    bucket, _ = storage.split_s3(prefix)
+    for obj in storage.list_s3(prefix, options):
+        if _matches(obj["key"].rstrip("/").rsplit("/", 1)[-1], pattern):
+            yield {"uri": f"s3://{bucket}/{obj['key']}", "etag": obj["etag"], "size_bytes": obj["size"],
+                   "last_modified": obj["last_modified"]}
 
 
 def _stat_many(uris: list[str], options: StorageOptions) -> Iterator[dict]:
