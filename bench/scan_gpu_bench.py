@@ -4,7 +4,13 @@
     runs the model (bf16, channels_last), one batch after another;
 (b) textbook Ray: ``read_binary_files`` -> PIL decode + crop in Ray Data tasks -> one GPU actor;
 (c) ntf-ray: ``ray_scan.scan`` (detector actors decoding on the GPU, the real score table written),
-    once per actor layout asked for (``--layouts 1x1 2x0.5``: actors x GPU share).
+    once per actor layout asked for (``--layouts 1x1s2 2x0.5s1``: actors x GPU share, s: streams per
+    actor, b: batch size).
+
+Before them, the ceilings each stage has on this card (batched nvJPEG decode through torchvision;
+nvImageCodec's hardware and CUDA decoders, whole images and the centre crop alone, when the
+``nvidia-nvimgcodec`` package is importable; the network alone), and what a detector actor's
+start-up spends its time on.
 
 Prints images/s overall (start to last row) and in steady state (from the first scored batch),
 the time to the first scored batch, and, before that, the decoder parity: scores of the ``pil``
@@ -15,14 +21,16 @@ On the GPU machine (Ray from the device bundle, the project on PYTHONPATH):
 
     python bench/scan_gpu_bench.py                       # 32,768 JPEGs of 1024x768, ResNet-50
     python bench/scan_gpu_bench.py --device cpu --n 256 --width 256 --height 192 --backbone tiny \
-        --unique 64 --parity-images 200                  # a quick check of the script on a CPU
+        --unique 64 --parity-images 200 --layouts 1x0s1  # a quick check of the script on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
@@ -145,7 +153,8 @@ def textbook(folder: Path, model_uri: str, device: str, batch: int, input_size: 
 # ---------------------------------------------------------------- (c) ntf-ray scan
 
 
-def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: int, gpu_share: float) -> dict:
+def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: int, gpu_share: float,
+                 streams: int) -> dict:
     import pyarrow.dataset as pads
 
     from ntf_ray import ray_scan
@@ -153,7 +162,8 @@ def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: in
     start = time.perf_counter()
     t0 = time.time()
     result = ray_scan.scan(ray_scan.ScanSpec(model=model_uri, output=str(out), input=str(folder), batch_size=batch,
-                                             max_actors=actors, gpus_per_actor=gpu_share, decoder="nvjpeg"))
+                                             max_actors=actors, gpus_per_actor=gpu_share, streams=streams,
+                                             decoder="nvjpeg"))
     total = time.perf_counter() - start
     table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["scanned_at", "error", "decoder"])
     errors = table.num_rows - table.column("error").null_count
@@ -164,6 +174,129 @@ def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: in
     out_row = _stamped(table.num_rows, total, t0, stamps)
     out_row["decoders"] = decoders
     return out_row
+
+
+# ---------------------------------------------------------------- ceilings and start-up
+
+
+def _timed(fn, reps: int, device: str) -> float:
+    """Seconds per call of ``fn`` (after one warm-up call)."""
+    import torch
+
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def ceilings(blobs: list[bytes], model_uri: str, device: str, batch: int, size: int) -> None:
+    """Images/s of each stage alone: decode (torchvision nvJPEG; nvImageCodec if importable), crop, network."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from ntf_ray.gpu_decode import as_uint8
+    from ntf_ray.scoring import Scorer
+
+    chunk = [blobs[i % len(blobs)] for i in range(batch)]
+    tensors = [as_uint8(b) for b in chunk]
+    sec = _timed(lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device), 5, device)
+    print(f"ceiling: torchvision decode_jpeg, batches of {batch}: {batch / sec:,.0f} images/s", flush=True)
+    frames = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    scorer = Scorer.from_artifact(model_uri, device=device, batch_size=batch)
+    sec = _timed(lambda: scorer.crop_batch(frames, "JPEG", "nvjpeg"), 10, device)
+    print(f"ceiling: batched centre crop: {batch / sec:,.0f} images/s", flush=True)
+    crops = scorer.crop_batch(frames, "JPEG", "nvjpeg")[1]
+    sec = _timed(lambda: scorer.score_tensors(crops), 10, device)
+    print(f"ceiling: network ({scorer.precision}, batch {batch}): {batch / sec:,.0f} images/s", flush=True)
+    sec = _timed(lambda: scorer.score_bytes(chunk), 5, device)
+    print(f"ceiling: Scorer.score_bytes (screen, decode, crop, network; one stream): {batch / sec:,.0f} images/s",
+          flush=True)
+
+
+def nvimgcodec_ceilings(blobs: list[bytes], size: int, batch: int) -> None:
+    """nvImageCodec's decoders on a batch: throughput, and pixels against torchvision's nvJPEG."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from ntf_ray.gpu_decode import as_uint8
+
+    chunk = [blobs[i % len(blobs)] for i in range(batch)]
+    frames = decode_jpeg([as_uint8(b) for b in chunk], mode=ImageReadMode.RGB, device="cuda")
+
+    try:
+        import nvidia
+
+        # The package may sit beside another "nvidia" package (CUDA's wheels): join their paths.
+        nvidia.__path__ = [*nvidia.__path__, *(str(Path(e) / "nvidia") for e in sys.path
+                                               if (Path(e) / "nvidia" / "nvimgcodec").is_dir())]
+        from nvidia import nvimgcodec
+    except ImportError as exc:
+        print(f"nvimgcodec: not importable ({exc})", flush=True)
+        return
+    print(f"nvimgcodec {getattr(nvimgcodec, '__version__', '?')}", flush=True)
+
+    def region(h: int, w: int):
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        for make in (lambda: nvimgcodec.Region(start=(top, left), end=(top + size, left + size)),
+                     lambda: nvimgcodec.Region(top, left, top + size, left + size)):
+            try:
+                return make(), top, left
+            except TypeError:
+                continue
+        raise RuntimeError("no Region constructor fits")
+
+    stream = torch.cuda.current_stream().cuda_stream
+    for name, kind in (("hardware engine", "HW_GPU_ONLY"), ("CUDA", "GPU_ONLY"), ("hybrid", "HYBRID_CPU_GPU")):
+        try:
+            backend = nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))
+            decoder = nvimgcodec.Decoder(backends=[backend])
+            for roi in (False, True):
+                streams = [nvimgcodec.CodeStream(b) for b in chunk]
+                if roi:
+                    regions = [region(cs.height, cs.width) for cs in streams]
+                    streams = [cs.get_sub_code_stream(region=r) for cs, (r, _, _) in zip(streams, regions)]
+                out = decoder.decode(streams, cuda_stream=stream)
+                failed = sum(o is None for o in out)
+                sec = _timed(lambda: decoder.decode(streams, cuda_stream=stream), 5, "cuda")
+                diffs = []
+                for k, o in enumerate(out[:32]):
+                    if o is None:
+                        continue
+                    mine = torch.as_tensor(o, device="cuda").permute(2, 0, 1)
+                    ref = frames[k]
+                    if roi:
+                        _, top, left = regions[k]
+                        ref = ref[:, top : top + size, left : left + size]
+                    if mine.shape != ref.shape:
+                        diffs.append(float("nan"))
+                        continue
+                    diffs.append((mine.int() - ref.int()).abs().float().mean().item())
+                what = f"centre {size}x{size} only" if roi else "whole images"
+                print(f"nvimgcodec {name}, {what}: {batch / sec:,.0f} images/s, {failed} of {batch} failed; "
+                      f"mean |pixel - torchvision's| {np.nanmean(diffs) if diffs else float('nan'):.3f}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a backend this card or build lacks: say so, go on
+            print(f"nvimgcodec {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+
+def actor_startup(model_uri: str, device: str, batch: int) -> None:
+    """How long a detector actor takes to be ready, from its creation, and on what."""
+    import ray
+
+    from ntf_ray.ray_scan.actor import DetectorActor
+
+    t = time.perf_counter()
+    actor = ray.remote(num_gpus=1 if device == "cuda" else 0, num_cpus=1)(DetectorActor).remote(
+        model_uri, endpoint=None, threshold=None, batch_size=batch, device=device, decoder="auto")
+    parts = ray.get(actor.startup_seconds.remote())
+    total = time.perf_counter() - t
+    inside = sum(parts.values())
+    print(f"detector actor start-up: {total:.1f} s from creation to ready; worker process start {total - inside:.1f} s, "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()), flush=True)
+    ray.kill(actor)
 
 
 # ---------------------------------------------------------------- figures
@@ -217,6 +350,20 @@ def trained_detector(root: Path, device: str, n: int) -> tuple[str, list[bytes]]
     return str(root / "trained" / "detector"), [Path(u).read_bytes() for u in uris]
 
 
+LAYOUT = re.compile(r"(\d+)x([\d.]+)(?:s(\d+))?(?:b(\d+))?")
+
+
+def _workdir(asked: str | None) -> str | None:
+    """Where the JPEGs go: memory-backed /dev/shm when it has room (the scan should not wait on a disk)."""
+    if asked:
+        return asked
+    try:
+        free = os.statvfs("/dev/shm")
+        return "/dev/shm" if free.f_bavail * free.f_frsize > 40 * 1024**3 else None
+    except OSError:
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=32_768, help="JPEGs to score (default 32768)")
@@ -226,11 +373,22 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet50", help="detector backbone, random weights (default resnet50)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--layouts", nargs="+", default=["1x1", "2x0.5"],
-                   help="(c) actor layouts, ACTORSxGPU_SHARE (default 1x1 2x0.5)")
+    p.add_argument("--layouts", nargs="+",
+                   default=["1x1s1", "1x1s2", "1x1s3", "2x0.5s2", "4x0.25s1", "4x0.25s2", "1x1s2b512"],
+                   help="(c) actor layouts, ACTORSxGPU_SHARE[sSTREAMS][bBATCH] (default: a sweep of seven)")
     p.add_argument("--parity-images", type=int, default=1000, help="synthetic held-out JPEGs for parity (>= 1000)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("direct", "textbook", "parity"))
+    p.add_argument("--skip", nargs="*", default=["textbook"],
+                   choices=("direct", "textbook", "parity", "ceilings", "startup", "nvimgcodec"),
+                   help="sections to leave out (default: textbook, which takes a minute and changes nothing here)")
+    p.add_argument("--workdir", help="where the JPEGs are written (default: /dev/shm when it has 40 GiB free)")
     args = p.parse_args()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.getLogger("ntf_ray").addHandler(handler)  # the scan's own timings (listing, actors ready)
+    logging.getLogger("ntf_ray").setLevel(logging.INFO)
+    for layout in args.layouts:
+        if not LAYOUT.fullmatch(layout):
+            p.error(f"layout {layout!r}: write ACTORSxGPU_SHARE[sSTREAMS][bBATCH], e.g. 2x0.5s2")
 
     import ray
     import torch
@@ -241,8 +399,8 @@ def main() -> None:
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{time.strftime('%Y-%m-%d')} on {card}; {os.cpu_count()} CPU cores; torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, ray {ray.__version__}, python {sys.version.split()[0]}")
-    with tempfile.TemporaryDirectory() as tmp:
+          f"torchvision {torchvision.__version__}, ray {ray.__version__}, python {sys.version.split()[0]}", flush=True)
+    with tempfile.TemporaryDirectory(dir=_workdir(args.workdir)) as tmp:
         tmp = Path(tmp)
         if "parity" not in args.skip:
             # The split gives about 30% of the images to the test split.
@@ -252,13 +410,18 @@ def main() -> None:
         paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height, args.unique)
         print(f"{len(paths)} JPEGs of {args.width}x{args.height} ({args.unique} different), "
               f"{sum(q.stat().st_size for q in paths[: args.unique]) / min(args.unique, len(paths)) / 1024:.0f} "
-              f"KiB each, made in {time.perf_counter() - t:.0f} s", flush=True)
+              f"KiB each, made in {time.perf_counter() - t:.0f} s (in {tmp.parent})", flush=True)
         torch.manual_seed(0)
         model = str(tmp / "detector")
         save_artifact(model, Detector.build(args.backbone), input_size=224)
+        blobs = [q.read_bytes() for q in paths[: args.unique]]
+        if "ceilings" not in args.skip:
+            try:
+                ceilings(blobs, model, args.device, args.batch, 224)
+            except Exception as exc:  # noqa: BLE001 - the scans below still say what they say
+                print(f"ceilings: {type(exc).__name__}: {exc}", flush=True)
         if "parity" not in args.skip:
-            parity(f"{args.backbone} (random weights), benchmark JPEGs", {"uri": model},
-                   [q.read_bytes() for q in paths[: args.unique]], args.device)
+            parity(f"{args.backbone} (random weights), benchmark JPEGs", {"uri": model}, blobs, args.device)
 
         rows = {}
         if "direct" not in args.skip:
@@ -266,15 +429,22 @@ def main() -> None:
             _print("(a) direct loop, nvJPEG", rows["(a) direct loop, nvJPEG"])
         cores = os.cpu_count() or 2
         ray.init(address="local", num_cpus=max(4, cores), num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, object_store_memory=8 * 1024**3 if args.device == "cuda" else None)
+        if "startup" not in args.skip:
+            actor_startup(model, args.device, args.batch)
         if "textbook" not in args.skip:
             rows["(b) textbook Ray (PIL tasks -> 1 actor)"] = textbook(tmp / "jpegs", model, args.device, args.batch, 224)
             _print("(b) textbook Ray (PIL tasks -> 1 actor)", rows["(b) textbook Ray (PIL tasks -> 1 actor)"])
         for layout in args.layouts:
-            actors, share = layout.split("x")
-            name = f"(c) ntf-ray scan, {actors} actor(s) x {share} GPU"
-            rows[name] = project_scan(tmp / "jpegs", tmp / f"scores-{layout}", model, args.batch, int(actors),
-                                      float(share) if args.device == "cuda" else 0.0)
+            actors, share, streams, batch = LAYOUT.fullmatch(layout).groups()
+            streams, batch = int(streams or 1), int(batch or args.batch)
+            name = f"(c) ntf-ray scan, {actors} actor(s) x {share} GPU, {streams} stream(s), batch {batch}"
+            try:
+                rows[name] = project_scan(tmp / "jpegs", tmp / f"scores-{layout}", model, batch, int(actors),
+                                          float(share) if args.device == "cuda" else 0.0, streams)
+            except Exception as exc:  # noqa: BLE001 - one layout failing must not cost the others' figures
+                print(f"{name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
             _print(name, rows[name])
         ray.shutdown()
     base = rows.get("(a) direct loop, nvJPEG")
@@ -286,6 +456,8 @@ def main() -> None:
         for name, r in rows.items():
             if name.startswith("(c)"):
                 print(f"ratio {name} / (a), steady state = {r['steady'] / base['steady']:.2f}")
+    if args.device == "cuda" and "nvimgcodec" not in args.skip:  # last: an optional native library may crash
+        nvimgcodec_ceilings(blobs, 224, args.batch)
 
 
 def _print(name: str, r: dict) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ntf_ray import __version__
-from ntf_ray.storage import DEFAULT_MAX_BYTES
+from ntf_ray.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_AHEAD_BYTES
 from ntf_ray.variants import VARIANTS
 
 log = logging.getLogger("ntf_ray")
@@ -176,7 +176,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         incremental=args.incremental, threshold=args.threshold, pattern=args.glob, limit=args.limit,
         batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor, decoder=args.decoder, max_bytes=args.max_bytes,
-        read_block_rows=args.read_block_rows, endpoint=args.storage_options.endpoint_url,
+        read_block_rows=args.read_block_rows, read_block_bytes=args.read_block_bytes, streams=args.streams,
+        read_ahead_bytes=args.read_ahead, endpoint=args.storage_options.endpoint_url,
     )
     ray_train.init_local_ray()
     result = ray_scan.scan(spec)
@@ -213,6 +214,14 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
                    help="skip objects larger than this without reading them (error row too_large:); default 128MiB")
     s.add_argument("--read-block-rows", type=int, default=128, metavar="N",
                    help="objects per read task (default 128): smaller blocks reach the detectors sooner")
+    s.add_argument("--read-block-bytes", type=_byte_size, default=64 * 1024**2, metavar="SIZE",
+                   help="listed bytes per read task, at most (default 64MiB; one object larger than this goes alone)")
+    s.add_argument("--read-ahead", type=_byte_size, default=DEFAULT_READ_AHEAD_BYTES, metavar="SIZE",
+                   help="most bytes the scan holds in Ray's object store, read but not yet scored and written "
+                        "(default 2GiB)")
+    s.add_argument("--streams", type=int, metavar="N",
+                   help="batches each GPU detector actor scores at once, each on its own CUDA stream "
+                        "(default 2; CPU actors score one at a time)")
 
 
 def add_decoder_argument(s: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ pixels exactly, which is how the tests check the routing and fallback logic with
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,14 @@ def _decode_fn():
     return fn
 
 
-def decode_jpegs(blobs: Sequence[bytes], device: torch.device, decode_fn=None) -> list[torch.Tensor | Exception]:
+def as_uint8(blob: bytes | bytearray | memoryview) -> torch.Tensor:
+    """A 1-D uint8 tensor over ``blob``'s memory, not a copy of it (the decoder only reads it)."""
+    with warnings.catch_warnings():  # torch warns that a read-only buffer is not writable: nothing writes it
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.frombuffer(blob, dtype=torch.uint8)
+
+
+def decode_jpegs(blobs: Sequence[bytes | memoryview], device: torch.device, decode_fn=None) -> list[torch.Tensor | Exception]:
     """``(3, H, W)`` uint8 RGB tensors on ``device``, one per blob, or the exception that blob raised.
 
     ``decode_fn(data, device)`` takes a uint8 tensor or a list of them (torchvision's
@@ -37,7 +45,7 @@ def decode_jpegs(blobs: Sequence[bytes], device: torch.device, decode_fn=None) -
     if not blobs:
         return []
     fn = decode_fn or _decode_fn()
-    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    tensors = [as_uint8(b) for b in blobs]
     try:
         out = fn(tensors, device)
         if len(out) != len(tensors):

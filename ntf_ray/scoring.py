@@ -168,56 +168,116 @@ class Scorer:
         out = self._in_batches(crops, self.detector.embed)
         return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
-    def score_bytes(self, items: Sequence[bytes]) -> list[ScoreResult]:
-        """One result per input, in order; bad inputs get an error and never raise."""
+    def score_bytes(self, items: Sequence[bytes | memoryview | None]) -> list[ScoreResult]:
+        """One result per input, in order; bad inputs get an error and never raise.
+
+        Inputs may be memoryviews (say into an Arrow buffer): nothing is copied before decoding.
+        """
         results: list[ScoreResult | None] = [None] * len(items)
-        crops: dict[int, torch.Tensor] = {}
-
-        def keep(i: int, crop: torch.Tensor | None, result: ScoreResult) -> None:
-            results[i] = result
-            if crop is not None:
-                crops[i] = crop.to(self.device, non_blocking=True)
-
+        slots: list[int] = []  # slots[k]: the input that row k of the stacked crops belongs to
+        parts: list[torch.Tensor] = []
         if self.decoder == "nvjpeg":
-            for i, crop, result in self._crop_jpegs_on_device(items):
-                keep(i, crop, result)
+            for group, crops, group_results in self._crop_jpegs_on_device(items):
+                for i, r in group_results:
+                    results[i] = r
+                if crops is not None:
+                    slots.extend(group)
+                    parts.append(crops)
+        cpu_slots, cpu_crops = [], []
         for i, data in enumerate(items):
             if results[i] is not None:
                 continue
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 results[i] = ScoreResult(None, None, None, None, None, f"read: expected bytes, got {type(data).__name__}")
                 continue
-            keep(i, *self.preprocess(data))
-        if crops:
-            scores = self.score_tensors(torch.stack(list(crops.values())))
-            for slot, score in zip(crops, scores):
+            crop, results[i] = self.preprocess(data)
+            if crop is not None:
+                cpu_slots.append(i)
+                cpu_crops.append(crop)
+        if cpu_crops:  # one host-to-device copy for the core decoder's crops
+            slots.extend(cpu_slots)
+            parts.append(torch.stack(cpu_crops).to(self.device, non_blocking=True))
+        if parts:
+            scores = self.score_tensors(parts[0] if len(parts) == 1 else torch.cat(parts))
+            for slot, score in zip(slots, scores):
                 r = results[slot]
                 score = float(score)  # compare in float64: numpy would compare float32 with a float32-rounded threshold
                 results[slot] = ScoreResult(score, score >= self.threshold, r.width, r.height, r.format, None, r.decoder)
         return results  # type: ignore[return-value]
 
-    def _crop_jpegs_on_device(self, items: Sequence[bytes]) -> Iterator[tuple[int, torch.Tensor | None, ScoreResult]]:
-        """Decode the JPEGs the screen lets through on the device and crop each as it comes:
-        ``(index, crop or None, result)``.
+    def crop_batch(self, frames: Sequence[torch.Tensor], fmt: str | None,
+                   decoder: str) -> tuple[list[int], torch.Tensor | None, list[ScoreResult]]:
+        """Centre crops of decoded ``(3, H, W)`` uint8 frames as one ``(B, 3, S, S)`` tensor.
+
+        Frames at least ``S`` on each side (nearly all) are cropped by one batched copy of
+        their centre windows; smaller ones go through :meth:`crop` (upscaled, or refused).
+        Returns the positions of the frames the tensor holds (in its row order), the tensor
+        (None when no frame was cropped), and one result per frame.
+        """
+        size = self.input_size
+        results: list[ScoreResult] = []
+        rows: list[int] = []
+        windows: list[torch.Tensor] = []
+        odd: list[tuple[int, torch.Tensor]] = []
+        for k, frame in enumerate(frames):
+            h, w = frame.shape[-2:]
+            results.append(ScoreResult(None, None, w, h, fmt, None, decoder))
+            if h >= size and w >= size:
+                top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as TF.center_crop
+                rows.append(k)
+                windows.append(frame[:, top : top + size, left : left + size])
+            else:
+                odd.append((k, frame))
+        for k, frame in odd:
+            crop, results[k] = self.crop(frame, fmt, decoder)
+            if crop is not None:
+                rows.append(k)
+                windows.append(crop)
+        return rows, (torch.stack(windows) if windows else None), results
+
+    def warm_up(self) -> None:
+        """Run the network (and, for ``nvjpeg``, the batched decoder) once, so that loading their
+        kernels happens now and not on the first batch of real images."""
+        with torch.inference_mode():
+            self.score_tensors(torch.zeros((min(self.batch_size, 8), 3, self.input_size, self.input_size),
+                                           dtype=torch.uint8))
+        if self.decoder == "nvjpeg":
+            from torchvision.io import encode_jpeg
+
+            from ntf_ray.gpu_decode import decode_jpegs
+
+            tiny = encode_jpeg(torch.zeros((3, 16, 16), dtype=torch.uint8)).numpy().tobytes()
+            decode_jpegs([tiny, tiny], self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _crop_jpegs_on_device(
+        self, items: Sequence[bytes | memoryview | None]
+    ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, ScoreResult]]]]:
+        """Decode the JPEGs the screen lets through on the device and crop each group at once:
+        ``(inputs the crops belong to, crops or None, [(input, result), ...])`` per group.
 
         The batched decoder runs on groups of files holding at most ``max_pixels`` pixels in
-        all (``DEFAULT_MAX_PIXELS`` without a limit; a larger file goes alone), and each
-        frame is dropped once cropped, so the device holds one group's frames at a time.
-        Files the screen routes elsewhere, and files the batched decoder fails on, are not
-        yielded: ``score_bytes`` hands them to the core decoder.
+        all (``DEFAULT_MAX_PIXELS`` without a limit; a larger file goes alone), and a group's
+        frames are dropped once cropped, so the device holds one group's frames at a time.
+        Files the screen routes elsewhere, and files the batched decoder fails on, get no
+        result here: ``score_bytes`` hands them to the core decoder.
         """
         from ntf_ray.gpu_decode import decode_jpegs
 
         for group in self._jpeg_groups(items):
-            frames = decode_jpegs([bytes(items[i]) for i in group], self.device)
-            for k, i in enumerate(group):
-                frame, frames[k] = frames[k], None
-                if not (isinstance(frame, torch.Tensor) and frame.ndim == 3 and frame.shape[0] == 3):
+            decoded = decode_jpegs([items[i] for i in group], self.device)
+            ok = []
+            for i, frame in zip(group, decoded):
+                if isinstance(frame, torch.Tensor) and frame.ndim == 3 and frame.shape[0] == 3:
+                    ok.append((i, frame))
+                else:
                     log.debug("the batched JPEG decoder failed on item %d (%s); using the core decoder", i, frame)
-                    continue
-                crop, result = self.crop(frame, "JPEG", "nvjpeg")
-                del frame  # the crop is a copy: the frame goes now
-                yield i, crop, result
+            del decoded
+            group_ok = [i for i, _ in ok]
+            rows, crops, results = self.crop_batch([f for _, f in ok], "JPEG", "nvjpeg")
+            del ok[:]  # the crops are copies: the frames go now
+            yield [group_ok[k] for k in rows], crops, list(zip(group_ok, results))
 
     def _jpeg_groups(self, items: Sequence[bytes]) -> Iterator[list[int]]:
         """Indices of the files the screen passes, in groups of at most ``max_pixels`` pixels."""

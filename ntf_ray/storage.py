@@ -122,6 +122,9 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
 #: Default cap on an object's size for a scan: far above any photo (a 100 Mpx JPEG is ~50 MB),
 #: far below what hurts a worker.
 DEFAULT_MAX_BYTES = 128 * 2**20
+#: What a scan holds in Ray's object store at most (read blocks waiting for a detector, and
+#: scored rows waiting to be written): without a cap, reads run gigabytes ahead of the actors.
+DEFAULT_READ_AHEAD_BYTES = 2 * 1024**3
 
 
 class ObjectChanged(OSError):

@@ -197,3 +197,20 @@ def test_a_file_swapped_for_a_fifo_after_listing_does_not_block_its_read(tmp_pat
     os.mkfifo(f)  # nobody writes: a blocking open would wait forever
     error = ray_scan.read_objects(listing, endpoint=None).column("read_error")[0].as_py()
     assert error.startswith("read: ")
+
+
+@pytest.mark.parametrize("sizes,max_rows,max_bytes,expected", [
+    ([10] * 7, 3, 1000, [(0, 3), (3, 6), (6, 7)]),  # rows decide
+    ([10] * 7, 100, 25, [(0, 2), (2, 4), (4, 6), (6, 7)]),  # bytes decide
+    ([5, 500, 5, 5], 100, 20, [(0, 1), (1, 2), (2, 4)]),  # an object over the cap goes alone
+    ([0, 0, 0], 2, 1, [(0, 2), (2, 3)]),  # unknown sizes (0): rows alone
+    ([], 4, 10, []),
+])
+def test_read_blocks_are_cut_by_rows_and_by_listed_bytes(sizes, max_rows, max_bytes, expected):
+    import numpy as np
+
+    from ntf_ray.ray_scan import block_bounds
+
+    assert block_bounds(np.array(sizes, np.int64), len(sizes), max_rows, max_bytes) == expected
+    assert block_bounds(None, len(sizes), max_rows, max_bytes) == [
+        (s, min(s + max_rows, len(sizes))) for s in range(0, len(sizes), max_rows)]

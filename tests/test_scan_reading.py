@@ -7,6 +7,7 @@ import io
 import os
 import time
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -106,3 +107,19 @@ def test_a_large_local_file_is_refused_from_its_listed_size(tmp_path):
     listing = _listing(ScanSpec(model="-", output="-", input=str(tmp_path)), storage.StorageOptions())
     row = read_objects(listing, endpoint=None).to_pylist()[0]
     assert row["data"] is None and row["read_error"] == f"too_large: {3 * 2**30} bytes > limit {128 * 2**20}"
+
+
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
+def test_binary_views_are_the_values_without_copying_them(kind):
+    from ntf_ray.ray_scan.actor import binary_views
+
+    values = [b"abc", None, b"", b"\xff\xd8" * 1000, None, b"z"]
+    whole = pa.array(values, kind)
+    column = pa.chunked_array([whole.slice(0, 2), whole.slice(2, 3), whole.slice(5)])  # chunks with offsets
+    views = binary_views(column)
+    assert [None if v is None else bytes(v) for v in views] == values
+    data = whole.buffers()[2]
+    big = views[3]  # a view into Arrow's own buffer, not a copy
+    assert np.frombuffer(big, np.uint8).ctypes.data == data.address + 3
+    with pytest.raises(TypeError, match="binary"):
+        binary_views(pa.array(["text"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -294,8 +295,6 @@ def test_crop_owns_its_memory_not_the_frame(detector, hw):
 
 def _frames_alive_at_each_crop(monkeypatch, scorer: Scorer, items: list[bytes]) -> list[int]:
     """Score ``items``; for each crop taken, how many decoded frames were still alive."""
-    import weakref
-
     from ntf_ray import gpu_decode
 
     frames: list[weakref.ref] = []
@@ -330,20 +329,34 @@ def test_core_decoder_path_holds_one_frame_at_a_time(detector, monkeypatch):
     assert _frames_alive_at_each_crop(monkeypatch, scorer, items) == [1] * 5  # views kept 1, 2, 3, ...
 
 
-def test_batched_jpeg_path_decodes_in_groups_and_drops_each_frame_once_cropped(detector, monkeypatch):
+def test_batched_jpeg_path_decodes_in_groups_and_holds_one_group_at_a_time(detector, monkeypatch):
     from ntf_ray import gpu_decode
 
     h, w = 96, 128
     items = [jpg(texture(h, w, seed=80 + i)) for i in range(6)]
     groups: list[int] = []
-    real = gpu_decode.decode_jpegs
-    monkeypatch.setattr(gpu_decode, "decode_jpegs", lambda blobs, device, decode_fn=None:
-                        groups.append(len(blobs)) or real(blobs, device, decode_fn))
+    frames: list[weakref.ref] = []
+    alive: list[int] = []
+    real, real_batch = gpu_decode.decode_jpegs, Scorer.crop_batch
+
+    def decode_spy(blobs, device, decode_fn=None):
+        groups.append(len(blobs))
+        out = real(blobs, device, decode_fn)
+        frames.extend(weakref.ref(f) for f in out)
+        return out
+
+    def crop_batch_spy(self, group_frames, fmt, decoder):
+        alive.append(sum(ref() is not None for ref in frames))
+        return real_batch(self, group_frames, fmt, decoder)
+
+    monkeypatch.setattr(gpu_decode, "decode_jpegs", decode_spy)
+    monkeypatch.setattr(Scorer, "crop_batch", crop_batch_spy)
     # The pixel ceiling bounds each batched call: three of these images per call.
     scorer = Scorer(detector, input_size=SIZE, device="cpu", decoder="nvjpeg", max_pixels=3 * h * w + 1)
-    alive = _frames_alive_at_each_crop(monkeypatch, scorer, items)
+    results = scorer.score_bytes(items)
+    assert all(r.error is None for r in results), results
     assert groups == [3, 3]
-    assert alive == [3, 2, 1, 3, 2, 1]  # the group's frames not yet cropped, never the whole batch
+    assert alive == [3, 3]  # the group being cropped; the one before is gone, never the whole batch
     pil = Scorer(detector, input_size=SIZE, device="cpu", decoder="pil", max_pixels=3 * h * w + 1)
     monkeypatch.undo()
     assert [r.score for r in scorer.score_bytes(items)] == [r.score for r in pil.score_bytes(items)]
@@ -410,3 +423,41 @@ def test_cli_score_bad_model_is_an_error_not_a_crash(tmp_path, pool, capsys):
     rc = cli.main(["score", "--model", str(tmp_path / "no-model"), "--device", "cpu", str(p)])
     assert rc != 0
     assert "no model.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(SIZE, SIZE), (SIZE + 1, SIZE + 2), (SIZE + 7, 3 * SIZE + 4), (2 * SIZE, SIZE + 3)])
+def test_batched_crop_takes_the_same_window_as_the_per_image_crop(detector, shape):
+    scorer = Scorer(detector, input_size=SIZE, device="cpu")
+    frames = [torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+              for k in range(3)]
+    rows, crops, results = scorer.crop_batch(frames, "JPEG", "nvjpeg")
+    assert rows == [0, 1, 2] and crops.shape == (3, 3, SIZE, SIZE)
+    for frame, crop, r in zip(frames, crops, results):
+        assert torch.equal(crop, eval_transform(frame, SIZE))
+        assert (r.width, r.height, r.error, r.decoder) == (shape[1], shape[0], None, "nvjpeg")
+
+
+def test_batched_crop_sends_small_and_sliver_frames_through_the_per_image_crop(detector):
+    scorer = Scorer(detector, input_size=SIZE, device="cpu", max_pixels=50_000)
+    g = torch.Generator().manual_seed(5)
+    frames = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g)
+              for s in [(3, SIZE - 5, SIZE + 9), (3, SIZE, SIZE), (3, 1, 20_000), (3, SIZE + 2, SIZE)]]
+    rows, crops, results = scorer.crop_batch(frames, "JPEG", "nvjpeg")
+    assert rows == [1, 3, 0]  # the whole-window crops first, then the upscaled one; the sliver is refused
+    assert results[2].error.startswith("too_large:") and results[2].width == 20_000
+    for row, k in enumerate(rows):
+        assert torch.equal(crops[row], eval_transform(frames[k], SIZE))
+
+
+def test_views_into_an_arrow_column_score_as_their_bytes(detector):
+    import pyarrow as pa
+
+    from ntf_ray.ray_scan.actor import binary_views
+
+    blobs = [jpg(texture(90, 120, seed=90 + i)) for i in range(3)] + [png(texture(80, 70, seed=99))]
+    views = binary_views(pa.array(blobs, pa.binary()))  # how the detector actor hands a batch over
+    for decoder in ("pil", "nvjpeg"):
+        scorer = Scorer(detector, input_size=SIZE, device="cpu", decoder=decoder)
+        results = scorer.score_bytes(views)
+        assert [r.as_dict() for r in results] == [r.as_dict() for r in scorer.score_bytes(blobs)]
+        assert [r.decoder for r in results] == [decoder] * 3 + ["pil"]

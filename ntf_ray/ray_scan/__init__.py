@@ -31,7 +31,7 @@ import ray
 from ntf_ray import storage
 
 # "X as X": not used here, re-exported as the package's interface
-from ntf_ray.ray_scan.actor import DetectorActor, scored_stream
+from ntf_ray.ray_scan.actor import GPU_STREAMS, DetectorActor, scored_stream
 from ntf_ray.ray_scan.listing import iter_listing
 from ntf_ray.ray_scan.listing import list_objects as list_objects
 from ntf_ray.ray_scan.lock import lease
@@ -54,7 +54,7 @@ from ntf_ray.ray_scan.table import (
     write_index,
 )
 from ntf_ray.ray_scan.table import completed_runs as completed_runs
-from ntf_ray.storage import StorageOptions
+from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class ScanSpec:
     cpus_per_actor: float = 1.0
     decoder: str = "auto"  # auto: nvJPEG for plain JPEGs on GPU actors, the core decoder otherwise
     read_block_rows: int = 128
+    read_block_bytes: int = 64 * 1024**2  # a read block holds at most this many listed bytes (and >= 1 object)
+    streams: int | None = None  # batches each GPU actor scores at once (default: GPU_STREAMS; 1 on CPU)
+    read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES  # cap on what the scan holds in the object store
     max_bytes: int | None = DEFAULT_MAX_BYTES  # larger objects get a too_large: row without being read
     endpoint: str | None = field(default=None, repr=False)
 
@@ -120,8 +123,10 @@ def scan(spec: ScanSpec) -> ScanResult:
     run_id = check_run_id(spec.run_id or new_run_id())
     if spec.max_bytes is not None and spec.max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, got {spec.max_bytes}")
-    if spec.read_block_rows < 1 or spec.batch_size < 1:
-        raise ValueError(f"read_block_rows and batch_size must be positive, got {spec.read_block_rows} and {spec.batch_size}")
+    for name in ("read_block_rows", "read_block_bytes", "batch_size", "streams", "read_ahead_bytes"):
+        value = getattr(spec, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
     art = load_artifact(spec.model, options=options)  # fail early on a bad artifact, before listing
     threshold = art.threshold if spec.threshold is None else float(spec.threshold)
     start = time.perf_counter()
@@ -131,8 +136,8 @@ def scan(spec: ScanSpec) -> ScanResult:
                            else (None, []))
         blocks, listed = _listing_blocks(spec, options, seen)
         todo = sum(n for _, n in blocks)
-        log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s", run_id, listed, todo,
-                 listed - todo, art.model_id)
+        log.info("scan %s: %d objects listed in %.1f s, %d to score, %d already scored by model %s", run_id, listed,
+                 time.perf_counter() - start, todo, listed - todo, art.model_id)
 
         staged = staging_dir(output, run_id, uuid.uuid4().hex[:12])
         # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
@@ -168,8 +173,10 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions,
     """The objects to score as read blocks in Ray's object store, and how many were listed.
 
     The listing pages in chunk by chunk; each chunk loses what ``seen`` holds, is numbered
-    (``seq``) and goes to the object store in blocks of ``read_block_rows``, so the driver
-    holds one chunk at a time, whatever the bucket holds.
+    (``seq``) and goes to the object store in blocks of at most ``read_block_rows`` objects
+    and ``read_block_bytes`` listed bytes, so the driver holds one chunk at a time, whatever
+    the bucket holds, and a read task's output is about the same size for 20 KB thumbnails
+    and 5 MB photos.
     """
     blocks, listed, n = [], 0, 0
     for chunk in iter_listing(spec, options):
@@ -177,12 +184,28 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions,
         if seen is not None and seen.num_rows:
             # "right anti" hashes the chunk, not everything scored so far (1.4 s -> 0.02 s per chunk at 2M)
             chunk = seen.join(chunk, keys=["uri", "etag"], join_type="right anti").select(chunk.column_names)
-        for start in range(0, chunk.num_rows, spec.read_block_rows):
-            block = chunk.slice(start, spec.read_block_rows)
+        sizes = chunk.column("size_bytes").fill_null(0).to_numpy() if "size_bytes" in chunk.column_names else None
+        for start, stop in block_bounds(sizes, chunk.num_rows, spec.read_block_rows, spec.read_block_bytes):
+            block = chunk.slice(start, stop - start)
             block = block.append_column(SEQ, pa.array(np.arange(n, n + block.num_rows), pa.int64()))
             n += block.num_rows
             blocks.append((ray.put(block), block.num_rows))
     return blocks, listed
+
+
+def block_bounds(sizes: np.ndarray | None, rows: int, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of consecutive blocks of at most ``max_rows`` rows and ``max_bytes``
+    bytes (``sizes`` per row; a row larger than ``max_bytes`` makes a block of its own)."""
+    bounds, start = [], 0
+    while start < rows:
+        stop = min(rows, start + max_rows)
+        if sizes is not None:
+            # rows whose running total stays within max_bytes, and always at least one
+            total = np.cumsum(sizes[start:stop], dtype=np.int64)
+            stop = start + max(1, int(np.searchsorted(total, max_bytes, side="right")))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, staged: str,
@@ -195,7 +218,7 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
          "decoder": spec.decoder},
         endpoint=endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows, max_bytes=spec.max_bytes,
         gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,
-        cpus_per_actor=spec.cpus_per_actor,
+        cpus_per_actor=spec.cpus_per_actor, streams=spec.streams or GPU_STREAMS, read_ahead_bytes=spec.read_ahead_bytes,
     )
     if storage.is_s3(staged):
         fs, path = storage.arrow_filesystem(staged, options)
