@@ -153,8 +153,31 @@ def textbook(folder: Path, model_uri: str, device: str, batch: int, input_size: 
 # ---------------------------------------------------------------- (c) ntf-ray scan
 
 
+def _has_nvimgcodec() -> bool:
+    from ntf_ray.gpu_decode import DecoderUnavailable, nvimgcodec_module
+
+    try:
+        nvimgcodec_module()
+        return True
+    except DecoderUnavailable as exc:
+        print(f"nvimgcodec: {exc}", flush=True)
+        return False
+
+
+def _wait_for_free_cluster(limit_s: float = 60.0) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= total[k] for k in ("CPU", "GPU") if k in total):
+            return
+        time.sleep(0.2)
+
+
 def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: int, gpu_share: float,
-                 streams: int) -> dict:
+                 streams: int, decoder: str = "nvjpeg") -> dict:
     import pyarrow.dataset as pads
 
     from ntf_ray import ray_scan
@@ -163,13 +186,13 @@ def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: in
     t0 = time.time()
     result = ray_scan.scan(ray_scan.ScanSpec(model=model_uri, output=str(out), input=str(folder), batch_size=batch,
                                              max_actors=actors, gpus_per_actor=gpu_share, streams=streams,
-                                             decoder="nvjpeg"))
+                                             decoder=decoder))
     total = time.perf_counter() - start
     table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["scanned_at", "error", "decoder"])
     errors = table.num_rows - table.column("error").null_count
     if errors:
         raise SystemExit(f"the scan wrote {errors} error rows for good JPEGs")
-    decoders = {d: table.column("decoder").to_pylist().count(d) for d in ("pil", "nvjpeg")}
+    decoders = {d: table.column("decoder").to_pylist().count(d) for d in ("pil", "nvjpeg", "nvimgcodec")}
     stamps = np.array([s.timestamp() for s in table.column("scanned_at").to_pylist()])
     out_row = _stamped(table.num_rows, total, t0, stamps)
     out_row["decoders"] = decoders
@@ -206,7 +229,7 @@ def ceilings(blobs: list[bytes], model_uri: str, device: str, batch: int, size: 
     sec = _timed(lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device), 5, device)
     print(f"ceiling: torchvision decode_jpeg, batches of {batch}: {batch / sec:,.0f} images/s", flush=True)
     frames = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-    scorer = Scorer.from_artifact(model_uri, device=device, batch_size=batch)
+    scorer = Scorer.from_artifact(model_uri, device=device, batch_size=batch, decoder="nvjpeg")
     sec = _timed(lambda: scorer.crop_batch(frames, "JPEG", "nvjpeg"), 10, device)
     print(f"ceiling: batched centre crop: {batch / sec:,.0f} images/s", flush=True)
     crops = scorer.crop_batch(frames, "JPEG", "nvjpeg")[1]
@@ -217,67 +240,45 @@ def ceilings(blobs: list[bytes], model_uri: str, device: str, batch: int, size: 
           flush=True)
 
 
-def nvimgcodec_ceilings(blobs: list[bytes], size: int, batch: int) -> None:
-    """nvImageCodec's decoders on a batch: throughput, and pixels against torchvision's nvJPEG."""
+def nvimgcodec_ceilings(blobs: list[bytes], batch: int) -> None:
+    """nvImageCodec's decoders on one batch: images/s, failures, and pixels against Pillow's (the
+    core decoder, the reference) beside torchvision's nvJPEG against Pillow's."""
+    import io
+
     import torch
+    from PIL import Image
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ntf_ray.gpu_decode import as_uint8
+    from ntf_ray.gpu_decode import as_uint8, nvimgcodec_module
 
+    nvimgcodec = nvimgcodec_module()
     chunk = [blobs[i % len(blobs)] for i in range(batch)]
+    reference = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+                 for b in chunk[:32]]
+
+    def against_pil(images) -> str:
+        diffs = [(im.cpu().int() - ref.int()).abs().float() for im, ref in zip(images, reference) if im is not None]
+        if not diffs:
+            return "nothing decoded"
+        return (f"|pixel - Pillow's| mean {np.mean([d.mean().item() for d in diffs]):.3f}, "
+                f"max {max(d.max().item() for d in diffs):.0f}")
+
     frames = decode_jpeg([as_uint8(b) for b in chunk], mode=ImageReadMode.RGB, device="cuda")
-
-    try:
-        import nvidia
-
-        # The package may sit beside another "nvidia" package (CUDA's wheels): join their paths.
-        nvidia.__path__ = [*nvidia.__path__, *(str(Path(e) / "nvidia") for e in sys.path
-                                               if (Path(e) / "nvidia" / "nvimgcodec").is_dir())]
-        from nvidia import nvimgcodec
-    except ImportError as exc:
-        print(f"nvimgcodec: not importable ({exc})", flush=True)
-        return
-    print(f"nvimgcodec {getattr(nvimgcodec, '__version__', '?')}", flush=True)
-
-    def region(h: int, w: int):
-        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        for make in (lambda: nvimgcodec.Region(start=(top, left), end=(top + size, left + size)),
-                     lambda: nvimgcodec.Region(top, left, top + size, left + size)):
-            try:
-                return make(), top, left
-            except TypeError:
-                continue
-        raise RuntimeError("no Region constructor fits")
-
+    print(f"torchvision nvJPEG: {against_pil(frames)}", flush=True)
     stream = torch.cuda.current_stream().cuda_stream
-    for name, kind in (("hardware engine", "HW_GPU_ONLY"), ("CUDA", "GPU_ONLY"), ("hybrid", "HYBRID_CPU_GPU")):
+    kinds = nvimgcodec.BackendKind
+    for name, backends, options in (("hardware engine", [kinds.HW_GPU_ONLY], ""),
+                                    ("hardware engine, fancy upsampling", [kinds.HW_GPU_ONLY], ":fancy_upsampling=1"),
+                                    ("hybrid CPU/GPU", [kinds.HYBRID_CPU_GPU], ""),
+                                    ("hardware engine + hybrid (the product's)", [kinds.HW_GPU_ONLY, kinds.HYBRID_CPU_GPU], "")):
         try:
-            backend = nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))
-            decoder = nvimgcodec.Decoder(backends=[backend])
-            for roi in (False, True):
-                streams = [nvimgcodec.CodeStream(b) for b in chunk]
-                if roi:
-                    regions = [region(cs.height, cs.width) for cs in streams]
-                    streams = [cs.get_sub_code_stream(region=r) for cs, (r, _, _) in zip(streams, regions)]
-                out = decoder.decode(streams, cuda_stream=stream)
-                failed = sum(o is None for o in out)
-                sec = _timed(lambda: decoder.decode(streams, cuda_stream=stream), 5, "cuda")
-                diffs = []
-                for k, o in enumerate(out[:32]):
-                    if o is None:
-                        continue
-                    mine = torch.as_tensor(o, device="cuda").permute(2, 0, 1)
-                    ref = frames[k]
-                    if roi:
-                        _, top, left = regions[k]
-                        ref = ref[:, top : top + size, left : left + size]
-                    if mine.shape != ref.shape:
-                        diffs.append(float("nan"))
-                        continue
-                    diffs.append((mine.int() - ref.int()).abs().float().mean().item())
-                what = f"centre {size}x{size} only" if roi else "whole images"
-                print(f"nvimgcodec {name}, {what}: {batch / sec:,.0f} images/s, {failed} of {batch} failed; "
-                      f"mean |pixel - torchvision's| {np.nanmean(diffs) if diffs else float('nan'):.3f}", flush=True)
+            decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(k) for k in backends], options=options)
+            streams = [nvimgcodec.CodeStream(b) for b in chunk]
+            out = decoder.decode(streams, cuda_stream=stream)
+            sec = _timed(lambda: decoder.decode(streams, cuda_stream=stream), 5, "cuda")
+            images = [None if o is None else torch.as_tensor(o, device="cuda").permute(2, 0, 1) for o in out[:32]]
+            print(f"nvimgcodec {name}: {batch / sec:,.0f} images/s, {sum(o is None for o in out)} of {batch} failed; "
+                  f"{against_pil(images)}", flush=True)
         except Exception as exc:  # noqa: BLE001 - a backend this card or build lacks: say so, go on
             print(f"nvimgcodec {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
@@ -313,18 +314,20 @@ def _stamped(n: int, total: float, t0: float, stamps: np.ndarray) -> dict:
     return _rates(n, total, first - t0, after_first / max(last - first, 1e-9))
 
 
-def parity(name: str, scorer_args: dict, blobs: list[bytes], device: str) -> None:
+def parity(name: str, scorer_args: dict, blobs: list[bytes], device: str, decoder: str = "nvjpeg") -> None:
     from ntf_ray.scoring import Scorer
 
     pil = Scorer.from_artifact(**scorer_args, device=device, decoder="pil")
-    gpu = Scorer.from_artifact(**scorer_args, device=device, decoder="nvjpeg")
+    gpu = Scorer.from_artifact(**scorer_args, device=device, decoder=decoder)
     a, b = pil.score_bytes(blobs), gpu.score_bytes(blobs)
     same_rows = all((x.error is None) == (y.error is None) and x.error == y.error for x, y in zip(a, b))
     pairs = [(x.score, y.score) for x, y in zip(a, b) if x.score is not None and y.score is not None]
     diff = np.abs(np.array([x - y for x, y in pairs]))
     flips = sum((x >= pil.threshold) != (y >= pil.threshold) for x, y in pairs)
-    on_gpu = sum(r.decoder == "nvjpeg" for r in b)
-    print(f"parity {name}: {len(pairs)} images ({on_gpu} decoded by nvjpeg), |score pil - score nvjpeg| "
+    on_gpu = sum(r.decoder == decoder for r in b)
+    logits = np.log(np.clip([y for _, y in pairs], 1e-7, 1)) - np.log(np.clip([1 - y for _, y in pairs], 1e-7, 1))
+    print(f"parity {name}: {len(pairs)} images ({on_gpu} decoded by {decoder}; logit std {logits.std():.2f}), "
+          f"|score pil - score {decoder}| "
           f"max {diff.max():.2e}, mean {diff.mean():.2e}, p99 {np.quantile(diff, 0.99):.2e}; decisions flipped at "
           f"threshold {pil.threshold:g}: {flips}; error rows identical: {same_rows}", flush=True)
 
@@ -350,7 +353,7 @@ def trained_detector(root: Path, device: str, n: int) -> tuple[str, list[bytes]]
     return str(root / "trained" / "detector"), [Path(u).read_bytes() for u in uris]
 
 
-LAYOUT = re.compile(r"(\d+)x([\d.]+)(?:s(\d+))?(?:b(\d+))?")
+LAYOUT = re.compile(r"(\d+)x([\d.]+)(?:s(\d+))?(?:b(\d+))?(?:-(nvjpeg|nvimgcodec))?")
 
 
 def _workdir(asked: str | None) -> str | None:
@@ -406,6 +409,8 @@ def main() -> None:
             # The split gives about 30% of the images to the test split.
             model, held_out = trained_detector(tmp / "parity", args.device, max(200, int(args.parity_images / 0.6)))
             parity("trained tiny detector, synthetic JPEGs", {"uri": model}, held_out, args.device)
+            if args.device == "cuda" and _has_nvimgcodec():
+                parity("trained tiny detector, synthetic JPEGs", {"uri": model}, held_out, args.device, "nvimgcodec")
         t = time.perf_counter()
         paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height, args.unique)
         print(f"{len(paths)} JPEGs of {args.width}x{args.height} ({args.unique} different), "
@@ -436,12 +441,13 @@ def main() -> None:
             rows["(b) textbook Ray (PIL tasks -> 1 actor)"] = textbook(tmp / "jpegs", model, args.device, args.batch, 224)
             _print("(b) textbook Ray (PIL tasks -> 1 actor)", rows["(b) textbook Ray (PIL tasks -> 1 actor)"])
         for layout in args.layouts:
-            actors, share, streams, batch = LAYOUT.fullmatch(layout).groups()
-            streams, batch = int(streams or 1), int(batch or args.batch)
-            name = f"(c) ntf-ray scan, {actors} actor(s) x {share} GPU, {streams} stream(s), batch {batch}"
+            actors, share, streams, batch, decoder = LAYOUT.fullmatch(layout).groups()
+            streams, batch, decoder = int(streams or 1), int(batch or args.batch), decoder or "nvjpeg"
+            name = f"(c) ntf-ray scan, {actors} actor(s) x {share} GPU, {streams} stream(s), batch {batch}, {decoder}"
+            _wait_for_free_cluster()  # the last scan's actors may still hold the GPU
             try:
                 rows[name] = project_scan(tmp / "jpegs", tmp / f"scores-{layout}", model, batch, int(actors),
-                                          float(share) if args.device == "cuda" else 0.0, streams)
+                                          float(share) if args.device == "cuda" else 0.0, streams, decoder)
             except Exception as exc:  # noqa: BLE001 - one layout failing must not cost the others' figures
                 print(f"{name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
@@ -457,7 +463,8 @@ def main() -> None:
             if name.startswith("(c)"):
                 print(f"ratio {name} / (a), steady state = {r['steady'] / base['steady']:.2f}")
     if args.device == "cuda" and "nvimgcodec" not in args.skip:  # last: an optional native library may crash
-        nvimgcodec_ceilings(blobs, 224, args.batch)
+        if _has_nvimgcodec():
+            nvimgcodec_ceilings(blobs, args.batch)
 
 
 def _print(name: str, r: dict) -> None:

@@ -30,7 +30,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ntf_ray import storage
-from ntf_ray.metrics import json_safe
 from ntf_ray.model import BACKBONES, Detector
 from ntf_ray.storage import StorageOptions
 
@@ -126,6 +125,8 @@ def save_artifact(
     )
     # Weights first: a reader that finds model.json finds the weights it describes.
     storage.write_bytes(storage.join(uri, WEIGHTS), weights, options)
+    from ntf_ray.metrics import json_safe  # here, not at the top: loading a detector needs no scikit-learn
+
     text = json.dumps(json_safe(artifact.metadata()), indent=2, sort_keys=True, allow_nan=False)
     storage.write_bytes(storage.join(uri, METADATA), text.encode(), options)
     return artifact

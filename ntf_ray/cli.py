@@ -225,9 +225,10 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
 
 
 def add_decoder_argument(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--decoder", choices=("auto", "pil", "nvjpeg"), default="auto",
+    s.add_argument("--decoder", choices=("auto", "pil", "nvjpeg", "nvimgcodec"), default="auto",
                    help="pil: every image through the CPU decoder; nvjpeg: plain JPEGs decoded in batches on the "
                         "detector's GPU, everything else on the CPU (scores differ slightly from pil's); "
+                        "nvimgcodec: the same on the GPU's hardware JPEG engines (pip install 'ntf-ray[nvimgcodec]'); "
                         "auto (default): nvjpeg on GPUs, pil on CPUs. The table's decoder column says which ran")
 
 

@@ -1,4 +1,6 @@
-"""Batched JPEG decoding with torchvision's decoder on the scorer's device (nvJPEG on CUDA).
+"""Batched JPEG decoding on the scorer's device: torchvision's decoder (nvJPEG's CUDA kernels),
+or nvImageCodec's (the GPU's hardware JPEG engines, off the multiprocessors the network needs)
+when the optional ``nvidia-nvimgcodec`` package is installed and asked for.
 
 Only files that :func:`ntf_ray.jpeg_screen.screen` passes reach this module. One batched
 call decodes them all; when that call fails (one file the screen could not catch fails the
@@ -12,6 +14,7 @@ pixels exactly, which is how the tests check the routing and fallback logic with
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -25,6 +28,63 @@ def _decode_fn():
 
     def fn(data, device):
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    return fn
+
+
+class DecoderUnavailable(RuntimeError):
+    """The decoder asked for is not installed or cannot run here."""
+
+
+def nvimgcodec_module():
+    """``nvidia.nvimgcodec``, or ``DecoderUnavailable`` saying how to install it."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        raise DecoderUnavailable("the nvimgcodec decoder needs NVIDIA's nvImageCodec: pip install "
+                                 "'ntf-ray[nvimgcodec]' (CUDA 13), or use --decoder nvjpeg") from None
+    return nvimgcodec
+
+
+_local = threading.local()
+
+
+def nvimgcodec_fn(module=None):
+    """A ``decode_fn`` for :func:`decode_jpegs` on nvImageCodec: the hardware JPEG engines first,
+    nvJPEG's hybrid CPU/GPU backend for what they do not take (progressive files, odd sampling).
+
+    A file it cannot decode gets an exception in its slot (the others keep theirs); the
+    images come back as ``(3, H, W)`` views of nvImageCodec's interleaved RGB buffers.
+    """
+    lib = module or nvimgcodec_module()  # looked up at call time: tests put a stand-in there
+
+    def decoder(device: torch.device):
+        # one decoder per thread and device: each holds its own engine state and CUDA streams
+        key = (id(lib), device.type, device.index)
+        cache = _local.__dict__.setdefault("nvimgcodec", {})
+        if key not in cache:
+            kinds = lib.BackendKind
+            index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 0
+            cache[key] = lib.Decoder(device_id=index, backends=[lib.Backend(kinds.HW_GPU_ONLY),
+                                                                lib.Backend(kinds.HYBRID_CPU_GPU)])
+        return cache[key]
+
+    def fn(data, device):
+        device = torch.device(device)
+        single = isinstance(data, torch.Tensor)
+        streams = [lib.CodeStream(t.numpy()) for t in ([data] if single else data)]
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        out = []
+        for image in decoder(device).decode(streams, cuda_stream=stream):
+            if image is None:
+                out.append(RuntimeError("nvImageCodec could not decode this file"))
+            else:
+                out.append(torch.as_tensor(image, device=device).permute(2, 0, 1))
+        if single:
+            if isinstance(out[0], Exception):
+                raise out[0]
+            return out[0]
+        return out
 
     return fn
 

@@ -4,8 +4,9 @@ Errors are values: every input gets a ``ScoreResult`` with either a score or a s
 reason. Each image is cropped on its own, and the network runs in eval mode, so an
 image's score does not depend on what else is in its batch.
 
-Two decoders: ``pil``, the core decoder (Pillow, CPU), one image at a time; and
-``nvjpeg``: JPEGs that pass the marker screen (``jpeg_screen``) decode in one batched call
+Decoders: ``pil``, the core decoder (Pillow, CPU), one image at a time; and ``nvjpeg``
+(torchvision's CUDA decoder) or ``nvimgcodec`` (the GPU's hardware JPEG engines, an optional
+package): JPEGs that pass the marker screen (``jpeg_screen``) decode in one batched call
 on the scorer's device (nvJPEG on CUDA), everything else, and any file the batched
 decoder fails on, through the core decoder. Each result names the decoder that made it.
 
@@ -33,7 +34,7 @@ from ntf_ray.transforms import TooLargeToFit, check_fit, eval_transform, to_tens
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("pil", "nvjpeg")
+DECODERS = ("pil", "nvjpeg", "nvimgcodec")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ScoreResult:
     height: int | None
     format: str | None
     error: str | None  # None when scored
-    decoder: str | None = None  # "pil" or "nvjpeg": which decoder made the pixels
+    decoder: str | None = None  # "pil", "nvjpeg" or "nvimgcodec": which decoder made the pixels
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +56,8 @@ class Scorer:
 
     ``precision``: ``"fp32"`` or ``"bf16"`` (autocast, CUDA only); ``"auto"`` = bf16 on
     CUDA, fp32 on CPU. ``decoder``: ``"pil"``, ``"nvjpeg"`` (see the module notes; on a
-    CPU device torchvision's CPU JPEG decoder stands in for nvJPEG), or ``"auto"`` =
+    CPU device torchvision's CPU JPEG decoder stands in for nvJPEG), ``"nvimgcodec"`` (needs
+    the ``nvimgcodec`` extra), or ``"auto"`` =
     nvjpeg on CUDA, pil on CPU.
     """
 
@@ -93,6 +95,11 @@ class Scorer:
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)} or auto, got {decoder!r}")
         self.decoder = decoder
+        self._decode_fn = None  # torchvision's decoder
+        if decoder == "nvimgcodec":
+            from ntf_ray.gpu_decode import nvimgcodec_fn
+
+            self._decode_fn = nvimgcodec_fn()  # fails here, not on the first batch, when it is not installed
         if self.device.type == "cuda":
             self.detector = self.detector.to(memory_format=torch.channels_last)
 
@@ -176,7 +183,7 @@ class Scorer:
         results: list[ScoreResult | None] = [None] * len(items)
         slots: list[int] = []  # slots[k]: the input that row k of the stacked crops belongs to
         parts: list[torch.Tensor] = []
-        if self.decoder == "nvjpeg":
+        if self.decoder != "pil":
             for group, crops, group_results in self._crop_jpegs_on_device(items):
                 for i, r in group_results:
                     results[i] = r
@@ -241,13 +248,13 @@ class Scorer:
         with torch.inference_mode():
             self.score_tensors(torch.zeros((min(self.batch_size, 8), 3, self.input_size, self.input_size),
                                            dtype=torch.uint8))
-        if self.decoder == "nvjpeg":
+        if self.decoder != "pil":
             from torchvision.io import encode_jpeg
 
             from ntf_ray.gpu_decode import decode_jpegs
 
             tiny = encode_jpeg(torch.zeros((3, 16, 16), dtype=torch.uint8)).numpy().tobytes()
-            decode_jpegs([tiny, tiny], self.device)
+            decode_jpegs([tiny, tiny], self.device, self._decode_fn)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -266,7 +273,7 @@ class Scorer:
         from ntf_ray.gpu_decode import decode_jpegs
 
         for group in self._jpeg_groups(items):
-            decoded = decode_jpegs([items[i] for i in group], self.device)
+            decoded = decode_jpegs([items[i] for i in group], self.device, self._decode_fn)
             ok = []
             for i, frame in zip(group, decoded):
                 if isinstance(frame, torch.Tensor) and frame.ndim == 3 and frame.shape[0] == 3:
@@ -275,7 +282,7 @@ class Scorer:
                     log.debug("the batched JPEG decoder failed on item %d (%s); using the core decoder", i, frame)
             del decoded
             group_ok = [i for i, _ in ok]
-            rows, crops, results = self.crop_batch([f for _, f in ok], "JPEG", "nvjpeg")
+            rows, crops, results = self.crop_batch([f for _, f in ok], "JPEG", self.decoder)
             del ok[:]  # the crops are copies: the frames go now
             yield [group_ok[k] for k in rows], crops, list(zip(group_ok, results))
 

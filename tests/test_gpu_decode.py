@@ -175,3 +175,89 @@ def test_decoder_option_validation(detector):
     assert Scorer(detector, device="cpu", decoder="auto").decoder == "pil"
     with pytest.raises(ValueError, match="decoder"):
         Scorer(detector, device="cpu", decoder="turbo")
+
+
+class _FakeNvImageCodec:
+    """Stands in for ``nvidia.nvimgcodec`` on a CPU: decodes with Pillow into HWC arrays, None for
+    files it 'cannot' decode (those whose bytes contain ``refuse``), as the real one does."""
+
+    def __init__(self, refuse: bytes = b"\x00never\x00"):
+        import numpy as np
+
+        self.np, self.refuse, self.decoders = np, refuse, []
+        fake = self
+
+        class BackendKind:
+            HW_GPU_ONLY, HYBRID_CPU_GPU = "hw", "hybrid"
+
+        class Decoder:
+            def __init__(self, device_id, backends):
+                self.backends = backends
+                fake.decoders.append(self)
+
+            def decode(self, streams, cuda_stream=0):
+                return [fake._decode(s) for s in streams]
+
+        self.BackendKind, self.Decoder = BackendKind, Decoder
+        self.Backend = lambda kind: kind
+        self.CodeStream = lambda array: bytes(array)
+
+    def _decode(self, data: bytes):
+        import io
+
+        from PIL import Image
+
+        if self.refuse in data:
+            return None
+        return self.np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _commented_jpeg(seed: int, comment: bytes = b"", shape=(40, 56)) -> bytes:
+    buf = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    return data[:2] + (b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment if comment else b"") + data[2:]
+
+
+def test_nvimgcodec_adapter_gives_chw_images_and_an_exception_per_file_it_cannot_decode():
+    from ntf_ray.gpu_decode import decode_jpegs, nvimgcodec_fn
+
+    jpeg = _commented_jpeg
+    fake = _FakeNvImageCodec(refuse=b"REFUSE")
+    blobs = [jpeg(1), jpeg(2, b"REFUSE"), jpeg(3)]
+    out = decode_jpegs(blobs, torch.device("cpu"), nvimgcodec_fn(fake))
+    assert isinstance(out[1], RuntimeError) and "could not decode" in str(out[1])
+    for k in (0, 2):
+        want = torch.from_numpy(np.asarray(Image.open(io.BytesIO(blobs[k])).convert("RGB"))).permute(2, 0, 1)
+        assert out[k].shape == (3, 40, 56) and torch.equal(out[k], want)
+    assert len(fake.decoders) == 1 and fake.decoders[0].backends == ["hw", "hybrid"]  # one decoder, engines first
+    decode_jpegs(blobs[:1], torch.device("cpu"), nvimgcodec_fn(fake))
+    assert len(fake.decoders) == 1  # kept for the thread: the engines are set up once
+
+
+def test_the_nvimgcodec_scorer_routes_refusals_to_the_core_decoder_and_names_its_rows(monkeypatch):
+    monkeypatch.setattr(gpu_decode, "nvimgcodec_module", lambda: _FakeNvImageCodec(refuse=b"REFUSE"))
+    blobs = [_commented_jpeg(5, shape=(70, 90)), _commented_jpeg(6, b"REFUSE", shape=(70, 90))]
+    detector = Detector.build("tiny")
+    mine = Scorer(detector, input_size=32, device="cpu", decoder="nvimgcodec").score_bytes(blobs)
+    core = Scorer(detector, input_size=32, device="cpu", decoder="pil").score_bytes(blobs)
+    assert [r.decoder for r in mine] == ["nvimgcodec", "pil"]
+    assert [r.score for r in mine] == [r.score for r in core]  # the fake decodes as Pillow does
+
+
+def test_the_nvimgcodec_decoder_without_its_package_says_how_to_install_it(monkeypatch):
+    import builtins
+
+    from ntf_ray.gpu_decode import DecoderUnavailable
+
+    real_import = builtins.__import__
+
+    def no_nvidia(name, *args, **kwargs):
+        if name.startswith("nvidia"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_nvidia)
+    with pytest.raises(DecoderUnavailable, match=r"ntf-ray\[nvimgcodec\]"):
+        Scorer(Detector.build("tiny"), input_size=32, device="cpu", decoder="nvimgcodec")

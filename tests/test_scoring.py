@@ -461,3 +461,14 @@ def test_views_into_an_arrow_column_score_as_their_bytes(detector):
         results = scorer.score_bytes(views)
         assert [r.as_dict() for r in results] == [r.as_dict() for r in scorer.score_bytes(blobs)]
         assert [r.decoder for r in results] == [decoder] * 3 + ["pil"]
+
+
+def test_a_detector_actor_imports_no_evaluation_libraries():
+    """Every module a detector actor imports is start-up time on the critical path of a scan."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ntf_ray.ray_scan.actor, ntf_ray.scoring, ntf_ray.artifact; "
+            "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
