@@ -315,21 +315,22 @@ def _stamped(n: int, total: float, t0: float, stamps: np.ndarray) -> dict:
 
 
 def parity(name: str, scorer_args: dict, blobs: list[bytes], device: str, decoder: str = "nvjpeg") -> None:
-    from ntf_ray.scoring import Scorer
+    """Scores of ``decoder``'s path against the core decoder's, and the README's tolerance for it."""
+    from ntf_ray.scoring import PARITY_TOLERANCE, Scorer
+    from ntf_ray.scoring import parity as compare
 
     pil = Scorer.from_artifact(**scorer_args, device=device, decoder="pil")
     gpu = Scorer.from_artifact(**scorer_args, device=device, decoder=decoder)
     a, b = pil.score_bytes(blobs), gpu.score_bytes(blobs)
-    same_rows = all((x.error is None) == (y.error is None) and x.error == y.error for x, y in zip(a, b))
-    pairs = [(x.score, y.score) for x, y in zip(a, b) if x.score is not None and y.score is not None]
-    diff = np.abs(np.array([x - y for x, y in pairs]))
-    flips = sum((x >= pil.threshold) != (y >= pil.threshold) for x, y in pairs)
-    on_gpu = sum(r.decoder == decoder for r in b)
-    logits = np.log(np.clip([y for _, y in pairs], 1e-7, 1)) - np.log(np.clip([1 - y for _, y in pairs], 1e-7, 1))
-    print(f"parity {name}: {len(pairs)} images ({on_gpu} decoded by {decoder}; logit std {logits.std():.2f}), "
-          f"|score pil - score {decoder}| "
-          f"max {diff.max():.2e}, mean {diff.mean():.2e}, p99 {np.quantile(diff, 0.99):.2e}; decisions flipped at "
-          f"threshold {pil.threshold:g}: {flips}; error rows identical: {same_rows}", flush=True)
+    found = compare(a, b, pil.threshold)
+    scores = np.clip([r.score for r in a if r.score is not None], 1e-7, 1 - 1e-7)
+    logits = np.log(scores) - np.log1p(-scores)
+    max_diff, share = PARITY_TOLERANCE[decoder]
+    verdict = "within" if found.within(max_diff, share) else "OUTSIDE"
+    print(f"parity {name}: {found.images} images ({sum(r.decoder == decoder for r in b)} decoded by {decoder}; "
+          f"logit std {logits.std():.2f}), |score pil - score {decoder}| max {found.max_diff:.2e}, mean "
+          f"{found.mean_diff:.2e}; decisions flipped at threshold {pil.threshold:g}: {found.flipped}; error rows "
+          f"identical: {found.same_errors}; {verdict} the tolerance (max {max_diff}, {share:.1%} flipped)", flush=True)
 
 
 def trained_detector(root: Path, device: str, n: int) -> tuple[str, list[bytes]]:

@@ -200,14 +200,15 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
                        help="score only objects whose (uri, etag) has no row from this model in a completed run")
     s.add_argument("--glob", help="only object names matching this pattern, e.g. '*.jpg' (case-insensitive)")
     s.add_argument("--threshold", type=float, help="decision threshold for is_fake (default: the artifact's)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
+    s.add_argument("--batch-size", type=int, help="images per detector call (default 256 on GPUs, 64 on CPUs)")
     s.add_argument("--min-actors", type=int,
                    help="detector actors to start with (default: --max-actors, a fixed pool; fewer lets "
                         "Ray Data add actors as the queue grows)")
     s.add_argument("--max-actors", type=int,
-                   help="most detector actors (default: one per GPU in the cluster, or 2 on CPU)")
+                   help="most detector actors (default: four per GPU in the cluster, or 2 on CPU)")
     s.add_argument("--gpus-per-actor", type=float,
-                   help="GPUs per detector actor (default: 1 when the cluster has GPUs, else 0 = CPU)")
+                   help="GPUs per detector actor (default: 0.25, four actors per GPU, when the cluster has GPUs; "
+                        "else 0 = CPU)")
     add_decoder_argument(s)
     s.add_argument("--limit", type=int, help="scan at most this many objects (a trial run)")
     s.add_argument("--max-bytes", type=_byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
@@ -228,8 +229,9 @@ def add_decoder_argument(s: argparse.ArgumentParser) -> None:
     s.add_argument("--decoder", choices=("auto", "pil", "nvjpeg", "nvimgcodec"), default="auto",
                    help="pil: every image through the CPU decoder; nvjpeg: plain JPEGs decoded in batches on the "
                         "detector's GPU, everything else on the CPU (scores differ slightly from pil's); "
-                        "nvimgcodec: the same on the GPU's hardware JPEG engines (pip install 'ntf-ray[nvimgcodec]'); "
-                        "auto (default): nvjpeg on GPUs, pil on CPUs. The table's decoder column says which ran")
+                        "nvimgcodec: the same on the GPU's hardware JPEG engines, with Pillow's pixels "
+                        "(pip install 'ntf-ray[nvimgcodec]'); auto (default): nvimgcodec on GPUs when installed, else "
+                        "nvjpeg; pil on CPUs. The table's decoder column says which ran")
 
 
 def _size(text: str) -> int:

@@ -32,8 +32,24 @@ def _decode_fn():
     return fn
 
 
-class DecoderUnavailable(RuntimeError):
+class DecoderUnavailable(ValueError):
     """The decoder asked for is not installed or cannot run here."""
+
+
+def check_decoder(decode_fn, device: torch.device) -> None:
+    """Decode two tiny JPEGs with ``decode_fn`` on ``device`` (which also loads its kernels), or
+    raise ``DecoderUnavailable``: a decoder that cannot run would otherwise fail every file."""
+    from torchvision.io import encode_jpeg
+
+    tiny = encode_jpeg(torch.zeros((3, 16, 16), dtype=torch.uint8)).numpy().tobytes()
+    try:
+        out = decode_jpegs([tiny, tiny], torch.device(device), decode_fn)
+    except Exception as exc:  # noqa: BLE001 - whatever stops it, it cannot decode here
+        out = [exc]
+    bad = [o for o in out if not isinstance(o, torch.Tensor)]
+    if bad:
+        raise DecoderUnavailable(f"the decoder cannot decode on {device}: {type(bad[0]).__name__}: "
+                                 f"{str(bad[0])[:200]}")
 
 
 def nvimgcodec_module():
@@ -65,8 +81,13 @@ def nvimgcodec_fn(module=None):
         if key not in cache:
             kinds = lib.BackendKind
             index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 0
-            cache[key] = lib.Decoder(device_id=index, backends=[lib.Backend(kinds.HW_GPU_ONLY),
-                                                                lib.Backend(kinds.HYBRID_CPU_GPU)])
+            try:
+                cache[key] = lib.Decoder(device_id=index, backends=[lib.Backend(kinds.HW_GPU_ONLY),
+                                                                    lib.Backend(kinds.HYBRID_CPU_GPU)])
+            except Exception as exc:  # noqa: BLE001 - kept: a batch's files would each try again
+                cache[key] = DecoderUnavailable(f"nvImageCodec has no decoder for {device}: {exc}")
+        if isinstance(cache[key], Exception):
+            raise cache[key]
         return cache[key]
 
     def fn(data, device):
@@ -89,11 +110,14 @@ def nvimgcodec_fn(module=None):
     return fn
 
 
+# torch warns once that a read-only buffer is not writable: the decoders only read it. (Set once
+# here: warnings.catch_warnings() per call would race between the actor's threads.)
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
 def as_uint8(blob: bytes | bytearray | memoryview) -> torch.Tensor:
     """A 1-D uint8 tensor over ``blob``'s memory, not a copy of it (the decoder only reads it)."""
-    with warnings.catch_warnings():  # torch warns that a read-only buffer is not writable: nothing writes it
-        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
-        return torch.frombuffer(blob, dtype=torch.uint8)
+    return torch.frombuffer(blob, dtype=torch.uint8)
 
 
 def decode_jpegs(blobs: Sequence[bytes | memoryview], device: torch.device, decode_fn=None) -> list[torch.Tensor | Exception]:

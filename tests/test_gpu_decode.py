@@ -209,7 +209,7 @@ class _FakeNvImageCodec:
 
         if self.refuse in data:
             return None
-        return self.np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        return self.np.array(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def _commented_jpeg(seed: int, comment: bytes = b"", shape=(40, 56)) -> bytes:

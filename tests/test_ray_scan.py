@@ -199,3 +199,38 @@ def test_demo_runs_end_to_end(local_ray, tmp_path, capsys):
 
 def _completed_local(root: Path) -> list[str]:
     return ray_scan.completed_runs(str(root), storage.StorageOptions())
+
+
+def test_the_stream_caps_its_read_ahead_and_sizes_its_actors_without_touching_the_session(local_ray, monkeypatch):
+    """The read-ahead cap is the scan's own (other datasets of the session keep theirs); CPU
+    actors score one batch at a time whatever --streams says; GPU actors score --streams
+    batches at once in threads, four to a GPU, with the larger GPU batch."""
+    import pyarrow as pa
+    import ray
+
+    from ntf_ray.ray_scan import actor as actor_module
+    from ntf_ray.ray_scan.actor import CPU_BATCH, GPU_BATCH, DetectorActor, scored_stream
+
+    before = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
+    rows = pa.table({"uri": ["a", "b", "c", "d", "e"]})
+    kwargs = {"model": "-", "endpoint": None, "threshold": None, "batch_size": None, "decoder": "auto"}
+
+    def stream(**kw):
+        ds = scored_stream(rows, DetectorActor, kwargs, endpoint=None, batch_size=None, read_block_rows=1,
+                           min_actors=None, max_actors=None, cpus_per_actor=0.5, **kw)
+        return ds, ds._logical_plan.dag  # the detector map, not run
+
+    ds, op = stream(gpus_per_actor=0, streams=3, read_ahead_bytes=123 * 2**20)
+    assert ds.context.execution_options.resource_limits.object_store_memory == 123 * 2**20
+    assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == before
+    assert op.compute.max_concurrent_calls_per_actor == 1 and not op.compute.enable_true_multi_threading
+    assert op.batch_size == CPU_BATCH and op.fn_constructor_kwargs["batch_size"] == CPU_BATCH
+
+    monkeypatch.setattr(actor_module, "_gpus_in_cluster", lambda: 1.0)
+    _, op = stream(gpus_per_actor=None, streams=3, actors_per_gpu=4)
+    assert (op.compute.max_concurrent_calls_per_actor, op.compute.enable_true_multi_threading) == (3, True)
+    assert op.compute.max_size == 4 and op.ray_remote_args["num_gpus"] == 0.25
+    assert op.batch_size == GPU_BATCH and op.fn_constructor_kwargs == {**kwargs, "batch_size": GPU_BATCH,
+                                                                        "device": "cuda"}
+    with pytest.raises(ValueError, match="streams"):
+        stream(gpus_per_actor=0, streams=0)

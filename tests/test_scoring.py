@@ -337,10 +337,12 @@ def test_batched_jpeg_path_decodes_in_groups_and_holds_one_group_at_a_time(detec
     groups: list[int] = []
     frames: list[weakref.ref] = []
     alive: list[int] = []
+    before: list[int] = []
     real, real_batch = gpu_decode.decode_jpegs, Scorer.crop_batch
 
     def decode_spy(blobs, device, decode_fn=None):
         groups.append(len(blobs))
+        before.append(sum(ref() is not None for ref in frames))  # the last group's frames, still alive?
         out = real(blobs, device, decode_fn)
         frames.extend(weakref.ref(f) for f in out)
         return out
@@ -357,6 +359,7 @@ def test_batched_jpeg_path_decodes_in_groups_and_holds_one_group_at_a_time(detec
     assert all(r.error is None for r in results), results
     assert groups == [3, 3]
     assert alive == [3, 3]  # the group being cropped; the one before is gone, never the whole batch
+    assert before == [0, 0]  # nothing of a group outlives it into the next decode
     pil = Scorer(detector, input_size=SIZE, device="cpu", decoder="pil", max_pixels=3 * h * w + 1)
     monkeypatch.undo()
     assert [r.score for r in scorer.score_bytes(items)] == [r.score for r in pil.score_bytes(items)]
@@ -472,3 +475,60 @@ def test_a_detector_actor_imports_no_evaluation_libraries():
             "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_gpu_decoder_paths_score_within_the_stated_tolerance_of_the_cpu_path(monkeypatch):
+    """Parity that can fail: a detector whose scores are spread out (checked), 1,000 held-out
+    JPEGs of many sizes and shapes (smaller than the crop too), every GPU decoder's path
+    (batched decode, batched crops, routing) against the core decoder's. On a CPU the
+    decoders stand in (torchvision's libjpeg-turbo for nvJPEG, Pillow for nvImageCodec), so
+    the pixels agree and what is checked is everything around them; the GPU figures are the
+    bench's."""
+    from ntf_ray import gpu_decode
+    from ntf_ray.model import Detector
+    from ntf_ray.scoring import PARITY_TOLERANCE, parity
+    from tests.test_gpu_decode import _FakeNvImageCodec
+
+    torch.manual_seed(0)
+    detector = Detector.build("tiny")
+    with torch.no_grad():
+        detector.classifier.fc.weight.mul_(400.0)  # random weights score everything alike; spread them out
+    rng = np.random.default_rng(11)
+    blobs = []
+    for i in range(1000):
+        h, w = int(rng.integers(24, 90)), int(rng.integers(24, 90))
+        blobs.append(jpg(texture(h, w, seed=1000 + i), quality=int(rng.integers(60, 96))))
+    pil = Scorer(detector, input_size=SIZE // 2, device="cpu", decoder="pil", batch_size=256)
+    def logit(r):
+        p = min(max(r.score, 1e-6), 1 - 1e-6)
+        return math.log(p / (1 - p))
+
+    first = [logit(r) for r in pil.score_bytes(blobs)]
+    with torch.no_grad():
+        detector.classifier.fc.bias.sub_(float(np.median(first)))  # half the files on each side of 0.5
+    reference = pil.score_bytes(blobs)
+    logits = np.array([logit(r) for r in reference])
+    assert logits.std() > 1.0 and 0.1 < np.mean([r.is_fake for r in reference]) < 0.9, logits.std()
+
+    monkeypatch.setattr(gpu_decode, "nvimgcodec_module", lambda: _FakeNvImageCodec())
+    for decoder, (max_diff, flipped_share) in PARITY_TOLERANCE.items():
+        gpu = Scorer(detector, input_size=SIZE // 2, device="cpu", decoder=decoder, batch_size=256)
+        results = gpu.score_bytes(blobs)
+        assert sum(r.decoder == decoder for r in results) == len(blobs)  # every file took the batched path
+        found = parity(reference, results, pil.threshold)
+        assert found.images == len(blobs) and found.within(max_diff, flipped_share), (decoder, found)
+
+
+def test_threads_scoring_at_once_get_what_each_would_get_alone(detector):
+    """A GPU actor scores --streams batches at once from Ray Data's threads: the scorer keeps
+    no state between calls, so concurrent calls give the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [[jpg(texture(60 + 7 * k, 70 + 5 * i, seed=200 + 10 * k + i)) for i in range(6)] + [b"not an image"]
+               for k in range(4)]
+    for decoder in ("pil", "nvjpeg"):
+        scorer = Scorer(detector, input_size=SIZE, device="cpu", decoder=decoder)
+        alone = [[r.as_dict() for r in scorer.score_bytes(b)] for b in batches]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda b: [r.as_dict() for r in scorer.score_bytes(b)], batches * 3))
+        assert together == alone * 3

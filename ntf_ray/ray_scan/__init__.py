@@ -31,7 +31,7 @@ import ray
 from ntf_ray import storage
 
 # "X as X": not used here, re-exported as the package's interface
-from ntf_ray.ray_scan.actor import GPU_STREAMS, DetectorActor, scored_stream
+from ntf_ray.ray_scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, scored_stream
 from ntf_ray.ray_scan.listing import iter_listing
 from ntf_ray.ray_scan.listing import list_objects as list_objects
 from ntf_ray.ray_scan.lock import lease
@@ -72,12 +72,12 @@ class ScanSpec:
     threshold: float | None = None  # default: the artifact's
     pattern: str | None = None  # glob on the object's name, e.g. "*.jpg"
     limit: int | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # images per detector call; default 256 on GPU actors, 64 on CPU
     min_actors: int | None = None  # default: max_actors (a fixed pool, all started at once)
-    max_actors: int | None = None  # default: GPUs, or 2 on CPU
-    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    max_actors: int | None = None  # default: ACTORS_PER_GPU per GPU, or 2 on CPU
+    gpus_per_actor: float | None = None  # default: 1 / ACTORS_PER_GPU when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
-    decoder: str = "auto"  # auto: nvJPEG for plain JPEGs on GPU actors, the core decoder otherwise
+    decoder: str = "auto"  # auto: nvImageCodec (if installed) or nvJPEG for plain JPEGs on GPU actors, else pil
     read_block_rows: int = 128
     read_block_bytes: int = 64 * 1024**2  # a read block holds at most this many listed bytes (and >= 1 object)
     streams: int | None = None  # batches each GPU actor scores at once (default: GPU_STREAMS; 1 on CPU)
@@ -185,6 +185,8 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions,
             # "right anti" hashes the chunk, not everything scored so far (1.4 s -> 0.02 s per chunk at 2M)
             chunk = seen.join(chunk, keys=["uri", "etag"], join_type="right anti").select(chunk.column_names)
         sizes = chunk.column("size_bytes").fill_null(0).to_numpy() if "size_bytes" in chunk.column_names else None
+        if sizes is not None and spec.max_bytes is not None:
+            sizes = np.where(sizes > spec.max_bytes, 0, sizes)  # refused from the listing, never read
         for start, stop in block_bounds(sizes, chunk.num_rows, spec.read_block_rows, spec.read_block_bytes):
             block = chunk.slice(start, stop - start)
             block = block.append_column(SEQ, pa.array(np.arange(n, n + block.num_rows), pa.int64()))
@@ -218,7 +220,8 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
          "decoder": spec.decoder},
         endpoint=endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows, max_bytes=spec.max_bytes,
         gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,
-        cpus_per_actor=spec.cpus_per_actor, streams=spec.streams or GPU_STREAMS, read_ahead_bytes=spec.read_ahead_bytes,
+        cpus_per_actor=spec.cpus_per_actor, streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU,
+        read_ahead_bytes=spec.read_ahead_bytes,
     )
     if storage.is_s3(staged):
         fs, path = storage.arrow_filesystem(staged, options)

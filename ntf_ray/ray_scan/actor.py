@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import logging
 import os
@@ -154,13 +153,13 @@ class ActorPlan:
 
 
 def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
-                cpus_per_actor: float) -> ActorPlan:
+                cpus_per_actor: float, actors_per_gpu: int = 1) -> ActorPlan:
     """The detector actor pool for ``blocks`` read blocks on this cluster.
 
-    Default: one actor per GPU (or 2 on CPU), never more than blocks, and never so many
-    CPU-holding actors that Ray Data's read tasks find no CPU (the job would hang silently).
+    Default: ``actors_per_gpu`` actors per GPU (or 2 on CPU), never more than blocks, and never
+    so many CPU-holding actors that Ray Data's read tasks find no CPU (the job would hang silently).
     """
-    gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if _gpus_in_cluster() >= 1 else 0.0)
+    gpus = gpus_per_actor if gpus_per_actor is not None else (1 / actors_per_gpu if _gpus_in_cluster() >= 1 else 0.0)
     most = max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
     most = min(most, blocks)  # an actor without a block to score would only cost its start-up
     cpus = float(ray.cluster_resources().get("CPU", 0))
@@ -178,14 +177,21 @@ def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | 
 #: default retries a batch forever: one file that kills its decoder would hang the run).
 READ_TASK_RETRIES = 2
 ACTOR_TASK_RETRIES = 2
-#: Batches a GPU detector actor scores at once (threads, each with its own CUDA stream).
+#: A scan's detector actors per GPU, and batches each scores at once (threads, each with its own
+#: CUDA stream). Measured on an H200 (bench/README.md): decoding and the network share the GPU, and
+#: 4 actors x 2 streams kept it busiest (4,140 images/s against 3,320 for 1 x 2 and 3,510 for 1 x 3).
+#: The evaluation keeps one actor per GPU: its decoding and perturbations run on the CPU.
+ACTORS_PER_GPU = 4
 GPU_STREAMS = 2
+#: Images per detector call on GPU actors (256 was faster than 512 on the H200; 64 was not
+#: measured there) and on CPU actors.
+GPU_BATCH, CPU_BATCH = 256, 64
 
 
-
-def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor_kwargs: dict, *, endpoint: str | None, batch_size: int,
+def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor_kwargs: dict, *, endpoint: str | None,
+                  batch_size: int | None,
                   read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
-                  cpus_per_actor: float, max_bytes: int | None = None, streams: int = 1,
+                  cpus_per_actor: float, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
                   read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
@@ -197,6 +203,8 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
     block whose tasks fail for good is dropped, not fatal (``max_errored_blocks``): its
     objects come back without rows, and the caller accounts for them.
 
+    ``batch_size`` None: ``GPU_BATCH`` on GPU actors, ``CPU_BATCH`` on CPU ones (also given to
+    the actor when its ``constructor_kwargs`` hold ``batch_size=None``).
     ``streams``: batches each GPU actor scores at once, each in its own thread and CUDA
     stream (1 on CPU actors). ``read_ahead_bytes`` caps what the whole stream holds in
     Ray's object store, so that reads run only as far ahead of the detectors as that.
@@ -215,7 +223,11 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
         blocks = len(rows)
         ds = ray.data.from_arrow_refs(rows)
     plan = plan_actors(blocks=blocks, gpus_per_actor=gpus_per_actor, min_actors=min_actors, max_actors=max_actors,
-                       cpus_per_actor=cpus_per_actor)
+                       cpus_per_actor=cpus_per_actor, actors_per_gpu=actors_per_gpu)
+    if batch_size is None:
+        batch_size = GPU_BATCH if plan.gpus else CPU_BATCH
+    if constructor_kwargs.get("batch_size", 0) is None:
+        constructor_kwargs = {**constructor_kwargs, "batch_size": batch_size}
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameters for task retries and actor restarts; the
         # ray_remote_args it deprecates still apply them (revisit before Ray 2.64).
@@ -236,8 +248,8 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
             max_task_retries=ACTOR_TASK_RETRIES,  # ... but a batch that kills it is not retried forever
         )
     ds.context.max_errored_blocks = -1
-    if read_ahead_bytes:
-        options = copy.deepcopy(ds.context.execution_options)  # not the session's, which other datasets share
-        options.resource_limits = options.resource_limits.copy(object_store_memory=read_ahead_bytes)
-        ds.context.execution_options = options
+    if read_ahead_bytes:  # ds.context is this dataset's own copy of the session's context
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=min(read_ahead_bytes, limits.object_store_memory))
     return ds

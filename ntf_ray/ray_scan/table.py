@@ -53,8 +53,8 @@ SCORE_SCHEMA = pa.schema([
     ("model_id", pa.string()),
     ("run_id", pa.string()),
     ("scanned_at", pa.timestamp("us", tz="UTC")),
-    # Added after the architecture's columns: which decoder made the pixels ("pil" or
-    # "nvjpeg"; null when the object could not be read). Scores from the two differ slightly.
+    # Added after the architecture's columns: which decoder made the pixels ("pil", "nvjpeg"
+    # or "nvimgcodec"; null when the object could not be read). nvjpeg's scores differ slightly.
     ("decoder", pa.string()),
 ])
 #: What each Parquet file holds: the table less ``run_id``, which, as in any hive layout, lives
