@@ -229,7 +229,7 @@ def test_nvimgcodec_adapter_gives_chw_images_and_an_exception_per_file_it_cannot
     out = decode_jpegs(blobs, torch.device("cpu"), nvimgcodec_fn(fake))
     assert isinstance(out[1], RuntimeError) and "could not decode" in str(out[1])
     for k in (0, 2):
-        want = torch.from_numpy(np.asarray(Image.open(io.BytesIO(blobs[k])).convert("RGB"))).permute(2, 0, 1)
+        want = torch.from_numpy(np.array(Image.open(io.BytesIO(blobs[k])).convert("RGB"))).permute(2, 0, 1)
         assert out[k].shape == (3, 40, 56) and torch.equal(out[k], want)
     assert len(fake.decoders) == 1 and fake.decoders[0].backends == ["hw", "hybrid"]  # one decoder, engines first
     decode_jpegs(blobs[:1], torch.device("cpu"), nvimgcodec_fn(fake))
