@@ -294,29 +294,21 @@ def test_crop_owns_its_memory_not_the_frame(detector, hw):
 
 
 def _frames_alive_at_each_crop(monkeypatch, scorer: Scorer, items: list[bytes]) -> list[int]:
-    """Score ``items``; for each crop taken, how many decoded frames were still alive."""
-    from ntf_ray import gpu_decode
-
+    """Score ``items`` with the core decoder; for each crop taken, how many decoded frames were still alive."""
     frames: list[weakref.ref] = []
     alive: list[int] = []
-    real_decode, real_decode_jpegs, real_crop = Scorer.decode, gpu_decode.decode_jpegs, Scorer.crop
+    real_decode, real_crop = Scorer.decode, Scorer.crop
 
     def decode_spy(self, data):
         image, result = real_decode(self, data)
         frames.append(weakref.ref(image))
         return image, result
 
-    def decode_jpegs_spy(blobs, device, decode_fn=None):
-        out = real_decode_jpegs(blobs, device, decode_fn)
-        frames.extend(weakref.ref(f) for f in out)
-        return out
-
     def crop_spy(self, image, fmt, decoder):
         alive.append(sum(ref() is not None for ref in frames))
         return real_crop(self, image, fmt, decoder)
 
     monkeypatch.setattr(Scorer, "decode", decode_spy)
-    monkeypatch.setattr(gpu_decode, "decode_jpegs", decode_jpegs_spy)
     monkeypatch.setattr(Scorer, "crop", crop_spy)
     results = scorer.score_bytes(items)
     assert all(r.error is None for r in results), results
