@@ -111,8 +111,8 @@ class Scorer:
     ``precision``: ``"fp32"`` or ``"bf16"`` (autocast, CUDA only); ``"auto"`` = bf16 on
     CUDA, fp32 on CPU. ``decoder``: ``"pil"``, ``"nvjpeg"`` (see the module notes; on a
     CPU device torchvision's CPU JPEG decoder stands in for nvJPEG), ``"nvimgcodec"`` (needs
-    the ``nvimgcodec`` extra), or ``"auto"`` = on CUDA nvimgcodec when installed (its pixels are
-    Pillow's), else nvjpeg; on CPU pil.
+    the ``nvimgcodec`` extra), or ``"auto"`` = on CUDA nvimgcodec when installed and able to
+    decode there (its pixels are Pillow's on baseline JPEGs), else nvjpeg; on CPU pil.
     """
 
     def __init__(
