@@ -69,26 +69,26 @@ def parity(reference: Sequence[ScoreResult], other: Sequence[ScoreResult], thres
                   same_errors)
 
 
-def _gpu_decoder(device: torch.device) -> str:
-    """The GPU decoder ``auto`` picks: nvImageCodec's when it is installed and decodes on this
-    device, torchvision's nvJPEG otherwise.
+def _gpu_decoder(device: torch.device):
+    """The GPU decoder ``auto`` picks, as ``(name, decode_fn)``: nvImageCodec's (checked on this
+    device) when it is installed and decodes here, torchvision's nvJPEG (``None``) otherwise.
 
     On an H200 both scanned at the same speed (4,126 and 4,139 images/s, 4 actors), but
     nvImageCodec's hardware engines give Pillow's pixels (mean |difference| 0.000 against
     nvJPEG's 3.65), so its scores are the CPU path's: no decision of 1,000 flipped, against 3.
     """
-    from ntf_ray.gpu_decode import DecoderUnavailable, check_decoder, nvimgcodec_fn, nvimgcodec_module
+    from ntf_ray.gpu_decode import DecoderUnavailable, check_decoder, nvimgcodec_fn
 
     try:
-        nvimgcodec_module()
+        fn = nvimgcodec_fn()
     except DecoderUnavailable:
-        return "nvjpeg"
+        return "nvjpeg", None
     try:
-        check_decoder(nvimgcodec_fn(), device)
+        check_decoder(fn, device)
     except DecoderUnavailable as exc:
         log.warning("nvImageCodec is installed but cannot decode here (%s); decoding with nvJPEG", exc)
-        return "nvjpeg"
-    return "nvimgcodec"
+        return "nvjpeg", None
+    return "nvimgcodec", fn
 
 
 @dataclass(frozen=True)
@@ -144,17 +144,17 @@ class Scorer:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
         self.precision = precision
+        self._decode_fn = None  # None: torchvision's decoder
         if decoder == "auto":
-            decoder = _gpu_decoder(self.device) if self.device.type == "cuda" else "pil"
-        if decoder not in DECODERS:
+            decoder, self._decode_fn = _gpu_decoder(self.device) if self.device.type == "cuda" else ("pil", None)
+        elif decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)} or auto, got {decoder!r}")
-        self.decoder = decoder
-        self._decode_fn = None  # torchvision's decoder
-        if decoder == "nvimgcodec":
+        elif decoder == "nvimgcodec":
             from ntf_ray.gpu_decode import check_decoder, nvimgcodec_fn
 
             self._decode_fn = nvimgcodec_fn()  # fails here, not on the first batch, when it is not installed
             check_decoder(self._decode_fn, self.device)  # ... or cannot decode on this device
+        self.decoder = decoder
         if self.device.type == "cuda":
             self.detector = self.detector.to(memory_format=torch.channels_last)
 
@@ -305,7 +305,7 @@ class Scorer:
         with torch.inference_mode():
             self.score_tensors(torch.zeros((min(self.batch_size, 8), 3, self.input_size, self.input_size),
                                            dtype=torch.uint8))
-        if self.decoder != "pil":
+        if self.decoder == "nvjpeg":  # nvImageCodec was checked on this thread when the scorer was built
             from ntf_ray.gpu_decode import DecoderUnavailable, check_decoder
 
             try:
