@@ -330,14 +330,17 @@ def test_an_object_that_kills_its_actor_every_time_gets_a_worker_lost_row_and_th
     n = len(list((tmp_path / "src").rglob("*.png")))
     assert len(rows) == n
     lost = sorted(k for k, r in rows.items() if r["error"] is not None)
-    assert "poison.png" in lost and len(lost) < n  # its batch, and what was in flight on the dying actor
+    # the poison's read block (4 objects): a CPU actor holds one task at a time, so no other block dies with it
+    assert "poison.png" in lost and len(lost) <= 4
     assert all(rows[k]["error"].startswith("worker_lost: ") for k in lost)
     assert all(r["score"] is not None for k, r in rows.items() if k not in lost)
     # worker_lost is retried: the next moderate scores exactly those again (and loses the poison again)
     assert main(["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", out, "--run-id", "p2",
-                 "--batch-size", "2", "--read-block-rows", "1", "--max-actors", "1"]) == 0
+                 "--batch-size", "1", "--read-block-rows", "1", "--max-actors", "1"]) == 0
     again = {Path(r["uri"]).name: r for r in _published(out).to_pylist() if r["run_id"] == "p2"}
     assert sorted(again) == lost
-    # the poison is lost again; objects in flight on the actor it kills may be lost with it (and retried next time)
-    assert "poison.png" in {k for k, r in again.items() if r["error"]}
-    assert all(r["error"] is None or r["error"].startswith("worker_lost: ") for r in again.values())
+    # one object per task now (blocks and batches of 1): the poison alone is lost again, nothing being queued
+    # behind it on the actor it kills, so the run has rows and ends (in CI a second task died with it, both
+    # were all p2 had to score, and the run failed as "no row at all", a systematic failure)
+    assert {k for k, r in again.items() if r["error"]} == {"poison.png"}
+    assert again["poison.png"]["error"].startswith("worker_lost: ")

@@ -241,7 +241,11 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors,
                                                max_concurrent_calls_per_actor=streams if plan.gpus else 1,
-                                               enable_true_multi_threading=bool(plan.gpus) and streams > 1),
+                                               enable_true_multi_threading=bool(plan.gpus) and streams > 1,
+                                               # a CPU actor holds only the batch it scores: a task queued
+                                               # behind one that kills the actor dies with it (and with each
+                                               # retry), losing objects that are not at fault
+                                               max_tasks_in_flight_per_actor=None if plan.gpus else 1),
             num_gpus=plan.gpus,
             num_cpus=plan.cpus,
             max_restarts=-1,  # an actor that died is replaced ...
