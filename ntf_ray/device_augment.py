@@ -1,0 +1,502 @@
+"""Both stages' training inputs decoded and augmented in the train worker, a batch at a time.
+
+On the CPU path (:mod:`ntf_ray.transforms`) Ray Data tasks decode each image and apply
+torchvision's transforms to it one at a time; a GPU worker then waits for them (about 90
+views/s per core). Here Ray Data streams only the bytes and the worker does the rest on its
+own device: JPEGs that :func:`ntf_ray.jpeg_screen.screen` passes are decoded there in one
+batched call (nvJPEG on a GPU), everything else and every file that call refuses by the
+core decoder on the CPU, as the scan does; then each stage's random augmentations run
+batched, with parameters drawn per sample from the same distributions as the CPU path's:
+
+- stage 1 (SimCLR views): torchvision's random-resized-crop rule (10 tries at an area in
+  ``crop_scale`` and a log-uniform aspect in [3/4, 4/3], else the centre crop), a flip with
+  probability 1/2, with probability 0.8 colour jitter of strength s (brightness, contrast,
+  saturation in [1 - 0.8s, 1 + 0.8s], hue in [-0.2s, 0.2s], in a random order per view),
+  grayscale with ``grayscale_prob``; images narrower than the crop upscaled first;
+- stage 2 (Wang2020): Gaussian blur (sigma ~ U[blur_sigma]) with ``blur_prob``, JPEG
+  (quality ~ U{jpeg_quality}) with ``jpeg_prob``, a random ``size`` crop at native
+  resolution, a flip, and a random ``scl_size`` crop of that crop.
+
+The colour operations are torchvision's uint8 kernels re-stated for a batch with one factor
+per view (each rounds down to whole levels as they do); the tests hold them to
+torchvision's output. Resized crops are sampled with ``roi_align`` (one call per group of
+same-size images): bilinear when upscaling, the mean of bilinear samples over each output
+pixel's footprint when downscaling, where torchvision's antialiased resize uses a triangle
+filter (within a few levels; the tests state the measured gap).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ntf_ray.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+#: Pixels the batched decoder holds at once (a group of files decodes, is cropped, and goes).
+DECODE_GROUP_PIXELS = 64 * 1024 * 1024
+#: torchvision's luma weights (``rgb_to_grayscale``).
+LUMA = (0.2989, 0.587, 0.114)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_frames(blobs: Sequence[bytes | memoryview | None], device: torch.device, *, max_pixels: int | None,
+                  decode_fn=None, group_pixels: int = DECODE_GROUP_PIXELS) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """Decoded ``(3, H, W)`` uint8 frames on ``device``, in groups: ``(input positions, frames)``.
+
+    JPEGs the screen passes go to the batched decoder, at most ``group_pixels`` pixels per
+    call; the rest, and the files that decoder refuses, to the core decoder (Pillow, EXIF
+    orientation applied) on the CPU. Files neither can decode are left out and logged with
+    their reason; ``None`` (a failed read) is left out silently (the reader logged it).
+    """
+    from ntf_ray.decode import decode
+    from ntf_ray.gpu_decode import decode_jpegs
+    from ntf_ray.jpeg_screen import screen
+    from ntf_ray.transforms import to_tensor
+
+    groups: list[list[int]] = [[]]
+    pixels = 0
+    cpu: list[int] = []
+    for i, data in enumerate(blobs):
+        if data is None or not len(data):
+            continue
+        found = screen(data, max_pixels=max_pixels)
+        if not found.gpu:
+            cpu.append(i)
+            continue
+        size = found.width * found.height
+        if groups[-1] and pixels + size > group_pixels:
+            groups.append([])
+            pixels = 0
+        groups[-1].append(i)
+        pixels += size
+    for group in groups:
+        if not group:
+            continue
+        kept, frames = [], []
+        for i, frame in zip(group, decode_jpegs([blobs[i] for i in group], device, decode_fn)):
+            if isinstance(frame, torch.Tensor) and frame.ndim == 3 and frame.shape[0] == 3:
+                kept.append(i)
+                frames.append(frame)
+            else:
+                cpu.append(i)
+        yield kept, frames
+        del frames
+    kept, frames = [], []
+    for i in sorted(cpu):
+        decoded = decode(blobs[i], max_pixels=max_pixels)
+        if not decoded.ok:
+            log.warning("dropping an image: %s", decoded.error)
+            continue
+        kept.append(i)
+        frames.append(to_tensor(decoded.image).to(device, non_blocking=True))
+    if kept:
+        yield kept, frames
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                     gen: torch.Generator) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` by torchvision's ``RandomResizedCrop`` rule, drawn from ``gen``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=gen).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen).item())
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty(n).uniform_(low, high, generator=gen)
+
+
+def bernoulli(n: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=gen) < p
+
+
+# ---------------------------------------------------------------- batched operations
+
+
+def crop_resize(frame: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], size: int) -> torch.Tensor:
+    """``(len(boxes), 3, size, size)`` float crops of one ``(3, H, W)`` or ``(N, 3, H, W)``
+    stack of frames; ``boxes`` are ``(top, left, h, w)``, one per output, and a stack takes
+    ``(index, top, left, h, w)`` instead. A box of exactly ``size`` is a copy of its pixels."""
+    from torchvision.ops import roi_align
+
+    stack = frame if frame.ndim == 4 else frame.unsqueeze(0)
+    rois = torch.tensor([[b[0] if frame.ndim == 4 else 0, *_xyxy(b[-4:])] for b in boxes], dtype=torch.float32,
+                        device=frame.device)
+    return roi_align(stack.float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def _xyxy(box: Sequence[int]) -> tuple[int, int, int, int]:
+    top, left, h, w = box
+    return left, top, left + w, top + h
+
+
+def _floor_clamp(x: torch.Tensor) -> torch.Tensor:
+    """uint8 semantics on float values: clamp to [0, 255], then drop the fraction (``.to(uint8)``)."""
+    return x.clamp_(0, 255).floor_()
+
+
+def _per_sample(factors: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return factors.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(-3)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _floor_clamp(torch.addcmul(x * f, other, 1.0 - f))
+
+
+def adjust_brightness(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``TF.adjust_brightness`` of a float batch holding whole levels 0..255."""
+    return _floor_clamp(x * _per_sample(factors, x))
+
+
+def adjust_contrast(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    mean = _luma(x).floor_().mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean, _per_sample(factors, x))
+
+
+def adjust_saturation(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _luma(x).floor_(), _per_sample(factors, x))
+
+
+def adjust_hue(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``TF.adjust_hue``: to HSV in [0, 1], hue shifted, back, scaled as ``to_dtype``."""
+    rgb = x / 255.0
+    maxc, _ = rgb.max(dim=-3)
+    minc, _ = rgb.min(dim=-3)
+    span = maxc - minc
+    flat = span == 0
+    s = span / torch.where(flat, torch.ones_like(maxc), maxc)
+    safe = torch.where(flat, torch.ones_like(span), span)
+    rc, gc, bc = ((maxc.unsqueeze(-3) - rgb) / safe.unsqueeze(-3)).unbind(dim=-3)
+    r, g, _ = rgb.unbind(dim=-3)
+    is_r, is_g = maxc == r, (maxc == g) & (maxc != r)
+    is_b = ~is_r & ~is_g
+    h = (bc - gc) * is_r + (2.0 + rc - bc) * is_g + (4.0 + gc - rc) * is_b
+    h = (h / 6.0 + 1.0).fmod(1.0)
+    h = (h + _per_sample(factors, x).squeeze(1)).remainder(1.0)
+    # back to RGB: sector i of six, fraction f within it
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.to(torch.int64).remainder(6)
+    v = maxc
+    p = ((1.0 - s) * v).clamp(0.0, 1.0)
+    q = ((1.0 - s * f) * v).clamp(0.0, 1.0)
+    t = ((1.0 - s + s * f) * v).clamp(0.0, 1.0)
+    vpqt = torch.stack((v, p, q, t), dim=-3)
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    out = vpqt.gather(-3, select[:, i].movedim(0, -3))
+    return out.mul(256.0 - 1e-3).floor_()
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """``TF.rgb_to_grayscale(num_output_channels=3)`` of a float batch of whole levels."""
+    return _luma(x).floor_().expand_as(x).contiguous()
+
+
+COLOR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``ColorJitter`` per sample: ``factors`` ``(B, 4)`` (brightness, contrast, saturation,
+    hue), ``order`` ``(B, 4)``, each row a permutation of the four operations."""
+    order = order.to(x.device)
+    for position in range(4):
+        for op_id, op in enumerate(COLOR_OPS):
+            rows = (order[:, position] == op_id).nonzero().flatten()
+            if len(rows):
+                x[rows] = op(x[rows], factors[rows.cpu(), op_id])
+    return x
+
+
+def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+
+
+# ---------------------------------------------------------------- the stages
+
+
+@dataclass
+class Stage1DeviceViews:
+    """Stage 1's two views of each frame, for a batch at once (see the module docstring)."""
+
+    size: int = 224
+    resized_crop: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter: float = 0.5
+    grayscale_prob: float = 0.2
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter_prob: float = 0.8
+
+    def boxes(self, h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+        if self.resized_crop:
+            return resized_crop_box(h, w, tuple(self.crop_scale), self.ratio, gen)
+        top = int(torch.randint(0, h - self.size + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - self.size + 1, (1,), generator=gen))
+        return top, left, self.size, self.size
+
+    def crops(self, frames: Sequence[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        """``(2B, 3, S, S)`` float: every frame's first view, then every frame's second view."""
+        boxes = [(self.boxes(*f.shape[-2:], gen), self.boxes(*f.shape[-2:], gen)) for f in frames]
+        out = torch.empty((2 * len(frames), 3, self.size, self.size), device=frames[0].device) if frames else None
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for k, f in enumerate(frames):
+            by_shape.setdefault(tuple(f.shape[-2:]), []).append(k)
+        n = len(frames)
+        for members in by_shape.values():
+            stack = torch.stack([frames[k] for k in members]) if len(members) > 1 else frames[members[0]].unsqueeze(0)
+            rois = [(j, *boxes[k][v]) for v in (0, 1) for j, k in enumerate(members)]
+            crops = crop_resize(stack, rois, self.size).round_().clamp_(0, 255)  # whole levels, as uint8 resizes give
+            index = torch.tensor([k + v * n for v in (0, 1) for k in members], device=crops.device)
+            out[index] = crops
+        return out
+
+    def jitter_draws(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per view: the views jittered (probability 0.8), the factors ``(n, 4)`` (brightness,
+        contrast, saturation in [1 - 0.8s, 1 + 0.8s], hue in [-0.2s, 0.2s]) and the order
+        ``(n, 4)`` of the four operations (a uniform permutation), as ``ColorJitter`` draws them."""
+        s = self.jitter
+        low, high = max(0.0, 1 - 0.8 * s), 1 + 0.8 * s
+        factors = torch.stack([uniform(n, low, high, gen), uniform(n, low, high, gen), uniform(n, low, high, gen),
+                               uniform(n, -0.2 * s, 0.2 * s, gen)], dim=1)
+        order = torch.argsort(torch.rand((n, 4), generator=gen), dim=1)
+        return bernoulli(n, self.jitter_prob if s > 0 else 0.0, gen), factors, order
+
+    def colour(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        x = flip_where(x, bernoulli(n, 0.5, gen))
+        if self.jitter > 0:
+            apply, factors, order = self.jitter_draws(n, gen)
+            rows = apply.nonzero().flatten()
+            if len(rows):
+                x[rows.to(x.device)] = color_jitter(x[rows.to(x.device)], factors[rows], order[rows])
+        gray = bernoulli(n, self.grayscale_prob, gen).nonzero().flatten().to(x.device)
+        if len(gray):
+            x[gray] = grayscale(x[gray])
+        return x
+
+    def __call__(self, frames: Sequence[torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        views = as_uint8(self.colour(self.crops(frames, gen), gen))
+        return views[: len(frames)], views[len(frames):]
+
+
+@dataclass
+class Stage2DeviceViews:
+    """Stage 2's 224 crop and its SCL crop, for a batch at once (see the module docstring)."""
+
+    size: int = 224
+    scl_size: int = 32
+    blur_prob: float = 0.1
+    blur_sigma: tuple[float, float] = (0.0, 3.0)
+    jpeg_prob: float = 0.1
+    jpeg_quality: tuple[int, int] = (30, 100)
+    flip: bool = True
+
+    def degrade_draws(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Per image: blurred (``blur_prob``), sigma ~ U[blur_sigma], JPEG'd (``jpeg_prob``),
+        quality ~ U{jpeg_quality} (both ends included), as ``Stage2Transform`` draws them."""
+        return (bernoulli(n, self.blur_prob, gen), uniform(n, *self.blur_sigma, gen), bernoulli(n, self.jpeg_prob, gen),
+                torch.randint(self.jpeg_quality[0], self.jpeg_quality[1] + 1, (n,), generator=gen))
+
+    def __call__(self, frames: Sequence[torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from ntf_ray.transforms import fit_min_side, gaussian_blur
+
+        n = len(frames)
+        blur, sigmas, jpeg, qualities = self.degrade_draws(n, gen)
+        crops = []
+        for k, frame in enumerate(frames):
+            if blur[k]:
+                frame = gaussian_blur(frame, float(sigmas[k]))
+            if jpeg[k]:
+                frame = reencode_jpeg(frame, int(qualities[k]))
+            frame = fit_min_side(frame, self.size)  # after blur and JPEG, as the CPU path (checked before)
+            h, w = frame.shape[-2:]
+            top = int(torch.randint(0, h - self.size + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - self.size + 1, (1,), generator=gen))
+            crops.append(frame[:, top : top + self.size, left : left + self.size])
+        x = torch.stack(crops)
+        if self.flip:
+            x = flip_where(x, bernoulli(n, 0.5, gen))
+        offsets = torch.randint(0, self.size - self.scl_size + 1, (n, 2), generator=gen).tolist()
+        scl = torch.stack([x[k, :, t : t + self.scl_size, s : s + self.scl_size] for k, (t, s) in enumerate(offsets)])
+        return x.contiguous(), scl.contiguous()
+
+
+def reencode_jpeg(frame: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG at ``quality`` and back: on a GPU with nvJPEG (torchvision), on the CPU with
+    Pillow as the CPU path does, and on the CPU too when the GPU encoder refuses."""
+    from ntf_ray.transforms import jpeg
+
+    if frame.device.type == "cuda":
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+        try:
+            return decode_jpeg(encode_jpeg(frame, quality=quality), mode=ImageReadMode.RGB, device=frame.device)
+        except RuntimeError as exc:  # an encoder this torchvision build lacks: the core codec
+            log.debug("GPU JPEG re-encode failed (%s); using Pillow", exc)
+    return jpeg(frame.cpu(), quality).to(frame.device)
+
+
+# ---------------------------------------------------------------- the worker's batches
+
+
+class DeviceBatches:
+    """The train worker's side of the device path: Arrow batches of ``label``/``data`` ->
+    the engine's batches (stage 1 ``view1``/``view2``/``label``, stage 2 ``image``/``crop``/
+    ``label``) on ``device``. Rows that cannot be read, decoded or fitted are dropped, logged
+    and counted in ``dropped``; a batch loses them, as the CPU path's batches do."""
+
+    def __init__(self, stage: int, cfg: TrainConfig, device: torch.device, *, seed: int, decode_fn=None):
+        self.stage, self.device, self.cfg = stage, torch.device(device), cfg
+        self.max_pixels = cfg.max_pixels
+        self.gen = torch.Generator().manual_seed(seed)
+        self.decode_fn = decode_fn
+        self.dropped = 0
+        if stage == 1:
+            self.views: Stage1DeviceViews | Stage2DeviceViews = Stage1DeviceViews(
+                cfg.crop_size, resized_crop=cfg.stage1_resized_crop, crop_scale=tuple(cfg.stage1_crop_scale),
+                jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale)
+        else:
+            self.views = Stage2DeviceViews(cfg.crop_size, cfg.scl_crop_size, blur_prob=cfg.blur_prob,
+                                           blur_sigma=tuple(cfg.blur_sigma), jpeg_prob=cfg.jpeg_prob,
+                                           jpeg_quality=tuple(cfg.jpeg_quality))
+        self.keys = ("view1", "view2") if stage == 1 else ("image", "crop")
+
+    def frames(self, blobs: Sequence[bytes | memoryview | None]) -> tuple[list[int], list[torch.Tensor]]:
+        """The decoded frames of ``blobs``, each fitted to the crop (upscaled if narrower),
+        with their positions; what cannot be is dropped and counted."""
+        from ntf_ray.transforms import TooLargeToFit, check_fit, fit_min_side
+
+        kept, frames = [], []
+        for group, decoded in decode_frames(blobs, self.device, max_pixels=self.max_pixels, decode_fn=self.decode_fn,
+                                            group_pixels=self.max_pixels or DECODE_GROUP_PIXELS):
+            for i, frame in zip(group, decoded):
+                try:
+                    if self.stage == 1:  # stage 1 fits before its crops; stage 2 after its blur and JPEG
+                        frame = fit_min_side(frame, self.cfg.crop_size, self.max_pixels)
+                    else:
+                        check_fit(*frame.shape[-2:], self.cfg.crop_size, self.max_pixels)
+                    frames.append(frame)
+                except TooLargeToFit as exc:
+                    log.warning("dropping an image: %s", exc)
+                    continue
+                kept.append(i)
+        self.dropped += len(blobs) - len(kept)
+        return kept, frames
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        """One engine batch from an Arrow table (``label``, ``data``)."""
+        blobs = binary_views(batch.column("data"))
+        labels = np.asarray(batch.column("label").to_pylist(), dtype=np.int64)
+        kept, frames = self.frames(blobs)
+        if not frames:
+            size, second = self.cfg.crop_size, (self.cfg.crop_size if self.stage == 1 else self.cfg.scl_crop_size)
+            return {self.keys[0]: torch.zeros((0, 3, size, size), dtype=torch.uint8),
+                    self.keys[1]: torch.zeros((0, 3, second, second), dtype=torch.uint8),
+                    "label": torch.zeros((0,), dtype=torch.int64)}
+        a, b = self.views(frames, self.gen)
+        return {self.keys[0]: a, self.keys[1]: b,
+                "label": torch.from_numpy(labels[kept]).to(self.device, non_blocking=True)}
+
+
+def binary_views(column) -> list[memoryview | None]:
+    """The values of an Arrow binary column as memoryviews into its buffer (None for nulls)."""
+    from ntf_ray.ray_scan.actor import binary_views as views
+
+    return views(column)
+
+
+def prefetch(batches: Iterable, make: Callable, device: torch.device, depth: int = 2) -> Iterator:
+    """``make(batch)`` for each of ``batches``, computed ``depth`` ahead in a thread (on a CUDA
+    stream of its own on a GPU, so decoding and augmenting overlap the training step).
+    Exceptions reach the caller at the batch that raised; stopping early stops the thread."""
+    device = torch.device(device)
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                if stream is None:
+                    item = (make(batch), None)
+                else:
+                    with torch.cuda.stream(stream):
+                        made = make(batch)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    item = (made, event)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            out.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            out.put((exc, None))
+
+    thread = threading.Thread(target=work, name="device-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, event = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in item.values():
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        t.record_stream(current)  # made on the side stream, freed after this one used it
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.1)
