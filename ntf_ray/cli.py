@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _train_overrides(args))
     spec = ray_train.RunSpec(
         manifest=args.manifest, output=args.output, num_workers=args.num_workers, use_gpu=args.gpus,
-        cpus_per_worker=args.cpus_per_worker, run_name=args.run_name or ray_train.new_run_name(),
+        cpus_per_worker=args.cpus_per_worker, augment=args.augment_on, run_name=args.run_name or ray_train.new_run_name(),
         storage_path=args.storage, max_failures=args.max_failures, endpoint=args.storage_options.endpoint_url,
     )
     ray_train.init_local_ray()
@@ -109,6 +109,9 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
     s.add_argument("--gpus", action="store_true", help="one GPU per worker (default: CPU)")
     s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    s.add_argument("--augment-on", choices=("auto", "tasks", "worker"), default="auto",
+                   help="where images are decoded and augmented: Ray Data's CPU tasks, or each train worker, "
+                        "batched on its device (default auto: the worker with --gpus, else the tasks)")
     s.add_argument("--backbone", choices=("resnet50", "resnet18", "tiny"), help="encoder (overrides the config)")
     s.add_argument("--pretrained", help="imagenet, none, or a local weights file (overrides the config)")
     s.add_argument("--epochs-stage1", type=int, help="stage-1 epochs (overrides the config)")

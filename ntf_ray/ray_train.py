@@ -128,6 +128,7 @@ def restore(latest: Checkpoint, load: Callable[[str], dict[str, Any]], *, warn: 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker function for one stage (config: see ``run_stage``)."""
+    loop_start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage: int = config["stage"]
     cfg = TrainConfig.from_dict(config["cfg"])
@@ -186,6 +187,12 @@ def train_loop(config: dict[str, Any]) -> None:
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     shard = ray.train.get_dataset_shard("train")
+    device_batches = None
+    if config.get("augment") == "worker":
+        from ntf_ray.device_augment import DeviceBatches
+
+        # each rank draws its own augmentations, the same ones on every run of this config
+        device_batches = DeviceBatches(stage, cfg, device, seed=cfg.seed * 1_000_003 + 7919 * stage + rank)
     counter = config.get("counter")
     if counter is not None and rank == 0:
         ray.get(counter.take.remote())  # rows an earlier, failed attempt dropped
@@ -202,18 +209,34 @@ def train_loop(config: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if cfg.fail_mode == "raise" and rank == 0:
                 raise InjectedFailure(f"injected failure at the start of stage {stage} epoch {epoch} (fail_at_epoch)")
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False,
-                                           local_shuffle_buffer_size=4 * cfg.batch_size,
-                                           local_shuffle_seed=cfg.seed + epoch, device="cpu")
+        if device_batches is None:
+            batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False,
+                                               local_shuffle_buffer_size=4 * cfg.batch_size,
+                                               local_shuffle_seed=cfg.seed + epoch, device="cpu")
+        else:
+            from ntf_ray.device_augment import prefetch
+
+            encoded = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=False,
+                                         local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch)
+            batches = prefetch(encoded, device_batches, device)
+        batches = InputWaits(batches)
         if stage == 1:
             metrics = train_stage1_epoch(train_model, batches, optimizer, epoch=epoch, **stage1_kwargs(cfg), **common)
         else:
             metrics = train_stage2_epoch(model, batches, optimizer, epoch=epoch, **stage2_kwargs(cfg), **common)
+        metrics.update(batches.metrics())
+        if epoch == start_epoch:
+            metrics["setup_s"] = batches.start - loop_start  # the worker's own start: model, restore, DDP
         scheduler.step()
         if metrics["images"] == 0:
             raise RuntimeError(
                 f"stage {stage} epoch {epoch + 1}: no training image could be read and decoded; check the "
                 "manifest's uris, the storage credentials and endpoint (--s3-endpoint), and the workers' logs")
+        if counter is not None and device_batches is not None:
+            ray.get(counter.add.remote(device_batches.dropped))  # what this rank dropped this epoch
+            device_batches.dropped = 0
+            if world > 1:
+                torch.distributed.barrier()  # every rank's count is in before rank 0 takes it
         if counter is not None and rank == 0:
             metrics["rows_dropped"] = ray.get(counter.take.remote())
         metrics["resumed_from_epoch"] = start_epoch if resumed is not None else -1
@@ -242,6 +265,37 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("stage 1 already complete (%d epochs)", epochs)
 
 
+class InputWaits:
+    """Iterates an epoch's batches and times the waits for them: ``first_batch_s`` (from the
+    epoch's start to its first batch: in the first epoch, the input pipeline's start-up) and
+    ``input_wait_s`` (all the time the training loop spent waiting for its next batch, which
+    the device spends idle unless it still has queued work)."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = iter(batches)
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.wait = 0.0
+
+    def __iter__(self) -> "InputWaits":
+        return self
+
+    def __next__(self) -> Any:
+        asked = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            now = time.perf_counter()
+            self.wait += now - asked
+            if self.first is None:
+                self.first = now - self.start
+
+    def metrics(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        return {"first_batch_s": self.first or 0.0, "input_wait_s": self.wait,
+                "input_wait_share": self.wait / seconds if seconds > 0 else 0.0}
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -254,6 +308,9 @@ class RunSpec:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    #: where images are decoded and augmented: "tasks" (Ray Data CPU tasks), "worker" (each
+    #: train worker, batched on its device), "auto" (the worker when workers have GPUs)
+    augment: str = "auto"
     run_name: str = "ntf"
     storage_path: str | None = None  # default OUTPUT/ray
     max_failures: int = 0
@@ -273,6 +330,23 @@ def _storage(spec: RunSpec) -> tuple[str, Any]:
         fs, inner = storage.arrow_filesystem(path, StorageOptions.resolve(spec.endpoint))
         return inner, fs
     return path, None
+
+
+AUGMENT_PLACES = ("auto", "tasks", "worker")
+
+
+def augment_place(spec: RunSpec) -> str:
+    """``tasks`` or ``worker``: where ``spec`` has its training images decoded and augmented.
+
+    On GPU workers the worker does it on its GPU (Ray Data's CPU tasks managed about 90 views/s
+    per core, far below what one GPU trains on); on CPU workers the tasks spread it over the
+    cluster's cores, which the workers' own steps would otherwise wait for.
+    """
+    if spec.augment not in AUGMENT_PLACES:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENT_PLACES)}, got {spec.augment!r}")
+    if spec.augment == "auto":
+        return "worker" if spec.use_gpu else "tasks"
+    return spec.augment
 
 
 def check_stage1_export(cfg: TrainConfig, output: str, options: StorageOptions) -> None:
@@ -304,12 +378,15 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
     table = table if table is not None else read_manifest(spec.manifest, options)
     rows = training_rows(table, cfg, stage=stage)
     counter = DropCounter.remote()
-    dataset = build_dataset(rows, stage=stage, cfg=cfg, endpoint=spec.endpoint, counter=counter)
+    augment = augment_place(spec)
+    dataset = build_dataset(rows, stage=stage, cfg=cfg, endpoint=spec.endpoint, counter=counter,
+                            augment_in_tasks=augment == "tasks")
     storage_path, fs = _storage(spec)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "endpoint": spec.endpoint, "output": spec.output,
-                           "counter": counter, "data": data_summary(table), "run_name": spec.run_name},
+                           "counter": counter, "data": data_summary(table), "run_name": spec.run_name,
+                           "augment": augment},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker,
                                                            **({"GPU": 1} if spec.use_gpu else {})}),
@@ -322,8 +399,9 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
         ),
         datasets={"train": dataset},
     )
-    log.info("stage %d: %d training rows, %d workers (%s), run %s-stage%d", stage, rows.num_rows, spec.num_workers,
-             "GPU" if spec.use_gpu else "CPU", spec.run_name, stage)
+    log.info("stage %d: %d training rows, %d workers (%s), images decoded and augmented in %s, run %s-stage%d", stage,
+             rows.num_rows, spec.num_workers, "GPU" if spec.use_gpu else "CPU",
+             "the workers" if augment == "worker" else "Ray Data tasks", spec.run_name, stage)
     result = trainer.fit()
     ray.kill(counter)
     return result

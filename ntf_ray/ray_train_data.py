@@ -103,8 +103,11 @@ def _blocks(rows: int, per_block: int) -> int:
     return max(1, -(-rows // per_block))
 
 
-def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str | None, counter) -> ray.data.Dataset:
-    """Manifest rows -> a streamed dataset of augmented uint8 tensors for one stage.
+def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str | None, counter,
+                  augment_in_tasks: bool = True) -> ray.data.Dataset:
+    """Manifest rows -> a streamed dataset of augmented uint8 tensors for one stage, or with
+    ``augment_in_tasks=False`` of the encoded bytes and labels, which the train workers decode
+    and augment themselves (:class:`ntf_ray.device_augment.DeviceBatches`, on their GPUs).
 
     Bytes are read once per epoch, or once per run with ``cfg.cache_bytes`` (kept in Ray's
     object store: for data sets that fit in the cluster's memory). Decoding and
@@ -123,6 +126,8 @@ def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str
     # Blocks of about a batch to decode: smaller ones spread the work no better and cost a
     # task each (measured: 16-row blocks took twice as long per epoch as 64-row ones).
     ds = ds.repartition(_blocks(rows.num_rows, max(DECODE_BLOCK_ROWS, cfg.batch_size))).randomize_block_order()
+    if not augment_in_tasks:
+        return ds
     return ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",

@@ -150,6 +150,12 @@ def test_train_gets_the_resolved_endpoint(env_endpoint, recorded, flag, want, tm
     assert spec.endpoint == want
     assert (stage, cfg.epochs_stage1, cfg.lr, spec.run_name, spec.manifest) == ("1", 3, 0.05, "r", "s3://b/m.parquet")
     assert "stage1: loss=0.5, epochs=1" in capsys.readouterr().out
+    assert spec.augment == "auto"
+
+
+def test_train_passes_where_to_augment(env_endpoint, recorded, tmp_path):
+    assert main(["train", "--manifest", "m.parquet", "--output", str(tmp_path), "--gpus", "--augment-on", "tasks"]) == 0
+    assert recorded["train"][2].augment == "tasks" and recorded["train"][2].use_gpu
 
 
 @pytest.mark.parametrize("command", ["scan", "moderate"])

@@ -403,3 +403,48 @@ def test_a_worker_killed_in_each_stage_resumes_both(local_ray, small_manifest, t
     for stage in ("stage1", "stage2"):
         assert metrics[stage]["resumed_from_epoch"] == 1 and metrics[stage]["epoch"] == 1, (stage, metrics[stage])
     assert (tmp_path / "out" / "detector" / "model.json").is_file()
+
+
+def test_workers_that_decode_and_augment_train_on_every_good_image_and_count_the_rest(local_ray, tmp_path):
+    """Both stages with images decoded and augmented in the train workers (the GPU workers' path,
+    here on a CPU worker) train on every image that decodes and fits, and count the others."""
+    import io
+
+    from PIL import Image
+
+    from ntf_ray.artifact import load_artifact
+
+    root = tmp_path / "data"
+    records = make_synthetic(root, n_real=24, n_fake=8, size=40, seed=4)
+    jpeg = root / "photo.jpg"  # a JPEG: the batched decoder's path
+    Image.new("RGB", (48, 40), (120, 30, 200)).save(jpeg, format="JPEG")
+    (root / "junk.png").write_bytes(b"not an image")
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 1)).save(buf, format="PNG")  # a sliver: too large to upscale to the crop
+    (root / "sliver.png").write_bytes(buf.getvalue())
+    base = {"label": 0, "generator": "tconv", "split": "train", "source": "real", "family": "upsampling"}
+    records += [{**base, "uri": str(root / name)} for name in ("photo.jpg", "junk.png", "sliver.png", "missing.png")]
+    manifest = str(root / "manifest.parquet")
+    write_manifest(manifest_table(records), manifest)
+    cfg = _resume_config(epochs_stage1=1, epochs_stage2=1, batch_size=8, max_pixels=100_000)
+    train = [r for r in records if r["split"] == "train"]
+    # one worker: Ray Train's equal split of a stream among workers drops up to (workers - 1) rows an epoch
+    spec = ray_train.RunSpec(manifest=manifest, output=str(tmp_path / "out"), num_workers=1, augment="worker",
+                             run_name="augment-worker")
+    metrics = ray_train.train("both", cfg, spec)
+    # every good image of the train split (the JPEG among them); junk, sliver and the missing file dropped,
+    # as the tasks drop them (test_prepare_batch_drops_and_counts_slivers)
+    reals = sum(r["label"] == 0 for r in train)
+    assert {s: (m["images"], m["rows_dropped"]) for s, m in metrics.items()} == {
+        "stage1": (reals - 3, 3), "stage2": (len(train) - 3, 3)}
+    assert metrics["stage1"]["first_batch_s"] > 0 and 0 <= metrics["stage1"]["input_wait_share"] <= 1
+    assert load_artifact(str(tmp_path / "out" / "detector")).training["config"]["crop_size"] == 32
+
+
+def test_gpu_workers_decode_and_augment_themselves_unless_told_otherwise():
+    spec = ray_train.RunSpec(manifest="m", output="o")
+    assert ray_train.augment_place(spec) == "tasks"
+    assert ray_train.augment_place(ray_train.RunSpec(manifest="m", output="o", use_gpu=True)) == "worker"
+    assert ray_train.augment_place(ray_train.RunSpec(manifest="m", output="o", use_gpu=True, augment="tasks")) == "tasks"
+    with pytest.raises(ValueError, match="augment must be one of auto, tasks, worker"):
+        ray_train.augment_place(ray_train.RunSpec(manifest="m", output="o", augment="gpu"))
