@@ -83,13 +83,14 @@ def decode_frames(blobs: Sequence[bytes | memoryview | None], device: torch.devi
     for group in groups:
         if not group:
             continue
-        kept, frames = [], []
+        kept, frames, frame = [], [], None
         for i, frame in zip(group, decode_jpegs([blobs[i] for i in group], device, decode_fn)):
             if isinstance(frame, torch.Tensor) and frame.ndim == 3 and frame.shape[0] == 3:
                 kept.append(i)
                 frames.append(frame)
             else:
                 cpu.append(i)
+        del frame  # the loop's name would keep the group's last frame alive into the next decode
         yield kept, frames
         del frames
     kept, frames = [], []
@@ -400,48 +401,68 @@ class DeviceBatches:
                                            jpeg_quality=tuple(cfg.jpeg_quality))
         self.keys = ("view1", "view2") if stage == 1 else ("image", "crop")
 
-    def frames(self, blobs: Sequence[bytes | memoryview | None]) -> tuple[list[int], list[torch.Tensor]]:
-        """The decoded frames of ``blobs``, each fitted to the crop (upscaled if narrower),
-        with their positions; what cannot be is dropped and counted."""
+    def frames(self, blobs: Sequence[bytes | memoryview | None]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        """The decoded frames of ``blobs`` a decoder group at a time, with their positions; in
+        stage 1 fitted to the crop (upscaled if narrower), in stage 2 checked to fit (its blur
+        and JPEG come first). What cannot be is dropped and counted."""
         from ntf_ray.transforms import TooLargeToFit, check_fit, fit_min_side
 
-        kept, frames = [], []
         for group, decoded in decode_frames(blobs, self.device, max_pixels=self.max_pixels, decode_fn=self.decode_fn,
                                             group_pixels=self.max_pixels or DECODE_GROUP_PIXELS):
+            kept, frames, frame = [], [], None
             for i, frame in zip(group, decoded):
                 try:
-                    if self.stage == 1:  # stage 1 fits before its crops; stage 2 after its blur and JPEG
+                    if self.stage == 1:
                         frame = fit_min_side(frame, self.cfg.crop_size, self.max_pixels)
                     else:
                         check_fit(*frame.shape[-2:], self.cfg.crop_size, self.max_pixels)
-                    frames.append(frame)
                 except TooLargeToFit as exc:
                     log.warning("dropping an image: %s", exc)
                     continue
                 kept.append(i)
-        self.dropped += len(blobs) - len(kept)
-        return kept, frames
+                frames.append(frame)
+            del decoded, frame
+            yield kept, frames
+            del frames
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
-        """One engine batch from an Arrow table (``label``, ``data``)."""
+        """One engine batch from an Arrow table (``label``, ``data``). The device holds one
+        decoder group's frames at a time (at most ``max_pixels`` or ``DECODE_GROUP_PIXELS``):
+        each group is cropped, then let go."""
+        from ntf_ray.storage import binary_views
+
         blobs = binary_views(batch.column("data"))
         labels = np.asarray(batch.column("label").to_pylist(), dtype=np.int64)
-        kept, frames = self.frames(blobs)
-        if not frames:
+        kept: list[int] = []
+        firsts: list[torch.Tensor] = []
+        seconds: list[torch.Tensor] = []
+        for group, frames in self.frames(blobs):
+            if frames:
+                if self.stage == 1:  # crops now, colour once for the whole batch
+                    crops = self.views.crops(frames, self.gen)
+                    a, b = crops[: len(frames)], crops[len(frames):]
+                else:
+                    a, b = self.views(frames, self.gen)
+                kept.extend(group)
+                firsts.append(a)
+                seconds.append(b)
+            del frames
+            if self.device.type == "cuda":
+                # torchvision decodes on a stream of its own: the frames' memory may go to the next
+                # group's decode only once this group's crops are read
+                torch.cuda.current_stream(self.device).synchronize()
+        self.dropped += len(blobs) - len(kept)
+        if not kept:
             size, second = self.cfg.crop_size, (self.cfg.crop_size if self.stage == 1 else self.cfg.scl_crop_size)
             return {self.keys[0]: torch.zeros((0, 3, size, size), dtype=torch.uint8),
                     self.keys[1]: torch.zeros((0, 3, second, second), dtype=torch.uint8),
                     "label": torch.zeros((0,), dtype=torch.int64)}
-        a, b = self.views(frames, self.gen)
+        a, b = torch.cat(firsts), torch.cat(seconds)
+        if self.stage == 1:
+            views = as_uint8(self.views.colour(torch.cat([a, b]), self.gen))
+            a, b = views[: len(kept)], views[len(kept):]
         return {self.keys[0]: a, self.keys[1]: b,
                 "label": torch.from_numpy(labels[kept]).to(self.device, non_blocking=True)}
-
-
-def binary_views(column) -> list[memoryview | None]:
-    """The values of an Arrow binary column as memoryviews into its buffer (None for nulls)."""
-    from ntf_ray.ray_scan.actor import binary_views as views
-
-    return views(column)
 
 
 def prefetch(batches: Iterable, make: Callable, device: torch.device, depth: int = 2) -> Iterator:

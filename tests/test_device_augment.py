@@ -26,6 +26,8 @@ from ntf_ray.config import TrainConfig
 from ntf_ray.transforms import Stage1Views, Stage2Transform, to_tensor
 
 N = 600  # views per path in each distribution test
+#: where the device path runs in these tests: the CPU always, a GPU too when there is one
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 P_MIN = 1e-3  # KS p-value below which two samples are called different
 
 
@@ -213,15 +215,17 @@ def test_stage1_grayscale_rate_is_the_cpu_paths():
         assert (stats["gray"] | stats["untouched"]).all()
 
 
-def test_stage1_views_of_frames_of_many_sizes_stay_with_their_frame():
+@pytest.mark.parametrize("device", DEVICES)
+def test_stage1_views_of_frames_of_many_sizes_stay_with_their_frame(device):
     g = torch.Generator().manual_seed(5)
     sizes = [(300, 260), (224, 224), (256, 400), (300, 260), (230, 500)]
     colours = torch.randint(0, 256, (len(sizes), 3), generator=g, dtype=torch.uint8)
-    frames = [c.view(3, 1, 1).expand(3, h, w).contiguous() for c, (h, w) in zip(colours, sizes)]
+    frames = [c.view(3, 1, 1).expand(3, h, w).contiguous().to(device) for c, (h, w) in zip(colours, sizes)]
     a, b = D.Stage1DeviceViews(224, jitter=0.0, grayscale_prob=0.0)(frames, g)
-    for views in (a, b):
+    for views in (a.cpu(), b.cpu()):
         assert views.shape == (len(sizes), 3, 224, 224) and views.dtype == torch.uint8 and views.is_contiguous()
         assert torch.equal(views[:, :, 0, 0], colours) and torch.equal(views.amin((2, 3)), views.amax((2, 3)))
+    assert a.device.type == device
 
 
 # ---------------------------------------------------------------- stage 2 draws
@@ -293,13 +297,15 @@ def test_stage2_blur_jpeg_crop_flip_and_scl_crop_draw_the_cpu_paths_distribution
     assert dev["scl_top"].max() <= 192 and dev["scl_left"].max() <= 192
 
 
-def test_stage2_views_are_valid_images_and_small_frames_are_upscaled_after_blur():
+@pytest.mark.parametrize("device", DEVICES)
+def test_stage2_views_are_valid_images_and_small_frames_are_upscaled_after_blur(device):
     g = torch.Generator().manual_seed(8)
-    frames = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in ((100, 150), (224, 224),
-                                                                                           (300, 260))]
+    frames = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g).to(device)
+              for h, w in ((100, 150), (224, 224), (300, 260))]
     crops, scl = D.Stage2DeviceViews(224, 32, blur_prob=1.0, jpeg_prob=1.0)(frames, g)
-    assert crops.shape == (3, 3, 224, 224) and scl.shape == (3, 3, 32, 32)
+    assert crops.shape == (3, 3, 224, 224) and scl.shape == (3, 3, 32, 32) and crops.device.type == device
     assert crops.dtype == scl.dtype == torch.uint8 and crops.is_contiguous() and scl.is_contiguous()
+    assert all(len(torch.unique(c)) > 16 for c in crops)  # pictures, not a constant fill
 
 
 # ---------------------------------------------------------------- the worker's batches
@@ -347,6 +353,20 @@ def test_device_batches_drop_and_count_what_cannot_be_used_and_keep_labels_align
         assert empty["label"].shape == (0,) and empty[keys[0]].shape == (0, 3, 32, 32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_batches_on_a_gpu_give_both_stages_batches_there():
+    """Run where a GPU is: nvJPEG for the JPEGs, the CPU decoder for the PNG, a side stream."""
+    cfg = TrainConfig.from_dict({"crop_size": 224, "scl_crop_size": 32})
+    g = torch.Generator().manual_seed(2)
+    imgs = [torch.randint(0, 256, (3, 256, 300), dtype=torch.uint8, generator=g) for _ in range(3)]
+    batch = pa.table({"label": pa.array([0, 1, 1], pa.int64()),
+                      "data": pa.array([_jpeg(imgs[0]), _png(imgs[1]), _jpeg(imgs[2])], pa.binary())})
+    for stage in (1, 2):
+        make = D.DeviceBatches(stage, cfg, torch.device("cuda"), seed=0)
+        out = next(D.prefetch([batch], make, torch.device("cuda")))
+        assert all(t.device.type == "cuda" for t in out.values()) and out["label"].tolist() == [0, 1, 1]
+
+
 def test_prefetch_keeps_order_raises_where_the_batch_failed_and_stops_with_its_consumer():
     made = []
 
@@ -366,3 +386,31 @@ def test_prefetch_keeps_order_raises_where_the_batch_failed_and_stops_with_its_c
     assert int(next(early)["x"]) == 0
     early.close()  # the thread stops: it made at most the batches the queue holds, and the one in hand
     assert len(early_made) <= 4
+
+
+def test_device_batches_hold_one_decoder_group_at_a_time_and_group_nothing_into_the_draws():
+    import weakref
+
+    from ntf_ray.gpu_decode import _decode_fn
+
+    g = torch.Generator().manual_seed(7)
+    blobs = [_jpeg(torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=g)) for _ in range(5)]
+    batch = pa.table({"label": pa.array([0, 1, 0, 1, 1], pa.int64()), "data": pa.array(blobs, pa.binary())})
+    decode = _decode_fn()
+    alive_at_calls, frames = [], []
+
+    def spy(data, device):
+        alive_at_calls.append(sum(ref() is not None for ref in frames))
+        out = decode(data, device)
+        frames.extend(weakref.ref(f) for f in (out if isinstance(out, list) else [out]))
+        return out
+
+    outputs = []
+    for max_pixels in (48 * 40, None):  # a group per image (the pixel budget is max_pixels), then one group
+        cfg = TrainConfig.from_dict({"crop_size": 32, "scl_crop_size": 8, "max_pixels": max_pixels})
+        alive_at_calls.clear()
+        outputs.append(D.DeviceBatches(1, cfg, torch.device("cpu"), seed=3, decode_fn=spy)(batch))
+        assert len(alive_at_calls) == (5 if max_pixels else 1)
+        assert alive_at_calls == [0] * len(alive_at_calls)  # no earlier group's frame outlives its crops
+    for key in ("view1", "view2", "label"):
+        assert torch.equal(outputs[0][key], outputs[1][key])

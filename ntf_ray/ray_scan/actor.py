@@ -11,33 +11,14 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import ray
 
 from ntf_ray.ray_scan.table import FILE_SCHEMA, SEQ
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
+from ntf_ray.storage import binary_views as binary_views
 
 log = logging.getLogger(__package__)  # "ntf_ray.ray_scan", the logger's name before the split
-
-
-def binary_views(column: pa.ChunkedArray | pa.Array) -> list[memoryview | None]:
-    """Each value of a binary column as a memoryview into Arrow's buffer, not a copy (None for nulls).
-
-    A batch of 256 photos is about 100 MB: ``to_pylist`` would copy it once more under the GIL.
-    """
-    out: list[memoryview | None] = []
-    for arr in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-            raise TypeError(f"expected a binary column, got {arr.type}")
-        _, offsets_buf, data_buf = arr.buffers()
-        width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-        offsets = np.frombuffer(offsets_buf, width)[arr.offset : arr.offset + len(arr) + 1].tolist() if len(arr) else []
-        # Arrow exports its buffers as signed chars ("b"): b"\xff" would not compare equal to them
-        data = memoryview(data_buf).cast("B") if data_buf is not None else memoryview(b"")
-        valid = arr.is_valid().to_pylist() if arr.null_count else [True] * len(arr)
-        out.extend(data[offsets[k] : offsets[k + 1]] if valid[k] else None for k in range(len(arr)))
-    return out
 
 
 class DetectorActor:
