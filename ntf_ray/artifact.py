@@ -57,6 +57,7 @@ class DetectorArtifact:
     model_id: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the threshold was chosen (ntf-ray calibrate)
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class DetectorArtifact:
             "label_convention": {"0": "real", "1": "fake", "score": "P(fake)"},
             "training": self.training,
             "metrics": self.metrics,
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
 
@@ -101,6 +103,7 @@ def save_artifact(
     threshold: float = 0.5,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
     options: StorageOptions | None = None,
 ) -> DetectorArtifact:
     """Write ``uri/model.safetensors`` then ``uri/model.json``; returns the artifact with its model_id."""
@@ -122,6 +125,7 @@ def save_artifact(
                              input_size=int(input_size), threshold=float(threshold)),
         training=dict(training or {}),
         metrics=dict(metrics or {}),
+        calibration=dict(calibration or {}),
     )
     # Weights first: a reader that finds model.json finds the weights it describes.
     storage.write_bytes(storage.join(uri, WEIGHTS), weights, options)
@@ -205,8 +209,9 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
                 and all(type(v) in (int, float) and abs(v - a) <= 1e-6 for v, a in zip(stated, actual))):
             raise ArtifactError(f"artifact at {uri}: normalization {key} {stated!r} in {METADATA} does not match the weights' {list(actual)}")
     training, metrics = meta.get("training") or {}, meta.get("metrics") or {}
-    if not isinstance(training, dict) or not isinstance(metrics, dict):
-        raise ArtifactError(f"artifact at {uri}: training and metrics in {METADATA} must be JSON objects")
+    calibration = meta.get("calibration") or {}
+    if not isinstance(training, dict) or not isinstance(metrics, dict) or not isinstance(calibration, dict):
+        raise ArtifactError(f"artifact at {uri}: training, metrics and calibration in {METADATA} must be JSON objects")
     return DetectorArtifact(
         detector=detector,
         backbone=backbone,
@@ -218,4 +223,5 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         model_id=model_id,
         training=training,
         metrics=metrics,
+        calibration=calibration,
     )

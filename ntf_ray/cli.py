@@ -140,6 +140,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ntf_ray import ray_evaluate, ray_train
+
+    spec = ray_evaluate.EvaluateSpec(
+        model=args.model, manifest=args.manifest, output=args.output, split=None if args.split == "all" else args.split,
+        batch_size=args.batch_size, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
+        endpoint=args.storage_options.endpoint_url,
+    )
+    reals = ray_evaluate.calibration_reals(spec, args.target_fpr)  # a split too small is refused before Ray starts
+    ray_train.init_local_ray()
+    cal, art = ray_evaluate.calibrate_model(spec, args.target_fpr, reals)
+    print(f"threshold {cal.threshold:.6g} (was {cal.previous_threshold:g}): {cal.false_positives} of {cal.reals} real "
+          f"images of split {cal.split or 'all'} flagged, FPR {cal.fpr:.2%} (95% upper bound {cal.fpr_upper95:.2%}; "
+          f"target {cal.target_fpr:.2%})")
+    print(f"calibrated detector {art.model_id} written to {args.output} (a new model id: scans and moderate runs "
+          f"with it are its own, apart from {cal.previous_model_id}'s)", flush=True)
+    return 0
+
+
 def _without_endpoint(argv: list[str]) -> list[str]:
     """The command line as a report records it: without the S3 endpoint, which may name internal hosts."""
     out, skip = [], False
@@ -363,6 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
     s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("calibrate", parents=endpoint,
+                       help="choose a detector's threshold for a false positive rate on real images",
+                       description="Score the real images of a manifest split (the scan's Ray Data path), pick the "
+                                   "lowest threshold that flags at most --target-fpr of them, and write the detector "
+                                   "with it to OUTPUT: a new artifact (a new model id) whose model.json records the "
+                                   "threshold's provenance (split, reals, achieved FPR and its 95%% upper bound, date). "
+                                   "Refused when the split has too few reals for the target (about 3/target).")
+    s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
+    s.add_argument("--manifest", required=True, help="labelled manifest (.parquet/.csv, local or s3://)")
+    s.add_argument("--split", default="val", choices=("train", "val", "test", "all"),
+                   help="split whose real images set the threshold (default val: not trained on, not the test)")
+    s.add_argument("--target-fpr", type=float, required=True, help="false positive rate to allow, e.g. 0.01")
+    s.add_argument("--output", required=True, help="folder for the calibrated artifact (local or s3://)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
+    s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
+    s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("score", parents=endpoint,
                        help="score images with a detector artifact, one JSON line per input")

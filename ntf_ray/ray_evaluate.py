@@ -221,4 +221,51 @@ def evaluate(spec: EvaluateSpec, *, command: str | None = None) -> dict[str, Any
                         options=options, command=command)
 
 
-__all__ = ["EvaluateSpec", "evaluate", "format_summary", "perturbation_plan", "score_rows"]
+def calibration_reals(spec: EvaluateSpec, target_fpr: float) -> pa.Table:
+    """The real images of ``spec.split`` that will set the threshold, or ``TooFewReals`` (read
+    from the manifest alone: nothing is scored, no cluster is needed)."""
+    import pyarrow.compute as pc
+
+    from ntf_ray.calibrate import TooFewReals, min_reals
+
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"--target-fpr must be in (0, 1), got {target_fpr}")
+    rows = _rows_to_score(spec, StorageOptions(endpoint_url=spec.endpoint))
+    reals = rows.filter(pc.equal(rows.column("label"), 0))
+    if reals.num_rows < min_reals(target_fpr):
+        where = f"split {spec.split!r}" if spec.split else "the manifest"
+        raise TooFewReals(f"{where} of {storage.redact(spec.manifest)} has {reals.num_rows} real images; a false "
+                          f"positive rate of {target_fpr:.2%} needs at least {min_reals(target_fpr)} (with no false "
+                          "positive among n reals the 95% upper bound is about 3/n): add reals or aim for a higher rate")
+    return reals
+
+
+def calibrate_model(spec: EvaluateSpec, target_fpr: float, reals: pa.Table | None = None):
+    """Score the split's real images (``spec.split``), choose the threshold for ``target_fpr``
+    (:mod:`ntf_ray.calibrate`), and write the detector with it to ``spec.output``: a new
+    artifact, whose ``model_id`` differs (the threshold is part of what it names) and whose
+    ``model.json`` holds the calibration. Returns ``(calibration, new artifact)``."""
+    from ntf_ray.artifact import load_artifact, save_artifact
+    from ntf_ray.calibrate import calibrate
+
+    options = StorageOptions(endpoint_url=spec.endpoint)
+    art = load_artifact(spec.model, options=options)
+    if reals is None:
+        reals = calibration_reals(spec, target_fpr)
+    where = f"split {spec.split!r}" if spec.split else "the manifest"
+    log.info("calibrate: scoring %d real images of %s with model %s", reals.num_rows, where, art.model_id)
+    scored = score_rows(spec, reals, perturbation_plan({}), art.threshold)
+    scores = scored.column("score")
+    failed = scores.null_count
+    if failed:
+        log.warning("calibrate: %d of %d real images could not be scored and are left out (see their errors with "
+                    "ntf-ray evaluate)", failed, scored.num_rows)
+    cal = calibrate(scores.drop_null().to_numpy(zero_copy_only=False), target_fpr, split=spec.split,
+                    manifest=storage.redact(spec.manifest), previous_threshold=art.threshold,
+                    previous_model_id=art.model_id)
+    new = save_artifact(spec.output, art.detector, input_size=art.input_size, threshold=cal.threshold,
+                        training=art.training, metrics=art.metrics, calibration=cal.as_dict(), options=options)
+    return cal, new
+
+
+__all__ = ["EvaluateSpec", "calibrate_model", "calibration_reals", "evaluate", "format_summary", "perturbation_plan", "score_rows"]

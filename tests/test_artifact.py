@@ -148,6 +148,23 @@ def test_round_trip_local(saved):
     _check_round_trip(det, art, loaded, Path(uri, "model.safetensors").read_bytes(), Path(uri, "model.json").read_bytes())
 
 
+def test_a_calibration_is_kept_in_model_json_and_a_malformed_one_refused(tmp_path):
+    torch.manual_seed(0)
+    det = Detector.build("tiny").eval()
+    cal = {"threshold": 0.73, "target_fpr": 0.01, "reals": 400, "split": "val"}
+    uri = str(tmp_path / "m")
+    art = save_artifact(uri, det, input_size=32, threshold=0.73, calibration=cal)
+    assert load_artifact(uri).calibration == cal and json.loads(Path(uri, "model.json").read_text())["calibration"] == cal
+    plain = save_artifact(str(tmp_path / "p"), det, input_size=32, threshold=0.73)
+    assert plain.model_id == art.model_id  # the threshold is part of the id; how it was chosen is not
+    assert "calibration" not in json.loads(Path(tmp_path, "p", "model.json").read_text())
+    meta = json.loads(Path(uri, "model.json").read_text())
+    meta["calibration"] = ["not", "an", "object"]
+    Path(uri, "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="calibration"):
+        load_artifact(uri)
+
+
 def test_round_trip_from_train_mode_and_resave(tmp_path):
     det = make_detector(seed=1).train()
     uri = str(tmp_path / "a" / "b")  # parents created

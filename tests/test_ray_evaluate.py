@@ -146,3 +146,45 @@ def test_evaluate_rejects_bad_arguments_before_any_work(setup, tmp_path, capsys)
                  str(tmp_path / "r"), "--embeddings", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_calibrated_threshold_holds_its_false_positive_rate_on_fresh_reals(local_ray, setup, tmp_path, capsys):
+    """calibrate at 5% on a val split of the demo's generator, then scan reals it never saw (another seed)."""
+    from ntf_ray.artifact import load_artifact
+
+    val = make_synthetic(tmp_path / "val", n_real=120, n_fake=20, size=40, seed=11, splits={"val": 1.0})
+    manifest = str(tmp_path / "val" / "manifest.parquet")
+    write_manifest(manifest_table(val), manifest)
+    calibrated = str(tmp_path / "calibrated")
+    assert main(["calibrate", "--model", setup["model"], "--manifest", manifest, "--target-fpr", "0.05",
+                 "--output", calibrated, "--max-actors", "1"]) == 0
+    printed = capsys.readouterr().out
+    art, before = load_artifact(calibrated), load_artifact(setup["model"])
+    cal = art.calibration
+    assert art.threshold == cal["threshold"] != before.threshold and art.model_id != before.model_id
+    assert (cal["split"], cal["reals"], cal["target_fpr"], cal["previous_model_id"]) == ("val", 120, 0.05, before.model_id)
+    assert cal["false_positives"] == 6 and cal["fpr"] == 0.05 and 0.05 < cal["fpr_upper95"] < 0.11 and cal["date"]
+    assert f"threshold {cal['threshold']:.6g}" in printed and "95% upper bound" in printed
+    after_state, before_state = art.detector.state_dict(), before.detector.state_dict()  # the same network
+    assert after_state.keys() == before_state.keys() and all(torch.equal(v, before_state[k]) for k, v in after_state.items())
+
+    fresh = make_synthetic(tmp_path / "fresh", n_real=300, n_fake=1, size=40, seed=12, splits={"test": 1.0})
+    assert main(["scan", "--input", str(tmp_path / "fresh"), "--glob", "real_*", "--model", calibrated,
+                 "--output", str(tmp_path / "scores"), "--run-id", "fresh", "--max-actors", "1"]) == 0
+    table = pq.read_table(next((tmp_path / "scores").rglob("scores.parquet")))
+    assert table.num_rows == sum(r["label"] == 0 for r in fresh) == 300 and table.column("error").null_count == 300
+    observed = float(np.mean(table.column("is_fake").to_pylist()))
+    # its sampling error: the calibration's (120 reals) and this scan's (300), 3 sigma each
+    allowed = 0.05 + 3 * np.sqrt(0.05 * 0.95 / 120) + 3 * np.sqrt(0.05 * 0.95 / 300)
+    print(f"calibrated on 120 val reals at 5%: threshold {cal['threshold']:.4f}; fresh reals flagged {observed:.2%} "
+          f"of 300 (allowed up to {allowed:.2%}); the uncalibrated threshold 0.5 flagged "
+          f"{float(np.mean(np.asarray(table.column('score').to_pylist()) >= 0.5)):.2%}")
+    assert observed <= allowed
+
+
+def test_calibrate_refuses_a_split_with_too_few_reals(setup, tmp_path, capsys):
+    assert main(["calibrate", "--model", setup["model"], "--manifest", setup["manifest"], "--target-fpr", "0.01",
+                 "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 300" in err and "real images" in err
+    assert not (tmp_path / "c").exists()
