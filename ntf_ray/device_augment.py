@@ -93,14 +93,20 @@ def decode_frames(blobs: Sequence[bytes | memoryview | None], device: torch.devi
         del frame  # the loop's name would keep the group's last frame alive into the next decode
         yield kept, frames
         del frames
-    kept, frames = [], []
+    kept, frames, pixels = [], [], 0
     for i in sorted(cpu):
         decoded = decode(blobs[i], max_pixels=max_pixels)
         if not decoded.ok:
             log.warning("dropping an image: %s", decoded.error)
             continue
+        size = decoded.image.shape[0] * decoded.image.shape[1]
+        if kept and pixels + size > group_pixels:  # the same budget as the batched decoder's groups
+            yield kept, frames
+            kept, frames, pixels = [], [], 0
         kept.append(i)
         frames.append(to_tensor(decoded.image).to(device, non_blocking=True))
+        pixels += size
+        del decoded
     if kept:
         yield kept, frames
 
@@ -362,17 +368,13 @@ class Stage2DeviceViews:
 
 
 def reencode_jpeg(frame: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG at ``quality`` and back: on a GPU with nvJPEG (torchvision), on the CPU with
-    Pillow as the CPU path does, and on the CPU too when the GPU encoder refuses."""
+    """JPEG at ``quality`` and back with Pillow, the CPU path's codec, wherever the frame is.
+
+    Only ``jpeg_prob`` of the images (10%) take this trip. nvJPEG's encoder is not used: it
+    keeps full-resolution chroma (4:4:4) where Pillow, like the uploads it stands for, halves
+    it (4:2:0), so its artifacts would not be the CPU path's."""
     from ntf_ray.transforms import jpeg
 
-    if frame.device.type == "cuda":
-        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
-
-        try:
-            return decode_jpeg(encode_jpeg(frame, quality=quality), mode=ImageReadMode.RGB, device=frame.device)
-        except RuntimeError as exc:  # an encoder this torchvision build lacks: the core codec
-            log.debug("GPU JPEG re-encode failed (%s); using Pillow", exc)
     return jpeg(frame.cpu(), quality).to(frame.device)
 
 
@@ -408,7 +410,7 @@ class DeviceBatches:
         from ntf_ray.transforms import TooLargeToFit, check_fit, fit_min_side
 
         for group, decoded in decode_frames(blobs, self.device, max_pixels=self.max_pixels, decode_fn=self.decode_fn,
-                                            group_pixels=self.max_pixels or DECODE_GROUP_PIXELS):
+                                            group_pixels=DECODE_GROUP_PIXELS):
             kept, frames, frame = [], [], None
             for i, frame in zip(group, decoded):
                 try:
@@ -427,8 +429,8 @@ class DeviceBatches:
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
         """One engine batch from an Arrow table (``label``, ``data``). The device holds one
-        decoder group's frames at a time (at most ``max_pixels`` or ``DECODE_GROUP_PIXELS``):
-        each group is cropped, then let go."""
+        group's frames at a time (``DECODE_GROUP_PIXELS``, or one image larger than that), the
+        batched decoder's or the core decoder's: each group is cropped, then let go."""
         from ntf_ray.storage import binary_views
 
         blobs = binary_views(batch.column("data"))

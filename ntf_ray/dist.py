@@ -127,6 +127,15 @@ def all_reduce_sum(value: float, device: torch.device | str = "cpu") -> float:
     return float(t.item())
 
 
+def all_reduce_min(value: int, device: torch.device | str = "cpu") -> int:
+    """The smallest of an int over ranks; identity in one process."""
+    if world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def average_gradients(params) -> None:
     """All-reduce and average ``.grad`` over ranks (what DDP does), for modules not wrapped in DDP."""
     if world_size() == 1:

@@ -1,8 +1,10 @@
 """Both NTF stages on Ray Train: multi-worker DDP, data streamed with Ray Data, resumable.
 
-Per stage, one ``TorchTrainer`` whose workers run the core's epoch functions over
-``get_dataset_shard("train").iter_torch_batches(...)``. Images are read, decoded and
-augmented by Ray Data CPU tasks (undecodable rows dropped and counted); losses gather the
+Per stage, one ``TorchTrainer`` whose workers run the core's epoch functions over their
+shard of a Ray Data stream. Ray Data reads the images; where they are decoded and augmented
+is ``RunSpec.augment``: Ray Data's CPU tasks (``iter_torch_batches`` of tensors; CPU workers'
+default) or each worker itself, batched on its device (``ntf_ray.device_augment``; GPU
+workers' default). Undecodable rows are dropped and counted either way; losses gather the
 global batch (``gather=True``) and batch norm uses global statistics across workers.
 Every epoch rank 0 reports metrics and a checkpoint; a run submitted again under the same
 name, or restarted after a worker failure, continues from its latest checkpoint.
@@ -219,6 +221,8 @@ def train_loop(config: dict[str, Any]) -> None:
             encoded = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=False,
                                          local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch)
             batches = prefetch(encoded, device_batches, device)
+            if world > 1:
+                batches = agreed_batches(batches, "view1" if stage == 1 else "image", 1 if stage == 1 else 2, device)
         batches = InputWaits(batches)
         if stage == 1:
             metrics = train_stage1_epoch(train_model, batches, optimizer, epoch=epoch, **stage1_kwargs(cfg), **common)
@@ -263,6 +267,23 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("detector %s written to %s", art.model_id, storage.join(config["output"], DETECTOR))
     if rank == 0 and stage == 1 and start_epoch >= epochs:
         log.info("stage 1 already complete (%d epochs)", epochs)
+
+
+def agreed_batches(batches: Any, key: str, least: int, device: torch.device,
+                   reduce_min: Callable[[int], int] | None = None) -> Any:
+    """The batches every rank steps on together. With the workers decoding, a rank drops its bad
+    rows after Ray Train split the stream, so one rank's batch can come up empty (or, in stage 2,
+    below the 2 images a step needs) while the others' do not; the engine would skip it on that
+    rank alone and the ranks' collectives would pair with the wrong steps, or hang. So the
+    ranks agree: a batch is skipped on every rank when any rank's holds fewer than ``least``."""
+    reduce_min = reduce_min or (lambda n: dist.all_reduce_min(n, device))
+    for batch in batches:
+        fewest = reduce_min(int(batch[key].shape[0]))
+        if fewest < least:
+            log.warning("a batch skipped on every worker: one worker had %d usable images of it (its other rows "
+                        "could not be read or decoded), fewer than the %d a step needs", fewest, least)
+            continue
+        yield batch
 
 
 class InputWaits:

@@ -388,7 +388,7 @@ def test_prefetch_keeps_order_raises_where_the_batch_failed_and_stops_with_its_c
     assert len(early_made) <= 4
 
 
-def test_device_batches_hold_one_decoder_group_at_a_time_and_group_nothing_into_the_draws():
+def test_device_batches_hold_one_decoder_group_at_a_time_and_group_nothing_into_the_draws(monkeypatch):
     import weakref
 
     from ntf_ray.gpu_decode import _decode_fn
@@ -406,11 +406,19 @@ def test_device_batches_hold_one_decoder_group_at_a_time_and_group_nothing_into_
         return out
 
     outputs = []
-    for max_pixels in (48 * 40, None):  # a group per image (the pixel budget is max_pixels), then one group
-        cfg = TrainConfig.from_dict({"crop_size": 32, "scl_crop_size": 8, "max_pixels": max_pixels})
+    cfg = TrainConfig.from_dict({"crop_size": 32, "scl_crop_size": 8})
+    for budget in (48 * 40, D.DECODE_GROUP_PIXELS):  # a group per image, then one group
+        monkeypatch.setattr(D, "DECODE_GROUP_PIXELS", budget)
         alive_at_calls.clear()
         outputs.append(D.DeviceBatches(1, cfg, torch.device("cpu"), seed=3, decode_fn=spy)(batch))
-        assert len(alive_at_calls) == (5 if max_pixels else 1)
+        assert len(alive_at_calls) == (5 if budget == 48 * 40 else 1)
         assert alive_at_calls == [0] * len(alive_at_calls)  # no earlier group's frame outlives its crops
     for key in ("view1", "view2", "label"):
         assert torch.equal(outputs[0][key], outputs[1][key])
+
+
+def test_frames_the_core_decoder_makes_come_in_groups_of_the_same_budget():
+    pngs = [_png(torch.full((3, 40, 48), k, dtype=torch.uint8)) for k in range(5)]
+    groups = list(D.decode_frames(pngs, torch.device("cpu"), max_pixels=None, group_pixels=2 * 48 * 40))
+    assert [g for g, _ in groups] == [[0, 1], [2, 3], [4]]
+    assert [int(f[0, 0, 0]) for _, frames in groups for f in frames] == [0, 1, 2, 3, 4]

@@ -461,3 +461,13 @@ def test_the_read_tasks_of_training_import_no_torch():
             "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_workers_skip_a_batch_together_when_any_of_them_lost_it():
+    """Rank-local drops after the split: each rank's engine would skip on its own and the collectives
+    would pair with the wrong steps; every rank skips what any rank cannot step on."""
+    sizes_elsewhere = iter([4, 0, 4, 1, 4])  # the other rank's usable images, batch by batch
+    mine = [{"image": torch.zeros((n, 3, 2, 2))} for n in (4, 4, 1, 4, 4)]
+    got = list(ray_train.agreed_batches(mine, "image", 2, torch.device("cpu"),
+                                        reduce_min=lambda n: min(n, next(sizes_elsewhere))))
+    assert [b["image"].shape[0] for b in got] == [4, 4]  # batch 2 (other rank empty), 3 (mine 1), 4 (other 1) out
