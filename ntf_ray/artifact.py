@@ -133,6 +133,10 @@ def save_artifact(
 
     text = json.dumps(json_safe(artifact.metadata()), indent=2, sort_keys=True, allow_nan=False)
     storage.write_bytes(storage.join(uri, METADATA), text.encode(), options)
+    from ntf_ray.model_card import CARD, render
+
+    # For people: written from model.json, never read back (ntf-ray score --card renders it again).
+    storage.write_bytes(storage.join(uri, CARD), render(json.loads(text)).encode(), options)
     return artifact
 
 

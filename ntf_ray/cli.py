@@ -176,6 +176,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     from ntf_ray.score_files import score_files
     from ntf_ray.scoring import Scorer
 
+    if args.card:
+        from ntf_ray.artifact import load_artifact
+        from ntf_ray.model_card import render
+
+        # rendered from the verified model.json, not read from the folder's MODEL_CARD.md
+        print(render(load_artifact(args.model, options=args.storage_options).metadata()), flush=True)
+    if not args.inputs:
+        if args.card:
+            return 0
+        raise ValueError("nothing to score: give image files or s3:// objects (or --card for the model card)")
     scorer = Scorer.from_artifact(args.model, device=args.device, threshold=args.threshold,
                                   options=args.storage_options, decoder=args.decoder)
     for row in score_files(scorer, args.inputs, options=args.storage_options):
@@ -404,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", parents=endpoint,
                        help="score images with a detector artifact, one JSON line per input")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
-    s.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="image files or s3:// objects")
+    s.add_argument("inputs", nargs="*", metavar="PATH_OR_URI", help="image files or s3:// objects")
+    s.add_argument("--card", action="store_true",
+                   help="print the detector's model card first (intended use, data, calibration, metrics, limits)")
     s.add_argument("--threshold", type=float, help="decision threshold (default: the artifact's)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_decoder_argument(s)

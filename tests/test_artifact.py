@@ -143,7 +143,7 @@ class safe_open_bytes:
 
 def test_round_trip_local(saved):
     uri, det, art = saved
-    assert sorted(p.name for p in Path(uri).iterdir()) == ["model.json", "model.safetensors"]  # no temp files left
+    assert sorted(p.name for p in Path(uri).iterdir()) == ["MODEL_CARD.md", "model.json", "model.safetensors"]  # no temp files
     loaded = load_artifact(uri)
     _check_round_trip(det, art, loaded, Path(uri, "model.safetensors").read_bytes(), Path(uri, "model.json").read_bytes())
 
@@ -233,7 +233,7 @@ def test_round_trip_s3(s3, bucket):
     client = s3.client()
     name = bucket[len("s3://"):]
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=name)["Contents"])
-    assert keys == ["models/ntf/model.json", "models/ntf/model.safetensors"]
+    assert keys == ["models/ntf/MODEL_CARD.md", "models/ntf/model.json", "models/ntf/model.safetensors"]
     weights = client.get_object(Bucket=name, Key="models/ntf/model.safetensors")["Body"].read()
     meta = client.get_object(Bucket=name, Key="models/ntf/model.json")["Body"].read()
     for spelling in (uri, uri.rstrip("/")):

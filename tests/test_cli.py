@@ -49,7 +49,7 @@ def _subparsers() -> dict:
     ["moderate", "--model", "m", "--output", "o"],
     ["evaluate", "--model", "m", "--manifest", "x"],  # --output
     ["evaluate", "--manifest", "x", "--output", "o"],  # --model
-    ["score", "--model", "m"],  # no input
+    ["calibrate", "--model", "m", "--manifest", "x", "--output", "o"],  # --target-fpr
     ["score", "file.png"],  # --model
     [],  # no command
 ], ids=lambda argv: " ".join(argv) or "none")
@@ -58,6 +58,27 @@ def test_missing_required_arguments_exit_2(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_score_without_inputs_says_what_it_needs(capsys):
+    assert main(["score", "--model", "m"]) == 2
+    assert "nothing to score" in capsys.readouterr().err
+
+
+def test_score_card_prints_the_model_card_with_its_limits(tmp_path, capsys):
+    from ntf_ray.artifact import save_artifact
+    from ntf_ray.model import Detector
+
+    data = {"images": 120, "counts": {"train/real": 60, "train/fake": 60}, "generators": ["nnconv", "tconv"]}
+    save_artifact(str(tmp_path / "m"), Detector.build("tiny"), input_size=32,
+                  training={"config": {"variant": "ntf"}, "data": data, "workers": 2})
+    written = (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    assert main(["score", "--model", str(tmp_path / "m"), "--card"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == written.strip()
+    for part in ("## Intended use", "| variant | ntf |", "| generators | nnconv, tconv |", "Not calibrated.",
+                 "Trained on synthetic data only", "is not calibrated", "No evaluation stored"):
+        assert part in printed, part
 
 
 @pytest.mark.parametrize("command", ["scan", "moderate"])
