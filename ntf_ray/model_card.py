@@ -50,15 +50,15 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
 
 
 def _metrics(metrics: dict[str, Any]) -> list[str]:
-    per = metrics.get("per_generator") if isinstance(metrics.get("per_generator"), dict) else None
-    if per:
-        head = ["| generator | images | AP | ACC | FPR | FNR |", "|---|---|---|---|---|---|"]
-        body = []
-        for name, m in sorted(per.items()):
-            if isinstance(m, dict):
-                body.append(f"| {name} | {m.get('images', '')} | " + " | ".join(
-                    f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "" for k in ("ap", "acc", "fpr", "fnr")) + " |")
-        return head + body
+    """The per-generator table training stored (``{"split", "table": [rows]}``), else the flat values."""
+    rows = metrics.get("table")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        out = [f"On split `{metrics.get('split', '?')}` (threshold as trained):", "",
+               "| generator | images | AP | ACC | FPR | FNR |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "" for k in ("ap", "acc", "fpr", "fnr")]
+            out.append(f"| {r.get('generator', '?')} | {r.get('images', '')} | " + " | ".join(cells) + " |")
+        return out
     flat = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in sorted(metrics.items())
             if isinstance(v, (int, float, str))]
     return _table(flat) if flat else ["(none stored)"]

@@ -262,3 +262,17 @@ def test_score_a_bad_scheme_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(scoring.Scorer, "from_artifact", classmethod(lambda cls, *a, **k: None))
     assert main(["score", "--model", "m", "gs://bucket/x.png"]) == 2
     assert "ntf-ray score: error: unsupported URI scheme" in capsys.readouterr().err
+
+
+def test_the_model_card_shows_the_stored_evaluation_and_calibration():
+    from ntf_ray.metrics import per_generator_table
+    from ntf_ray.model_card import render
+
+    table = per_generator_table([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.4], ["gan", "gan", "dm", "dm"])
+    card = render({"model_id": "abc", "threshold": 0.7, "metrics": {"split": "test", "table": table},
+                   "calibration": {"target_fpr": 0.01, "fpr": 0.0075, "fpr_upper95": 0.0185, "reals": 400,
+                                   "split": "val"},
+                   "training": {"data": {"images": 10, "generators": ["progan"]}}})
+    assert "| dm | 2 | 1.000 | 0.500 | 0.000 | 1.000 |" in card and "| average | 4 |" in card
+    assert "| target FPR | 0.01 |" in card and "| real images | 400 |" in card
+    assert "not calibrated" not in card and "synthetic" not in card and "No evaluation" not in card
