@@ -193,6 +193,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ntf_ray.engine import resolve_device
+    from ntf_ray.explain import explain
+
+    results = explain(args.model, args.inputs, args.output, options=args.storage_options,
+                      device=str(resolve_device(args.device)))
+    for r in results:
+        print(json.dumps({"uri": r.source, "score": r.score, "heatmap": r.output, "error": r.error}), flush=True)
+    return 0 if any(r.error is None for r in results) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ntf_ray.ray_demo import run_demo
 
@@ -410,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
     s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("explain", parents=endpoint,
+                       help="Grad-CAM++ maps of where the detector saw the fake traces, as PNG overlays",
+                       description="For each image: the centre crop the detector scores, next to a Grad-CAM++ map "
+                                   "of its fake logit (target: the encoder's last block) laid over it, written to "
+                                   "OUTPUT as NAME_scoreS.png (the score also in the PNG's description). Needs the "
+                                   "grad-cam package: pip install 'ntf-ray[explain]'.")
+    s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
+    s.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="image files or s3:// objects")
+    s.add_argument("--output", required=True, help="folder for the overlays (local or s3://)")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("score", parents=endpoint,
                        help="score images with a detector artifact, one JSON line per input")
