@@ -204,6 +204,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if any(r.error is None for r in results) else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ntf_ray.moderation_report import build_report
+
+    result = build_report(args.scores, args.output, run_id=args.run_id, top=args.top, model=args.model,
+                          options=args.storage_options)
+    if args.card and args.model:
+        from ntf_ray.artifact import load_artifact
+        from ntf_ray.model_card import render
+
+        print(render(load_artifact(args.model, options=args.storage_options).metadata()))
+    print(f"report of run {result.run_id}: {result.shown} images ({result.unreadable} unreadable now): {result.page}",
+          flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ntf_ray.ray_demo import run_demo
 
@@ -433,6 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="folder for the overlays (local or s3://)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("report", parents=endpoint,
+                       help="a static HTML page of a scan run for moderators: summary, histogram, top images",
+                       description="Write OUTPUT/index.html for a completed run under SCORES: counts, errors by kind, "
+                                   "flagged, a score histogram, then the --top images by score with thumbnail, "
+                                   "score, uri and size (and a Grad-CAM++ map with --model). Pictures are read from "
+                                   "the bucket now and written beside the page: no credentials or presigned URLs.")
+    s.add_argument("--scores", required=True, help="the scan's --output (local or s3://)")
+    s.add_argument("--run-id", help="which run (default: the latest completed one)")
+    s.add_argument("--top", type=int, default=200, help="images on the contact sheet (default 200)")
+    s.add_argument("--model", help="detector artifact: add its Grad-CAM++ map beside each thumbnail")
+    s.add_argument("--card", action="store_true", help="also print the --model's model card")
+    s.add_argument("--output", required=True, help="report folder (local or s3://)")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("score", parents=endpoint,
                        help="score images with a detector artifact, one JSON line per input")

@@ -19,7 +19,7 @@ from ntf_ray.cli import main
 
 ENV_ENDPOINT = "http://minio.internal:9000"
 FLAG_ENDPOINT = "http://ceph.internal:7480"
-ENDPOINT_COMMANDS = ("index", "train", "scan", "moderate", "evaluate", "calibrate", "score")
+ENDPOINT_COMMANDS = ("index", "train", "scan", "moderate", "evaluate", "calibrate", "explain", "report", "score")
 
 
 @pytest.fixture

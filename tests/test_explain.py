@@ -93,3 +93,11 @@ def test_explain_writes_an_overlay_per_image_with_its_score_and_reports_what_it_
         assert png.size == (2 * SIZE, SIZE) and f"score{r['score']:.3f}" in r["heatmap"]
         assert f"{r['score']:.4f}" in png.text["Description"]
     assert rows[0]["score"] > 0.5 > rows[1]["score"]
+
+
+def patch_model_for_report(tmp_path) -> str:
+    """A tiny detector artifact for the report's heatmaps (untrained: the report test is about pictures)."""
+    torch.manual_seed(0)
+    uri = str(tmp_path / "model")
+    save_artifact(uri, Detector.build("tiny").eval(), input_size=32)
+    return uri
