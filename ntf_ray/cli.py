@@ -322,6 +322,13 @@ def _endpoint_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_evaluation_actor_arguments(s: argparse.ArgumentParser) -> None:
+    """The detector actors of evaluate and calibrate (the scan's path, one actor per GPU)."""
+    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
+    s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
+    s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ntf-ray", description="Find AI-generated images at scale (Natural Trace Forensics on Ray).")
     p.add_argument("--version", action="version", version=f"ntf-ray {__version__}")
@@ -414,9 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="t-SNE map of N clean test images' features, coloured by generator and label (default 0: none)")
     s.add_argument("--threshold", type=float, help="decision threshold for ACC/FPR/FNR (default: the artifact's)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise perturbation and the t-SNE sample (default 0)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
-    s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
-    s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
+    _add_evaluation_actor_arguments(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("calibrate", parents=endpoint,
@@ -432,9 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split whose real images set the threshold (default val: not trained on, not the test)")
     s.add_argument("--target-fpr", type=float, required=True, help="false positive rate to allow, e.g. 0.01")
     s.add_argument("--output", required=True, help="folder for the calibrated artifact (local or s3://)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
-    s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
-    s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
+    _add_evaluation_actor_arguments(s)
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("explain", parents=endpoint,
