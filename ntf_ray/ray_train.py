@@ -51,7 +51,7 @@ from ntf_ray.model import Stage1Model
 from ntf_ray.recipe import build_stage1, build_stage2, data_summary, stage1_kwargs, stage2_kwargs, training_rows
 from ntf_ray.variants import get_variant
 from ntf_ray.storage import StorageOptions
-from ntf_ray.ray_train_data import DropCounter, build_dataset
+from ntf_ray.ray_train_data import DropCounter, InputWaits, agreed_batches, augment_place, build_dataset
 
 log = logging.getLogger(__name__)
 
@@ -269,54 +269,6 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("stage 1 already complete (%d epochs)", epochs)
 
 
-def agreed_batches(batches: Any, key: str, least: int, device: torch.device,
-                   reduce_min: Callable[[int], int] | None = None) -> Any:
-    """The batches every rank steps on together. With the workers decoding, a rank drops its bad
-    rows after Ray Train split the stream, so one rank's batch can come up empty (or, in stage 2,
-    below the 2 images a step needs) while the others' do not; the engine would skip it on that
-    rank alone and the ranks' collectives would pair with the wrong steps, or hang. So the
-    ranks agree: a batch is skipped on every rank when any rank's holds fewer than ``least``."""
-    reduce_min = reduce_min or (lambda n: dist.all_reduce_min(n, device))
-    for batch in batches:
-        fewest = reduce_min(int(batch[key].shape[0]))
-        if fewest < least:
-            log.warning("a batch skipped on every worker: one worker had %d usable images of it (its other rows "
-                        "could not be read or decoded), fewer than the %d a step needs", fewest, least)
-            continue
-        yield batch
-
-
-class InputWaits:
-    """Iterates an epoch's batches and times the waits for them: ``first_batch_s`` (from the
-    epoch's start to its first batch: in the first epoch, the input pipeline's start-up) and
-    ``input_wait_s`` (all the time the training loop spent waiting for its next batch, which
-    the device spends idle unless it still has queued work)."""
-
-    def __init__(self, batches: Any) -> None:
-        self.batches = iter(batches)
-        self.start = time.perf_counter()
-        self.first: float | None = None
-        self.wait = 0.0
-
-    def __iter__(self) -> "InputWaits":
-        return self
-
-    def __next__(self) -> Any:
-        asked = time.perf_counter()
-        try:
-            return next(self.batches)
-        finally:
-            now = time.perf_counter()
-            self.wait += now - asked
-            if self.first is None:
-                self.first = now - self.start
-
-    def metrics(self) -> dict[str, float]:
-        seconds = time.perf_counter() - self.start
-        return {"first_batch_s": self.first or 0.0, "input_wait_s": self.wait,
-                "input_wait_share": self.wait / seconds if seconds > 0 else 0.0}
-
-
 # ---------------------------------------------------------------- driver
 
 
@@ -351,23 +303,6 @@ def _storage(spec: RunSpec) -> tuple[str, Any]:
         fs, inner = storage.arrow_filesystem(path, StorageOptions.resolve(spec.endpoint))
         return inner, fs
     return path, None
-
-
-AUGMENT_PLACES = ("auto", "tasks", "worker")
-
-
-def augment_place(spec: RunSpec) -> str:
-    """``tasks`` or ``worker``: where ``spec`` has its training images decoded and augmented.
-
-    On GPU workers the worker does it on its GPU (Ray Data's CPU tasks managed about 90 views/s
-    per core, far below what one GPU trains on); on CPU workers the tasks spread it over the
-    cluster's cores, which the workers' own steps would otherwise wait for.
-    """
-    if spec.augment not in AUGMENT_PLACES:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENT_PLACES)}, got {spec.augment!r}")
-    if spec.augment == "auto":
-        return "worker" if spec.use_gpu else "tasks"
-    return spec.augment
 
 
 def check_stage1_export(cfg: TrainConfig, output: str, options: StorageOptions) -> None:
