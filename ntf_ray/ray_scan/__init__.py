@@ -35,6 +35,7 @@ from ntf_ray.ray_scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, s
 from ntf_ray.ray_scan.listing import iter_listing
 from ntf_ray.ray_scan.listing import list_objects as list_objects
 from ntf_ray.ray_scan.lock import lease
+from ntf_ray.ray_scan.metrics import count_listed
 from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.ray_scan.reading import _read_with_retries as _read_with_retries
 from ntf_ray.ray_scan.reading import read_objects as read_objects
@@ -136,6 +137,7 @@ def scan(spec: ScanSpec) -> ScanResult:
                            else (None, []))
         blocks, listed = _listing_blocks(spec, options, seen)
         todo = sum(n for _, n in blocks)
+        count_listed(todo, art.model_id)
         log.info("scan %s: %d objects listed in %.1f s, %d to score, %d already scored by model %s", run_id, listed,
                  time.perf_counter() - start, todo, listed - todo, art.model_id)
 

@@ -57,6 +57,10 @@ class DetectorActor:
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.items()))
         self._torch = torch
         self._local = threading.local()
+        from ntf_ray.ray_scan.metrics import ActorMetrics
+
+        actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        self.metrics = ActorMetrics(self.scorer.model_id, (actor or f"pid{os.getpid()}")[:12])
 
     def _stream(self):
         """This thread's CUDA stream (None on the CPU)."""
@@ -78,6 +82,7 @@ class DetectorActor:
             return self.scorer.score_bytes(data)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        began = time.perf_counter()
         data = binary_views(batch.column("data"))
         read_errors = batch.column("read_error").to_pylist()
         ok = [i for i, e in enumerate(read_errors) if e is None]
@@ -112,6 +117,7 @@ class DetectorActor:
         }, schema=FILE_SCHEMA)
         if SEQ in batch.column_names:  # the object's place in the scan's listing, for publishing
             out = out.append_column(SEQ, batch.column(SEQ))
+        self.metrics.record(out, sum(len(d) for d in data if d is not None), time.perf_counter() - began)
         return out
 
 
