@@ -9,12 +9,16 @@ import re
 import sys
 from pathlib import Path
 
-from ntf_ray import __version__
+from ntf_ray import __version__, console
 from ntf_ray.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_AHEAD_BYTES
 from ntf_ray.cli_review import add_evaluation_actor_arguments, add_review_commands
 from ntf_ray.variants import VARIANTS
 
 log = logging.getLogger("ntf_ray")
+#: The commands that run on Ray, and the argument naming the folder their log file goes under
+#: (``FOLDER/_logs``, see ``ntf_ray.console``).
+LOG_FOLDER = {"train": "output", "evaluate": "output", "calibrate": "output", "scan": "output",
+              "moderate": "output", "demo": "work"}
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -281,7 +285,8 @@ def _endpoint_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ntf-ray", description="Find AI-generated images at scale (Natural Trace Forensics on Ray).")
     p.add_argument("--version", action="version", version=f"ntf-ray {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and Ray's own logs on the terminal too (they always go to OUTPUT/_logs)")
     sub = p.add_subparsers(dest="command", required=True)
     endpoint = [_endpoint_parser()]
 
@@ -397,11 +402,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # Resolved once, here: an absent --s3-endpoint means AWS_ENDPOINT_URL for every command.
     args.storage_options = StorageOptions.resolve(getattr(args, "s3_endpoint", None))
+    folder = LOG_FOLDER.get(args.command)
+    session = None
     try:
-        return args.func(args)
+        if folder is None:
+            return args.func(args)
+        with console.session(getattr(args, folder), args.command, verbose=args.verbose,
+                             options=args.storage_options) as session:
+            return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    finally:
+        if session is not None and session.kept:
+            print(f"Ray's logs of this run: {session.kept}{'' if args.verbose else ' (-v shows them here)'}",
+                  file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

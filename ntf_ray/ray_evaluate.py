@@ -185,7 +185,7 @@ def score_rows(spec: EvaluateSpec, rows: pa.Table, plan: list[tuple[str, float |
          "plan": plan, "seed": spec.seed},
         endpoint=spec.endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows,
         gpus_per_actor=spec.gpus_per_actor, min_actors=None, max_actors=spec.max_actors,
-        cpus_per_actor=spec.cpus_per_actor,
+        cpus_per_actor=spec.cpus_per_actor, name="evaluate",
     )
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     if not tables:

@@ -33,7 +33,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ntf_ray import dist, storage
+from ntf_ray import console, dist, storage
 from ntf_ray.artifact import save_artifact
 from ntf_ray.config import ResumeConflict, TrainConfig, refuse_resume, resume_conflicts
 from ntf_ray.datasets import read_manifest
@@ -52,6 +52,7 @@ from ntf_ray.recipe import build_stage1, build_stage2, data_summary, stage1_kwar
 from ntf_ray.variants import get_variant
 from ntf_ray.storage import StorageOptions
 from ntf_ray.ray_train_data import DropCounter, InputWaits, agreed_batches, augment_place, build_dataset
+from ntf_ray.train_progress import Poster, StageWatch
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # each rank draws its own augmentations, the same ones on every run of this config
         device_batches = DeviceBatches(stage, cfg, device, seed=cfg.seed * 1_000_003 + 7919 * stage + rank)
     counter = config.get("counter")
+    board = config.get("board") if rank == 0 else None
     if counter is not None and rank == 0:
         ray.get(counter.take.remote())  # rows an earlier, failed attempt dropped
     common = dict(gather=True, device=device)
@@ -223,7 +225,8 @@ def train_loop(config: dict[str, Any]) -> None:
             batches = prefetch(encoded, device_batches, device)
             if world > 1:
                 batches = agreed_batches(batches, "view1" if stage == 1 else "image", 1 if stage == 1 else 2, device)
-        batches = InputWaits(batches)
+        poster = Poster(board, epoch, config.get("rows", 0), world) if board is not None else None
+        batches = InputWaits(batches, on_batch=poster.batch if poster is not None else None)
         if stage == 1:
             metrics = train_stage1_epoch(train_model, batches, optimizer, epoch=epoch, **stage1_kwargs(cfg), **common)
         else:
@@ -244,6 +247,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if counter is not None and rank == 0:
             metrics["rows_dropped"] = ray.get(counter.take.remote())
         metrics["resumed_from_epoch"] = start_epoch if resumed is not None else -1
+        if poster is not None:
+            poster.epoch_done(metrics)
         if rank == 0:
             log.info("stage %d epoch %d/%d: %s", stage, epoch + 1, epochs,
                      ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -337,12 +342,16 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
     augment = augment_place(spec)
     dataset = build_dataset(rows, stage=stage, cfg=cfg, endpoint=spec.endpoint, counter=counter,
                             augment_in_tasks=augment == "tasks")
+    # Its bars would draw in the split coordinator, an actor whose output goes to the log
+    # file: the driver's epoch bar (StageWatch) shows the stage instead.
+    dataset.context.enable_progress_bars = False
     storage_path, fs = _storage(spec)
+    watch = StageWatch(stage, cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "endpoint": spec.endpoint, "output": spec.output,
                            "counter": counter, "data": data_summary(table), "run_name": spec.run_name,
-                           "augment": augment},
+                           "augment": augment, "board": watch.board, "rows": rows.num_rows},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker,
                                                            **({"GPU": 1} if spec.use_gpu else {})}),
@@ -358,7 +367,8 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
     log.info("stage %d: %d training rows, %d workers (%s), images decoded and augmented in %s, run %s-stage%d", stage,
              rows.num_rows, spec.num_workers, "GPU" if spec.use_gpu else "CPU",
              "the workers" if augment == "worker" else "Ray Data tasks", spec.run_name, stage)
-    result = trainer.fit()
+    with watch:
+        result = trainer.fit()
     ray.kill(counter)
     return result
 
@@ -434,6 +444,7 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     # (use RAY_ADDRESS to run on that one).
     ray.init(address="local", num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
              runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    console.attach_worker_logs()  # a command's session sends its workers' output to its log file
 
 
 def new_run_name() -> str:

@@ -185,18 +185,6 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def test_demo_runs_end_to_end(local_ray, tmp_path, capsys):
-    code = main(["demo", "--work", str(tmp_path / "work"), "--n", "40", "--set", "epochs_stage1=1",
-                 "--set", "epochs_stage2=1"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "[4/4]" in out and "80 listed" in out and "demo finished" in out
-    assert _completed_local(tmp_path / "work" / "scores")
-    report = tmp_path / "work" / "report"
-    assert {"report.md", "metrics.json", "scores.parquet", "tsne.png"} <= {p.name for p in report.iterdir()}
-    assert json.loads((report / "metrics.json").read_text())["clean"]["table"][-1]["images"] == 24
-
-
 def _completed_local(root: Path) -> list[str]:
     return ray_scan.completed_runs(str(root), storage.StorageOptions())
 

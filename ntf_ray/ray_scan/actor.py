@@ -179,7 +179,7 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
                   batch_size: int | None,
                   read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
                   cpus_per_actor: float, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
-                  read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES) -> ray.data.Dataset:
+                  read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES, name: str = "scan") -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
     ``rows`` is a table (cut into blocks of ``read_block_rows``) or the refs of tables already
@@ -195,6 +195,7 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
     ``streams``: batches each GPU actor scores at once, each in its own thread and CUDA
     stream (1 on CPU actors). ``read_ahead_bytes`` caps what the whole stream holds in
     Ray's object store, so that reads run only as far ahead of the detectors as that.
+    ``name``: what Ray Data's progress bar and logs call the stream.
     """
     from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES, read_objects
 
@@ -238,6 +239,7 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
             max_restarts=-1,  # an actor that died is replaced ...
             max_task_retries=ACTOR_TASK_RETRIES,  # ... but a batch that kills it is not retried forever
         )
+    ds.set_name(name)
     ds.context.max_errored_blocks = -1
     if read_ahead_bytes:  # ds.context is this dataset's own copy of the session's context
         limits = ds.context.execution_options.resource_limits

@@ -1,0 +1,137 @@
+"""What a command prints, and where Ray's own logs go (ntf_ray.console, the demo end to end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ntf_ray import console
+from ntf_ray.train_progress import batch_images, summary_line
+
+#: What no default run may show on the terminal: Ray's internals, which a user cannot act on.
+RAY_NOISE = re.compile(r"logging_progress|streaming_executor|core_worker\.cc|constructor arguments|"
+                       r"Failed to query Ray Train|\(raylet\)|\(TrainController|\(RayTrainWorker|\(SplitCoordinator|"
+                       r"Token authentication|Started a local Ray|RayDeprecationWarning|\[A")
+
+
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+SESSION = """
+    import logging, os, sys
+    from ntf_ray import console
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    with console.session("never", "refused", verbose={verbose}) as s:
+        os.write(2, b"refused before it made its output\\n")
+    assert s.kept is None and not os.path.exists("never"), s.kept
+    os.makedirs("out")  # the command makes its output folder
+    with console.session("out", "test", verbose={verbose}) as s:
+        os.write(2, b"C-LEVEL LINE\\n")               # what Ray's core worker writes in this process
+        print("the command's own line", file=sys.stderr)
+        logging.getLogger("ray.data").info("ray data internals")
+        logging.getLogger("ray").warning("ray internals")
+        logging.getLogger("ntf_ray.x").info("ntf_ray progress")
+    os.write(2, b"AFTER THE SESSION\\n")
+    logging.getLogger("ray").warning("ray after")
+"""
+
+
+def test_a_session_sends_rays_logs_and_c_level_lines_to_its_file_and_keeps_the_commands_own(tmp_path):
+    done = _run(SESSION.format(verbose=False), tmp_path)
+    assert done.returncode == 0, done.stderr
+    logs = list((tmp_path / "out" / console.LOG_DIR).glob("test-*.log"))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    for line in ("C-LEVEL LINE", "ray data internals", "ray internals", "ntf_ray progress"):
+        assert line in text, line
+    for line in ("the command's own line", "ntf_ray progress", "AFTER THE SESSION", "ray after"):
+        assert line in done.stderr, line  # after the session: fd 2 and Ray's loggers are back
+    for line in ("C-LEVEL LINE", "ray data internals", "ray internals"):
+        assert line not in done.stderr, line
+    assert "AFTER THE SESSION" not in text
+
+
+def test_verbose_shows_rays_logs_on_the_terminal_too(tmp_path):
+    done = _run(SESSION.format(verbose=True), tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = next((tmp_path / "out" / console.LOG_DIR).glob("test-*.log")).read_text()
+    for line in ("ray data internals", "ray internals", "C-LEVEL LINE"):
+        assert line in done.stderr, line
+    assert "ray internals" in text
+
+
+def _session(tmp_path):
+    s = console.Session(tmp_path / "x.log", verbose=False)
+    printed: list[dict] = []
+    s._ray_message = lambda data, ignore_prefix=False: printed.append(data)
+    return s, printed
+
+
+def test_worker_lines_go_to_the_file_without_the_harmless_ones_and_the_autoscalers_status(tmp_path):
+    s, _ = _session(tmp_path)
+    s.worker_lines({"pid": 7, "actor_name": "TrainController", "ip": "10.0.0.1", "localhost": "10.0.0.1",
+                    "lines": ["Started training worker group", console.HARMLESS[0] + ". Continuing to monitor."]})
+    s.worker_lines({"pid": "autoscaler", "lines": ["======== Autoscaler status: now ========", "Node status"]})
+    s.worker_lines({"pid": 8, "task_name": "read", "ip": "10.0.0.2", "localhost": "10.0.0.1", "lines": ["remote"]})
+    s.file.close()
+    assert (tmp_path / "x.log").read_text().splitlines() == [
+        "(TrainController pid=7) Started training worker group", "(read pid=8, ip=10.0.0.2) remote"]
+
+
+def test_raylet_messages_reach_the_terminal_but_the_harmless_ones(tmp_path):
+    s, printed = _session(tmp_path)
+    oom = "Task was killed due to the node running low on memory."
+    s.raylet_message({"pid": "raylet", "lines": ["WARNING: 8 PYTHON " + console.HARMLESS[1] + ": 192.0.2.2"]})
+    s.raylet_message({"pid": "raylet", "lines": [oom]})
+    assert [d["lines"] for d in printed] == [[oom]]
+    s._closed = True  # after its session, Ray's own printer, untouched
+    s.raylet_message({"pid": "raylet", "lines": ["WARNING: 8 PYTHON " + console.HARMLESS[1]]})
+    assert len(printed) == 2
+    s.file.close()
+    assert (tmp_path / "x.log").read_text().strip().endswith(oom)
+
+
+def test_epoch_lines_and_batch_sizes():
+    assert summary_line(2, 0, 10, {"loss": 2.91234, "images_per_s": 88.4, "seconds": 13.58, "rows_dropped": 0.0}) \
+        == "stage 2 epoch 1/10, loss 2.912, 88 images/s, 13.6 s"
+    assert summary_line(1, 1, 2, {"loss": 3.3, "rows_dropped": 3.0}).endswith("3 rows dropped")
+    assert batch_images({"view1": [0] * 5, "view2": [0] * 5}) == 5
+    assert batch_images(([0] * 3, [1] * 3)) == 3
+
+
+@pytest.mark.timeout(420)
+def test_the_demo_prints_its_steps_and_results_and_keeps_rays_logs_in_a_file(tmp_path):
+    """``ntf-ray demo`` from a fresh process, its output captured (not a terminal): under 60
+    lines, the results in them, none of Ray's internals; those are in the run's log file."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    work = tmp_path / "work"
+    done = subprocess.run([sys.executable, "-m", "ntf_ray", "demo", "--work", str(work), "--n", "40",
+                           "--set", "epochs_stage1=1", "--set", "epochs_stage2=2"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    lines = out.splitlines()
+    assert len(lines) < 60, out
+    assert not [line for line in lines if RAY_NOISE.search(line)], out
+    assert not [line for line in lines if re.search(r"\bWARNING\b|Warning:", line)], out
+    for result in ("[4/4]", "80 listed", "mAP ", "stage 1 epoch 1/1, loss", "stage 2 epoch 2/2, loss", "demo finished"):
+        assert result in out, result
+    log = re.search(r"Ray's logs of this run: (\S+)", out)
+    assert log and Path(log.group(1)).parent == work / console.LOG_DIR
+    text = Path(log.group(1)).read_text()
+    assert "Started a local Ray instance" in text and "(TrainController pid=" in text
+    assert console.HARMLESS[0] not in text
+    assert list((work / "scores").glob("dt=*/run_id=*/scores.parquet"))
+    report = work / "report"
+    assert {"report.md", "metrics.json", "scores.parquet", "tsne.png"} <= {p.name for p in report.iterdir()}
+    assert json.loads((report / "metrics.json").read_text())["clean"]["table"][-1]["images"] == 24
