@@ -315,7 +315,7 @@ def _stamped(n: int, total: float, t0: float, stamps: np.ndarray) -> dict:
 
 
 def parity(name: str, scorer_args: dict, blobs: list[bytes], device: str, decoder: str = "nvjpeg") -> None:
-    """Scores of ``decoder``'s path against the core decoder's, and the README's tolerance for it."""
+    """Scores of ``decoder``'s path against the core decoder's, and the tolerance docs/operations.md states for it."""
     from ntf_ray.scoring import PARITY_TOLERANCE, Scorer
     from ntf_ray.scoring import parity as compare
 

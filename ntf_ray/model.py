@@ -31,7 +31,7 @@ class TinyCNN(nn.Module):
     upsampling traces reach the embedding instead of being averaged away by striding.
     Stage 2 keeps this embedding frozen, so its width sets how steady the smoke recipe
     is: 32 full-resolution channels held AP 0.94-0.98 over training seeds of the linear
-    probe where 16 ranged 0.89-0.98 (README, "The smoke configuration").
+    probe where 16 ranged 0.89-0.98 (docs/method.md, "The smoke configuration").
     """
 
     def __init__(self, width: int = 32, dim: int = 128):

@@ -1,6 +1,6 @@
 """The scan's metrics, through Ray's own metrics (``ray.util.metrics``): every node's metrics
 agent serves them to Prometheus with Ray's, prefixed ``ray_`` (counters end in ``_total``).
-``deploy/grafana/ntf-scan.json`` plots them; the README says how to scrape them.
+``deploy/grafana/ntf-scan.json`` plots them; docs/operations.md says how to scrape them.
 
 Counted where the work happens: objects listed on the driver; scored, flagged, errors by kind,
 bytes read and images/s in each detector actor (tagged with its decoder and actor).
