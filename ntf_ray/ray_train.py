@@ -342,9 +342,6 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
     augment = augment_place(spec)
     dataset = build_dataset(rows, stage=stage, cfg=cfg, endpoint=spec.endpoint, counter=counter,
                             augment_in_tasks=augment == "tasks")
-    # Its bars would draw in the split coordinator, an actor whose output goes to the log
-    # file: the driver's epoch bar (StageWatch) shows the stage instead.
-    dataset.context.enable_progress_bars = False
     storage_path, fs = _storage(spec)
     watch = StageWatch(stage, cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
     trainer = TorchTrainer(

@@ -84,6 +84,11 @@ def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, 
     assert any("checkpoint_" in p for p in fs.ls(f"{output}/ray/job-e2e-stage2"))  # Ray Train's checkpoints in S3
     config_json = storage.read_bytes(f"{output}/config.json", options).decode()
     assert FAKE_SECRET_ACCESS_KEY not in config_json and "endpoint" not in config_json
+    # Ray's logs of the job, uploaded beside its outputs: the workers' lines in, no secret
+    logs = fs.ls(f"{output}/_logs")
+    assert len(logs) == 1 and f"Ray's logs of this run: {output}/_logs/" in log, (logs, log[-2000:])
+    ray_log = fs.cat(logs[0]).decode()
+    assert "(RayTrainWorker pid=" in ray_log and FAKE_SECRET_ACCESS_KEY not in ray_log
 
     # The detector, loaded from the bucket, on the held-out split read from the bucket.
     scorer = Scorer.from_artifact(f"{output}/detector", device="cpu", options=options)

@@ -258,7 +258,20 @@ def driver_only(monkeypatch):
     monkeypatch.setattr(ray_train, "TorchTrainer", Trainer)
     monkeypatch.setattr(ray_train, "read_manifest", read_manifest)
     monkeypatch.setattr(ray_train, "DropCounter", SimpleNamespace(remote=lambda: None))
+    class StageWatch:  # the epoch bar's board is an actor
+        board = None
+
+        def __init__(self, stage, epochs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
     monkeypatch.setattr(ray_train, "build_dataset", build_dataset)
+    monkeypatch.setattr(ray_train, "StageWatch", StageWatch)
     monkeypatch.setattr(ray_train.ray, "kill", lambda actor: None)
     return seen
 

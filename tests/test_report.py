@@ -61,17 +61,16 @@ def test_the_report_lists_the_run_and_escapes_what_uploaders_named(scan_run, tmp
     assert "AWS" not in page and "X-Amz" not in page  # no credentials, no presigned links
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("NTF_REQUIRE_BROWSER"),
-                    reason="needs Debian's chromium and chromium-driver (CI installs them)")
-def test_a_browser_renders_every_picture_of_the_report_without_console_errors(scan_run, tmp_path):
+NEEDS_BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("NTF_REQUIRE_BROWSER"),
+                                   reason="needs Debian's chromium and chromium-driver (CI installs them)")
+
+
+def render_in_browser(page: Path, screenshot: Path) -> tuple[list[tuple[str, int]], list[dict]]:
+    """Open ``page`` in headless Chromium, scroll every lazy picture into view, wait for them,
+    and return each picture's (src, naturalWidth) and the console's SEVERE entries."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    from tests.test_explain import patch_model_for_report
-
-    out = tmp_path / "report"
-    assert main(["report", "--scores", str(scan_run), "--top", "50", "--output", str(out),
-                 "--model", patch_model_for_report(tmp_path)]) == 0
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900",
@@ -81,7 +80,7 @@ def test_a_browser_renders_every_picture_of_the_report_without_console_errors(sc
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(60)
-        driver.get((out / "index.html").as_uri())
+        driver.get(page.as_uri())
         for img in driver.find_elements("tag name", "img"):  # lazy images load once scrolled to
             driver.execute_script("arguments[0].scrollIntoView();", img)
         driver.execute_async_script("""
@@ -90,11 +89,21 @@ def test_a_browser_renders_every_picture_of_the_report_without_console_errors(sc
             wait();""")
         widths = driver.execute_script("return [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        shot = Path(os.environ.get("NTF_REPORT_SCREENSHOT", tmp_path / "report.png"))
         driver.execute_script("window.scrollTo(0, 0);")
-        driver.save_screenshot(str(shot))
+        driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
+    return widths, errors
+
+
+@NEEDS_BROWSER
+def test_a_browser_renders_every_picture_of_the_report_without_console_errors(scan_run, tmp_path):
+    from tests.test_explain import patch_model_for_report
+
+    out = tmp_path / "report"
+    assert main(["report", "--scores", str(scan_run), "--top", "50", "--output", str(out),
+                 "--model", patch_model_for_report(tmp_path)]) == 0
+    widths, errors = render_in_browser(out / "index.html", tmp_path / "report.png")
     assert len(widths) == 1 + 2 * 11  # the histogram, then a thumbnail and a heatmap for each readable image
     assert all(w > 0 for _, w in widths), [s for s, w in widths if w == 0]
     assert errors == []
