@@ -3,7 +3,7 @@
 The terminal gets the command's own lines (what it is doing, its results, its warnings) and
 one progress bar per long step when it is a terminal. Ray's internal logs (its Python
 loggers, the output of its actors and tasks, the C++ lines of this process's core worker)
-go to a file, ``OUTPUT/_logs/COMMAND-UTCSTAMP.log``; with ``-v`` they reach the terminal too.
+go to a file, ``OUTPUT/_logs/COMMAND-UTCSTAMP-PID.log``; with ``-v`` they reach the terminal too.
 The leading underscore keeps the folder out of what reads a score table as a dataset
 (pyarrow, Spark and Hive skip ``_``-prefixed paths; DuckDB globs ``*.parquet``).
 
@@ -14,11 +14,13 @@ several commands (tests, notebooks) gets its Ray back as it was.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,7 @@ HARMLESS = (
     "worker processes have been started on node",
 )
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_TQDM_MAGIC = "__ray_tqdm_magic_token__"  # ray.experimental.tqdm_ray.RAY_TQDM_MAGIC
 
 _active: "Session | None" = None
 
@@ -77,10 +80,14 @@ class Session:
         self.options = options
         #: where the log is once the session is over (None: nothing worth keeping was written)
         self.kept: str | None = None
-        self.interactive = _isatty(sys.stderr)
+        # Ray Data draws bars when stdout is a terminal, ours draw on stderr: both, or a log
+        self.interactive = _isatty(sys.stderr) and _isatty(sys.stdout)
+        self._lock = threading.Lock()  # the file's writers (Ray's threads) against its closing
         self.file: TextIO = open(log_path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
         self._undo: list[Any] = []
         self._closed = False
+        self._ray_print: Any = None  # Ray's printer of its workers' output, while ours replaces it
+        self._ray_message: Any = None  # Ray's printer of the raylet's messages, while ours filters them
 
     # ------------------------------------------------------------------ set up, undone in reverse
     def start(self) -> None:
@@ -124,8 +131,8 @@ class Session:
         self._undo.append(lambda: logger.removeHandler(self._handler))
         if self.verbose:
             return
-        consoles = [h for h in logger.handlers if type(h) is not logging.FileHandler
-                    and isinstance(h, logging.StreamHandler) and h is not self._handler]
+        consoles = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)
+                    and isinstance(h, logging.StreamHandler)]
         for h in consoles:
             logger.removeHandler(h)
         self._undo.append(lambda: [logger.addHandler(h) for h in consoles])
@@ -133,29 +140,37 @@ class Session:
     def _redirect_fd2(self) -> None:
         """Lines written straight to file descriptor 2 by C/C++ code in this process (Ray's
         core worker) go to the file; Python's ``sys.stderr`` goes on to the terminal."""
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         terminal_fd = os.dup(2)
+        self._undo.append(lambda: os.close(terminal_fd))
         old_stderr = sys.stderr
-        writes_fd2 = _fileno(old_stderr) == 2
-        if writes_fd2:
-            sys.stderr = open(os.dup(terminal_fd), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None)
-                              or "utf-8", errors="backslashreplace")
+        if _fileno(old_stderr) == 2:
+            ours = open(os.dup(terminal_fd), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None)
+                        or "utf-8", errors="backslashreplace")
             # handlers made before (the command's own logging) hold the old object, i.e. fd 2
             moved = [h for h in logging.getLogger().handlers
                      if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is old_stderr]
+
+            def give_back() -> None:
+                for h in moved:
+                    h.setStream(old_stderr)
+                if sys.stderr is ours:
+                    sys.stderr = old_stderr
+                if faulthandler.is_enabled():  # ray.init enabled it on ``ours``: crash dumps to fd 2
+                    faulthandler.enable(file=2)
+                ours.close()
+
+            self._undo.append(give_back)
+            sys.stderr = ours
             for h in moved:
-                h.setStream(sys.stderr)
+                h.setStream(ours)
         os.dup2(self.file.fileno(), 2)
 
         def undo() -> None:
-            sys.stderr.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
             os.dup2(terminal_fd, 2)
-            os.close(terminal_fd)
-            if writes_fd2:
-                for h in moved:
-                    h.setStream(old_stderr)
-                sys.stderr.close()
-                sys.stderr = old_stderr
 
         self._undo.append(undo)
 
@@ -176,15 +191,21 @@ class Session:
         self._undo.append(undo)
 
     def close(self) -> None:
-        self._closed = True
-        _detach_worker_logs(self)
-        for undo in reversed(self._undo):
+        with self._lock:
+            self._closed = True
+        steps = [lambda: _detach_worker_logs(self), *reversed(self._undo)]
+        for step in steps:
             try:
-                undo()
+                step()
             except Exception as exc:  # undoing the rest matters more than this one
                 print(f"ntf-ray: could not restore the terminal's set-up ({exc})", file=sys.stderr)
-        self.file.close()
-        self.kept = self._keep()
+        with self._lock:
+            self.file.close()
+        try:
+            self.kept = self._keep()
+        except OSError as exc:  # never in place of the command's own outcome
+            self.kept = str(self.log_path)
+            print(f"ntf-ray: the log stays at {self.log_path}: {exc}", file=sys.stderr)
 
     def _keep(self) -> str | None:
         """Move the log under ``folder/_logs`` (see ``session``)."""
@@ -239,14 +260,15 @@ class Session:
             self._ray_message({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
     def _write(self, data: dict[str, Any], lines: list[str]) -> None:
+        lines = [line for line in lines if _TQDM_MAGIC not in line]  # a remote bar's state, for Ray's printer
         if not lines:
             return
         name = data.get("actor_name") or data.get("task_name") or "worker"
         where = f", ip={data['ip']}" if data.get("ip") and data.get("ip") != data.get("localhost") else ""
         prefix = f"({name} pid={data.get('pid')}{where}) "
-        self.file.write("".join(prefix + line.rstrip("\n") + "\n" for line in lines))
-
-    _ray_print: Any = None
+        with self._lock:
+            if not self._closed:  # Ray's threads may still deliver a line while the session ends
+                self.file.write("".join(prefix + line.rstrip("\n") + "\n" for line in lines))
 
 
 def _autoscaler_events(lines: list[str]) -> list[str]:
@@ -312,18 +334,23 @@ def attach_worker_logs() -> None:
     if s is None or not ray.is_initialized() or s._ray_print is not None:
         return
     dispatcher = _dispatcher()
-    ours = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
-    if len(ours) != 1:
-        return  # Ray was started with log_to_driver=False (nothing arrives here), or another Ray
-    s._ray_print = ours[0]
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", s.worker_lines)
+    lock = getattr(dispatcher, "_lock", None)
+    if lock is None:
+        return
+    with lock:  # one swap: no line is printed by neither
+        pairs = list(dispatcher.handlers)
+        theirs = [h for name, h in pairs if name == "ray_print_logs"]
+        if len(theirs) != 1:
+            return  # Ray was started with log_to_driver=False (nothing arrives here), or another Ray
+        s._ray_print = theirs[0]
+        dispatcher.handlers = [(n, s.worker_lines if n == "ray_print_logs" else h) for n, h in pairs]
 
 
 def _detach_worker_logs(s: Session) -> None:
     if s._ray_print is None:
         return
     dispatcher = _dispatcher()
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", s._ray_print)
+    with dispatcher._lock:
+        # only where ours is still there: ray.shutdown removes it, and the next ray.init adds its own
+        dispatcher.handlers = [(n, s._ray_print if h == s.worker_lines else h) for n, h in dispatcher.handlers]
     s._ray_print = None

@@ -344,27 +344,27 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
                             augment_in_tasks=augment == "tasks")
     storage_path, fs = _storage(spec)
     watch = StageWatch(stage, cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "endpoint": spec.endpoint, "output": spec.output,
-                           "counter": counter, "data": data_summary(table), "run_name": spec.run_name,
-                           "augment": augment, "board": watch.board, "rows": rows.num_rows},
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                     resources_per_worker={"CPU": spec.cpus_per_worker,
-                                                           **({"GPU": 1} if spec.use_gpu else {})}),
-        run_config=RunConfig(
-            name=f"{spec.run_name}-stage{stage}",
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.num_to_keep),
-            failure_config=FailureConfig(max_failures=spec.max_failures),
-        ),
-        datasets={"train": dataset},
-    )
-    log.info("stage %d: %d training rows, %d workers (%s), images decoded and augmented in %s, run %s-stage%d", stage,
-             rows.num_rows, spec.num_workers, "GPU" if spec.use_gpu else "CPU",
-             "the workers" if augment == "worker" else "Ray Data tasks", spec.run_name, stage)
-    with watch:
+    with watch:  # its board is an actor, killed however the run ends
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "endpoint": spec.endpoint, "output": spec.output,
+                               "counter": counter, "data": data_summary(table), "run_name": spec.run_name,
+                               "augment": augment, "board": watch.board, "rows": rows.num_rows},
+            scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                         resources_per_worker={"CPU": spec.cpus_per_worker,
+                                                               **({"GPU": 1} if spec.use_gpu else {})}),
+            run_config=RunConfig(
+                name=f"{spec.run_name}-stage{stage}",
+                storage_path=storage_path,
+                storage_filesystem=fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.num_to_keep),
+                failure_config=FailureConfig(max_failures=spec.max_failures),
+            ),
+            datasets={"train": dataset},
+        )
+        log.info("stage %d: %d training rows, %d workers (%s), images decoded and augmented in %s, run %s-stage%d",
+                 stage, rows.num_rows, spec.num_workers, "GPU" if spec.use_gpu else "CPU",
+                 "the workers" if augment == "worker" else "Ray Data tasks", spec.run_name, stage)
         result = trainer.fit()
     ray.kill(counter)
     return result
@@ -433,14 +433,14 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit sets it for its entrypoint)
         ray.init()
-        return
-    cores = os.cpu_count() or 2
-    # address="local": a new local Ray even when `ray start` left a cluster on this machine
-    # (use RAY_ADDRESS to run on that one).
-    ray.init(address="local", num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    else:
+        cores = os.cpu_count() or 2
+        # address="local": a new local Ray even when `ray start` left a cluster on this machine
+        # (use RAY_ADDRESS to run on that one).
+        ray.init(address="local", num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
     console.attach_worker_logs()  # a command's session sends its workers' output to its log file
 
 

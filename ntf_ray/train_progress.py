@@ -93,6 +93,7 @@ class StageWatch:
         self.board = ProgressBoard.remote()
         self._stop = threading.Event()
         self._seen = 0
+        self._printed: set[int] = set()
         self._bar = None
         self._thread = threading.Thread(target=self._run, name=f"ntf-stage{stage}-progress", daemon=True)
 
@@ -103,11 +104,17 @@ class StageWatch:
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join()
-        self._read()  # the last epochs, posted after the thread's last read
-        if self._bar is not None:
-            self._bar.close()
-        ray.kill(self.board)
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self._read()  # the last epochs, posted after the thread's last read
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            try:
+                ray.kill(self.board)
+            except Exception:  # Ray already gone: nothing to free, and fit()'s own error comes first
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(READ_EVERY_S):
@@ -119,6 +126,9 @@ class StageWatch:
         except (ray.exceptions.RayError, TimeoutError):
             return  # progress is best-effort; the run's own errors come from fit()
         for finished, summary in done:
+            if finished in self._printed:  # an epoch run again after a restart from a checkpoint
+                continue
+            self._printed.add(finished)
             line = summary_line(self.stage, finished, self.epochs, summary)
             if self._bar is not None:
                 self._bar.set_postfix_str(line.split(", ", 1)[-1], refresh=False)

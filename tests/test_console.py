@@ -83,7 +83,10 @@ def test_worker_lines_go_to_the_file_without_the_harmless_ones_and_the_autoscale
                     "lines": ["Started training worker group", console.HARMLESS[0] + ". Continuing to monitor."]})
     s.worker_lines({"pid": "autoscaler", "lines": ["======== Autoscaler status: now ========", "Node status"]})
     s.worker_lines({"pid": 8, "task_name": "read", "ip": "10.0.0.2", "localhost": "10.0.0.1", "lines": ["remote"]})
+    s.worker_lines({"pid": 9, "actor_name": "SplitCoordinator", "lines": ['{"__ray_tqdm_magic_token__": 1, "x": 3}']})
+    s._closed = True
     s.file.close()
+    s.worker_lines({"pid": 7, "actor_name": "TrainController", "lines": ["a line Ray delivers as the session ends"]})
     assert (tmp_path / "x.log").read_text().splitlines() == [
         "(TrainController pid=7) Started training worker group", "(read pid=8, ip=10.0.0.2) remote"]
 
