@@ -63,15 +63,16 @@ def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, 
     from ntf_ray.scoring import Scorer
 
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
-    manifest = s3.upload_synthetic(bucket, tmp_path / "synth", n_real=1000, n_fake=1000, size=64, seed=7)
+    # A small set (the suite's time): that training learns at the recipe's scale is
+    # tests/test_recipe.py's (AP >= 0.9 in one process), and that 2 workers train as one
+    # worker of their global batch is tests/test_ray_train.py's parity tests. Here: the job
+    # path, from and to S3, and a detector that learned something.
+    manifest = s3.upload_synthetic(bucket, tmp_path / "synth", n_real=200, n_fake=200, size=64, seed=7)
     output = f"{bucket}/run"
 
-    # 2 workers x 8 images: the global batch of the one-process recipe (batch 16), so the same
-    # number of optimiser steps per epoch (2 x 16 takes half the steps). 20 stage-2 epochs:
-    # with the frozen tiny encoder, the classifier is still improving after 10.
+    # 2 workers x 8 images: the global batch of the one-process recipe (batch 16)
     job = ray_cluster.submit("python", "jobs/train.py", "--stage", "both", "--manifest", manifest, "--output", output,
                              "--config", "jobs/configs/smoke.yaml", "--num-workers", "2", "--batch-size", "8",
-                             "--epochs-stage2", "20",
                              "--s3-endpoint", s3.endpoint_url, "--run-name", "job-e2e")
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-5000:]
@@ -94,8 +95,9 @@ def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, 
     scorer = Scorer.from_artifact(f"{output}/detector", device="cpu", options=options)
     assert scorer.input_size == 48
     rows = evaluate(scorer, select(read_manifest(manifest, options), split="test"), options=options)
-    assert rows[-1]["images"] == 600
-    assert rows[-1]["ap"] >= 0.9, rows
+    assert rows[-1]["images"] == 120
+    print(f"job-trained detector on the held-out split: AP {rows[-1]['ap']:.3f}")
+    assert rows[-1]["ap"] >= 0.75, rows
 
 
 def test_job_submit_scans_a_bucket_into_a_table_pandas_and_pyarrow_read(ray_cluster, s3, bucket, tmp_path):
