@@ -9,14 +9,14 @@ import re
 import sys
 from pathlib import Path
 
-from ntf_ray import __version__, console
+from ntf_ray import __version__, ray_console as console
 from ntf_ray.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_AHEAD_BYTES
 from ntf_ray.cli_review import add_evaluation_actor_arguments, add_review_commands
 from ntf_ray.variants import VARIANTS
 
 log = logging.getLogger("ntf_ray")
 #: The commands that run on Ray, and the argument naming the folder their log file goes under
-#: (``FOLDER/_logs``, see ``ntf_ray.console``).
+#: (``FOLDER/_logs``, see ``ntf_ray.ray_console``).
 LOG_FOLDER = {"train": "output", "evaluate": "output", "calibrate": "output", "scan": "output",
               "moderate": "output", "demo": "work"}
 

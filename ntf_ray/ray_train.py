@@ -33,7 +33,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ntf_ray import console, dist, storage
+from ntf_ray import dist, ray_console as console, storage
 from ntf_ray.artifact import save_artifact
 from ntf_ray.config import ResumeConflict, TrainConfig, refuse_resume, resume_conflicts
 from ntf_ray.datasets import read_manifest
@@ -52,7 +52,7 @@ from ntf_ray.recipe import build_stage1, build_stage2, data_summary, stage1_kwar
 from ntf_ray.variants import get_variant
 from ntf_ray.storage import StorageOptions
 from ntf_ray.ray_train_data import DropCounter, InputWaits, agreed_batches, augment_place, build_dataset
-from ntf_ray.train_progress import Poster, StageWatch
+from ntf_ray.ray_train_progress import Poster, StageWatch
 
 log = logging.getLogger(__name__)
 

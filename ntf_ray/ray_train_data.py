@@ -131,7 +131,7 @@ def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str
     # task each (measured: 16-row blocks took twice as long per epoch as 64-row ones).
     ds = ds.repartition(_blocks(rows.num_rows, max(DECODE_BLOCK_ROWS, cfg.batch_size))).randomize_block_order()
     # Its bars would draw in Ray Train's split coordinator, an actor whose output goes to the
-    # log file: the driver's epoch bar (train_progress.StageWatch) shows the stage instead.
+    # log file: the driver's epoch bar (ray_train_progress.StageWatch) shows the stage instead.
     ds.context.enable_progress_bars = False
     if not augment_in_tasks:
         return ds

@@ -1,7 +1,7 @@
 """Training progress on the driver: one bar per stage on a terminal, one line per epoch otherwise.
 
 The epochs run in Ray Train's workers, whose own output goes to the command's log file
-(``ntf_ray.console``). Rank 0 posts its progress to a small actor, the ``ProgressBoard``;
+(``ntf_ray.ray_console``). Rank 0 posts its progress to a small actor, the ``ProgressBoard``;
 the driver, blocked in ``trainer.fit()``, reads it from a thread. Posts are fire-and-forget
 and throttled, so the board costs the training loop nothing it would wait for.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from ntf_ray import console
+from ntf_ray import ray_console as console
 
 #: seconds between two step posts of rank 0, and between two reads of the driver
 POST_EVERY_S = 1.0
