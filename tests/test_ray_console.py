@@ -144,14 +144,14 @@ def test_the_demo_prints_its_steps_and_results_and_keeps_rays_logs_in_a_file(tmp
 def _report_of_the_demos_scan(work: Path, tmp_path: Path) -> None:
     """``ntf-ray report`` on the demo's scan, with heatmaps, opened in headless Chromium."""
     from ntf_ray.cli import main
-    from tests.test_report import CHROMEDRIVER, CHROMIUM, render_in_browser
+    from tests.test_report import browser_runs, render_in_browser
 
     page = work / "moderation"
     assert main(["report", "--scores", str(work / "scores"), "--top", "24", "--model", str(work / "run" / "detector"),
                  "--output", str(page)]) == 0
     text = (page / "index.html").read_text()
     assert "<th>listed</th><td>80</td>" in text and "<th>scored</th><td>80</td>" in text
-    if not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("NTF_REQUIRE_BROWSER"):
+    if not browser_runs():
         return  # the page's text is checked; the browser only where it is installed (CI installs it)
     shot = Path(os.environ.get("NTF_DEMO_REPORT_SCREENSHOT", tmp_path / "demo-report.png"))
     widths, errors = render_in_browser(page / "index.html", shot)
