@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,13 +87,30 @@ def model_id_of(weights: bytes, *, backbone: str | None = None, head: str | None
     return hashlib.sha256(contract.encode()).hexdigest()[:16]
 
 
+def check_threshold(threshold: object, where: str) -> float:
+    """``threshold`` as a float, or ``ArtifactError``: a decision threshold is a finite number in
+    [0, 1] (NaN flags nothing, -1 or 50 everything or nothing)."""
+    if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold)
+            or not 0.0 <= threshold <= 1.0):
+        raise ArtifactError(f"{where}: threshold {threshold!r}; expected a number in [0, 1] (scores are P(fake))")
+    return float(threshold)
+
+
 def check_contract(input_size: object, threshold: object, where: str) -> None:
     """Refuse an input size or threshold no detector can score with."""
     lo, hi = INPUT_SIZES
     if type(input_size) is not int or not lo <= input_size <= hi:
         raise ArtifactError(f"{where}: input_size {input_size!r}; expected an integer in [{lo}, {hi}]")
-    if type(threshold) not in (int, float) or not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
-        raise ArtifactError(f"{where}: threshold {threshold!r}; expected a number in [0, 1] (scores are P(fake))")
+    check_threshold(threshold, where)
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity: such a detector scores NaN, and a NaN score
+    compares false with every threshold, so every image it sees would pass as real."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ArtifactError(f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[:2]}); a detector "
+                            "with non-finite weights cannot score (was its training diverging?)")
 
 
 def save_artifact(
@@ -109,6 +127,7 @@ def save_artifact(
     """Write ``uri/model.safetensors`` then ``uri/model.json``; returns the artifact with its model_id."""
     check_contract(input_size, threshold, f"artifact for {uri}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
+    check_finite(state, f"artifact for {uri}")
     # One metadata entry only: safetensors writes its metadata map in hash order, so two
     # entries would make the file bytes (and so model_id) differ between saves of one model.
     header = json.dumps({"backbone": detector.encoder.backbone, "format_version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
@@ -200,6 +219,7 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
             f"{len(wrong_shape)} of another shape (e.g. {wrong_shape[:2]})"
         )
+    check_finite(state, f"artifact at {uri}")
     detector.load_state_dict(state)
     detector.to(map_location).eval()
     # The normalisation applied is the one stored with the weights (Encoder buffers);

@@ -175,7 +175,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = Scorer.from_artifact(args.model, device=args.device, threshold=args.threshold,
                                   options=args.storage_options, decoder=args.decoder)
     for row in score_files(scorer, args.inputs, options=args.storage_options):
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, allow_nan=False), flush=True)
     return 0
 
 
@@ -217,7 +217,7 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
         s.add_argument("--incremental", action="store_true",
                        help="score only objects whose (uri, etag) has no row from this model in a completed run")
     s.add_argument("--glob", help="only object names matching this pattern, e.g. '*.jpg' (case-insensitive)")
-    s.add_argument("--threshold", type=float, help="decision threshold for is_fake (default: the artifact's)")
+    s.add_argument("--threshold", type=_threshold, help="decision threshold for is_fake (default: the artifact's)")
     s.add_argument("--batch-size", type=int, help="images per detector call (default 256 on GPUs, 64 on CPUs)")
     s.add_argument("--min-actors", type=int,
                    help="detector actors to start with (default: --max-actors, a fixed pool; fewer lets "
@@ -250,6 +250,17 @@ def add_decoder_argument(s: argparse.ArgumentParser) -> None:
                         "nvimgcodec: the same on the GPU's hardware JPEG engines, with Pillow's pixels "
                         "(pip install 'ntf-ray[nvimgcodec]'); auto (default): nvimgcodec on GPUs when installed, else "
                         "nvjpeg; pil on CPUs. The table's decoder column says which ran")
+
+
+def _threshold(text: str) -> float:
+    """``--threshold``: a score is P(fake), so a decision threshold is a finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"{text!r}: a threshold is a number in [0, 1] (scores are P(fake))")
+    return value
 
 
 def _size(text: str) -> int:
@@ -373,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(blur sigma in px, JPEG quality, noise sigma in [0, 1] units, down-scaling factor); seeded")
     s.add_argument("--embeddings", type=int, default=0, metavar="N",
                    help="t-SNE map of N clean test images' features, coloured by generator and label (default 0: none)")
-    s.add_argument("--threshold", type=float, help="decision threshold for ACC/FPR/FNR (default: the artifact's)")
+    s.add_argument("--threshold", type=_threshold, help="decision threshold for ACC/FPR/FNR (default: the artifact's)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise perturbation and the t-SNE sample (default 0)")
     add_evaluation_actor_arguments(s)
     s.set_defaults(func=cmd_evaluate)
@@ -386,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="*", metavar="PATH_OR_URI", help="image files or s3:// objects")
     s.add_argument("--card", action="store_true",
                    help="print the detector's model card first (intended use, data, calibration, metrics, limits)")
-    s.add_argument("--threshold", type=float, help="decision threshold (default: the artifact's)")
+    s.add_argument("--threshold", type=_threshold, help="decision threshold (default: the artifact's)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_decoder_argument(s)
     s.set_defaults(func=cmd_score)
@@ -398,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
+    from ntf_ray.errors import DetectorFault
     from ntf_ray.storage import StorageOptions, redact
 
     # Resolved once, here: an absent --s3-endpoint means AWS_ENDPOINT_URL for every command.
@@ -413,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except DetectorFault as exc:  # a broken detector: stop with one line, not a traceback
+        print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+        return 1
     finally:
         if session is not None and session.kept:
             print(f"Ray's logs of this run: {session.kept}{'' if args.verbose else ' (-v shows them here)'}",

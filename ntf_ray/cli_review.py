@@ -40,7 +40,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     results = explain(args.model, args.inputs, args.output, options=args.storage_options,
                       device=str(resolve_device(args.device)))
     for r in results:
-        print(json.dumps({"uri": r.source, "score": r.score, "heatmap": r.output, "error": r.error}), flush=True)
+        print(json.dumps({"uri": r.source, "score": r.score, "heatmap": r.output, "error": r.error}, allow_nan=False), flush=True)
     return 0 if any(r.error is None for r in results) else 1
 
 

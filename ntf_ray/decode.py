@@ -58,6 +58,20 @@ Mode handling (all results are ``(H, W, 3)`` ``uint8`` RGB, C-contiguous, writea
   values are a decode error (there is no sensible display mapping).
 * Multi-frame files (GIF, APNG, animated WebP, multi-page TIFF, MPO): the first frame.
 
+Bounded work. Besides the pixel limit below, every declared size is checked before any
+decoder allocates for it: a TIFF's tiles and strips (at most the image's own pixels, or
+16 Mpx, and never over ``max_pixels``), an ICO's embedded images (an ICO's directory may
+say 16 x 16 over a 12000 x 12000 PNG; its plugin decodes that inside ``Image.open``, so the
+embedded headers are read first), and a JPEG's progressive scans (at most
+:data:`ntf_ray.jpeg_screen.MAX_SCANS`, ``too_large: ...``). A truncated JPEG is an error
+however it ends: one cut short and given an end-of-image marker decodes with grey rows in
+Pillow (libjpeg only warns), so JPEGs go through libjpeg-turbo with warnings as errors
+(``simplejpeg``; plain files are decoded there, with the same pixels as Pillow's; others
+are checked there, then decoded by Pillow). And ``deadline_s`` (default
+:data:`DEFAULT_DEADLINE_S`) bounds the time one decode may take: it is checked each time
+the decoder asks for more input and between blocks of rows, and ``decode: too slow ...``
+is the result when it passes.
+
 Decompression bombs. ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`) is compared with
 the header's ``width * height`` right after ``Image.open`` (which reads the header only)
 and before ``load()``, so a bomb is never allocated. ``max_pixels=None`` disables this
@@ -86,19 +100,28 @@ import io
 import operator
 import re
 import struct
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ntf_ray.formats import FORMATS, OPENERS, unsupported_format
+from ntf_ray.jpeg_screen import MAX_SCANS, count_scans, screen
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "Decoded", "decode"]
+__all__ = ["DEFAULT_DEADLINE_S", "DEFAULT_MAX_PIXELS", "FORMATS", "Decoded", "decode"]
 
 #: Default ceiling on ``width * height`` (100 Mpx, e.g. 12000 x 8333). A 100 Mpx RGB
 #: image is 300 MB as uint8; anything bigger in a web crawl is almost surely not a photo
 #: worth scoring at full resolution, or a deliberate bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Default time one decode may take (seconds). A 100 Mpx PNG decodes in a few seconds on one
+#: core; what takes longer is a file built to hold its decoder.
+DEFAULT_DEADLINE_S = 30.0
+#: A TIFF tile or strip may hold the image's own pixels, or this many (a small image in one
+#: 256 x 256 tile is common), whichever is more, and never more than ``max_pixels``.
+_TILE_FLOOR_PIXELS = 1 << 24
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Keep error reasons short and on one line so they can be stored in a table column and
 # counted by prefix.
@@ -170,10 +193,37 @@ class _TooLarge(Exception):
     """Internal: Pillow's own bomb guard fired while loading (message is the reason)."""
 
 
+class _TooSlow(Exception):
+    """Internal: the decode's deadline passed."""
+
+
+class _Timed(io.BytesIO):
+    """The file Pillow reads: each read past the deadline raises ``_TooSlow``, so a decoder
+    that keeps asking for input stops there."""
+
+    def __init__(self, buf, deadline: float | None):
+        super().__init__(buf)
+        self.deadline = deadline
+
+    def read(self, size: int | None = -1) -> bytes:
+        _check_deadline(self.deadline)
+        return super().read(size)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise _TooSlow
+
+
+def _too_slow(deadline_s: float | None) -> str:
+    return f"decode: too slow (over {deadline_s:g} s)"
+
+
 def decode(
     data: bytes | bytearray | memoryview,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    deadline_s: float | None = DEFAULT_DEADLINE_S,
 ) -> Decoded:
     """Decode encoded image bytes to a full-resolution ``(H, W, 3)`` ``uint8`` RGB array.
 
@@ -184,6 +234,7 @@ def decode(
             (``width * height``) before any pixel memory is allocated; ``None`` disables
             the check. See the module docstring for how this interacts with Pillow's
             global ``Image.MAX_IMAGE_PIXELS``.
+        deadline_s: give up after this many seconds (``decode: too slow``); None: no deadline.
 
     Returns:
         A :class:`Decoded`. Never raises for bad data; check ``.ok`` / ``.error``.
@@ -197,11 +248,17 @@ def decode(
     limit = _check_max_pixels(max_pixels)
     if len(buf) == 0:
         return _failure("decode: empty file")
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    icon = _icon_too_large(buf, limit)
+    if icon is not None:  # before Image.open: the ICO plugin decodes its embedded image there
+        return Decoded(None, "ICO", None, None, icon)
 
     # 1) Identify and read the header only (Image.open is lazy), trying only the plugins
     # of FORMATS: no other plugin's open or load ever sees the bytes.
     try:
-        im = Image.open(io.BytesIO(buf), formats=OPENERS)
+        im = Image.open(_Timed(buf, deadline), formats=OPENERS)
+    except _TooSlow:
+        return _failure(_too_slow(deadline_s))
     except UnidentifiedImageError:
         name = unsupported_format(buf)
         if name is None:
@@ -235,10 +292,21 @@ def decode(
             )
         if width <= 0 or height <= 0:
             return Decoded(None, fmt, width, height, f"decode: empty image ({width}x{height})")
+        refused = _declared_work(im, buf, limit)
+        if refused is not None:
+            return Decoded(None, fmt, width, height, refused)
+        if fmt in ("JPEG", "MPO"):
+            image, reason = _decode_jpeg(buf, limit)
+            if reason is not None:
+                return Decoded(None, fmt, width, height, reason)
+            if image is not None:
+                return Decoded(image, fmt, int(image.shape[1]), int(image.shape[0]), None)
         # 3) Decode fully. load() surfaces truncation as OSError since we never set
         # ImageFile.LOAD_TRUNCATED_IMAGES; then orient and convert.
         try:
-            image = _load_oriented_rgb(im)
+            image = _load_oriented_rgb(im, deadline)
+        except _TooSlow:
+            return Decoded(None, fmt, width, height, _too_slow(deadline_s))
         except _TooLarge as exc:
             return Decoded(None, fmt, width, height, str(exc))
         except MemoryError:
@@ -251,6 +319,111 @@ def decode(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _icon_too_large(buf, limit: int | None) -> str | None:
+    """``too_large: ...`` when an ICO's directory points at an embedded PNG or BMP whose own
+    header declares more than ``limit`` pixels (whatever the directory says), else None."""
+    head = bytes(buf[:6])
+    if limit is None or len(head) < 6 or head[:4] != b"\x00\x00\x01\x00":
+        return None
+    (count,) = struct.unpack_from("<H", head, 4)
+    for i in range(count):
+        entry = bytes(buf[6 + 16 * i : 22 + 16 * i])
+        if len(entry) < 16:
+            return None  # a short directory: the plugin reports it
+        (offset,) = struct.unpack_from("<I", entry, 12)
+        sub = bytes(buf[offset : offset + 26])
+        if sub[:8] == _PNG_MAGIC and len(sub) >= 24:
+            w, h = struct.unpack_from(">II", sub, 16)
+        elif len(sub) >= 12 and struct.unpack_from("<I", sub, 0)[0] == 12:  # BITMAPCOREHEADER
+            w, h = struct.unpack_from("<HH", sub, 4)
+            h //= 2  # the XOR image over its AND mask
+        elif len(sub) >= 12:
+            w, h = (abs(v) for v in struct.unpack_from("<ii", sub, 4))
+            h //= 2
+        else:
+            continue
+        if w * h > limit:
+            return f"too_large: an embedded icon image of {w}x{h} = {w * h} px > limit {limit}"
+    return None
+
+
+def _declared_work(im: Image.Image, buf, limit: int | None) -> str | None:
+    """``too_large: ...`` for what a header declares beyond its pixels: a TIFF's tile or strip
+    size, a JPEG's number of scans. None when within bounds."""
+    if im.format == "TIFF":
+        width, height = im.size
+        bound = max(width * height, _TILE_FLOOR_PIXELS)
+        if limit is not None:
+            bound = min(bound, limit)
+        tags = im.tag_v2
+        try:
+            tile_w, tile_h, rows = (int(tags.get(t) or 0) for t in (322, 323, 278))
+        except (TypeError, ValueError):
+            return "decode: unreadable TIFF tile or strip size"
+        if tile_w and tile_h and tile_w * tile_h > bound:
+            return f"too_large: TIFF tiles of {tile_w}x{tile_h} = {tile_w * tile_h} px > limit {bound}"
+        if rows and min(rows, height) * width > bound:
+            return f"too_large: TIFF strips of {width}x{min(rows, height)} px > limit {bound}"
+    elif im.format in ("JPEG", "MPO"):
+        scans = count_scans(buf)
+        if scans > MAX_SCANS:
+            return f"too_large: more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)"
+    return None
+
+
+def _decode_jpeg(buf, limit: int | None) -> tuple[np.ndarray | None, str | None]:
+    """``(pixels, None)`` for a plain JPEG (baseline or progressive, grey or YCbCr, any EXIF
+    orientation) decoded by libjpeg-turbo with warnings as errors; ``(None, reason)`` when it
+    ends early (``decode: truncated image``); ``(None, None)``: Pillow decodes it.
+
+    Pillow's JPEG plugin runs the same libjpeg-turbo with the same settings (accurate DCT,
+    fancy upsampling), so the pixels are Pillow's (a test compares them); it ignores
+    libjpeg's warnings, and a file cut short then given an end-of-image marker decodes
+    with grey rows. Any other warning (extraneous bytes, a restart marker out of place)
+    leaves the file to Pillow, as before.
+    """
+    import simplejpeg
+
+    found = screen(buf, max_pixels=limit, allow_orientation=True)
+    if not found.gpu:
+        return None, ("decode: truncated image" if _ends_early(buf) else None)
+    try:
+        pixels = simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
+    except ValueError as exc:
+        return None, ("decode: truncated image" if "premature end" in str(exc).lower() else None)
+    method = _ORIENTATION_TO_TRANSPOSE.get(found.orientation)
+    return (pixels if method is None else np.ascontiguousarray(_NUMPY_TRANSPOSE[method](pixels))), None
+
+
+def _ends_early(buf) -> bool:
+    """Whether libjpeg-turbo finds the JPEG's data ending before its image does."""
+    import simplejpeg
+
+    for space in ("RGB", "CMYK"):  # CMYK and YCCK files do not convert to RGB in libjpeg
+        try:
+            simplejpeg.decode_jpeg(buf, colorspace=space, fastdct=True, fastupsample=True, strict=True)
+            return False
+        except ValueError as exc:
+            message = str(exc).lower()
+            if "premature end" in message:
+                return True
+            if "color" not in message:  # another warning, or a file libjpeg-turbo cannot read: Pillow decides
+                return False
+    return False
+
+
+#: Pillow's transposes as numpy views of an ``(H, W, C)`` array.
+_NUMPY_TRANSPOSE = {
+    Image.Transpose.FLIP_LEFT_RIGHT: lambda a: a[:, ::-1],
+    Image.Transpose.ROTATE_180: lambda a: a[::-1, ::-1],
+    Image.Transpose.FLIP_TOP_BOTTOM: lambda a: a[::-1],
+    Image.Transpose.TRANSPOSE: lambda a: a.transpose(1, 0, 2),
+    Image.Transpose.ROTATE_270: lambda a: np.rot90(a, k=-1),
+    Image.Transpose.TRANSVERSE: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    Image.Transpose.ROTATE_90: lambda a: np.rot90(a, k=1),
+}
 
 
 def _as_buffer(data: object) -> bytes | bytearray | memoryview:
@@ -345,7 +518,7 @@ def _open_without_pillow_bomb_check(buf: bytes | bytearray | memoryview):
     return None
 
 
-def _load_oriented_rgb(im: Image.Image) -> np.ndarray:
+def _load_oriented_rgb(im: Image.Image, deadline: float | None = None) -> np.ndarray:
     """Fully decode ``im``, apply EXIF orientation, return ``(H, W, 3)`` uint8 RGB."""
     try:
         im.load()
@@ -361,7 +534,7 @@ def _load_oriented_rgb(im: Image.Image) -> np.ndarray:
         # Transposing before the RGB conversion keeps mode, palette and transparency
         # info, and moves fewer bytes for 1-byte modes.
         im = im.transpose(method)
-    return _to_rgb_array(im)
+    return _to_rgb_array(im, deadline)
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -381,7 +554,7 @@ def _has_transparency(im: Image.Image) -> bool:
     return im.mode in _ALPHA_MODES or "transparency" in im.info
 
 
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
+def _to_rgb_array(im: Image.Image, deadline: float | None = None) -> np.ndarray:
     """Convert a loaded Pillow image of any mode to ``(H, W, 3)`` uint8 RGB (see module doc)."""
     mode = im.mode
     if mode.startswith("I;16"):
@@ -393,7 +566,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         return _gray_to_rgb(_scale_float(np.asarray(im)))
     if _has_transparency(im):
         try:
-            return _composite_on_white(im)
+            return _composite_on_white(im, deadline)
         except (ValueError, TypeError, KeyError):
             # A malformed transparency key (convert("RGBA") refuses it) should not lose the
             # image: ignore it.
@@ -403,12 +576,12 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     # (e.g. torch.from_numpy) gets a writeable, contiguous array.
     width, height = im.size
     out = np.empty((height, width, 3), np.uint8)
-    for rows, rgb in _row_blocks(im, "RGB"):
+    for rows, rgb in _row_blocks(im, "RGB", deadline):
         out[rows] = rgb
     return out
 
 
-def _row_blocks(im: Image.Image, mode: str):
+def _row_blocks(im: Image.Image, mode: str, deadline: float | None = None):
     """Yield ``(rows, pixels)``: a ``slice`` of ``im``'s rows and those rows converted to
     ``mode`` as a ``(len(rows), W, C)`` uint8 array, about ``_BLOCK_PIXELS`` at a time.
 
@@ -419,6 +592,7 @@ def _row_blocks(im: Image.Image, mode: str):
     width, height = im.size
     step = max(1, _BLOCK_PIXELS // width)
     for top in range(0, height, step):
+        _check_deadline(deadline)
         bottom = min(height, top + step)
         block = im if step >= height else im.crop((0, top, width, bottom))
         if block.mode != mode:
@@ -426,7 +600,7 @@ def _row_blocks(im: Image.Image, mode: str):
         yield slice(top, bottom), np.asarray(block)
 
 
-def _composite_on_white(im: Image.Image) -> np.ndarray:
+def _composite_on_white(im: Image.Image, deadline: float | None = None) -> np.ndarray:
     """An image with transparency -> ``(H, W, 3)`` uint8 RGB over a white background.
 
     ``out = (rgb * a + 255 * (255 - a) + 127) // 255`` per pixel, in uint16 and in place,
@@ -434,7 +608,7 @@ def _composite_on_white(im: Image.Image) -> np.ndarray:
     """
     width, height = im.size
     out = np.empty((height, width, 3), np.uint8)
-    for rows, rgba in _row_blocks(im, "RGBA"):
+    for rows, rgba in _row_blocks(im, "RGBA", deadline):
         alpha = rgba[..., 3:]
         if alpha.min() == 255:
             out[rows] = rgba[..., :3]

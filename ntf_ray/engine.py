@@ -96,6 +96,18 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the step is not taken, and training stops with the
+    last good checkpoint in place (a diverged model must never be saved as a detector)."""
+
+
+def _check_finite(loss: torch.Tensor, stage: int, epoch: int, step: int) -> None:
+    if not bool(torch.isfinite(loss.detach())):  # one sync per step; the meter reads the loss anyway
+        raise NonFiniteLoss(f"stage {stage} epoch {epoch} step {step}: the loss is {float(loss.detach())}; training "
+                            "stops before this step (the last good checkpoint is kept): lower the learning rate, or "
+                            "check the data")
+
+
 def _empty(batch: Mapping[str, Any], key: str) -> bool:
     """A batch whose every image failed to decode (``collate_drop_none``). Only the local
     loop may skip one: under ``gather=True`` every rank must take every step."""
@@ -167,6 +179,7 @@ def train_stage1_epoch(
             z_hom[:n], z_hom[n:], het1, het2,
             temperature=temperature, lam=lam, use_het=use_het, use_orth=use_orth, gather=gather,
         )
+        _check_finite(parts["loss"], 1, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if not isinstance(model, DistributedDataParallel):
@@ -263,6 +276,7 @@ def train_stage2_epoch(
             z.float(), logits.float(), labels, hom,
             temperature=temperature, eta=eta, gamma=gamma, use_scl=use_scl, gather=gather,
         )
+        _check_finite(parts["loss"], 2, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         # Stage 2 is never DDP-wrapped (its forward is not one module call): average here.
@@ -324,7 +338,7 @@ def save_checkpoint(
         meta["optimizer"] = {"param_groups": state["param_groups"], "values": opt_values}
     if scheduler is not None:
         meta["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False))
     return directory
 
 

@@ -9,7 +9,7 @@ file is screened here first, from its markers alone, and only plain files go to 
 - baseline or progressive Huffman, 8-bit, 1 (grey) or 3 (YCbCr) components;
 - ends with the end-of-image marker (trailing padding aside);
 - no EXIF/XMP orientation other than "normal", not a multi-picture file (MPO);
-- within the pixel limit.
+- within the pixel limit and ``MAX_SCANS`` progressive scans.
 
 Everything else goes to the core decoder on the CPU, which reports the same errors (and
 decodes the same oddities) as it does for any other scan, so routing never changes what a
@@ -18,6 +18,7 @@ row says, only how fast it is written.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -30,6 +31,13 @@ _NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7
 _EXIF = b"Exif\x00\x00"
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 _ORIENTATION_TAG = 0x0112
+#: Most scans a JPEG may hold (progressive files carry about 10). Each scan makes the decoder
+#: pass over the whole image again, so a small file of thousands of tiny scans costs minutes
+#: of CPU; libjpeg-turbo's own scan limit (``-maxscans``, ``TJPARAM_SCANLIMIT``), which its
+#: fuzzers set to 500, refuses such files the same way.
+MAX_SCANS = 500
+# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing) or RST0-7; anything else is a marker.
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,46 @@ class Screen:
     reason: str
     width: int | None = None
     height: int | None = None
+    orientation: int = 1  # the EXIF orientation (IFD0) when it is the reason the file is not plain
 
 
-def screen(data: bytes | bytearray | memoryview, *, max_pixels: int | None) -> Screen:
-    """Decide from the markers alone whether ``data`` may be decoded on the GPU."""
+def count_scans(data: bytes | bytearray | memoryview, limit: int = MAX_SCANS) -> int:
+    """How many scans (start-of-scan segments) the first image of a JPEG holds, counting
+    stops at ``limit + 1``. Reads markers only: entropy-coded data is skipped by a search for
+    the next marker, so a file is walked at memory speed."""
+    view = bytes(data) if not isinstance(data, bytes) else data
+    n, pos, scans = len(view), 2, 0
+    while pos + 4 <= n and scans <= limit:
+        if view[pos] != 0xFF:
+            return scans  # corrupt: the decoder will say so
+        marker = view[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of the first image
+            return scans
+        if marker in _NO_LENGTH or marker == 0xD8:
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", view, pos + 2)
+        pos += 2 + length
+        if marker != 0xDA:
+            continue
+        scans += 1
+        found = _MARKER_IN_SCAN.search(view, pos)
+        while found is not None and view[found.start() + 1] == 0xFF:  # fill bytes before a marker
+            found = _MARKER_IN_SCAN.search(view, found.start() + 1)
+        if found is None:
+            return scans
+        pos = found.start()
+    return scans
+
+
+def screen(data: bytes | bytearray | memoryview, *, max_pixels: int | None, allow_orientation: bool = False) -> Screen:
+    """Decide from the markers alone whether ``data`` may be decoded on the GPU.
+
+    ``allow_orientation``: a file plain but for its EXIF orientation passes too, with the
+    ``orientation`` to apply (for decoders that rotate the pixels themselves)."""
     buf = bytes(data[:2])
     if buf != SOI:
         return Screen(False, "not a JPEG")
@@ -61,6 +105,7 @@ def screen(data: bytes | bytearray | memoryview, *, max_pixels: int | None) -> S
     precision = 0
     width = height = None
     adobe_transform = None
+    oriented, exif_seen = 1, False
     while pos + 4 <= n:
         if view[pos] != 0xFF:
             return Screen(False, "corrupt marker sequence", width, height)
@@ -85,9 +130,15 @@ def screen(data: bytes | bytearray | memoryview, *, max_pixels: int | None) -> S
             sof = marker
             precision, height, width, components = struct.unpack_from(">BHHB", body, 0)
         elif marker == 0xE1:
+            if bytes(body[:len(_EXIF)]) == _EXIF:
+                if exif_seen:  # Pillow reads the first; leave such files to it
+                    return Screen(False, "two EXIF segments", width, height)
+                exif_seen = True
             orientation = _app1_orientation(bytes(body))
             if orientation is not None and orientation != 1:
-                return Screen(False, f"orientation {orientation}", width, height)
+                if not (allow_orientation and 2 <= orientation <= 8):
+                    return Screen(False, f"orientation {orientation}", width, height, orientation)
+                oriented = orientation
         elif marker == 0xE2 and bytes(body[:4]) == b"MPF\x00":
             return Screen(False, "multi-picture (MPO)", width, height)  # Pillow names its format MPO
         elif marker == 0xEE and bytes(body[:5]) == b"Adobe" and len(body) >= 12:
@@ -113,7 +164,9 @@ def screen(data: bytes | bytearray | memoryview, *, max_pixels: int | None) -> S
         return Screen(False, "zero size in the frame header", width, height)
     if max_pixels is not None and width * height > max_pixels:
         return Screen(False, "over the pixel limit", width, height)
-    return Screen(True, "", width, height)
+    if sof == 0xC2 and count_scans(view) > MAX_SCANS:
+        return Screen(False, f"more than {MAX_SCANS} scans", width, height)
+    return Screen(True, "", width, height, oriented)
 
 
 def _ends_with_eoi(view: memoryview) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ import pyarrow as pa
 import ray
 
 from ntf_ray import storage
+from ntf_ray.artifact import check_threshold
 from ntf_ray.datasets import read_manifest, select
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
 from ntf_ray.ray_scan import scored_stream
@@ -70,8 +70,8 @@ class EvaluateSpec:
         self.family_map = parse_families(self.families) or None
         if self.embeddings < 0 or self.embeddings == 1:
             raise ValueError("--embeddings must be 0 (no t-SNE map) or at least 2")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ValueError(f"--threshold must be a finite number, got {self.threshold}")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "--threshold")
 
 
 def perturbation_plan(perturbations: dict[str, list[float]]) -> list[tuple[str, float | None]]:

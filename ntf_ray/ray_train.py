@@ -409,7 +409,7 @@ def train(stage: str, cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
     else:
         resolved = {"config": cfg.to_dict(), "run": {k: v for k, v in spec.__dict__.items() if k != "endpoint"},
                     "stage": stage}
-        storage.write_bytes(storage.join(spec.output, "config.json"), json.dumps(resolved, indent=2).encode(), options)
+        storage.write_bytes(storage.join(spec.output, "config.json"), json.dumps(resolved, indent=2, allow_nan=False).encode(), options)
     table = read_manifest(spec.manifest, options)
     out: dict[str, Any] = {}
     stages = (1, 2) if stage == "both" else (int(stage),)

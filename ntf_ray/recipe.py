@@ -194,7 +194,7 @@ def train_local(manifest: str, output: str, cfg: TrainConfig, *, options: Storag
     """
     seed_everything(cfg.seed)
     table = read_manifest(manifest, options)
-    storage.write_bytes(storage.join(output, "config.json"), json.dumps(cfg.to_dict(), indent=2).encode(), options)
+    storage.write_bytes(storage.join(output, "config.json"), json.dumps(cfg.to_dict(), indent=2, allow_nan=False).encode(), options)
     stage1 = train_stage1(table, cfg, options=options, report=report)
     stage2 = train_stage2(table, stage1, cfg, options=options, report=report)
     detector: Detector = stage2.detector().cpu().eval()

@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ntf_ray.artifact import load_artifact
+from ntf_ray.artifact import check_threshold, load_artifact
 from ntf_ray.decode import DEFAULT_MAX_PIXELS, decode
 from ntf_ray.engine import resolve_device
+from ntf_ray.errors import DetectorFault
 from ntf_ray.model import Detector
 from ntf_ray.storage import StorageOptions
 from ntf_ray.transforms import TooLargeToFit, check_fit, eval_transform, to_tensor
@@ -131,7 +132,7 @@ class Scorer:
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.detector = detector.to(self.device).eval()
         self.input_size = int(input_size)
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold, "scorer")
         self.model_id = model_id
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
@@ -221,9 +222,17 @@ class Scorer:
         return out
 
     def score_tensors(self, crops: torch.Tensor) -> np.ndarray:
-        """``(B, 3, S, S)`` uint8 crops -> ``(B,)`` float32 P(fake), in chunks of ``batch_size``."""
+        """``(B, 3, S, S)`` uint8 crops -> ``(B,)`` float32 P(fake), in chunks of ``batch_size``.
+
+        Raises ``DetectorFault`` when a score is not finite (fail closed: a NaN score would
+        compare false with the threshold and pass the image as real)."""
         out = self._in_batches(crops, lambda x: torch.sigmoid(self.detector(x).float()))
-        return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0,), np.float32)
+        scores = torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0,), np.float32)
+        if not np.isfinite(scores).all():
+            bad = int((~np.isfinite(scores)).sum())
+            raise DetectorFault(f"detector {self.model_id or '(unsaved)'} scored {bad} of {len(scores)} images NaN or "
+                                "infinity: its scores cannot be trusted, so none is written as a decision")
+        return scores
 
     def embed_tensors(self, crops: torch.Tensor) -> np.ndarray:
         """``(B, 3, S, S)`` uint8 crops -> ``(B, d)`` float32: the features the classifier reads."""

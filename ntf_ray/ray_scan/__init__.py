@@ -26,12 +26,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from ntf_ray import storage
 
 # "X as X": not used here, re-exported as the package's interface
+from ntf_ray.errors import lost_error
 from ntf_ray.ray_scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, scored_stream
+from ntf_ray.ray_scan.isolation import Staged, score_isolating
 from ntf_ray.ray_scan.listing import iter_listing
 from ntf_ray.ray_scan.listing import list_objects as list_objects
 from ntf_ray.ray_scan.lock import lease
@@ -47,13 +50,16 @@ from ntf_ray.ray_scan.table import (
     SEQ,
     SUCCESS,
     SUMMARY,
+    History,
     _run_dirs,
     _summary,
-    already_scored,
+    _sum_losses,
+    history,
     publish,
     staging_dir,
     write_index,
 )
+from ntf_ray.ray_scan.table import already_scored as already_scored
 from ntf_ray.ray_scan.table import completed_runs as completed_runs
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 
@@ -100,8 +106,6 @@ class ScanResult:
 
 #: What a run id may be: it names a folder (``run_id=ID``), so no "/", "=", ".." or spaces.
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-LOST = ("worker_lost: no row came back for this object (its worker died or its task failed for good); "
-        "the next moderate scores it again")
 
 
 def new_run_id() -> str:
@@ -133,10 +137,9 @@ def scan(spec: ScanSpec) -> ScanResult:
     start = time.perf_counter()
 
     with lease(output, run_id, options) if spec.incremental else contextlib.nullcontext() as held:
-        seen, runs_read = (already_scored(output, art.model_id, options, exclude_run=run_id) if spec.incremental
-                           else (None, []))
-        blocks, listed = _listing_blocks(spec, options, seen)
-        todo = sum(n for _, n in blocks)
+        found = history(output, art.model_id, options, exclude_run=run_id) if spec.incremental else None
+        listing = _listing_blocks(spec, options, found)
+        todo, listed = listing.rows, listing.listed
         count_listed(todo, art.model_id)
         log.info("scan %s: %d objects listed in %.1f s, %d to score, %d already scored by model %s", run_id, listed,
                  time.perf_counter() - start, todo, listed - todo, art.model_id)
@@ -146,55 +149,92 @@ def scan(spec: ScanSpec) -> ScanResult:
         earlier = dict(_run_dirs(output, options)).get(run_id)
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
+        prior = listing.prior_losses()
+        alone = np.zeros(todo, np.int16)
         if todo:
-            _write_rows([ref for ref, _ in blocks], spec, threshold, staged, options)
+            alone = score_isolating(
+                listing.blocks, listing.suspects, Staged(staged, todo, options),
+                lambda refs, group: _write_rows(refs, spec, threshold, staged, options, group=group),
+                group=spec.read_block_rows, prior=prior)
         if held is not None:
             held.check()
-        if todo and not storage.exists(staged, options):
-            raise RuntimeError(f"scan {run_id}: the detectors returned no row at all (see Ray's errors above: a "
-                               "systematic failure, not lost workers); nothing is published")
-        tally = publish(staged, run_dir, lambda: (ray.get(ref) for ref, _ in blocks), todo, LOST, run_id=run_id,
-                        model_id=art.model_id, threshold=threshold, options=options, keep_final=spec.incremental)
+
+        def lost(seq: np.ndarray) -> list[str]:
+            return [lost_error(int(alone[s]), int(prior[s] + alone[s])) for s in seq]
+
+        tally = publish(staged, run_dir, lambda: (ray.get(ref) for ref, _ in listing.blocks + listing.suspects), todo,
+                        lost, run_id=run_id, model_id=art.model_id, threshold=threshold, options=options,
+                        keep_final=spec.incremental)
         if tally.rows != todo:  # publish writes one row per listed object by construction
             raise RuntimeError(f"scan {run_id}: published {tally.rows} rows for {todo} objects")
         summary = _summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
                            model_id=art.model_id, spec=spec, run_id=run_id, threshold=threshold)
         summary["table"] = run_dir
-        storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2).encode(), options)
+        storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2, allow_nan=False).encode(),
+                            options)
         storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
         if spec.incremental:
-            write_index(output, art.model_id, pa.concat_tables([seen, *tally.final]), [*runs_read, run_id], options)
+            write_index(output, art.model_id, pa.concat_tables([found.seen, *tally.final]), [*found.runs, run_id],
+                        options, losses=_sum_losses([found.losses, *tally.losses]))
         elif earlier is not None:  # a run the index may hold was replaced: the next moderate rebuilds it
             storage.remove(storage.join(output, INDEX), options)
         storage.remove(staging_dir(output, run_id), options)  # this attempt's rows, and any crashed one's
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
 
-def _listing_blocks(spec: ScanSpec, options: StorageOptions,
-                    seen: pa.Table | None) -> tuple[list[tuple[ray.ObjectRef, int]], int]:
+@dataclass
+class Listing:
+    """The objects a run scores, as read blocks in Ray's object store, numbered 0..rows-1 (``seq``)."""
+
+    blocks: list[tuple[ray.ObjectRef, int]]  # (block, its rows)
+    suspects: list[tuple[ray.ObjectRef, int]]  # objects lost alone in earlier runs: one block each
+    listed: int  # objects listed, the skipped included
+    rows: int  # objects to score
+    prior: dict[int, int] = field(default_factory=dict)  # seq -> times lost alone in earlier runs (suspects only)
+
+    def prior_losses(self) -> np.ndarray:
+        out = np.zeros(self.rows, np.int16)
+        for seq, n in self.prior.items():
+            out[seq] = n
+        return out
+
+
+def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | None) -> Listing:
     """The objects to score as read blocks in Ray's object store, and how many were listed.
 
-    The listing pages in chunk by chunk; each chunk loses what ``seen`` holds, is numbered
-    (``seq``) and goes to the object store in blocks of at most ``read_block_rows`` objects
-    and ``read_block_bytes`` listed bytes, so the driver holds one chunk at a time, whatever
-    the bucket holds, and a read task's output is about the same size for 20 KB thumbnails
-    and 5 MB photos.
+    The listing pages in chunk by chunk; each chunk loses what ``found.seen`` holds, is
+    numbered (``seq``) and goes to the object store in blocks of at most ``read_block_rows``
+    objects and ``read_block_bytes`` listed bytes, so the driver holds one chunk at a time,
+    whatever the bucket holds, and a read task's output is about the same size for 20 KB
+    thumbnails and 5 MB photos. Objects ``found.losses`` names (lost alone before) get a
+    block of their own each.
     """
-    blocks, listed, n = [], 0, 0
+    out = Listing(blocks=[], suspects=[], listed=0, rows=0)
+    seen = found.seen if found is not None and found.seen.num_rows else None
+    losses = found.losses if found is not None and found.losses.num_rows else None
     for chunk in iter_listing(spec, options):
-        listed += chunk.num_rows
-        if seen is not None and seen.num_rows:
+        out.listed += chunk.num_rows
+        if seen is not None:
             # "right anti" hashes the chunk, not everything scored so far (1.4 s -> 0.02 s per chunk at 2M)
             chunk = seen.join(chunk, keys=["uri", "etag"], join_type="right anti").select(chunk.column_names)
+        if losses is not None:
+            marked = losses.join(chunk, keys=["uri", "etag"], join_type="right outer")
+            hit = pc.is_valid(marked["losses"])
+            for row in marked.filter(hit).to_pylist():
+                block = pa.Table.from_pylist([{k: row[k] for k in chunk.column_names}], schema=chunk.schema)
+                out.prior[out.rows] = int(row["losses"])
+                out.suspects.append((ray.put(block.append_column(SEQ, pa.array([out.rows], pa.int64()))), 1))
+                out.rows += 1
+            chunk = marked.filter(pc.invert(hit)).select(chunk.column_names)
         sizes = chunk.column("size_bytes").fill_null(0).to_numpy() if "size_bytes" in chunk.column_names else None
         if sizes is not None and spec.max_bytes is not None:
             sizes = np.where(sizes > spec.max_bytes, 0, sizes)  # refused from the listing, never read
         for start, stop in block_bounds(sizes, chunk.num_rows, spec.read_block_rows, spec.read_block_bytes):
             block = chunk.slice(start, stop - start)
-            block = block.append_column(SEQ, pa.array(np.arange(n, n + block.num_rows), pa.int64()))
-            n += block.num_rows
-            blocks.append((ray.put(block), block.num_rows))
-    return blocks, listed
+            block = block.append_column(SEQ, pa.array(np.arange(out.rows, out.rows + block.num_rows), pa.int64()))
+            out.rows += block.num_rows
+            out.blocks.append((ray.put(block), block.num_rows))
+    return out
 
 
 def block_bounds(sizes: np.ndarray | None, rows: int, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -213,14 +253,19 @@ def block_bounds(sizes: np.ndarray | None, rows: int, max_rows: int, max_bytes: 
 
 
 def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, staged: str,
-                options: StorageOptions) -> None:
-    """Score the listing's blocks into Parquet files under ``staged`` (the endpoint as the driver resolved it)."""
+                options: StorageOptions, group: int | None = None) -> None:
+    """Score the listing's blocks into Parquet files under ``staged`` (the endpoint as the driver resolved it).
+
+    ``group``: blocks of that many rows re-run after a loss (``isolation``), scored that many
+    at a time and never retried by Ray (the next, smaller round is their retry)."""
     endpoint = options.endpoint_url
+    batch_size = spec.batch_size if group is None else group
     ds = scored_stream(
         blocks, DetectorActor,
-        {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": spec.batch_size,
+        {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": batch_size,
          "decoder": spec.decoder},
-        endpoint=endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows, max_bytes=spec.max_bytes,
+        endpoint=endpoint, batch_size=batch_size, read_block_rows=group or spec.read_block_rows,
+        max_bytes=spec.max_bytes, task_retries=None if group is None else 0,
         gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,
         cpus_per_actor=spec.cpus_per_actor, streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU,
         read_ahead_bytes=spec.read_ahead_bytes,

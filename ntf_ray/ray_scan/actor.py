@@ -12,8 +12,10 @@ import warnings
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
+from ntf_ray.errors import DECODE, DETECTOR, DetectorFault
 from ntf_ray.ray_scan.table import FILE_SCHEMA, SEQ
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 from ntf_ray.storage import binary_views as binary_views
@@ -83,10 +85,32 @@ class DetectorActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         began = time.perf_counter()
+        out = self._isolated(batch)
+        if SEQ in batch.column_names:  # the object's place in the scan's listing, for publishing
+            out = out.append_column(SEQ, batch.column(SEQ))
+        read = pc.sum(pc.binary_length(batch.column("data"))).as_py() or 0
+        self.metrics.record(out, read, time.perf_counter() - began)
+        return out
+
+    def _isolated(self, batch: pa.Table) -> pa.Table:
+        """``_rows`` of the batch; a batch that raises is split in halves, down to the object
+        that raised, which alone gets an error row (an exception costs one object its score)."""
+        try:
+            return self._rows(batch)
+        except DetectorFault as exc:  # the network, not an object: the driver stops the run on this row
+            return self._error_rows(batch, f"{DETECTOR}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever one object does costs that object's row alone
+            if batch.num_rows > 1:
+                half = batch.num_rows // 2
+                return pa.concat_tables([self._isolated(batch.slice(0, half)), self._isolated(batch.slice(half))])
+            log.warning("scoring one object raised %s; it gets an error row", type(exc).__name__)
+            return self._error_rows(batch, failure_reason(exc))
+
+    def _rows(self, batch: pa.Table) -> pa.Table:
         data = binary_views(batch.column("data"))
         read_errors = batch.column("read_error").to_pylist()
         ok = [i for i, e in enumerate(read_errors) if e is None]
-        results = dict(zip(ok, self._score([data[i] for i in ok])))
+        results = dict(zip(ok, self._score([data[i] for i in ok]), strict=True))
         n = batch.num_rows
         cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "error",
                                                          "decoder")}
@@ -95,11 +119,24 @@ class DetectorActor:
             if r is None:
                 cols["error"][i] = read_errors[i]
                 continue
-            cols["score"][i], cols["is_fake"][i], cols["error"][i] = r.score, r.is_fake, r.error
-            cols["width"][i], cols["height"][i], cols["format"][i] = r.width, r.height, r.format
-            cols["decoder"][i] = r.decoder
+            # each value checked on its own: one out of range (a header's 2**32 - 127 width) costs its cell,
+            # not the batch's table
+            cols["score"][i], cols["is_fake"][i] = r.score, r.is_fake
+            cols["width"][i], cols["height"][i] = _int32(r.width), _int32(r.height)
+            cols["format"][i], cols["error"][i], cols["decoder"][i] = _text(r.format), _text(r.error), _text(r.decoder)
+        return self._table(batch, cols)
+
+    def _error_rows(self, batch: pa.Table, error: str) -> pa.Table:
+        n = batch.num_rows
+        cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "decoder")}
+        reads = batch.column("read_error").to_pylist() if "read_error" in batch.column_names else [None] * n
+        cols["error"] = [e if e is not None else error for e in reads]
+        return self._table(batch, cols)
+
+    def _table(self, batch: pa.Table, cols: dict[str, list]) -> pa.Table:
+        n = batch.num_rows
         now = dt.datetime.now(dt.timezone.utc)
-        out = pa.table({
+        return pa.table({
             "uri": batch.column("uri"),
             "etag": batch.column("etag"),
             "size_bytes": batch.column("size_bytes"),
@@ -115,10 +152,27 @@ class DetectorActor:
             "scanned_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             "decoder": pa.array(cols["decoder"], pa.string()),
         }, schema=FILE_SCHEMA)
-        if SEQ in batch.column_names:  # the object's place in the scan's listing, for publishing
-            out = out.append_column(SEQ, batch.column(SEQ))
-        self.metrics.record(out, sum(len(d) for d in data if d is not None), time.perf_counter() - began)
-        return out
+
+
+_INT32 = 2**31 - 1
+_MAX_TEXT = 300
+
+
+def _int32(value: object) -> int | None:
+    """A size for the int32 columns: a header may declare anything; what does not fit is null."""
+    return value if type(value) is int and 0 <= value <= _INT32 else None
+
+
+def _text(value: object) -> str | None:
+    return value[:_MAX_TEXT] if isinstance(value, str) else None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The row of an object whose scoring raised: out of memory is retried, anything else is final."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
+        return f"{DECODE}: out of memory"
+    message = " ".join(str(exc).split())[:120]
+    return f"{DECODE}: failed while scoring ({type(exc).__name__}{': ' + message if message else ''})"
 
 
 def _gpus_in_cluster() -> float:
@@ -161,9 +215,12 @@ def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | 
 
 
 #: Retries of a read task, and of a detector actor's batch when the actor died on it (Ray's
-#: default retries a batch forever: one file that kills its decoder would hang the run).
+#: default retries a batch forever: one file that kills its decoder would hang the run). One
+#: retry rides out a worker lost by chance; what still fails is isolated by re-running it in
+#: smaller groups (``ray_scan.isolation``), which costs fewer actor restarts than retrying a
+#: batch that holds a worker-killer again and again.
 READ_TASK_RETRIES = 2
-ACTOR_TASK_RETRIES = 2
+ACTOR_TASK_RETRIES = 1
 #: A scan's detector actors per GPU, and batches each scores at once (threads, each with its own
 #: CUDA stream). Measured on an H200 (bench/README.md): decoding and the network share the GPU, and
 #: 4 actors x 2 streams kept it busiest (4,140 images/s against 3,320 for 1 x 2 and 3,510 for 1 x 3).
@@ -179,7 +236,8 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
                   batch_size: int | None,
                   read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
                   cpus_per_actor: float, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
-                  read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES, name: str = "scan") -> ray.data.Dataset:
+                  read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES, name: str = "scan",
+                  task_retries: int | None = None) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
     ``rows`` is a table (cut into blocks of ``read_block_rows``) or the refs of tables already
@@ -195,7 +253,8 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
     ``streams``: batches each GPU actor scores at once, each in its own thread and CUDA
     stream (1 on CPU actors). ``read_ahead_bytes`` caps what the whole stream holds in
     Ray's object store, so that reads run only as far ahead of the detectors as that.
-    ``name``: what Ray Data's progress bar and logs call the stream.
+    ``name``: what Ray Data's progress bar and logs call the stream. ``task_retries``: how
+    often a detector batch whose actor died is tried again (default ``ACTOR_TASK_RETRIES``).
     """
     from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES, read_objects
 
@@ -229,15 +288,14 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors,
                                                max_concurrent_calls_per_actor=streams if plan.gpus else 1,
-                                               enable_true_multi_threading=bool(plan.gpus) and streams > 1,
-                                               # a CPU actor holds only the batch it scores: a task queued
-                                               # behind one that kills the actor dies with it (and with each
-                                               # retry), losing objects that are not at fault
-                                               max_tasks_in_flight_per_actor=None if plan.gpus else 1),
+                                               enable_true_multi_threading=bool(plan.gpus) and streams > 1),
+            # Actors queue batches: a batch queued behind one that kills its actor dies with it, and
+            # what is lost is re-run in smaller groups once the stream ends (ray_scan.isolation).
             num_gpus=plan.gpus,
             num_cpus=plan.cpus,
             max_restarts=-1,  # an actor that died is replaced ...
-            max_task_retries=ACTOR_TASK_RETRIES,  # ... but a batch that kills it is not retried forever
+            # ... but a batch that kills it is not retried forever
+            max_task_retries=ACTOR_TASK_RETRIES if task_retries is None else task_retries,
         )
     ds.set_name(name)
     ds.context.max_errored_blocks = -1

@@ -32,6 +32,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ntf_ray import storage
+from ntf_ray.errors import LOST_ALONE_PATTERN, RETRIED_ERRORS, is_retried, lost_alone
 from ntf_ray.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -81,13 +82,7 @@ SUMMARY = "_summary.json"
 ROWS = "scores.parquet"
 #: Where runs write before they are complete, and the index of what each model scored.
 STAGING, INDEX = "_staging", "_index"
-#: Error prefixes the next ``moderate`` scores again; any other error is final.
-RETRIED_ERRORS = ("read:", "worker_lost:", "decode: out of memory")
 _RUN_FILE = re.compile(r"(?:^|/)dt=([^/]+)/run_id=([^/]+)/([^/]+)$")
-
-
-def is_retried(error: str | None) -> bool:
-    return error is not None and error.startswith(RETRIED_ERRORS)
 
 
 def _files_under(output: str, options: StorageOptions) -> Iterator[str]:
@@ -175,41 +170,98 @@ def _index_path(output: str, model_id: str) -> str:
     return storage.join(storage.normalize(output), INDEX, f"model_id={model_id}", "scored.parquet")
 
 
-def already_scored(output: str, model_id: str, options: StorageOptions, *,
-                   exclude_run: str | None = None) -> tuple[pa.Table, list[str]]:
-    """(uri, etag) pairs ``model_id`` has a final row for in a completed run under OUTPUT, and
-    the run ids they were read from.
+@dataclass
+class History:
+    """What a model's completed runs under OUTPUT say about the objects it saw."""
 
-    ``exclude_run``'s own rows never count (re-running a run replaces it). The pairs of runs
-    already folded into the model's index (``OUTPUT/_index/``) come from that one file, so
-    the check reads only the runs since the last ``moderate``, not all history.
+    seen: pa.Table  # (uri, etag) with a final row: never scored again
+    losses: pa.Table  # (uri, etag, losses): times each not-final object was lost alone, summed over runs
+    runs: list[str]  # the run ids read
+
+
+LOSSES_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("losses", pa.int64())])
+
+
+def _lost_alone(table: pa.Table, model_id: str) -> pa.Table:
+    """(uri, etag, losses): how many times ``model_id``'s rows say each object was lost alone."""
+    rows = table.filter(pc.fill_null(pc.equal(table["model_id"], model_id), False))
+    found = pc.extract_regex(pc.fill_null(rows["error"], ""), LOST_ALONE_PATTERN)
+    alone = pc.cast(pc.struct_field(found, "alone"), pa.int64())
+    rows = pa.table({"uri": rows["uri"], "etag": rows["etag"], "losses": alone}).filter(pc.is_valid(alone))
+    return _sum_losses([rows])
+
+
+def _sum_losses(parts: list[pa.Table]) -> pa.Table:
+    parts = [t.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA) for t in parts if t.num_rows]
+    if not parts:
+        return LOSSES_SCHEMA.empty_table()
+    total = pa.concat_tables(parts).group_by(["uri", "etag"]).aggregate([("losses", "sum")])
+    return total.rename_columns(["uri", "etag", "losses"]).select(LOSSES_SCHEMA.names)
+
+
+def _not_final(losses: pa.Table, seen: pa.Table) -> pa.Table:
+    if not losses.num_rows or not seen.num_rows:
+        return losses
+    return seen.join(losses, keys=["uri", "etag"], join_type="right anti").select(LOSSES_SCHEMA.names)
+
+
+def history(output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None) -> History:
+    """The (uri, etag) pairs ``model_id`` has a final row for in a completed run under OUTPUT,
+    the times each other object was lost alone (for ``poison``), and the runs read.
+
+    ``exclude_run``'s own rows never count (re-running a run replaces it). What runs already
+    folded into the model's index (``OUTPUT/_index/``) hold comes from that one file, so the
+    check reads only the runs since the last ``moderate``, not all history.
     """
     runs = {rid: folder for rid, (folder, names) in _runs(output, options).items()
             if _is_complete(names) and rid != exclude_run}
-    seen, indexed = _read_index(output, model_id, options)
+    seen, losses, indexed = _read_index(output, model_id, options)
     if exclude_run in indexed:  # the index holds the run being replaced: read everything again
-        seen, indexed = None, set()
+        seen, losses, indexed = None, None, set()
     fresh = _read_runs([runs[r] for r in sorted(set(runs) - indexed)], ["uri", "etag", "model_id", "error"], options)
     pairs = _final_pairs(fresh, model_id)
     if seen is not None:
         pairs = pa.concat_tables([seen, pairs]).group_by(["uri", "etag"]).aggregate([])
-    return pairs, sorted(runs)
+    lost = _sum_losses([t for t in (losses, _lost_alone(fresh, model_id)) if t is not None])
+    return History(seen=pairs, losses=_not_final(lost, pairs), runs=sorted(runs))
 
 
-def _read_index(output: str, model_id: str, options: StorageOptions) -> tuple[pa.Table | None, set[str]]:
+def already_scored(output: str, model_id: str, options: StorageOptions, *,
+                   exclude_run: str | None = None) -> tuple[pa.Table, list[str]]:
+    """(uri, etag) pairs ``model_id`` has a final row for in a completed run under OUTPUT, and
+    the run ids they were read from (``history`` without the losses)."""
+    found = history(output, model_id, options, exclude_run=exclude_run)
+    return found.seen, found.runs
+
+
+def _read_index(output: str, model_id: str,
+                options: StorageOptions) -> tuple[pa.Table | None, pa.Table | None, set[str]]:
+    """(final pairs, losses, runs folded in) of the model's index; an index written before
+    losses were kept holds final pairs only."""
     path = _index_path(output, model_id)
     try:
         data = storage.read_bytes(path, options)
     except FileNotFoundError:
-        return None, set()
+        return None, None, set()
     table = pq.read_table(pa.BufferReader(data))
     runs = json.loads((table.schema.metadata or {}).get(b"runs", b"[]"))
-    return table.select(["uri", "etag"]), set(runs)
+    if "losses" not in table.column_names:
+        return table.select(["uri", "etag"]), None, set(runs)
+    final = pc.is_null(table["losses"])
+    return (table.filter(final).select(["uri", "etag"]), table.filter(pc.invert(final)).select(LOSSES_SCHEMA.names),
+            set(runs))
 
 
-def write_index(output: str, model_id: str, pairs: pa.Table, runs: list[str], options: StorageOptions) -> None:
-    """Replace the model's index with ``pairs`` read from ``runs`` (one whole-file write)."""
-    table = pairs.select(["uri", "etag"]).replace_schema_metadata({"runs": json.dumps(sorted(runs))})
+def write_index(output: str, model_id: str, pairs: pa.Table, runs: list[str], options: StorageOptions,
+                losses: pa.Table | None = None) -> None:
+    """Replace the model's index with ``pairs`` (final) and ``losses`` (not final, lost alone so
+    many times) read from ``runs`` (one whole-file write)."""
+    final = pairs.select(["uri", "etag"])
+    final = final.append_column("losses", pa.nulls(final.num_rows, pa.int64()))
+    parts = [final.cast(LOSSES_SCHEMA)]
+    if losses is not None and losses.num_rows:
+        parts.append(_not_final(_sum_losses([losses]), pairs))
+    table = pa.concat_tables(parts).replace_schema_metadata({"runs": json.dumps(sorted(runs))})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(_index_path(output, model_id), sink.getvalue().to_pybytes(), options)
@@ -238,6 +290,7 @@ class Tally:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(10, np.int64))
     final: list[pa.Table] = field(default_factory=list)  # (uri, etag) of final outcomes, when kept
+    losses: list[pa.Table] = field(default_factory=list)  # (uri, etag, losses) of objects lost alone, when kept
 
     def add(self, batch: pa.RecordBatch, keep_final: bool) -> None:
         self.rows += batch.num_rows
@@ -253,16 +306,23 @@ class Tally:
         if keep_final:
             final = pa.array([not is_retried(e) for e in errors], pa.bool_())
             self.final.append(pa.Table.from_batches([batch.filter(final).select(["uri", "etag"])]))
+            alone = [lost_alone(e) for e in errors]
+            if any(alone):
+                lost = pa.table({"uri": batch.column("uri"), "etag": batch.column("etag"),
+                                 "losses": pa.array(alone, pa.int64())})
+                self.losses.append(lost.filter(pc.greater(lost["losses"], 0)))
 
 
-def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]], total: int, lost_error: str, *,
+def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]], total: int,
+            lost_error: str | Callable[[np.ndarray], list[str]], *,
             run_id: str, model_id: str, threshold: float, options: StorageOptions, keep_final: bool = False) -> Tally:
     """Write the run's rows as ``run_dir/scores.parquet`` in one piece, and count them.
 
     ``listing()`` gives the run's listing again, in chunks, each row with its ``seq``
     (0..total-1), which the staged rows carry too. One row per listed object: a ``seq``
     staged twice (a retried task) keeps its first row, and one never staged (its worker was
-    lost for good) gets a row with ``lost_error``. Memory: one bit per object and a batch.
+    lost for good) gets a row with ``lost_error`` (or ``lost_error(seqs)``, one error per
+    object). Memory: one bit per object and a batch.
     """
     got = np.zeros(total, np.bool_)
     tally = Tally()
@@ -289,7 +349,9 @@ def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]]
         for chunk in listing():
             lost = chunk.filter(pa.array(~got[chunk.column(SEQ).to_numpy(zero_copy_only=False)]))
             if lost.num_rows:
-                for part in lost_rows(lost, lost_error, run_id=run_id, model_id=model_id, threshold=threshold).to_batches():
+                error = (lost_error if isinstance(lost_error, str)
+                         else lost_error(lost.column(SEQ).to_numpy(zero_copy_only=False)))
+                for part in lost_rows(lost, error, run_id=run_id, model_id=model_id, threshold=threshold).to_batches():
                     tally.add(part, keep_final)
                     yield part
 
@@ -301,13 +363,14 @@ def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]]
     return tally
 
 
-def lost_rows(listing: pa.Table, error: str, *, run_id: str, model_id: str, threshold: float) -> pa.Table:
-    """Error rows for listed objects that have no row of their own."""
+def lost_rows(listing: pa.Table, error: str | list[str], *, run_id: str, model_id: str,
+              threshold: float) -> pa.Table:
+    """Error rows for listed objects that have no row of their own (one error for all, or one each)."""
     n = listing.num_rows
     columns = {f.name: pa.nulls(n, f.type) for f in FILE_SCHEMA}
     for name in ("uri", "etag", "size_bytes", "last_modified"):
         columns[name] = listing.column(name)
-    columns["error"] = pa.array([error] * n, pa.string())
+    columns["error"] = pa.array([error] * n if isinstance(error, str) else error, pa.string())
     columns["threshold"] = pa.array([threshold] * n, pa.float32())
     columns["model_id"] = pa.array([model_id] * n, pa.string())
     columns["scanned_at"] = pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC"))
