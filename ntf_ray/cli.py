@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ntf_ray import __version__, ray_console as console
+from ntf_ray.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_AHEAD_BYTES
 from ntf_ray.cli_review import add_evaluation_actor_arguments, add_review_commands
 from ntf_ray.variants import VARIANTS
@@ -194,6 +195,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         incremental=args.incremental, threshold=args.threshold, pattern=args.glob, limit=args.limit,
         batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor, decoder=args.decoder, max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels,
         read_block_rows=args.read_block_rows, read_block_bytes=args.read_block_bytes, streams=args.streams,
         read_ahead_bytes=args.read_ahead, endpoint=args.storage_options.endpoint_url,
     )
@@ -231,6 +233,8 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     s.add_argument("--limit", type=int, help="scan at most this many objects (a trial run)")
     s.add_argument("--max-bytes", type=_byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
                    help="skip objects larger than this without reading them (error row too_large:); default 128MiB")
+    s.add_argument("--max-pixels", type=_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse images whose header declares more pixels (error row too_large:); default 100000000")
     s.add_argument("--read-block-rows", type=int, default=128, metavar="N",
                    help="objects per read task (default 128): smaller blocks reach the detectors sooner")
     s.add_argument("--read-block-bytes", type=_byte_size, default=64 * 1024**2, metavar="SIZE",
@@ -260,6 +264,13 @@ def _threshold(text: str) -> float:
         value = float("nan")
     if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
         raise argparse.ArgumentTypeError(f"{text!r}: a threshold is a number in [0, 1] (scores are P(fake))")
+    return value
+
+
+def _pixels(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a pixel limit must be at least 1")
     return value
 
 

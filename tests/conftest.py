@@ -131,3 +131,22 @@ def save_random_detector(uri: str, endpoint_url: str | None = None, input_size: 
     torch.manual_seed(0)
     save_artifact(uri, Detector.build("tiny"), input_size=input_size, options=StorageOptions(endpoint_url=endpoint_url))
     return uri
+
+
+def save_nan_detector(uri: str, endpoint_url: str | None = None, input_size: int = 32) -> str:
+    """A detector whose weights are all finite but whose last batch norm holds a negative
+    running variance: it loads, and scores every image NaN (a detector that fails open if
+    nothing checks its scores)."""
+    import torch
+
+    from ntf_ray.artifact import save_artifact
+    from ntf_ray.model import Detector
+    from ntf_ray.storage import StorageOptions
+
+    torch.manual_seed(0)
+    detector = Detector.build("tiny").eval()
+    norms = [m for m in detector.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        norms[-1].running_var.fill_(-1.0)
+    save_artifact(uri, detector, input_size=input_size, options=StorageOptions(endpoint_url=endpoint_url))
+    return uri

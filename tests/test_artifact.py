@@ -552,3 +552,18 @@ def test_head_that_does_not_fit_the_weights_is_an_error(saved):
     _write_meta(uri, meta)
     with pytest.raises(ArtifactError, match="head None"):
         load_artifact(uri)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_at_save_and_at_load(saved, tmp_path, bad):
+    uri, det, _ = saved
+    broken = make_detector()
+    with torch.no_grad():
+        broken.classifier.fc.weight[0, 0] = bad
+    with pytest.raises(ArtifactError, match="NaN or infinity"):
+        save_artifact(str(tmp_path / "never"), broken, input_size=32)
+    assert not (tmp_path / "never").exists()
+    # written by something else, with a model_id that matches: still refused when loaded
+    _write_weights(uri, save_safetensors({k: v.contiguous() for k, v in broken.state_dict().items()}))
+    with pytest.raises(ArtifactError, match=r"NaN or infinity \(e.g. \[.classifier.fc.weight.\]\)"):
+        load_artifact(uri)

@@ -276,3 +276,17 @@ def test_the_model_card_shows_the_stored_evaluation_and_calibration():
     assert "| dm | 2 | 1.000 | 0.500 | 0.000 | 1.000 |" in card and "| average | 4 |" in card
     assert "| target FPR | 0.01 |" in card and "| real images | 400 |" in card
     assert "not calibrated" not in card and "synthetic" not in card and "No evaluation" not in card
+
+
+@pytest.mark.parametrize("command", ["scan", "moderate", "score", "evaluate"])
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-1", "50", "1.5", "half"])
+def test_a_threshold_must_be_a_number_in_0_1(command, text, capsys):
+    argv = {"scan": ["scan", "--input", "i", "--model", "m", "--output", "o"],
+            "moderate": ["moderate", "--input", "i", "--model", "m", "--output", "o"],
+            "score": ["score", "--model", "m", "x.png"],
+            "evaluate": ["evaluate", "--model", "m", "--manifest", "x", "--output", "o"]}[command]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--threshold", text])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threshold" in err and "a threshold is a number in [0, 1]" in err

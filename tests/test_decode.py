@@ -629,3 +629,122 @@ def test_thread_safe(awkward):
     for t in threads:
         t.join()
     assert errors == []
+
+
+# --------------------------------------------------------------------------- bounded work
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "grey", "444", "odd"])
+def test_jpegs_decode_to_pillows_pixels_whatever_their_orientation(kind, orientation):
+    arr = texture(37, 53, seed=orientation) if kind == "odd" else texture(96, 128, seed=orientation)
+    img = Image.fromarray(arr).convert("L") if kind == "grey" else Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    kw = {"progressive": True} if kind == "progressive" else {"subsampling": 0} if kind == "444" else {}
+    data = _encode(img, "JPEG", exif=exif.tobytes(), quality=88, **kw)
+    res = decode(data)
+    assert res.ok and res.format == "JPEG"
+    expected = _pillow_rgb(data)
+    assert res.image.shape == expected.shape and (res.width, res.height) == expected.shape[1::-1]
+    assert np.array_equal(res.image, expected)
+    assert res.image.flags.c_contiguous and res.image.flags.writeable
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("kind", ["baseline", "progressive", "cmyk", "oriented"])
+def test_a_jpeg_cut_short_is_truncated_however_it_ends(kind, cut):
+    arr = texture(160, 200, seed=3)
+    img = Image.fromarray(arr).convert("CMYK") if kind == "cmyk" else Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6 if kind == "oriented" else 1
+    data = _encode(img, "JPEG", quality=95, progressive=kind == "progressive", exif=exif.tobytes())
+    part = data[: int(len(data) * cut)]
+    for ending in (b"", b"\xff\xd9", b"\xff\xd9" + b"\x00" * 16):
+        res = decode(part + ending)
+        assert res.error == "decode: truncated image", (kind, cut, ending)
+
+
+def test_a_jpeg_with_extraneous_bytes_still_decodes_as_pillow_does():
+    data = _encode(Image.fromarray(texture(64, 64, seed=4)), "JPEG", quality=90)
+    eoi = data.rindex(b"\xff\xd9")
+    odd = data[:eoi] + b"\x00\x00\x00" + data[eoi:]  # libjpeg warns "extraneous bytes before marker"
+    res = decode(odd)
+    assert res.ok and np.array_equal(res.image, _pillow_rgb(odd))
+
+
+def test_bombs_are_refused_before_their_decoder_allocates():
+    from tests import bombs
+
+    tracemalloc.start()
+    try:
+        cases = {
+            "bmp": (bombs.bmp_absurd_width(), DEFAULT_MAX_PIXELS, "too_large: 4294967169x1 "),
+            "tiff": (bombs.tiff_huge_tile(), DEFAULT_MAX_PIXELS, "too_large: TIFF tiles of 32768x32768"),
+            "tiff-small-tile-bomb": (bombs.tiff_huge_tile(side=16, tile=8192, zeros=1 << 16), DEFAULT_MAX_PIXELS,
+                                     "too_large: TIFF tiles of 8192x8192"),
+            "scans": (bombs.progressive_many_scans(64, 600), DEFAULT_MAX_PIXELS, "too_large: more than 500 scans"),
+            "ico": (bombs.ico_hiding(3000), 1_000_000, "too_large: an embedded icon image of 3000x3000"),
+        }
+        for name, (data, limit, prefix) in cases.items():
+            res = decode(data, max_pixels=limit)
+            assert res.error is not None and res.error.startswith(prefix), (name, res.error)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20  # numpy/Python allocations; libtiff's 1 GiB tile buffer would show in the RSS instead
+
+
+def test_a_bomb_tiff_tile_never_reaches_libtiff():
+    from tests import bombs
+
+    code = textwrap.dedent("""
+        import resource, sys
+        sys.path.insert(0, sys.argv[1])
+        from tests.bombs import tiff_huge_tile
+        from ntf_ray.decode import decode
+        data = tiff_huge_tile()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res = decode(data)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(res.error.split(":")[0], grown // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[1])], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out[0] == "too_large" and int(out[1]) < 64, out  # MiB the decode added to the peak RSS
+    assert bombs.tiff_huge_tile(side=16, tile=16)  # the same file with a sane tile is an ordinary TIFF ...
+    assert decode(bombs.tiff_huge_tile(side=16, tile=16, zeros=256)).ok  # ... and decodes
+
+
+def test_ico_directory_size_does_not_hide_the_embedded_image():
+    from tests import bombs
+
+    data = bombs.ico_hiding(side=300, declared=16)
+    assert decode(data, max_pixels=10_000).error == "too_large: an embedded icon image of 300x300 = 90000 px > limit 10000"
+    ok = decode(data, max_pixels=100_000)
+    assert ok.ok and ok.format == "ICO" and (ok.width, ok.height) == (300, 300)
+
+
+def test_progressive_scans_are_counted_from_markers():
+    from ntf_ray.jpeg_screen import MAX_SCANS, count_scans, screen
+    from tests import bombs
+
+    plain = _encode(Image.fromarray(texture(64, 64, seed=5)), "JPEG", progressive=True)
+    assert 2 <= count_scans(plain) <= 12 and count_scans(_encode(Image.fromarray(texture(64, 64, seed=5)), "JPEG")) == 1
+    assert decode(plain).ok
+    many = bombs.progressive_many_scans(64, MAX_SCANS + 1)
+    assert count_scans(many) == MAX_SCANS + 1
+    assert not screen(many, max_pixels=None).gpu  # nor does the GPU decoder get it
+    assert not (decode(bombs.progressive_many_scans(64, MAX_SCANS)).error or "").startswith("too_large")
+
+
+def test_a_decode_past_its_deadline_is_too_slow():
+    data = _encode(Image.fromarray(texture(512, 512, seed=6)), "PNG")
+    assert decode(data, deadline_s=0.0).error == "decode: too slow (over 0 s)"
+    assert decode(data, deadline_s=60).ok
+    assert decode(data, deadline_s=None).ok

@@ -264,3 +264,30 @@ def test_stage1_reports_the_spread_of_homogeneous_features(caplog):
                                log_every=0)
     assert m["hom_spread"] < 1e-6
     assert "collapsed" in caplog.text
+
+
+def test_a_non_finite_loss_stops_training_before_the_step_and_leaves_the_weights_as_they_were():
+    from ntf_ray.engine import NonFiniteLoss
+
+    model = tiny_stage1()
+    opt = make_optimizer(model.parameters(), lr=0.05)
+    train_stage1_epoch(model, stage1_batches(n_batches=1), opt, epoch=0, log_every=0)
+    with torch.no_grad():  # a diverged f_hom: every projection, and so the loss, is NaN
+        model.f_hom.net[0].weight.fill_(float("nan"))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with pytest.raises(NonFiniteLoss, match="stage 1 epoch 1 step 0: the loss is nan"):
+        train_stage1_epoch(model, stage1_batches(n_batches=2), opt, epoch=1, log_every=0)
+    after = dict(model.named_parameters())
+    # no optimizer step was taken on the NaN loss (SGD with momentum would have moved every weight)
+    assert all(torch.allclose(after[k].float(), v.float(), rtol=0, atol=0, equal_nan=True) for k, v in before.items())
+
+
+def test_a_non_finite_stage2_loss_stops_training():
+    from ntf_ray.engine import NonFiniteLoss
+
+    model = Stage2Model.from_stage1(tiny_stage1(), proj_dim=16)
+    params = prepare_stage2(model)
+    with torch.no_grad():
+        next(model.classifier.parameters()).fill_(float("inf"))
+    with pytest.raises(NonFiniteLoss, match="stage 2 epoch 0 step 0"):
+        train_stage2_epoch(model, stage2_batches(n_batches=1), make_optimizer(params, lr=0.01), epoch=0, log_every=0)

@@ -168,3 +168,38 @@ def test_a_truncated_staged_file_costs_only_its_rows(tmp_path):
     tally = table.publish(staged, f"{tmp_path}/dt=2026-01-01/run_id=r1", lambda: [listing], 3, "worker_lost: test",
                           run_id="r1", model_id="m1", threshold=0.5, options=storage.StorageOptions())
     assert (tally.rows, tally.errors_by_kind) == (3, {"worker_lost": 2})
+
+
+def test_losses_alone_are_summed_across_runs_and_kept_in_the_index(tmp_path):
+    from ntf_ray.errors import POISON_AFTER, lost_error
+
+    opts = storage.StorageOptions()
+    # r1: "k" lost alone twice, "u" lost with its group only, "g" scored
+    _publish(tmp_path, "r1", [_rows(["k", "u", "g"], [lost_error(2, 2), lost_error(0, 0), None])],
+             _listing(["k", "u", "g"]))
+    found = table.history(str(tmp_path), "m1", opts)
+    assert found.losses.to_pylist() == [{"uri": "k", "etag": "e-k", "losses": 2}]
+    assert sorted(found.seen.column("uri").to_pylist()) == ["g"]
+    table.write_index(str(tmp_path), "m1", found.seen, found.runs, opts, losses=found.losses)
+    # r2, read past the index: "k" lost alone once more (now poison, final), "u" lost alone once
+    _publish(tmp_path, "r2", [_rows(["k", "u"], [lost_error(1, POISON_AFTER), lost_error(1, 1)])], _listing(["k", "u"]))
+    again = table.history(str(tmp_path), "m1", opts)
+    assert again.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "losses": 1}]  # "k" is final: no longer counted
+    assert sorted(again.seen.column("uri").to_pylist()) == ["g", "k"]
+    # what the index holds and what reading every run gives are the same
+    table.write_index(str(tmp_path), "m1", again.seen, again.runs, opts, losses=again.losses)
+    indexed = table.history(str(tmp_path), "m1", opts)
+    (tmp_path / table.INDEX).rename(tmp_path / "_moved")
+    full = table.history(str(tmp_path), "m1", opts)
+    for h in (indexed, full):
+        assert sorted(h.seen.column("uri").to_pylist()) == ["g", "k"]
+        assert h.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "losses": 1}]
+
+
+def test_an_index_written_before_losses_were_kept_still_reads(tmp_path):
+    opts = storage.StorageOptions()
+    _publish(tmp_path, "r1", [_rows(["a"])], _listing(["a"]))
+    old = pa.table({"uri": ["a"], "etag": ["e-a"]}).replace_schema_metadata({"runs": json.dumps(["r1"])})
+    storage.write_bytes(table._index_path(str(tmp_path), "m1"), _parquet(old))
+    found = table.history(str(tmp_path), "m1", opts)
+    assert found.seen.column("uri").to_pylist() == ["a"] and found.losses.num_rows == 0 and found.runs == ["r1"]

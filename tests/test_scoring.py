@@ -524,3 +524,27 @@ def test_threads_scoring_at_once_get_what_each_would_get_alone(detector):
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda b: [r.as_dict() for r in scorer.score_bytes(b)], batches * 3))
         assert together == alone * 3
+
+
+def test_a_detector_that_scores_nan_fails_closed(tmp_path, pool, capsys):
+    from ntf_ray.cli import main
+    from ntf_ray.errors import DetectorFault
+    from tests.conftest import save_nan_detector
+
+    model = save_nan_detector(str(tmp_path / "nan"))
+    scorer = Scorer.from_artifact(model, device="cpu")
+    with pytest.raises(DetectorFault, match="scored 2 of 2 images NaN or infinity"):
+        scorer.score_bytes(pool[:2])
+    (tmp_path / "a.png").write_bytes(pool[0])
+    assert main(["score", "--model", model, str(tmp_path / "a.png")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "NaN" not in out
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("ntf-ray score: error: detector ")
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -1.0, 50.0, 1.0000001])
+def test_a_threshold_outside_0_1_is_refused(detector, threshold):
+    from ntf_ray.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError, match="expected a number in \\[0, 1\\]"):
+        Scorer(detector, input_size=SIZE, device="cpu", threshold=threshold)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from ntf_ray.transforms import (
     Stage1Views,
@@ -178,3 +179,28 @@ def test_stage2_draws_differ_per_dataloader_worker_and_repeat_per_seed():
     assert not all(torch.equal(a, b) for a, b in zip(two, _draws(2, loader_seed=1)))
     # In the main process the transform's own seed sets the stream.
     assert all(torch.equal(a, b) for a, b in zip(_draws(0, 0), _draws(0, 5)))
+
+
+@pytest.mark.parametrize("hw", [(50, 997), (1000, 100), (7, 3001), (2000, 60), (100, 223 * 5)])
+def test_a_thin_image_is_cropped_before_it_is_upscaled(hw, monkeypatch):
+    from ntf_ray import transforms
+
+    g = torch.Generator().manual_seed(sum(hw))
+    img = torch.randint(0, 256, (3, *hw), generator=g, dtype=torch.uint8)
+    whole = TF.center_crop(transforms.fit_min_side(img, 224), [224, 224])  # the whole frame upscaled, then cropped
+    sizes = []
+    real_resize = TF.resize
+    monkeypatch.setattr(transforms.TF, "resize", lambda x, size, **kw: sizes.append(size) or real_resize(x, size, **kw))
+    crop = transforms.eval_transform(img, 224)
+    assert sizes == []  # the upscaled frame is never made
+    assert crop.shape == (3, 224, 224) and crop.dtype == torch.uint8
+    diff = (crop.int() - whole.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05  # the same bilinear pixels, to rounding
+
+
+def test_a_small_image_that_is_not_thin_keeps_the_exact_upscale():
+    from ntf_ray import transforms
+
+    img = torch.randint(0, 256, (3, 150, 200), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    assert torch.equal(transforms.eval_transform(img, 224),
+                       TF.center_crop(transforms.fit_min_side(img, 224), [224, 224]))

@@ -61,6 +61,7 @@ from ntf_ray.ray_scan.table import (
 )
 from ntf_ray.ray_scan.table import already_scored as already_scored
 from ntf_ray.ray_scan.table import completed_runs as completed_runs
+from ntf_ray.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class ScanSpec:
     streams: int | None = None  # batches each GPU actor scores at once (default: GPU_STREAMS; 1 on CPU)
     read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES  # cap on what the scan holds in the object store
     max_bytes: int | None = DEFAULT_MAX_BYTES  # larger objects get a too_large: row without being read
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images whose header declares more get a too_large: row
     endpoint: str | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
@@ -128,7 +130,7 @@ def scan(spec: ScanSpec) -> ScanResult:
     run_id = check_run_id(spec.run_id or new_run_id())
     if spec.max_bytes is not None and spec.max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, got {spec.max_bytes}")
-    for name in ("read_block_rows", "read_block_bytes", "batch_size", "streams", "read_ahead_bytes"):
+    for name in ("read_block_rows", "read_block_bytes", "batch_size", "streams", "read_ahead_bytes", "max_pixels"):
         value = getattr(spec, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -263,7 +265,7 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
     ds = scored_stream(
         blocks, DetectorActor,
         {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": batch_size,
-         "decoder": spec.decoder},
+         "decoder": spec.decoder, "max_pixels": spec.max_pixels},
         endpoint=endpoint, batch_size=batch_size, read_block_rows=group or spec.read_block_rows,
         max_bytes=spec.max_bytes, task_retries=None if group is None else 0,
         gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,

@@ -17,6 +17,7 @@ import ray
 
 from ntf_ray.errors import DECODE, DETECTOR, DetectorFault
 from ntf_ray.ray_scan.table import FILE_SCHEMA, SEQ
+from ntf_ray.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 from ntf_ray.storage import binary_views as binary_views
 
@@ -32,7 +33,7 @@ class DetectorActor:
     """
 
     def __init__(self, model: str, *, endpoint: str | None, threshold: float | None, batch_size: int,
-                 device: str = "auto", decoder: str = "auto"):
+                 device: str = "auto", decoder: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS):
         began = time.perf_counter()
         import torch
 
@@ -48,7 +49,7 @@ class DetectorActor:
         ready = time.perf_counter()
         self.scorer = Scorer.from_artifact(model, device=device, threshold=threshold,
                                            options=StorageOptions(endpoint_url=endpoint), batch_size=batch_size,
-                                           decoder=decoder)
+                                           decoder=decoder, max_pixels=max_pixels)
         loaded = time.perf_counter()
         if device != "cpu":
             self.scorer.warm_up()
