@@ -13,7 +13,14 @@ Cases, ``--batch`` images each (64 by default):
 
 - ``ordinary``: JPEGs of 1024x768 (quality 90);
 - ``large mixed``: the same batch with three of them replaced by a 5000x5000 RGBA PNG with
-  partial alpha (about 100 KiB), an 8000x6000 JPEG and a 1x20000 PNG sliver.
+  partial alpha (about 100 KiB), an 8000x6000 JPEG and a 1x20000 PNG sliver;
+- ``bombs mixed``: the same batch with six replaced by files built to hold a decoder
+  (``tests/bombs.py``, full size): a BMP declaring a width of 2**32 - 127, a 1 MB deflate TIFF
+  declaring a 32768 x 32768 tile for 16 x 16 pixels, an 8192 x 8192 progressive JPEG of 6,000
+  scans, an ICO whose directory says 16 x 16 over a 12000 x 12000 PNG, a 99600 x 50 PNG
+  sliver, and a 2048 px JPEG cut in half with an end-of-image marker appended.
+
+Each case also scores every file again on its own and prints the slowest one's seconds.
 
     python bench/scan_memory.py
     python bench/scan_memory.py --batch 32
@@ -58,7 +65,13 @@ base = peak_mib()
 results = scorer.score_bytes(items)
 peak = peak_mib()
 errors = sorted({r.error.split(":")[0] for r in results if r.error})
-print(base, peak, sum(r.error is None for r in results), ",".join(errors) or "-")
+import time
+slowest = 0.0
+for item in items:
+    began = time.perf_counter()
+    scorer.score_bytes([item])
+    slowest = max(slowest, time.perf_counter() - began)
+print(base, peak, sum(r.error is None for r in results), ",".join(errors) or "-", slowest)
 """
 
 
@@ -96,10 +109,22 @@ def make_files(folder: Path, n: int) -> tuple[list[Path], list[Path]]:
     return ordinary, mixed
 
 
-def measure(model: str, network_batch: int, paths: list[Path]) -> tuple[float, float, int, str]:
+def make_bombs(folder: Path, ordinary: list[Path]) -> list[Path]:
+    """The ordinary batch with its first files replaced by the bombs of ``tests/bombs.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.bombs import bombs
+
+    paths = []
+    for name, data in bombs(small=False).items():
+        paths.append(folder / f"bomb-{name}")
+        paths[-1].write_bytes(data)
+    return [*paths, *ordinary[len(paths):]]
+
+
+def measure(model: str, network_batch: int, paths: list[Path]) -> tuple[float, float, int, str, float]:
     out = subprocess.run([sys.executable, "-c", CHILD, model, str(network_batch), *map(str, paths)], capture_output=True, text=True,
                          check=True).stdout.split()
-    return float(out[0]), float(out[1]), int(out[2]), out[3]
+    return float(out[0]), float(out[1]), int(out[2]), out[3], float(out[4])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,19 +146,23 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ordinary, mixed = make_files(tmp / "images", args.batch)
+        bombed = make_bombs(tmp / "images", ordinary)
         torch.manual_seed(0)
         model = str(tmp / "detector")
         save_artifact(model, Detector.build("tiny"), input_size=224)
-        sizes = {p.name: p.stat().st_size for p in mixed[:3]}
-        print("large files: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
-        print(f"{'case':<12} {'baseline MiB':>12} {'peak MiB':>9} {'added MiB':>10} {'scored':>7}  errors")
-        added = {}
-        for name, paths in (("ordinary", ordinary), ("large mixed", mixed)):
-            base, peak, scored, errors = measure(model, args.network_batch, paths)
-            added[name] = peak - base
-            print(f"{name:<12} {base:12.0f} {peak:9.0f} {peak - base:10.0f} {scored:4d}/{len(paths)}  {errors}",
-                  flush=True)
-        print(f"ratio large mixed / ordinary (added MiB) = {added['large mixed'] / max(added['ordinary'], 1):.2f}")
+        sizes = {p.name: p.stat().st_size for p in mixed[:3] + bombed[:6]}
+        print("large files and bombs: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
+        print(f"{'case':<12} {'baseline MiB':>12} {'peak MiB':>9} {'added MiB':>10} {'scored':>7} {'slowest s':>9}"
+              "  errors")
+        added, slow = {}, {}
+        for name, paths in (("ordinary", ordinary), ("large mixed", mixed), ("bombs mixed", bombed)):
+            base, peak, scored, errors, slowest = measure(model, args.network_batch, paths)
+            added[name], slow[name] = peak - base, slowest
+            print(f"{name:<12} {base:12.0f} {peak:9.0f} {peak - base:10.0f} {scored:4d}/{len(paths)} {slowest:9.2f}"
+                  f"  {errors}", flush=True)
+        for name in ("large mixed", "bombs mixed"):
+            print(f"ratio {name} / ordinary: added MiB {added[name] / max(added['ordinary'], 1):.2f}, "
+                  f"slowest object {slow[name] / max(slow['ordinary'], 1e-9):.2f}")
 
 
 if __name__ == "__main__":

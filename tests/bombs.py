@@ -64,11 +64,13 @@ def _scans(jpeg: bytes) -> tuple[bytes, list[bytes], bytes]:
     return header, [jpeg[a:b] for a, b in zip(starts, starts[1:])], jpeg[end:]
 
 
-def progressive_many_scans(side: int = 64, scans: int = 600) -> bytes:
+def progressive_many_scans(side: int = 64, scans: int = 600, flat: bool = False) -> bytes:
     """A progressive JPEG of ``side x side`` whose last scan is repeated up to ``scans`` scans
-    (libjpeg only warns, then decodes the whole image again for every one)."""
+    (libjpeg only warns, then decodes the whole image again for every one). ``flat``: a grey
+    image, whose refinement scans are a few bytes each (the small file of a big bomb)."""
     rng = np.random.default_rng(0)
-    img = Image.fromarray(np.cumsum(rng.integers(0, 8, (side, side, 3)), axis=1).astype(np.uint8))
+    img = (Image.new("RGB", (side, side), (128, 128, 128)) if flat else
+           Image.fromarray(np.cumsum(rng.integers(0, 8, (side, side, 3)), axis=1).astype(np.uint8)))
     buf = io.BytesIO()
     img.save(buf, "JPEG", progressive=True, quality=80)
     header, parts, tail = _scans(buf.getvalue())
@@ -108,5 +110,5 @@ def bombs(small: bool = True) -> dict[str, bytes]:
                 "many-scans.jpg": progressive_many_scans(64, 600), "hiding.ico": ico_hiding(3000),
                 "sliver.png": thin_png(), "cut-with-eoi.jpg": jpeg_cut_with_eoi()}
     return {"absurd-width.bmp": bmp_absurd_width(), "huge-tile.tif": tiff_huge_tile(zeros=1 << 30),
-            "many-scans.jpg": progressive_many_scans(8192, 6000), "hiding.ico": ico_hiding(12000),
+            "many-scans.jpg": progressive_many_scans(8192, 6000, flat=True), "hiding.ico": ico_hiding(12000),
             "sliver.png": thin_png(), "cut-with-eoi.jpg": jpeg_cut_with_eoi(2048)}

@@ -748,3 +748,25 @@ def test_a_decode_past_its_deadline_is_too_slow():
     assert decode(data, deadline_s=0.0).error == "decode: too slow (over 0 s)"
     assert decode(data, deadline_s=60).ok
     assert decode(data, deadline_s=None).ok
+
+
+def test_seeded_damage_to_every_format_never_raises_and_never_stalls():
+    """Thousands of damaged files (tests/mutations.py): each gets a result with one of the
+    documented kinds, none raises, none takes long."""
+    import time
+
+    from tests.mutations import corpus
+
+    kinds: dict[str, int] = {}
+    slowest = 0.0
+    for fmt, how, data in corpus(1500, seed=7):
+        began = time.perf_counter()
+        res = decode(data)
+        slowest = max(slowest, time.perf_counter() - began)
+        kind = (res.error or "ok").split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        assert kind in {"ok", "decode", "too_large", "unsupported_format"}, (fmt, how, res.error)
+        if res.ok:
+            assert res.image.shape == (res.height, res.width, 3) and res.image.dtype == np.uint8
+    assert kinds["ok"] > 100 and kinds["decode"] > 100  # the damage is varied: some still decode, most do not
+    assert slowest < 5.0
