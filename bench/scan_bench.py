@@ -63,7 +63,8 @@ if sys.argv[2] == "table":  # the whole listing held as one table, as scans did 
     table = ray_scan.list_objects(spec, storage.StorageOptions())
     listed, blocks = table.num_rows, []
 else:
-    blocks, listed = ray_scan._listing_blocks(spec, storage.StorageOptions(), None)
+    found = ray_scan._listing_blocks(spec, storage.StorageOptions(), None)
+    listed, blocks = found.listed, found.blocks
 print(listed, len(blocks), before, mib("RssAnon:"))
 """
 

@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from ntf_ray import storage
 from ntf_ray.artifact import check_threshold
 from ntf_ray.datasets import read_manifest, select
+from ntf_ray.errors import DETECTOR, DetectorFault
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
 from ntf_ray.ray_scan import scored_stream
 from ntf_ray.storage import StorageOptions
@@ -106,6 +108,20 @@ class EvaluationActor:
         self.plan, self.seed = plan, seed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self._rows(batch)
+        except DetectorFault as exc:  # the detector scored NaN: rows that say so, and score_rows stops
+            n, repeat = batch.num_rows, len(self.plan)
+            cols = {"level_index": [i for i in range(repeat) for _ in range(n)],
+                    "perturbation": [k for k, _ in self.plan for _ in range(n)],
+                    "level": [v for _, v in self.plan for _ in range(n)],
+                    "score": [None] * (n * repeat), "error": [f"{DETECTOR}: {exc}"] * (n * repeat),
+                    "embedding": [None] * (n * repeat)}
+            for name in ("uri", "label", "generator", "family"):
+                cols[name] = batch.column(name).to_pylist() * repeat
+            return pa.table(cols, schema=ROWS_SCHEMA.append(pa.field("level_index", pa.int32())))
+
+    def _rows(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from ntf_ray.transforms import perturb
@@ -191,6 +207,9 @@ def score_rows(spec: EvaluateSpec, rows: pa.Table, plan: list[tuple[str, float |
     if not tables:
         raise RuntimeError("evaluate: the detector actors returned no rows")
     out = pa.concat_tables(tables)
+    faults = out.filter(pc.starts_with(pc.fill_null(out["error"], ""), f"{DETECTOR}:"))
+    if faults.num_rows:
+        raise DetectorFault(faults["error"][0].as_py()[len(DETECTOR) + 2:])
     if out.num_rows != rows.num_rows * len(plan):
         raise RuntimeError(f"evaluate: {out.num_rows} scored rows for {rows.num_rows} images x {len(plan)} levels")
     # A stable order (Ray Data's is not): by image, then the plan's order of levels.

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 CORE = ["config", "storage", "formats", "decode", "transforms", "datasets", "model", "losses", "dist",
-        "engine", "artifact", "scoring", "metrics", "synth", "recipe", "variants", "evaluate",
+        "engine", "artifact", "scoring", "metrics", "synth", "recipe", "variants", "evaluate", "errors", "jpeg_screen",
         "evaluate.tables", "evaluate.figures", "evaluate.report", "score_files"]
 
 

@@ -188,3 +188,21 @@ def test_calibrate_refuses_a_split_with_too_few_reals(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "needs at least 300" in err and "real images" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_detector_that_scores_nan_stops_calibrate_and_evaluate_with_one_line(local_ray, setup, tmp_path, capsys):
+    from tests.conftest import save_nan_detector
+
+    val = make_synthetic(tmp_path / "val", n_real=70, n_fake=4, size=40, seed=13, splits={"val": 1.0})
+    manifest = str(tmp_path / "val" / "manifest.parquet")
+    write_manifest(manifest_table(val), manifest)
+    model = save_nan_detector(str(tmp_path / "nan"))
+    assert main(["calibrate", "--model", model, "--manifest", manifest, "--target-fpr", "0.05",
+                 "--output", str(tmp_path / "calibrated"), "--max-actors", "1"]) == 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("ntf-ray calibrate: error: detector ")]
+    assert "NaN or infinity" in err and not (tmp_path / "calibrated").exists()
+    assert main(["evaluate", "--model", model, "--manifest", manifest, "--split", "val", "--output",
+                 str(tmp_path / "report"), "--max-actors", "1"]) == 1
+    assert "ntf-ray evaluate: error: detector " in capsys.readouterr().err
+    assert not (tmp_path / "report" / "metrics.json").exists()

@@ -72,19 +72,21 @@ def _poisons() -> dict[str, tuple[bytes, str]]:
 
 
 def _objects() -> tuple[dict[str, bytes], dict[str, str]]:
-    """Names interleaved so that each block of BLOCK listed objects holds one poison."""
+    """Names interleaved so that each block of BLOCK listed objects holds one poison, in its
+    middle: when its actor dies, batches are queued behind it as well as ahead."""
     poisons = _poisons()
     objects, expected = {}, {}
     k = 0
     for name, (data, error) in poisons.items():
-        for _ in range(BLOCK - 1):
-            ext, body = _ordinary(k)
-            objects[f"{k:03d}.{ext}"] = body
-            expected[f"{k:03d}.{ext}"] = ""
+        for slot in range(BLOCK):
+            if slot == BLOCK // 2:
+                objects[f"{k:03d}-{name}"] = data
+                expected[f"{k:03d}-{name}"] = error
+            else:
+                ext, body = _ordinary(k)
+                objects[f"{k:03d}.{ext}"] = body
+                expected[f"{k:03d}.{ext}"] = ""
             k += 1
-        objects[f"{k:03d}-{name}"] = data
-        expected[f"{k:03d}-{name}"] = error
-        k += 1
     return objects, expected
 
 

@@ -1,8 +1,9 @@
 """Scan object storage with Ray Data: list, read, decode and score in detector actors, write a score table.
 
 One row per listed object, always: objects that cannot be read or decoded get an error
-row with a short reason, and the run goes on. The table follows the contract in the
-architecture notes (columns, types, ``OUTPUT/dt=YYYY-MM-DD/run_id=ID/``). A run's rows are
+row with a short reason, and the run goes on; objects lost with a worker that died are
+scored again in smaller groups until only the one at fault is left (``isolation``). The
+table follows the contract in the architecture notes (columns, types, ``OUTPUT/dt=YYYY-MM-DD/run_id=ID/``). A run's rows are
 staged and published in one piece once every listed object has its row (see ``table``), so
 readers never see a crashed or running run, and re-running a run id replaces it only when
 the new attempt succeeds.
@@ -30,9 +31,10 @@ import pyarrow.compute as pc
 import ray
 
 from ntf_ray import storage
+from ntf_ray.decode import DEFAULT_MAX_PIXELS
+from ntf_ray.errors import lost_error
 
 # "X as X": not used here, re-exported as the package's interface
-from ntf_ray.errors import lost_error
 from ntf_ray.ray_scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, scored_stream
 from ntf_ray.ray_scan.isolation import Staged, score_isolating
 from ntf_ray.ray_scan.listing import iter_listing
@@ -61,7 +63,6 @@ from ntf_ray.ray_scan.table import (
 )
 from ntf_ray.ray_scan.table import already_scored as already_scored
 from ntf_ray.ray_scan.table import completed_runs as completed_runs
-from ntf_ray.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,8 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
     """Score the listing's blocks into Parquet files under ``staged`` (the endpoint as the driver resolved it).
 
     ``group``: blocks of that many rows re-run after a loss (``isolation``), scored that many
-    at a time and never retried by Ray (the next, smaller round is their retry)."""
+    at a time, one batch per actor at a time, and never retried by Ray (the next, smaller
+    round is their retry)."""
     endpoint = options.endpoint_url
     batch_size = spec.batch_size if group is None else group
     ds = scored_stream(
@@ -267,7 +269,7 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
         {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": batch_size,
          "decoder": spec.decoder, "max_pixels": spec.max_pixels},
         endpoint=endpoint, batch_size=batch_size, read_block_rows=group or spec.read_block_rows,
-        max_bytes=spec.max_bytes, task_retries=None if group is None else 0,
+        max_bytes=spec.max_bytes, isolated=group is not None,
         gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,
         cpus_per_actor=spec.cpus_per_actor, streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU,
         read_ahead_bytes=spec.read_ahead_bytes,

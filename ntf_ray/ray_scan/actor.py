@@ -216,12 +216,11 @@ def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | 
 
 
 #: Retries of a read task, and of a detector actor's batch when the actor died on it (Ray's
-#: default retries a batch forever: one file that kills its decoder would hang the run). One
-#: retry rides out a worker lost by chance; what still fails is isolated by re-running it in
-#: smaller groups (``ray_scan.isolation``), which costs fewer actor restarts than retrying a
-#: batch that holds a worker-killer again and again.
+#: default retries a batch forever: one file that kills its decoder would hang the run). What
+#: still fails is isolated by re-running it in smaller groups (``ray_scan.isolation``), whose
+#: rounds are not retried by Ray: each smaller round is the retry.
 READ_TASK_RETRIES = 2
-ACTOR_TASK_RETRIES = 1
+ACTOR_TASK_RETRIES = 2
 #: A scan's detector actors per GPU, and batches each scores at once (threads, each with its own
 #: CUDA stream). Measured on an H200 (bench/README.md): decoding and the network share the GPU, and
 #: 4 actors x 2 streams kept it busiest (4,140 images/s against 3,320 for 1 x 2 and 3,510 for 1 x 3).
@@ -238,7 +237,7 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
                   read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
                   cpus_per_actor: float, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
                   read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES, name: str = "scan",
-                  task_retries: int | None = None) -> ray.data.Dataset:
+                  isolated: bool = False) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
     ``rows`` is a table (cut into blocks of ``read_block_rows``) or the refs of tables already
@@ -254,8 +253,9 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
     ``streams``: batches each GPU actor scores at once, each in its own thread and CUDA
     stream (1 on CPU actors). ``read_ahead_bytes`` caps what the whole stream holds in
     Ray's object store, so that reads run only as far ahead of the detectors as that.
-    ``name``: what Ray Data's progress bar and logs call the stream. ``task_retries``: how
-    often a detector batch whose actor died is tried again (default ``ACTOR_TASK_RETRIES``).
+    ``name``: what Ray Data's progress bar and logs call the stream. ``isolated``: each actor
+    holds one batch at a time, none queued or beside it, and a batch whose actor died is not
+    retried (a round of ``ray_scan.isolation``: a loss then belongs to that batch alone).
     """
     from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES, read_objects
 
@@ -263,6 +263,8 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
         max_bytes = DEFAULT_MAX_BYTES
     if streams < 1:
         raise ValueError(f"streams must be >= 1, got {streams}")
+    if isolated:
+        streams = 1
 
     if isinstance(rows, pa.Table):
         blocks = max(1, -(-rows.num_rows // read_block_rows))
@@ -289,14 +291,17 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors,
                                                max_concurrent_calls_per_actor=streams if plan.gpus else 1,
-                                               enable_true_multi_threading=bool(plan.gpus) and streams > 1),
-            # Actors queue batches: a batch queued behind one that kills its actor dies with it, and
-            # what is lost is re-run in smaller groups once the stream ends (ray_scan.isolation).
+                                               enable_true_multi_threading=bool(plan.gpus) and streams > 1,
+                                               # Actors queue batches: a batch queued behind one that kills
+                                               # its actor dies with it, and what is lost is re-run in
+                                               # smaller groups once the stream ends (ray_scan.isolation),
+                                               # whose rounds queue nothing
+                                               max_tasks_in_flight_per_actor=1 if isolated else None),
             num_gpus=plan.gpus,
             num_cpus=plan.cpus,
             max_restarts=-1,  # an actor that died is replaced ...
             # ... but a batch that kills it is not retried forever
-            max_task_retries=ACTOR_TASK_RETRIES if task_retries is None else task_retries,
+            max_task_retries=0 if isolated else ACTOR_TASK_RETRIES,
         )
     ds.set_name(name)
     ds.context.max_errored_blocks = -1

@@ -9,7 +9,9 @@ all at once or not at all, whatever crashes, and re-running a run replaces its f
 
 Errors a later ``moderate`` retries: ``read:`` (transient, missing or changed object),
 ``worker_lost:`` and ``decode: out of memory``. Every other error is final for that
-(uri, etag, model_id): ``decode:``, ``too_large:``, ``unsupported_format:``, ``unsupported_name:``.
+(uri, etag, model_id): ``decode:``, ``too_large:``, ``unsupported_format:``, ``unsupported_name:``,
+``poison:`` (``ntf_ray.errors``). The index also keeps how often each object not yet final
+was lost alone, summed over runs, which is what turns ``worker_lost`` into ``poison``.
 """
 
 from __future__ import annotations
