@@ -106,8 +106,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ntf_ray.decode_limits import declared_work, icon_too_large
+from ntf_ray.decode_pixels import BadSamples, TooSlow, check_deadline, to_rgb_array
 from ntf_ray.formats import FORMATS, OPENERS, unsupported_format
-from ntf_ray.jpeg_screen import MAX_SCANS, count_scans, screen
+from ntf_ray.jpeg_decode import decode_jpeg
 
 __all__ = ["DEFAULT_DEADLINE_S", "DEFAULT_MAX_PIXELS", "FORMATS", "Decoded", "decode"]
 
@@ -118,10 +120,6 @@ DEFAULT_MAX_PIXELS = 100_000_000
 #: Default time one decode may take (seconds). A 100 Mpx PNG decodes in a few seconds on one
 #: core; what takes longer is a file built to hold its decoder.
 DEFAULT_DEADLINE_S = 30.0
-#: A TIFF tile or strip may hold the image's own pixels, or this many (a small image in one
-#: 256 x 256 tile is common), whichever is more, and never more than ``max_pixels``.
-_TILE_FLOOR_PIXELS = 1 << 24
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Keep error reasons short and on one line so they can be stored in a table column and
 # counted by prefix.
@@ -142,13 +140,7 @@ _ORIENTATION_TO_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
-# Pixels leave Pillow a block of rows (about this many pixels) at a time, converted and
-# composited block by block, so the temporaries stay a few MB at any image size: the only
-# full-size buffers are Pillow's decoded frame and the result. (Whole-image numpy work on
-# a 5000x5000 RGBA PNG held about 620 MiB at once.)
-_BLOCK_PIXELS = 1 << 20
 
 # Pillow puts the BytesIO repr ("<_io.BytesIO object at 0x7f...>") into some messages;
 # scrub it so identical failures produce identical reasons.
@@ -185,20 +177,12 @@ class Decoded:
         return self.error is None
 
 
-class _DecodeFailure(Exception):
-    """Internal: a bad-data condition we detect ourselves (message is the reason)."""
-
-
 class _TooLarge(Exception):
     """Internal: Pillow's own bomb guard fired while loading (message is the reason)."""
 
 
-class _TooSlow(Exception):
-    """Internal: the decode's deadline passed."""
-
-
 class _Timed(io.BytesIO):
-    """The file Pillow reads: each read past the deadline raises ``_TooSlow``, so a decoder
+    """The file Pillow reads: each read past the deadline raises ``TooSlow``, so a decoder
     that keeps asking for input stops there."""
 
     def __init__(self, buf, deadline: float | None):
@@ -206,13 +190,8 @@ class _Timed(io.BytesIO):
         self.deadline = deadline
 
     def read(self, size: int | None = -1) -> bytes:
-        _check_deadline(self.deadline)
+        check_deadline(self.deadline)
         return super().read(size)
-
-
-def _check_deadline(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise _TooSlow
 
 
 def _too_slow(deadline_s: float | None) -> str:
@@ -249,7 +228,7 @@ def decode(
     if len(buf) == 0:
         return _failure("decode: empty file")
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
-    icon = _icon_too_large(buf, limit)
+    icon = icon_too_large(buf, limit)
     if icon is not None:  # before Image.open: the ICO plugin decodes its embedded image there
         return Decoded(None, "ICO", None, None, icon)
 
@@ -257,7 +236,7 @@ def decode(
     # of FORMATS: no other plugin's open or load ever sees the bytes.
     try:
         im = Image.open(_Timed(buf, deadline), formats=OPENERS)
-    except _TooSlow:
+    except TooSlow:
         return _failure(_too_slow(deadline_s))
     except UnidentifiedImageError:
         name = unsupported_format(buf)
@@ -292,11 +271,11 @@ def decode(
             )
         if width <= 0 or height <= 0:
             return Decoded(None, fmt, width, height, f"decode: empty image ({width}x{height})")
-        refused = _declared_work(im, buf, limit)
+        refused = declared_work(im, buf, limit)
         if refused is not None:
             return Decoded(None, fmt, width, height, refused)
         if fmt in ("JPEG", "MPO"):
-            image, reason = _decode_jpeg(buf, limit)
+            image, reason = decode_jpeg(buf, limit)
             if reason is not None:
                 return Decoded(None, fmt, width, height, reason)
             if image is not None:
@@ -305,7 +284,7 @@ def decode(
         # ImageFile.LOAD_TRUNCATED_IMAGES; then orient and convert.
         try:
             image = _load_oriented_rgb(im, deadline)
-        except _TooSlow:
+        except TooSlow:
             return Decoded(None, fmt, width, height, _too_slow(deadline_s))
         except _TooLarge as exc:
             return Decoded(None, fmt, width, height, str(exc))
@@ -319,111 +298,6 @@ def decode(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _icon_too_large(buf, limit: int | None) -> str | None:
-    """``too_large: ...`` when an ICO's directory points at an embedded PNG or BMP whose own
-    header declares more than ``limit`` pixels (whatever the directory says), else None."""
-    head = bytes(buf[:6])
-    if limit is None or len(head) < 6 or head[:4] != b"\x00\x00\x01\x00":
-        return None
-    (count,) = struct.unpack_from("<H", head, 4)
-    for i in range(count):
-        entry = bytes(buf[6 + 16 * i : 22 + 16 * i])
-        if len(entry) < 16:
-            return None  # a short directory: the plugin reports it
-        (offset,) = struct.unpack_from("<I", entry, 12)
-        sub = bytes(buf[offset : offset + 26])
-        if sub[:8] == _PNG_MAGIC and len(sub) >= 24:
-            w, h = struct.unpack_from(">II", sub, 16)
-        elif len(sub) >= 12 and struct.unpack_from("<I", sub, 0)[0] == 12:  # BITMAPCOREHEADER
-            w, h = struct.unpack_from("<HH", sub, 4)
-            h //= 2  # the XOR image over its AND mask
-        elif len(sub) >= 12:
-            w, h = (abs(v) for v in struct.unpack_from("<ii", sub, 4))
-            h //= 2
-        else:
-            continue
-        if w * h > limit:
-            return f"too_large: an embedded icon image of {w}x{h} = {w * h} px > limit {limit}"
-    return None
-
-
-def _declared_work(im: Image.Image, buf, limit: int | None) -> str | None:
-    """``too_large: ...`` for what a header declares beyond its pixels: a TIFF's tile or strip
-    size, a JPEG's number of scans. None when within bounds."""
-    if im.format == "TIFF":
-        width, height = im.size
-        bound = max(width * height, _TILE_FLOOR_PIXELS)
-        if limit is not None:
-            bound = min(bound, limit)
-        tags = im.tag_v2
-        try:
-            tile_w, tile_h, rows = (int(tags.get(t) or 0) for t in (322, 323, 278))
-        except (TypeError, ValueError):
-            return "decode: unreadable TIFF tile or strip size"
-        if tile_w and tile_h and tile_w * tile_h > bound:
-            return f"too_large: TIFF tiles of {tile_w}x{tile_h} = {tile_w * tile_h} px > limit {bound}"
-        if rows and min(rows, height) * width > bound:
-            return f"too_large: TIFF strips of {width}x{min(rows, height)} px > limit {bound}"
-    elif im.format in ("JPEG", "MPO"):
-        scans = count_scans(buf)
-        if scans > MAX_SCANS:
-            return f"too_large: more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)"
-    return None
-
-
-def _decode_jpeg(buf, limit: int | None) -> tuple[np.ndarray | None, str | None]:
-    """``(pixels, None)`` for a plain JPEG (baseline or progressive, grey or YCbCr, any EXIF
-    orientation) decoded by libjpeg-turbo with warnings as errors; ``(None, reason)`` when it
-    ends early (``decode: truncated image``); ``(None, None)``: Pillow decodes it.
-
-    Pillow's JPEG plugin runs the same libjpeg-turbo with the same settings (accurate DCT,
-    fancy upsampling), so the pixels are Pillow's (a test compares them); it ignores
-    libjpeg's warnings, and a file cut short then given an end-of-image marker decodes
-    with grey rows. Any other warning (extraneous bytes, a restart marker out of place)
-    leaves the file to Pillow, as before.
-    """
-    import simplejpeg
-
-    found = screen(buf, max_pixels=limit, allow_orientation=True)
-    if not found.gpu:
-        return None, ("decode: truncated image" if _ends_early(buf) else None)
-    try:
-        pixels = simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
-    except ValueError as exc:
-        return None, ("decode: truncated image" if "premature end" in str(exc).lower() else None)
-    method = _ORIENTATION_TO_TRANSPOSE.get(found.orientation)
-    return (pixels if method is None else np.ascontiguousarray(_NUMPY_TRANSPOSE[method](pixels))), None
-
-
-def _ends_early(buf) -> bool:
-    """Whether libjpeg-turbo finds the JPEG's data ending before its image does."""
-    import simplejpeg
-
-    for space in ("RGB", "CMYK"):  # CMYK and YCCK files do not convert to RGB in libjpeg
-        try:
-            simplejpeg.decode_jpeg(buf, colorspace=space, fastdct=True, fastupsample=True, strict=True)
-            return False
-        except ValueError as exc:
-            message = str(exc).lower()
-            if "premature end" in message:
-                return True
-            if "color" not in message:  # another warning, or a file libjpeg-turbo cannot read: Pillow decides
-                return False
-    return False
-
-
-#: Pillow's transposes as numpy views of an ``(H, W, C)`` array.
-_NUMPY_TRANSPOSE = {
-    Image.Transpose.FLIP_LEFT_RIGHT: lambda a: a[:, ::-1],
-    Image.Transpose.ROTATE_180: lambda a: a[::-1, ::-1],
-    Image.Transpose.FLIP_TOP_BOTTOM: lambda a: a[::-1],
-    Image.Transpose.TRANSPOSE: lambda a: a.transpose(1, 0, 2),
-    Image.Transpose.ROTATE_270: lambda a: np.rot90(a, k=-1),
-    Image.Transpose.TRANSVERSE: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
-    Image.Transpose.ROTATE_90: lambda a: np.rot90(a, k=1),
-}
 
 
 def _as_buffer(data: object) -> bytes | bytearray | memoryview:
@@ -462,7 +336,7 @@ def _failure(reason: str) -> Decoded:
 
 def _reason(exc: BaseException) -> str:
     """Short one-line ``decode: ...`` reason for a decoder exception."""
-    if isinstance(exc, _DecodeFailure):
+    if isinstance(exc, BadSamples):
         msg = str(exc)
     else:
         msg = " ".join(str(exc).split())
@@ -534,7 +408,7 @@ def _load_oriented_rgb(im: Image.Image, deadline: float | None = None) -> np.nda
         # Transposing before the RGB conversion keeps mode, palette and transparency
         # info, and moves fewer bytes for 1-byte modes.
         im = im.transpose(method)
-    return _to_rgb_array(im, deadline)
+    return to_rgb_array(im, deadline)
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -548,118 +422,3 @@ def _exif_orientation(im: Image.Image) -> int:
     except Exception:  # noqa: BLE001 - metadata is optional
         return 1
     return value if 1 <= value <= 8 else 1
-
-
-def _has_transparency(im: Image.Image) -> bool:
-    return im.mode in _ALPHA_MODES or "transparency" in im.info
-
-
-def _to_rgb_array(im: Image.Image, deadline: float | None = None) -> np.ndarray:
-    """Convert a loaded Pillow image of any mode to ``(H, W, 3)`` uint8 RGB (see module doc)."""
-    mode = im.mode
-    if mode.startswith("I;16"):
-        # 16-bit greyscale: numpy honours the byte order in the array interface.
-        return _gray_to_rgb(_scale_16bit(np.asarray(im)))
-    if mode == "I":
-        return _gray_to_rgb(_scale_int32(np.asarray(im)))
-    if mode == "F":
-        return _gray_to_rgb(_scale_float(np.asarray(im)))
-    if _has_transparency(im):
-        try:
-            return _composite_on_white(im, deadline)
-        except (ValueError, TypeError, KeyError):
-            # A malformed transparency key (convert("RGBA") refuses it) should not lose the
-            # image: ignore it.
-            if mode in _ALPHA_MODES:
-                raise
-    # A fresh array, not np.asarray(im) (read-only: it wraps tobytes()), so downstream code
-    # (e.g. torch.from_numpy) gets a writeable, contiguous array.
-    width, height = im.size
-    out = np.empty((height, width, 3), np.uint8)
-    for rows, rgb in _row_blocks(im, "RGB", deadline):
-        out[rows] = rgb
-    return out
-
-
-def _row_blocks(im: Image.Image, mode: str, deadline: float | None = None):
-    """Yield ``(rows, pixels)``: a ``slice`` of ``im``'s rows and those rows converted to
-    ``mode`` as a ``(len(rows), W, C)`` uint8 array, about ``_BLOCK_PIXELS`` at a time.
-
-    Converting a crop gives the same pixels as cropping the converted image: every
-    conversion used here (to RGB or RGBA, palette and transparency key included, since a
-    crop keeps both) maps each pixel on its own.
-    """
-    width, height = im.size
-    step = max(1, _BLOCK_PIXELS // width)
-    for top in range(0, height, step):
-        _check_deadline(deadline)
-        bottom = min(height, top + step)
-        block = im if step >= height else im.crop((0, top, width, bottom))
-        if block.mode != mode:
-            block = block.convert(mode)
-        yield slice(top, bottom), np.asarray(block)
-
-
-def _composite_on_white(im: Image.Image, deadline: float | None = None) -> np.ndarray:
-    """An image with transparency -> ``(H, W, 3)`` uint8 RGB over a white background.
-
-    ``out = (rgb * a + 255 * (255 - a) + 127) // 255`` per pixel, in uint16 and in place,
-    one block of rows at a time (so no full-size temporaries).
-    """
-    width, height = im.size
-    out = np.empty((height, width, 3), np.uint8)
-    for rows, rgba in _row_blocks(im, "RGBA", deadline):
-        alpha = rgba[..., 3:]
-        if alpha.min() == 255:
-            out[rows] = rgba[..., :3]
-            continue
-        mixed = rgba[..., :3].astype(np.uint16)
-        background = alpha.astype(np.uint16)
-        # rgb*a + 255*(255-a) <= 255*255, so uint16 cannot overflow; +127 rounds.
-        mixed *= background
-        np.subtract(255, background, out=background)
-        background *= 255
-        mixed += background
-        mixed += 127
-        mixed //= 255
-        out[rows] = mixed
-    return out
-
-
-def _scale_16bit(values: np.ndarray) -> np.ndarray:
-    """0..65535 -> 0..255 as ``round(v * 255 / 65535)`` (integer arithmetic, no clipping)."""
-    v = values.astype(np.uint32)
-    return ((v * 255 + 32767) // 65535).astype(np.uint8)
-
-
-def _scale_int32(values: np.ndarray) -> np.ndarray:
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise _DecodeFailure(
-            "32-bit integer samples outside 0..65535 "
-            f"(min {int(values.min())}, max {int(values.max())})"
-        )
-    return _scale_16bit(values)
-
-
-def _scale_float(values: np.ndarray) -> np.ndarray:
-    if values.size == 0:
-        return values.astype(np.uint8)
-    if not np.isfinite(values).all():
-        raise _DecodeFailure("float samples are not finite (NaN or inf)")
-    lo, hi = float(values.min()), float(values.max())
-    if lo < 0:
-        raise _DecodeFailure(f"float samples outside [0, 65535] (min {lo:g})")
-    if hi <= 1.0:
-        scaled = values * np.float32(255.0)
-    elif hi <= 255.0:
-        scaled = values
-    elif hi <= 65535.0:
-        scaled = values / np.float32(257.0)
-    else:
-        raise _DecodeFailure(f"float samples outside [0, 65535] (max {hi:g})")
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    """``(H, W)`` uint8 -> ``(H, W, 3)`` uint8, C-contiguous."""
-    return np.repeat(gray[:, :, None], 3, axis=2)

@@ -7,6 +7,7 @@ import sys
 
 CORE = ["config", "storage", "formats", "decode", "transforms", "datasets", "model", "losses", "dist",
         "engine", "artifact", "scoring", "metrics", "synth", "recipe", "variants", "evaluate", "errors", "jpeg_screen",
+        "jpeg_decode", "decode_limits", "decode_pixels",
         "evaluate.tables", "evaluate.figures", "evaluate.report", "score_files"]
 
 

@@ -299,9 +299,9 @@ def _composite_reference(rgba: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("block_pixels", [1, 7 * 13, 1 << 20])
 def test_blocks_of_rows_give_the_whole_image_result(monkeypatch, block_pixels):
     """Rows leave Pillow in blocks; any block size gives the same pixels, mode by mode."""
-    import ntf_ray.decode as decode_module
+    import ntf_ray.decode_pixels as pixels_module
 
-    monkeypatch.setattr(decode_module, "_BLOCK_PIXELS", block_pixels)
+    monkeypatch.setattr(pixels_module, "_BLOCK_PIXELS", block_pixels)
     rng = np.random.default_rng(19)
     rgba = rng.integers(0, 256, (37, 13, 4), dtype=np.uint8)
     rgba[:5, :, 3] = 255  # an opaque block among translucent ones
