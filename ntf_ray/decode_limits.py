@@ -7,8 +7,8 @@ allocates for it (``ntf_ray.decode`` asks; the results are ``too_large: ...`` re
 - a TIFF's tiles and strips: libtiff allocates a whole tile (a 1 MB file may declare one of
   32768 x 32768 for a 16 x 16 image); at most the image's own pixels, or 16 Mpx, and never
   more than the pixel limit;
-- a JPEG's scans: each one makes the decoder pass over the whole image again
-  (``ntf_ray.jpeg_screen.MAX_SCANS``).
+(A JPEG's scans, each of which makes the decoder pass over the whole image again, are
+counted where its markers are read anyway: ``ntf_ray.jpeg_decode``.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import struct
 
 from PIL import Image
 
-from ntf_ray.jpeg_screen import MAX_SCANS, count_scans
 
 #: A TIFF tile or strip may hold the image's own pixels, or this many (a small image in one
 #: 256 x 256 tile is common), whichever is more, and never more than ``max_pixels``.
@@ -54,8 +53,8 @@ def icon_too_large(buf, limit: int | None) -> str | None:
 
 
 def declared_work(im: Image.Image, buf, limit: int | None) -> str | None:
-    """``too_large: ...`` for what a header declares beyond its pixels: a TIFF's tile or strip
-    size, a JPEG's number of scans. None when within bounds."""
+    """``too_large: ...`` for what a header declares beyond its pixels (a TIFF's tile or strip
+    size); None when within bounds."""
     if im.format == "TIFF":
         width, height = im.size
         bound = max(width * height, TILE_FLOOR_PIXELS)
@@ -70,8 +69,4 @@ def declared_work(im: Image.Image, buf, limit: int | None) -> str | None:
             return f"too_large: TIFF tiles of {tile_w}x{tile_h} = {tile_w * tile_h} px > limit {bound}"
         if rows and min(rows, height) * width > bound:
             return f"too_large: TIFF strips of {width}x{min(rows, height)} px > limit {bound}"
-    elif im.format in ("JPEG", "MPO"):
-        scans = count_scans(buf)
-        if scans > MAX_SCANS:
-            return f"too_large: more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)"
     return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import simplejpeg
 
-from ntf_ray.jpeg_screen import screen
+from ntf_ray.jpeg_screen import MAX_SCANS, count_scans, screen
 
 #: EXIF orientation -> the turn that shows the image upright, on an ``(H, W, C)`` array: the
 #: same as Pillow's transposes in ``ImageOps.exif_transpose`` (a test compares them).
@@ -29,7 +29,8 @@ _ORIENT = {
 
 
 def decode_jpeg(buf, limit: int | None) -> tuple[np.ndarray | None, str | None]:
-    """``(pixels, None)`` for a plain JPEG (baseline or progressive, grey or YCbCr, any EXIF
+    """``(None, "too_large: ...")`` for a JPEG of more than ``MAX_SCANS`` scans (its markers are
+    walked once, here); ``(pixels, None)`` for a plain JPEG (baseline or progressive, grey or YCbCr, any EXIF
     orientation) decoded by libjpeg-turbo with warnings as errors; ``(None, reason)`` when it
     ends early (``decode: truncated image``); ``(None, None)``: Pillow decodes it.
 
@@ -40,6 +41,8 @@ def decode_jpeg(buf, limit: int | None) -> tuple[np.ndarray | None, str | None]:
     leaves the file to Pillow, as before.
     """
     found = screen(buf, max_pixels=limit, allow_orientation=True)
+    if (found.scans if found.scans is not None else count_scans(buf)) > MAX_SCANS:
+        return None, f"too_large: more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)"
     if not found.gpu:
         return None, ("decode: truncated image" if ends_early(buf) else None)
     try:

@@ -53,6 +53,7 @@ class Screen:
     width: int | None = None
     height: int | None = None
     orientation: int = 1  # the EXIF orientation (IFD0) when it is the reason the file is not plain
+    scans: int | None = None  # the scans counted (up to MAX_SCANS + 1) when the screen counted them
 
 
 def count_scans(data: bytes | bytearray | memoryview, limit: int = MAX_SCANS) -> int:
@@ -164,9 +165,10 @@ def screen(data: bytes | bytearray | memoryview, *, max_pixels: int | None, allo
         return Screen(False, "zero size in the frame header", width, height)
     if max_pixels is not None and width * height > max_pixels:
         return Screen(False, "over the pixel limit", width, height)
-    if sof == 0xC2 and count_scans(view) > MAX_SCANS:
-        return Screen(False, f"more than {MAX_SCANS} scans", width, height)
-    return Screen(True, "", width, height, oriented)
+    scans = count_scans(view) if sof == 0xC2 else None
+    if scans is not None and scans > MAX_SCANS:
+        return Screen(False, f"more than {MAX_SCANS} scans", width, height, scans=scans)
+    return Screen(True, "", width, height, oriented, scans)
 
 
 def _ends_with_eoi(view: memoryview) -> bool:
