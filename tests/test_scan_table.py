@@ -13,14 +13,15 @@ from ntf_ray import storage
 from ntf_ray.ray_scan import lock, table
 
 
-def _rows(uris: list[str], errors: list[str | None] | None = None, seqs: list[int] | None = None) -> pa.Table:
+def _rows(uris: list[str], errors: list[str | None] | None = None, seqs: list[int] | None = None,
+          model_id: str = "m1") -> pa.Table:
     """Staged rows as the detector actors write them (the table's columns and ``seq``)."""
     n = len(uris)
     cols = {f.name: pa.nulls(n, f.type) for f in table.STAGED_SCHEMA}
     cols["uri"] = pa.array(uris, pa.string())
     cols["etag"] = pa.array([f"e-{u}" for u in uris], pa.string())
     cols["error"] = pa.array(errors or [None] * n, pa.string())
-    cols["model_id"] = pa.array(["m1"] * n, pa.string())
+    cols["model_id"] = pa.array([model_id] * n, pa.string())
     cols["seq"] = pa.array(seqs if seqs is not None else range(n), pa.int64())
     return pa.table(cols, schema=table.STAGED_SCHEMA)
 
@@ -83,7 +84,7 @@ def test_the_index_spares_rereading_history(tmp_path, monkeypatch):
     for i in range(3):
         _publish(tmp_path, f"r{i}", [_rows([f"u{i}"])], _listing([f"u{i}"]))
     seen, runs = table.already_scored(str(tmp_path), "m1", opts)
-    table.write_index(str(tmp_path), "m1", seen, runs, opts)
+    table.write_index(str(tmp_path), "m1", seen, table.history(str(tmp_path), "m1", opts).runs, opts)
     _publish(tmp_path, "r3", [_rows(["u3"])], _listing(["u3"]))
     read: list[list[str]] = []
     real = table._read_runs
@@ -178,13 +179,13 @@ def test_losses_alone_are_summed_across_runs_and_kept_in_the_index(tmp_path):
     _publish(tmp_path, "r1", [_rows(["k", "u", "g"], [lost_error(2, 2), lost_error(0, 0), None])],
              _listing(["k", "u", "g"]))
     found = table.history(str(tmp_path), "m1", opts)
-    assert found.losses.to_pylist() == [{"uri": "k", "etag": "e-k", "losses": 2}]
+    assert found.losses.to_pylist() == [{"uri": "k", "etag": "e-k", "modified": -1, "losses": 2}]
     assert sorted(found.seen.column("uri").to_pylist()) == ["g"]
     table.write_index(str(tmp_path), "m1", found.seen, found.runs, opts, losses=found.losses)
     # r2, read past the index: "k" lost alone once more (now poison, final), "u" lost alone once
     _publish(tmp_path, "r2", [_rows(["k", "u"], [lost_error(1, POISON_AFTER), lost_error(1, 1)])], _listing(["k", "u"]))
     again = table.history(str(tmp_path), "m1", opts)
-    assert again.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "losses": 1}]  # "k" is final: no longer counted
+    assert again.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "modified": -1, "losses": 1}]  # "k" is final: no longer counted
     assert sorted(again.seen.column("uri").to_pylist()) == ["g", "k"]
     # what the index holds and what reading every run gives are the same
     table.write_index(str(tmp_path), "m1", again.seen, again.runs, opts, losses=again.losses)
@@ -193,13 +194,82 @@ def test_losses_alone_are_summed_across_runs_and_kept_in_the_index(tmp_path):
     full = table.history(str(tmp_path), "m1", opts)
     for h in (indexed, full):
         assert sorted(h.seen.column("uri").to_pylist()) == ["g", "k"]
-        assert h.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "losses": 1}]
+        assert h.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "modified": -1, "losses": 1}]
 
 
-def test_an_index_written_before_losses_were_kept_still_reads(tmp_path):
+@pytest.mark.parametrize("layout", ["pairs", "losses"])
+def test_an_index_of_an_earlier_layout_is_read_past_not_trusted(tmp_path, layout, monkeypatch):
+    """Indexes written before runs had versions cannot tell a replaced run: every run is read once."""
     opts = storage.StorageOptions()
     _publish(tmp_path, "r1", [_rows(["a"])], _listing(["a"]))
-    old = pa.table({"uri": ["a"], "etag": ["e-a"]}).replace_schema_metadata({"runs": json.dumps(["r1"])})
-    storage.write_bytes(table._index_path(str(tmp_path), "m1"), _parquet(old))
+    old = {"uri": ["a", "ghost"], "etag": ["e-a", "e-ghost"]}
+    if layout == "losses":
+        old["losses"] = pa.nulls(2, pa.int64())
+    storage.write_bytes(table._index_path(str(tmp_path), "m1"),
+                        _parquet(pa.table(old).replace_schema_metadata({"runs": json.dumps(["r1"])})))
+    read: list[list[str]] = []
+    real = table._read_runs
+    monkeypatch.setattr(table, "_read_runs", lambda dirs, *a: read.append(dirs) or real(dirs, *a))
     found = table.history(str(tmp_path), "m1", opts)
-    assert found.seen.column("uri").to_pylist() == ["a"] and found.losses.num_rows == 0 and found.runs == ["r1"]
+    assert found.seen.column("uri").to_pylist() == ["a"] and found.losses.num_rows == 0 and list(found.runs) == ["r1"]
+    assert [[d.rsplit("=", 1)[1] for d in dirs] for dirs in read] == [["r1"]]
+
+
+def _replace(out, run_id: str, uris: list[str], model_id: str) -> None:
+    """Publish ``run_id`` again with another model's rows, as a re-used run id does."""
+    staged = table.staging_dir(str(out), run_id)
+    storage.write_bytes(f"{staged}/part-0.parquet", _parquet(_rows(uris, model_id=model_id)))
+    table.publish(staged, f"{out}/dt=2026-01-01/run_id={run_id}", lambda: [_listing(uris)], len(uris),
+                  "worker_lost: test", run_id=run_id, model_id=model_id, threshold=0.5,
+                  options=storage.StorageOptions())
+
+
+def test_a_run_replaced_by_another_model_is_not_skipped_from_the_first_models_index(tmp_path):
+    opts = storage.StorageOptions()
+    _publish(tmp_path, "r1", [_rows(["a", "b"])], _listing(["a", "b"]))
+    _publish(tmp_path, "r0", [_rows(["c"])], _listing(["c"]))
+    found = table.history(str(tmp_path), "m1", opts, exclude_run="r2")
+    table.write_index(str(tmp_path), "m1", found.seen, found.runs, opts)
+    assert sorted(table.already_scored(str(tmp_path), "m1", opts)[0].column("uri").to_pylist()) == ["a", "b", "c"]
+    _replace(tmp_path, "r1", ["a", "b"], "m2")  # model m2 re-uses run id r1: m1's rows of it are gone
+    seen, runs = table.already_scored(str(tmp_path), "m1", opts, exclude_run="r2")
+    assert seen.column("uri").to_pylist() == ["c"] and runs == ["r0", "r1"]
+    assert table.already_scored(str(tmp_path), "m2", opts)[0].column("uri").to_pylist() == ["a", "b"]
+
+
+def test_a_run_removed_since_the_index_read_it_is_not_skipped(output):
+    out, opts = output
+    _publish_at(out, opts, "r1", ["a"])
+    _publish_at(out, opts, "r2", ["b"])
+    found = table.history(out, "m1", opts)
+    table.write_index(out, "m1", found.seen, found.runs, opts)
+    storage.remove(storage.join(out, "dt=2026-01-01", "run_id=r1"), opts)  # retention, or by hand
+    assert table.already_scored(out, "m1", opts)[0].column("uri").to_pylist() == ["b"]
+    # unchanged runs: the index is trusted and no run is read again
+    found = table.history(out, "m1", opts)
+    table.write_index(out, "m1", found.seen, found.runs, opts)
+    again = table.history(out, "m1", opts)
+    assert again.seen.column("uri").to_pylist() == ["b"] and again.runs == found.runs
+
+
+def _publish_at(out: str, opts, run_id: str, uris: list[str]) -> None:
+    staged = table.staging_dir(out, run_id)
+    storage.write_bytes(storage.join(staged, "part-0.parquet"), _parquet(_rows(uris)), opts)
+    table.publish(staged, storage.join(out, "dt=2026-01-01", f"run_id={run_id}"), lambda: [_listing(uris)], len(uris),
+                  "worker_lost: test", run_id=run_id, model_id="m1", threshold=0.5, options=opts)
+    storage.write_bytes(storage.join(out, "dt=2026-01-01", f"run_id={run_id}", table.SUCCESS), b"", opts)
+
+
+def test_the_skip_key_holds_the_last_modified_time_so_bytes_rewritten_under_one_etag_count_as_new():
+    import datetime as dt
+
+    t0, t1 = (dt.datetime(2026, 1, 1, s, tzinfo=dt.timezone.utc) for s in (1, 2))
+    scored = pa.table({"uri": ["a", "b"], "etag": ["md5", None], "last_modified": pa.array([t0, None],
+                                                                                          pa.timestamp("us", tz="UTC"))})
+    key = table.skip_key(scored)
+    assert key.to_pylist() == [{"uri": "a", "etag": "md5", "modified": 1767225600_000000 + 3600_000000},
+                               {"uri": "b", "etag": "", "modified": -1}]
+    listed = pa.table({"uri": ["a", "a"], "etag": ["md5", "md5"],
+                       "last_modified": pa.array([t0, t1], pa.timestamp("us", tz="UTC"))})
+    todo = key.join(table.skip_key(listed), keys=table.KEY, join_type="right anti")
+    assert todo.column("modified").to_pylist() == [1767225600_000000 + 2 * 3600_000000]  # same uri and etag, written again: scored

@@ -48,7 +48,7 @@ from ntf_ray.ray_scan.table import FILE_SCHEMA as FILE_SCHEMA
 from ntf_ray.ray_scan.table import LISTING_SCHEMA as LISTING_SCHEMA
 from ntf_ray.ray_scan.table import SCORE_SCHEMA as SCORE_SCHEMA
 from ntf_ray.ray_scan.table import (
-    INDEX,
+    KEY,
     SEQ,
     SUCCESS,
     SUMMARY,
@@ -58,6 +58,8 @@ from ntf_ray.ray_scan.table import (
     _sum_losses,
     history,
     publish,
+    run_version,
+    skip_key,
     staging_dir,
     write_index,
 )
@@ -177,10 +179,11 @@ def scan(spec: ScanSpec) -> ScanResult:
                             options)
         storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
         if spec.incremental:
-            write_index(output, art.model_id, pa.concat_tables([found.seen, *tally.final]), [*found.runs, run_id],
+            # Any model's index that read this run before it was replaced sees the new version
+            # and reads every run again (``table.history``): nothing here has to remove it.
+            write_index(output, art.model_id, pa.concat_tables([found.seen, *tally.final]),
+                        {**found.runs, run_id: run_version(run_dir, options)},
                         options, losses=_sum_losses([found.losses, *tally.losses]))
-        elif earlier is not None:  # a run the index may hold was replaced: the next moderate rebuilds it
-            storage.remove(storage.join(output, INDEX), options)
         storage.remove(staging_dir(output, run_id), options)  # this attempt's rows, and any crashed one's
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
@@ -217,18 +220,24 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | No
     losses = found.losses if found is not None and found.losses.num_rows else None
     for chunk in iter_listing(spec, options):
         out.listed += chunk.num_rows
+        if seen is not None or losses is not None:
+            columns = chunk.column_names
+            chunk = chunk.append_column("modified", skip_key(chunk).column("modified"))
         if seen is not None:
-            # "right anti" hashes the chunk, not everything scored so far (1.4 s -> 0.02 s per chunk at 2M)
-            chunk = seen.join(chunk, keys=["uri", "etag"], join_type="right anti").select(chunk.column_names)
+            # "right anti" hashes the chunk, not everything scored so far (1.4 s -> 0.02 s per chunk at 2M);
+            # KEY's etag is never null there, and a chunk's null etag matches no key
+            chunk = seen.join(chunk, keys=KEY, join_type="right anti").select(chunk.column_names)
         if losses is not None:
-            marked = losses.join(chunk, keys=["uri", "etag"], join_type="right outer")
+            marked = losses.join(chunk, keys=KEY, join_type="right outer")
             hit = pc.is_valid(marked["losses"])
             for row in marked.filter(hit).to_pylist():
-                block = pa.Table.from_pylist([{k: row[k] for k in chunk.column_names}], schema=chunk.schema)
+                block = pa.Table.from_pylist([{k: row[k] for k in columns}], schema=chunk.select(columns).schema)
                 out.prior[out.rows] = int(row["losses"])
                 out.suspects.append((ray.put(block.append_column(SEQ, pa.array([out.rows], pa.int64()))), 1))
                 out.rows += 1
             chunk = marked.filter(pc.invert(hit)).select(chunk.column_names)
+        if seen is not None or losses is not None:
+            chunk = chunk.select(columns)
         sizes = chunk.column("size_bytes").fill_null(0).to_numpy() if "size_bytes" in chunk.column_names else None
         if sizes is not None and spec.max_bytes is not None:
             sizes = np.where(sizes > spec.max_bytes, 0, sizes)  # refused from the listing, never read

@@ -8,10 +8,14 @@ object), then ``_summary.json`` and ``_SUCCESS``. So a reader of ``OUTPUT`` sees
 all at once or not at all, whatever crashes, and re-running a run replaces its file in place.
 
 Errors a later ``moderate`` retries: ``read:`` (transient, missing or changed object),
-``worker_lost:`` and ``decode: out of memory``. Every other error is final for that
-(uri, etag, model_id): ``decode:``, ``too_large:``, ``unsupported_format:``, ``unsupported_name:``,
-``poison:`` (``ntf_ray.errors``). The index also keeps how often each object not yet final
-was lost alone, summed over runs, which is what turns ``worker_lost`` into ``poison``.
+``worker_lost:`` and ``decode: out of memory``. Every other error is final for that object
+and model: ``decode:``, ``too_large:``, ``unsupported_format:``, ``unsupported_name:``,
+``poison:`` (``ntf_ray.errors``). An object is its skip key (``KEY``): uri, etag and
+last-modified time, so bytes replaced under the same etag (an MD5 collision) are scored again.
+The index also keeps how often each object not yet final was lost alone, summed over runs,
+which is what turns ``worker_lost`` into ``poison``, and the version of every run it read, so
+a run replaced or removed since (a re-used run id, by any model) makes the next check read
+every run again instead of trusting what the index says that run held.
 """
 
 from __future__ import annotations
@@ -87,37 +91,64 @@ STAGING, INDEX = "_staging", "_index"
 _RUN_FILE = re.compile(r"(?:^|/)dt=([^/]+)/run_id=([^/]+)/([^/]+)$")
 
 
-def _files_under(output: str, options: StorageOptions) -> Iterator[str]:
-    """Every file under OUTPUT as a path relative to it (a listing, never a pattern)."""
+def _local_version(st: os.stat_result) -> str:
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _files_under(output: str, options: StorageOptions) -> Iterator[tuple[str, str]]:
+    """Every file under OUTPUT as (path relative to it, its version: the S3 ETag, or size,
+    mtime and inode), from a listing, never a pattern."""
     if storage.is_s3(output):
         fs = storage.fsspec_filesystem(options)
         base = output[len("s3://"):].rstrip("/")
-        for path in fs.find(base):
-            yield path[len(base) + 1:]
+        for path, info in fs.find(base, detail=True).items():
+            yield path[len(base) + 1:], str(info.get("ETag", "")).strip('"')
     elif Path(output).is_dir():
         for folder, dirs, files in os.walk(output):
             dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
             rel = os.path.relpath(folder, output)
             for name in files:
-                yield name if rel == "." else f"{rel}/{name}"
+                try:
+                    version = _local_version(os.stat(os.path.join(folder, name)))
+                except OSError:  # removed while listed
+                    continue
+                yield (name if rel == "." else f"{rel}/{name}"), version
 
 
-def _runs(output: str, options: StorageOptions) -> dict[str, tuple[str, set[str]]]:
-    """run_id -> (run folder, names of its files) for every published or legacy run under OUTPUT."""
+@dataclass
+class _Run:
+    folder: str
+    names: set[str] = field(default_factory=set)
+    version: str | None = None  # of its scores.parquet: changes whenever the run is published again
+
+
+def _runs(output: str, options: StorageOptions) -> dict[str, _Run]:
+    """run_id -> its folder, the names of its files and its version, for every published or
+    legacy run under OUTPUT."""
     output = storage.normalize(output)
-    found: dict[str, tuple[str, set[str]]] = {}
-    for rel in _files_under(output, options):
+    found: dict[str, _Run] = {}
+    for rel, version in _files_under(output, options):
         m = _RUN_FILE.match(rel)
         if m and not rel.startswith(("_", ".")):
             day, run_id, name = m.groups()
-            folder = storage.join(output, f"dt={day}", f"run_id={run_id}")
-            found.setdefault(run_id, (folder, set()))[1].add(name)
+            run = found.setdefault(run_id, _Run(storage.join(output, f"dt={day}", f"run_id={run_id}")))
+            run.names.add(name)
+            if name == ROWS:
+                run.version = version
     return found
+
+
+def run_version(run_dir: str, options: StorageOptions) -> str:
+    """The version of a published run's rows (as ``_runs`` reads it)."""
+    rows = storage.join(run_dir, ROWS)
+    if storage.is_s3(rows):
+        return str(storage.fsspec_filesystem(options).info(rows).get("ETag", "")).strip('"')
+    return _local_version(os.stat(rows))
 
 
 def _run_dirs(output: str, options: StorageOptions) -> list[tuple[str, str]]:
     """(run_id, run folder) of every run under OUTPUT, complete or not."""
-    return sorted((rid, folder) for rid, (folder, _) in _runs(output, options).items())
+    return sorted((rid, run.folder) for rid, run in _runs(output, options).items())
 
 
 def _is_complete(names: set[str]) -> bool:
@@ -128,7 +159,7 @@ def _is_complete(names: set[str]) -> bool:
 
 def completed_runs(output: str, options: StorageOptions) -> list[str]:
     """Folders of the runs under OUTPUT that finished."""
-    return sorted(folder for folder, names in _runs(output, options).values() if _is_complete(names))
+    return sorted(run.folder for run in _runs(output, options).values() if _is_complete(run.names))
 
 
 def _parquet_files(run_dir: str, options: StorageOptions) -> list[str]:
@@ -160,12 +191,37 @@ def _read_runs(dirs: list[str], columns: list[str], options: StorageOptions) -> 
     return ds.to_table(columns=columns)
 
 
+#: What a row says about the object it scored, and what the listing must match to skip it:
+#: its uri, etag and last-modified time (µs since the epoch; -1 unknown). The etag alone is an
+#: MD5 for most S3 objects, and two images with one MD5 are known; S3 sets last-modified on
+#: every write, so bytes written again under the same etag are a new object. Local files'
+#: etags already cover size, times and inode (``storage.local_etag``).
+KEY = ["uri", "etag", "modified"]
+KEY_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("modified", pa.int64())])
+LOSSES_SCHEMA = KEY_SCHEMA.append(pa.field("losses", pa.int64()))
+
+
+def skip_key(rows: pa.Table | pa.RecordBatch) -> pa.Table:
+    """``KEY`` of each row of a table with uri, etag and last_modified (a null etag reads as ''
+    and an unknown time as -1, so that rows without them still match each other)."""
+    modified = pc.cast(rows.column("last_modified").cast(pa.timestamp("us", tz="UTC")), pa.int64())
+    return pa.table({"uri": rows.column("uri"), "etag": pc.fill_null(rows.column("etag"), ""),
+                     "modified": pc.fill_null(modified, -1)}, schema=KEY_SCHEMA)
+
+
+def _distinct(keys: list[pa.Table]) -> pa.Table:
+    keys = [k.select(KEY).cast(KEY_SCHEMA) for k in keys if k.num_rows]
+    if not keys:
+        return KEY_SCHEMA.empty_table()
+    return pa.concat_tables(keys).group_by(KEY).aggregate([]).select(KEY)
+
+
 def _final_pairs(table: pa.Table, model_id: str) -> pa.Table:
-    """Distinct (uri, etag) of rows from ``model_id`` whose outcome is final."""
+    """Distinct ``KEY`` of rows from ``model_id`` whose outcome is final."""
     keep = pc.equal(table["model_id"], model_id)
     retried = pc.match_substring_regex(table["error"], "^(?:" + "|".join(map(re.escape, RETRIED_ERRORS)) + ")")
     keep = pc.and_(keep, pc.invert(pc.fill_null(retried, False)))
-    return table.filter(keep).select(["uri", "etag"]).group_by(["uri", "etag"]).aggregate([])
+    return _distinct([skip_key(table.filter(pc.fill_null(keep, False)))])
 
 
 def _index_path(output: str, model_id: str) -> str:
@@ -176,94 +232,98 @@ def _index_path(output: str, model_id: str) -> str:
 class History:
     """What a model's completed runs under OUTPUT say about the objects it saw."""
 
-    seen: pa.Table  # (uri, etag) with a final row: never scored again
-    losses: pa.Table  # (uri, etag, losses): times each not-final object was lost alone, summed over runs
-    runs: list[str]  # the run ids read
-
-
-LOSSES_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("losses", pa.int64())])
+    seen: pa.Table  # KEY of objects with a final row: never scored again
+    losses: pa.Table  # KEY + losses: times each not-final object was lost alone, summed over runs
+    runs: dict[str, str]  # run id -> version of the runs read (what the index records)
 
 
 def _lost_alone(table: pa.Table, model_id: str) -> pa.Table:
-    """(uri, etag, losses): how many times ``model_id``'s rows say each object was lost alone."""
+    """``KEY`` + losses: how many times ``model_id``'s rows say each object was lost alone."""
     rows = table.filter(pc.fill_null(pc.equal(table["model_id"], model_id), False))
     found = pc.extract_regex(pc.fill_null(rows["error"], ""), LOST_ALONE_PATTERN)
     alone = pc.cast(pc.struct_field(found, "alone"), pa.int64())
-    rows = pa.table({"uri": rows["uri"], "etag": rows["etag"], "losses": alone}).filter(pc.is_valid(alone))
+    rows = skip_key(rows).append_column("losses", alone).filter(pc.is_valid(alone))
     return _sum_losses([rows])
 
 
 def _sum_losses(parts: list[pa.Table]) -> pa.Table:
-    parts = [t.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA) for t in parts if t.num_rows]
+    parts = [t.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA) for t in parts if t is not None and t.num_rows]
     if not parts:
         return LOSSES_SCHEMA.empty_table()
-    total = pa.concat_tables(parts).group_by(["uri", "etag"]).aggregate([("losses", "sum")])
-    return total.rename_columns(["uri", "etag", "losses"]).select(LOSSES_SCHEMA.names)
+    total = pa.concat_tables(parts).group_by(KEY).aggregate([("losses", "sum")])
+    return total.rename_columns([*KEY, "losses"]).select(LOSSES_SCHEMA.names)
 
 
 def _not_final(losses: pa.Table, seen: pa.Table) -> pa.Table:
     if not losses.num_rows or not seen.num_rows:
         return losses
-    return seen.join(losses, keys=["uri", "etag"], join_type="right anti").select(LOSSES_SCHEMA.names)
+    return seen.join(losses, keys=KEY, join_type="right anti").select(LOSSES_SCHEMA.names)
 
 
 def history(output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None) -> History:
-    """The (uri, etag) pairs ``model_id`` has a final row for in a completed run under OUTPUT,
+    """The objects (``KEY``) ``model_id`` has a final row for in a completed run under OUTPUT,
     the times each other object was lost alone (for ``poison``), and the runs read.
 
     ``exclude_run``'s own rows never count (re-running a run replaces it). What runs already
     folded into the model's index (``OUTPUT/_index/``) hold comes from that one file, so the
-    check reads only the runs since the last ``moderate``, not all history.
+    check reads only the runs since the last ``moderate``, not all history; but only while
+    every run the index read is still there as it was read: one published again since (a
+    re-used run id, by this model or another, with ``scan`` or ``moderate``), removed, or
+    about to be replaced (``exclude_run``) makes it read every run again.
     """
-    runs = {rid: folder for rid, (folder, names) in _runs(output, options).items()
-            if _is_complete(names) and rid != exclude_run}
+    runs = {rid: run for rid, run in _runs(output, options).items() if _is_complete(run.names) and rid != exclude_run}
+    versions = {rid: run.version or "" for rid, run in runs.items()}
     seen, losses, indexed = _read_index(output, model_id, options)
-    if exclude_run in indexed:  # the index holds the run being replaced: read everything again
-        seen, losses, indexed = None, None, set()
-    fresh = _read_runs([runs[r] for r in sorted(set(runs) - indexed)], ["uri", "etag", "model_id", "error"], options)
-    pairs = _final_pairs(fresh, model_id)
-    if seen is not None:
-        pairs = pa.concat_tables([seen, pairs]).group_by(["uri", "etag"]).aggregate([])
-    lost = _sum_losses([t for t in (losses, _lost_alone(fresh, model_id)) if t is not None])
-    return History(seen=pairs, losses=_not_final(lost, pairs), runs=sorted(runs))
+    stale = sorted(r for r, v in indexed.items() if versions.get(r) != v)
+    if stale:
+        log.info("the index of model %s read %d run(s) that changed or went since (%s): reading every run again",
+                 model_id, len(stale), ", ".join(stale[:5]))
+        seen, losses, indexed = None, None, {}
+    fresh = _read_runs([runs[r].folder for r in sorted(set(runs) - set(indexed))],
+                       ["uri", "etag", "last_modified", "model_id", "error"], options)
+    pairs = _distinct([t for t in (seen, _final_pairs(fresh, model_id)) if t is not None])
+    lost = _sum_losses([losses, _lost_alone(fresh, model_id)])
+    return History(seen=pairs, losses=_not_final(lost, pairs), runs=versions)
 
 
 def already_scored(output: str, model_id: str, options: StorageOptions, *,
                    exclude_run: str | None = None) -> tuple[pa.Table, list[str]]:
-    """(uri, etag) pairs ``model_id`` has a final row for in a completed run under OUTPUT, and
-    the run ids they were read from (``history`` without the losses)."""
+    """``KEY`` of the objects ``model_id`` has a final row for in a completed run under OUTPUT,
+    and the run ids they were read from (``history`` without the losses)."""
     found = history(output, model_id, options, exclude_run=exclude_run)
-    return found.seen, found.runs
+    return found.seen, sorted(found.runs)
 
 
 def _read_index(output: str, model_id: str,
-                options: StorageOptions) -> tuple[pa.Table | None, pa.Table | None, set[str]]:
-    """(final pairs, losses, runs folded in) of the model's index; an index written before
-    losses were kept holds final pairs only."""
+                options: StorageOptions) -> tuple[pa.Table | None, pa.Table | None, dict[str, str]]:
+    """(final keys, losses, run id -> version of the runs folded in) of the model's index. An
+    index from before runs had versions and keys a last-modified time reads as empty: the check
+    then reads every run once, and the index is written anew."""
     path = _index_path(output, model_id)
     try:
         data = storage.read_bytes(path, options)
     except FileNotFoundError:
-        return None, None, set()
+        return None, None, {}
     table = pq.read_table(pa.BufferReader(data))
     runs = json.loads((table.schema.metadata or {}).get(b"runs", b"[]"))
-    if "losses" not in table.column_names:
-        return table.select(["uri", "etag"]), None, set(runs)
+    if not isinstance(runs, dict) or not set(LOSSES_SCHEMA.names) <= set(table.column_names):
+        log.info("the index of model %s is of an earlier layout: reading every run once", model_id)
+        return None, None, {}
+    table = table.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA)
     final = pc.is_null(table["losses"])
-    return (table.filter(final).select(["uri", "etag"]), table.filter(pc.invert(final)).select(LOSSES_SCHEMA.names),
-            set(runs))
+    return (table.filter(final).select(KEY), table.filter(pc.invert(final)), {str(k): str(v) for k, v in runs.items()})
 
 
-def write_index(output: str, model_id: str, pairs: pa.Table, runs: list[str], options: StorageOptions,
+def write_index(output: str, model_id: str, pairs: pa.Table, runs: dict[str, str], options: StorageOptions,
                 losses: pa.Table | None = None) -> None:
-    """Replace the model's index with ``pairs`` (final) and ``losses`` (not final, lost alone so
-    many times) read from ``runs`` (one whole-file write)."""
-    final = pairs.select(["uri", "etag"])
+    """Replace the model's index with ``pairs`` (``KEY``, final) and ``losses`` (not final, lost
+    alone so many times) read from ``runs`` (run id -> version; one whole-file write)."""
+    final = _distinct([pairs])
     final = final.append_column("losses", pa.nulls(final.num_rows, pa.int64()))
     parts = [final.cast(LOSSES_SCHEMA)]
     if losses is not None and losses.num_rows:
-        parts.append(_not_final(_sum_losses([losses]), pairs))
-    table = pa.concat_tables(parts).replace_schema_metadata({"runs": json.dumps(sorted(runs))})
+        parts.append(_not_final(_sum_losses([losses]), final.select(KEY)))
+    table = pa.concat_tables(parts).replace_schema_metadata({"runs": json.dumps(dict(sorted(runs.items())))})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(_index_path(output, model_id), sink.getvalue().to_pybytes(), options)
@@ -291,8 +351,8 @@ class Tally:
     flagged: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(10, np.int64))
-    final: list[pa.Table] = field(default_factory=list)  # (uri, etag) of final outcomes, when kept
-    losses: list[pa.Table] = field(default_factory=list)  # (uri, etag, losses) of objects lost alone, when kept
+    final: list[pa.Table] = field(default_factory=list)  # KEY of final outcomes, when kept
+    losses: list[pa.Table] = field(default_factory=list)  # KEY + losses of objects lost alone, when kept
 
     def add(self, batch: pa.RecordBatch, keep_final: bool) -> None:
         self.rows += batch.num_rows
@@ -307,11 +367,10 @@ class Tally:
                 self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
         if keep_final:
             final = pa.array([not is_retried(e) for e in errors], pa.bool_())
-            self.final.append(pa.Table.from_batches([batch.filter(final).select(["uri", "etag"])]))
+            self.final.append(skip_key(batch.filter(final)))
             alone = [lost_alone(e) for e in errors]
             if any(alone):
-                lost = pa.table({"uri": batch.column("uri"), "etag": batch.column("etag"),
-                                 "losses": pa.array(alone, pa.int64())})
+                lost = skip_key(batch).append_column("losses", pa.array(alone, pa.int64()))
                 self.losses.append(lost.filter(pc.greater(lost["losses"], 0)))
 
 
