@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ntf_ray import __version__, ray_console as console
 from ntf_ray.decode import DEFAULT_MAX_PIXELS
+from ntf_ray.errors import STALL_S
 from ntf_ray.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_AHEAD_BYTES
 from ntf_ray.cli_review import add_evaluation_actor_arguments, add_review_commands
 from ntf_ray.variants import VARIANTS
@@ -195,7 +196,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         incremental=args.incremental, threshold=args.threshold, pattern=args.glob, limit=args.limit,
         batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
         gpus_per_actor=args.gpus_per_actor, decoder=args.decoder, max_bytes=args.max_bytes,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, stall_s=args.stall_timeout or None,
         read_block_rows=args.read_block_rows, read_block_bytes=args.read_block_bytes, streams=args.streams,
         read_ahead_bytes=args.read_ahead, endpoint=args.storage_options.endpoint_url,
     )
@@ -242,6 +243,9 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     s.add_argument("--read-ahead", type=_byte_size, default=DEFAULT_READ_AHEAD_BYTES, metavar="SIZE",
                    help="most bytes the scan holds in Ray's object store, read but not yet scored and written "
                         "(default 2GiB)")
+    s.add_argument("--stall-timeout", type=_seconds, default=STALL_S, metavar="SECONDS",
+                   help="stop a run that lists no object and stages no row for this long, giving its lease "
+                        f"back (default {STALL_S:.0f}; 0 never)")
     s.add_argument("--streams", type=int, metavar="N",
                    help="batches each GPU detector actor scores at once, each on its own CUDA stream "
                         "(default 2; CPU actors score one at a time)")
@@ -283,6 +287,16 @@ def _size(text: str) -> int:
 
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _byte_size(text: str) -> int:
@@ -420,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
-    from ntf_ray.errors import DetectorFault
+    from ntf_ray.errors import DetectorFault, RunStalled
     from ntf_ray.storage import StorageOptions, redact
 
     # Resolved once, here: an absent --s3-endpoint means AWS_ENDPOINT_URL for every command.
@@ -436,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    except DetectorFault as exc:  # a broken detector: stop with one line, not a traceback
+    except (DetectorFault, RunStalled) as exc:  # a broken detector, a stuck run: one line, not a traceback
         print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     finally:

@@ -71,3 +71,13 @@ def is_retried(error: str | None) -> bool:
 class DetectorFault(RuntimeError):
     """The detector itself is broken (it scored NaN or infinity): no image's score can be
     trusted, so nothing it scores may be written as a decision, and the run stops."""
+
+
+#: How long a run may go without progress (objects listed, rows staged) before it stops with
+#: ``RunStalled`` (``ray_scan.lock``): long enough for a cluster to add a node, short enough
+#: that a stuck nightly run does not hold OUTPUT's lease into the next night.
+STALL_S = 1800.0
+
+
+class RunStalled(RuntimeError):
+    """A run made no progress for its stall timeout: it stopped, and gave its lease back."""

@@ -294,6 +294,18 @@ def remove(uri: str, options: StorageOptions | None = None) -> None:
         Path(uri).unlink(missing_ok=True)
 
 
+def list_names(folder: str, options: StorageOptions | None = None) -> list[str]:
+    """Every file under ``folder``, as paths relative to it (none if it is not there)."""
+    folder = normalize(folder).rstrip("/")
+    if is_s3(folder):
+        base = folder[len("s3://"):]
+        return sorted(p[len(base) + 1:] for p in fsspec_filesystem(options).find(base))
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+                  for d, _, files in os.walk(folder) for f in files)
+
+
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     uri = normalize(uri)
     if is_s3(uri):

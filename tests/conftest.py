@@ -119,16 +119,17 @@ def bucket(s3) -> str:
     return f"s3://{s3.create_bucket()}"
 
 
-def save_random_detector(uri: str, endpoint_url: str | None = None, input_size: int = 32) -> str:
+def save_random_detector(uri: str, endpoint_url: str | None = None, input_size: int = 32, seed: int = 0) -> str:
     """A detector artifact with the tiny backbone at random initialisation: real weights and
-    a real contract, for tests about rows and plumbing rather than accuracy."""
+    a real contract, for tests about rows and plumbing rather than accuracy (another ``seed``:
+    another model_id)."""
     import torch
 
     from ntf_ray.artifact import save_artifact
     from ntf_ray.model import Detector
     from ntf_ray.storage import StorageOptions
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     save_artifact(uri, Detector.build("tiny"), input_size=input_size, options=StorageOptions(endpoint_url=endpoint_url))
     return uri
 

@@ -177,6 +177,83 @@ def test_moderate_scores_only_new_and_changed_objects(local_ray, s3, tmp_path):
     assert third["rows"] == 0 and third["skipped"] == 40
 
 
+def _summary_of(out: str, run_id: str, s3) -> dict:
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    runs = {d.rsplit("run_id=", 1)[1]: d for d in _completed(out, s3)}
+    return json.loads(storage.read_bytes(storage.join(runs[run_id], ray_scan.SUMMARY), options))
+
+
+def test_a_run_id_reused_by_another_model_leaves_no_stale_skips(local_ray, s3, tmp_path, caplog):
+    """moderate A as r1, then B as r1 (replacing A's rows), then A again: A has no row left, so
+    it scores everything; the same with scan replacing a run (no index removal to rely on)."""
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    name = s3.create_bucket()
+    make_synthetic(tmp_path / "a", n_real=3, n_fake=3, size=32, seed=3, splits={"test": 1.0})
+    storage.fsspec_filesystem(options).put(str(tmp_path / "a") + "/", f"{name}/in/", recursive=True)
+    model_a = save_random_detector(f"s3://{name}/model-a", s3.endpoint_url)
+    model_b = save_random_detector(f"s3://{name}/model-b", s3.endpoint_url, seed=1)
+    out = f"s3://{name}/mod"
+
+    def run(command: str, model: str, run_id: str) -> dict:
+        assert main([command, "--input", f"s3://{name}/in", "--model", model, "--output", out, "--run-id", run_id,
+                     "--s3-endpoint", s3.endpoint_url]) == 0
+        return _summary_of(out, run_id, s3)
+
+    assert run("moderate", model_a, "r1")["scored"] == 6
+    assert run("moderate", model_b, "r1")["scored"] == 6  # r1 now holds model B's rows only
+    again = run("moderate", model_a, "r2")
+    assert (again["scored"], again["skipped"]) == (6, 0)
+    assert run("moderate", model_a, "r3")["skipped"] == 6  # r2's rows are model A's: skipped, as they should be
+    assert run("scan", model_b, "r2")["scored"] == 6  # scan replaces A's r2 (and removes no index)
+    assert _summary_of(out, "r2", s3)["model_id"] != again["model_id"]
+    # r3 holds no row (it skipped everything): A has no row anywhere, and scores all six again
+    assert (run("moderate", model_a, "r4")["scored"], _summary_of(out, "r4", s3)["skipped"]) == (6, 0)
+
+
+def test_an_object_rewritten_under_the_same_etag_is_scored_again(local_ray, s3, tmp_path):
+    """S3's ETag of a one-part upload is an MD5: bytes with a colliding MD5 keep it. The listing's
+    last-modified time still changes, and the skip key holds it (here: the same bytes written again)."""
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    fs = storage.fsspec_filesystem(options)
+    name = s3.create_bucket()
+    records = make_synthetic(tmp_path / "a", n_real=2, n_fake=2, size=32, seed=4, splits={"test": 1.0})
+    fs.put(str(tmp_path / "a") + "/", f"{name}/in/", recursive=True)
+    model = save_random_detector(f"s3://{name}/model", s3.endpoint_url)
+    out = f"s3://{name}/mod"
+    args = ["moderate", "--input", f"s3://{name}/in", "--model", model, "--output", out, "--s3-endpoint",
+            s3.endpoint_url]
+    assert main([*args, "--run-id", "n1"]) == 0
+    key = Path(records[0]["uri"]).relative_to(tmp_path / "a").as_posix()
+    before = fs.info(f"{name}/in/{key}")
+    import time
+
+    time.sleep(1.1)  # S3's last-modified has whole seconds
+    fs.pipe_file(f"{name}/in/{key}", Path(records[0]["uri"]).read_bytes())
+    fs.invalidate_cache()
+    after = fs.info(f"{name}/in/{key}")
+    assert after["ETag"] == before["ETag"] and after["LastModified"] != before["LastModified"]
+    assert main([*args, "--run-id", "n2"]) == 0
+    second = _summary_of(out, "n2", s3)
+    assert (second["scored"], second["skipped"]) == (1, 3)
+
+
+def test_a_gpu_request_no_node_can_meet_is_refused_at_once_and_holds_no_lock(local_ray, s3, tmp_path, capsys):
+    import time
+
+    make_synthetic(tmp_path / "a", n_real=2, n_fake=2, size=32, seed=4, splits={"test": 1.0})
+    model = save_random_detector(str(tmp_path / "model"))
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code = main(["moderate", "--input", str(tmp_path / "a"), "--model", model, "--output", str(out),
+                 "--gpus-per-actor", "1"])
+    took = time.monotonic() - start
+    err = capsys.readouterr().err
+    print(f"refused in {took:.1f} s: {err.strip()}")
+    assert code == 2 and "no node of this Ray cluster has 1 GPU(s)" in err and "Traceback" not in err
+    assert took < 60 and not (out / "_lock.json").exists()
+    assert ray_scan.completed_runs(str(out), storage.StorageOptions()) == []
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     import pyarrow.parquet as pq
 
@@ -215,6 +292,7 @@ def test_the_stream_caps_its_read_ahead_and_sizes_its_actors_without_touching_th
     assert op.batch_size == CPU_BATCH and op.fn_constructor_kwargs["batch_size"] == CPU_BATCH
 
     monkeypatch.setattr(actor_module, "_gpus_in_cluster", lambda: 1.0)
+    monkeypatch.setattr(actor_module, "_most_gpus_on_a_node", lambda: 1.0)
     _, op = stream(gpus_per_actor=None, streams=3, actors_per_gpu=4)
     assert (op.compute.max_concurrent_calls_per_actor, op.compute.enable_true_multi_threading) == (3, True)
     assert op.compute.max_size == 4 and op.ray_remote_args["num_gpus"] == 0.25

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ntf_ray import ray_scan, storage
 from ntf_ray.cli import main
+from ntf_ray.ray_scan import lock
 from ntf_ray.synth import make_synthetic
 from tests.conftest import save_random_detector
 
@@ -290,6 +291,11 @@ def test_a_driver_killed_mid_scan_publishes_nothing_and_its_resubmission_complet
     rows = _published(str(out))
     n = len(list((tmp_path / "src").rglob("*.png")))
     assert rows.num_rows == n == len(set(rows.column("uri").to_pylist()))
+    # the resubmission removed its own staging; the killed attempt's stays until it is silent for
+    # STALE_S (until then it cannot be told from an attempt still running), then the next one sweeps it
+    left = {p.name for p in staged.iterdir()}
+    assert len(left) == 2 and {n.split("-", 1)[0].split("=", 1)[0] for n in left} == {"attempt", "_alive"}
+    assert len(lock.sweep_attempts(str(out), "killed", storage.StorageOptions(), stale_s=0)) == 1
     assert not staged.exists()
     assert _readers_see(out) == (n, n)
 

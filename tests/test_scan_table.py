@@ -185,7 +185,8 @@ def test_losses_alone_are_summed_across_runs_and_kept_in_the_index(tmp_path):
     # r2, read past the index: "k" lost alone once more (now poison, final), "u" lost alone once
     _publish(tmp_path, "r2", [_rows(["k", "u"], [lost_error(1, POISON_AFTER), lost_error(1, 1)])], _listing(["k", "u"]))
     again = table.history(str(tmp_path), "m1", opts)
-    assert again.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "modified": -1, "losses": 1}]  # "k" is final: no longer counted
+    # "k" is final: no longer counted
+    assert again.losses.to_pylist() == [{"uri": "u", "etag": "e-u", "modified": -1, "losses": 1}]
     assert sorted(again.seen.column("uri").to_pylist()) == ["g", "k"]
     # what the index holds and what reading every run gives are the same
     table.write_index(str(tmp_path), "m1", again.seen, again.runs, opts, losses=again.losses)
@@ -272,4 +273,72 @@ def test_the_skip_key_holds_the_last_modified_time_so_bytes_rewritten_under_one_
     listed = pa.table({"uri": ["a", "a"], "etag": ["md5", "md5"],
                        "last_modified": pa.array([t0, t1], pa.timestamp("us", tz="UTC"))})
     todo = key.join(table.skip_key(listed), keys=table.KEY, join_type="right anti")
-    assert todo.column("modified").to_pylist() == [1767225600_000000 + 2 * 3600_000000]  # same uri and etag, written again: scored
+    # same uri and etag, written again: scored
+    assert todo.column("modified").to_pylist() == [1767225600_000000 + 2 * 3600_000000]
+
+
+def test_a_finishing_attempt_leaves_the_staging_of_an_attempt_still_running_and_sweeps_dead_ones(output):
+    out, opts = output
+    with lock.attempt(out, "r1", opts) as running:
+        storage.write_bytes(storage.join(running, "part-0.parquet"), b"rows of an attempt still going", opts)
+        # an attempt that crashed long ago: its alive file's heartbeat is old
+        dead = table.staging_dir(out, "r1", "deadbeef0000")
+        storage.write_bytes(storage.join(dead, "part-0.parquet"), b"rows of a crashed attempt", opts)
+        old = json.dumps({"heartbeat": "2020-01-01T00:00:00+00:00"}).encode()
+        storage.write_bytes(storage.join(table.staging_dir(out, "r1"), "_alive-deadbeef0000.json"), old, opts)
+        with lock.attempt(out, "r1", opts) as finishing:
+            assert finishing != running
+            storage.write_bytes(storage.join(finishing, "part-0.parquet"), b"rows", opts)
+        assert storage.read_bytes(storage.join(running, "part-0.parquet"), opts) == b"rows of an attempt still going"
+        assert not storage.exists(storage.join(dead, "part-0.parquet"), opts)
+        assert not storage.exists(storage.join(finishing, "part-0.parquet"), opts)
+    assert storage.list_names(table.staging_dir(out, "r1"), opts) == []
+
+
+def test_an_attempt_says_it_is_alive_while_it_runs(tmp_path):
+    import time
+
+    opts = storage.StorageOptions()
+    with lock.attempt(str(tmp_path), "r1", opts, heartbeat_s=0.05):
+        alive = [n for n in storage.list_names(table.staging_dir(str(tmp_path), "r1"), opts) if n.startswith("_alive")]
+        first = storage.read_bytes(storage.join(table.staging_dir(str(tmp_path), "r1"), alive[0]), opts)
+        time.sleep(0.3)
+        assert storage.read_bytes(storage.join(table.staging_dir(str(tmp_path), "r1"), alive[0]), opts) != first
+        assert lock.sweep_attempts(str(tmp_path), "r1", opts) == []  # fresh: never taken for dead
+
+
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_without_progress_stops_and_gives_its_lease_back_at_once(output):
+    import time
+
+    out, opts = output
+    watch = lock.Watch(lambda: "stuck", stall_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(lock.RunStalled, match="no progress for 0.5 s"):
+        with lock.lease(out, "night-1", opts, heartbeat_s=0.05, watch=watch):
+            _spin(30)
+    assert time.monotonic() - start < 10
+    assert not storage.exists(storage.join(out, lock.LOCK), opts)
+    with lock.lease(out, "night-2", opts):  # the next scheduled run goes at once
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_run_that_gets_on_is_not_stopped_and_a_scan_without_a_lease_is_watched_too(tmp_path):
+    ticks = iter(range(10**6))
+    with lock.lease(str(tmp_path), "night-1", storage.StorageOptions(), heartbeat_s=0.05,
+                    watch=lock.Watch(lambda: next(ticks), stall_s=0.3)):
+        _spin(1.0)
+    with lock.watched(lock.Watch(lambda: None, stall_s=0.3), every=0.05):  # a phase not watched (publishing)
+        _spin(1.0)
+    with pytest.raises(lock.RunStalled):
+        with lock.watched(lock.Watch(lambda: 1, stall_s=0.3), every=0.05):
+            _spin(30)

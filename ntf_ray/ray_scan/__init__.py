@@ -15,13 +15,13 @@ are retried), and holds OUTPUT's lease (``lock``) so that two such runs never ov
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,11 +35,11 @@ from ntf_ray.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.errors import lost_error
 
 # "X as X": not used here, re-exported as the package's interface
-from ntf_ray.ray_scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, scored_stream
+from ntf_ray.ray_scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
 from ntf_ray.ray_scan.isolation import Staged, score_isolating
 from ntf_ray.ray_scan.listing import iter_listing
 from ntf_ray.ray_scan.listing import list_objects as list_objects
-from ntf_ray.ray_scan.lock import lease
+from ntf_ray.ray_scan.lock import STALL_S, Watch, attempt, lease, watched
 from ntf_ray.ray_scan.metrics import count_listed
 from ntf_ray.ray_scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.ray_scan.reading import _read_with_retries as _read_with_retries
@@ -60,10 +60,10 @@ from ntf_ray.ray_scan.table import (
     publish,
     run_version,
     skip_key,
-    staging_dir,
     write_index,
 )
 from ntf_ray.ray_scan.table import already_scored as already_scored
+from ntf_ray.ray_scan.table import staging_dir as staging_dir
 from ntf_ray.ray_scan.table import completed_runs as completed_runs
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 
@@ -95,6 +95,7 @@ class ScanSpec:
     read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES  # cap on what the scan holds in the object store
     max_bytes: int | None = DEFAULT_MAX_BYTES  # larger objects get a too_large: row without being read
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # images whose header declares more get a too_large: row
+    stall_s: float | None = STALL_S  # a run without progress this long stops (and gives its lease back); None: never
     endpoint: str | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
@@ -138,18 +139,23 @@ def scan(spec: ScanSpec) -> ScanResult:
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
     art = load_artifact(spec.model, options=options)  # fail early on a bad artifact, before listing
+    if spec.gpus_per_actor and ray.is_initialized():  # before the lease: what no node can place is refused now
+        check_gpus(spec.gpus_per_actor)
     threshold = art.threshold if spec.threshold is None else float(spec.threshold)
     start = time.perf_counter()
 
-    with lease(output, run_id, options) if spec.incremental else contextlib.nullcontext() as held:
+    progress = _Progress()
+    watch = Watch(progress.state, spec.stall_s)
+    guard = lease(output, run_id, options, watch=watch) if spec.incremental else watched(watch)
+    # the attempt inside the lease: its staging is gone before the next run may start
+    with guard as held, attempt(output, run_id, options) as staged:
         found = history(output, art.model_id, options, exclude_run=run_id) if spec.incremental else None
-        listing = _listing_blocks(spec, options, found)
+        listing = _listing_blocks(spec, options, found, on_chunk=progress.tick)
         todo, listed = listing.rows, listing.listed
         count_listed(todo, art.model_id)
         log.info("scan %s: %d objects listed in %.1f s, %d to score, %d already scored by model %s", run_id, listed,
                  time.perf_counter() - start, todo, listed - todo, art.model_id)
 
-        staged = staging_dir(output, run_id, uuid.uuid4().hex[:12])
         # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
         earlier = dict(_run_dirs(output, options)).get(run_id)
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
@@ -157,11 +163,13 @@ def scan(spec: ScanSpec) -> ScanResult:
         prior = listing.prior_losses()
         alone = np.zeros(todo, np.int16)
         if todo:
+            progress.scoring(staged, options)
             alone = score_isolating(
                 listing.blocks, listing.suspects, Staged(staged, todo, options),
                 lambda refs, group: _write_rows(refs, spec, threshold, staged, options, group=group),
                 group=spec.read_block_rows, prior=prior)
-        if held is not None:
+        progress.publishing()
+        if spec.incremental:
             held.check()
 
         def lost(seq: np.ndarray) -> list[str]:
@@ -184,8 +192,32 @@ def scan(spec: ScanSpec) -> ScanResult:
             write_index(output, art.model_id, pa.concat_tables([found.seen, *tally.final]),
                         {**found.runs, run_id: run_version(run_dir, options)},
                         options, losses=_sum_losses([found.losses, *tally.losses]))
-        storage.remove(staging_dir(output, run_id), options)  # this attempt's rows, and any crashed one's
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
+
+
+class _Progress:
+    """What a scan's watchdog reads (``lock.Watch``): objects listed, then rows staged (the
+    staged files, counted at each heartbeat); publishing is not watched."""
+
+    def __init__(self) -> None:
+        self.listed = 0
+        self._staged: tuple[str, StorageOptions] | None = None
+        self._watched = True
+
+    def tick(self, rows: int) -> None:
+        self.listed += rows
+
+    def scoring(self, staged: str, options: StorageOptions) -> None:
+        self._staged = (staged, options)
+
+    def publishing(self) -> None:
+        self._watched = False
+
+    def state(self) -> tuple[int, int] | None:
+        if not self._watched:
+            return None
+        staged = len(storage.list_names(*self._staged)) if self._staged else 0
+        return self.listed, staged
 
 
 @dataclass
@@ -205,7 +237,8 @@ class Listing:
         return out
 
 
-def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | None) -> Listing:
+def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | None,
+                    on_chunk: Callable[[int], None] | None = None) -> Listing:
     """The objects to score as read blocks in Ray's object store, and how many were listed.
 
     The listing pages in chunk by chunk; each chunk loses what ``found.seen`` holds, is
@@ -220,6 +253,8 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | No
     losses = found.losses if found is not None and found.losses.num_rows else None
     for chunk in iter_listing(spec, options):
         out.listed += chunk.num_rows
+        if on_chunk is not None:
+            on_chunk(chunk.num_rows)
         if seen is not None or losses is not None:
             columns = chunk.column_names
             chunk = chunk.append_column("modified", skip_key(chunk).column("modified"))

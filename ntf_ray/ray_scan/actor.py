@@ -180,6 +180,24 @@ def _gpus_in_cluster() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def _most_gpus_on_a_node() -> float:
+    return max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def check_gpus(gpus_per_actor: float) -> None:
+    """Refuse at once what no node of the cluster can place: Ray would wait for such an actor
+    for ever, printing only the autoscaler's "No available node types" lines."""
+    if gpus_per_actor > 1 and gpus_per_actor != int(gpus_per_actor):
+        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g}: an actor holds a fraction of one GPU or whole GPUs")
+    most = _most_gpus_on_a_node()
+    if gpus_per_actor > most:
+        raise ValueError(
+            f"--gpus-per-actor {gpus_per_actor:g}: no node of this Ray cluster has {gpus_per_actor:g} GPU(s) for a "
+            f"detector actor (the most on one node: {most:g}, {_gpus_in_cluster():g} in all). Leave --gpus-per-actor "
+            "out to score on the CPUs, or start a GPU node first (a cluster that adds GPU nodes on demand needs one "
+            "running when the run starts)")
+
+
 @dataclass(frozen=True)
 class ActorPlan:
     """How many detector actors, and what each holds."""
@@ -202,6 +220,10 @@ def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | 
     so many CPU-holding actors that Ray Data's read tasks find no CPU (the job would hang silently).
     """
     gpus = gpus_per_actor if gpus_per_actor is not None else (1 / actors_per_gpu if _gpus_in_cluster() >= 1 else 0.0)
+    if gpus < 0 or cpus_per_actor < 0:
+        raise ValueError("--gpus-per-actor and --cpus-per-actor cannot be negative")
+    if gpus:
+        check_gpus(gpus)
     most = max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
     most = min(most, blocks)  # an actor without a block to score would only cost its start-up
     cpus = float(ray.cluster_resources().get("CPU", 0))
