@@ -218,7 +218,8 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
         s.set_defaults(incremental=True)
     else:
         s.add_argument("--incremental", action="store_true",
-                       help="score only objects whose (uri, etag) has no row from this model in a completed run")
+                       help="score only objects whose (uri, etag, last-modified) has no final row from this model "
+                            "in a completed run")
     s.add_argument("--glob", help="only object names matching this pattern, e.g. '*.jpg' (case-insensitive)")
     s.add_argument("--threshold", type=_threshold, help="decision threshold for is_fake (default: the artifact's)")
     s.add_argument("--batch-size", type=int, help="images per detector call (default 256 on GPUs, 64 on CPUs)")
@@ -384,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("moderate", parents=endpoint,
                        help="an incremental scan: only objects new or changed since the last runs",
-                       description="`scan --incremental`: scores only objects whose (uri, etag) has no row from the "
-                                   "same model in a completed earlier run under OUTPUT. Made to run on a schedule.")
+                       description="`scan --incremental`: scores only objects whose (uri, etag, last-modified) has no "
+                                   "final row from the same model in a completed earlier run under OUTPUT. Made to run "
+                                   "on a schedule.")
     add_scan_arguments(s, incremental_default=True)
     s.set_defaults(func=cmd_scan)
 

@@ -344,6 +344,7 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
                             augment_in_tasks=augment == "tasks")
     storage_path, fs = _storage(spec)
     watch = StageWatch(stage, cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
+    cpus_per_worker = worker_cpus(spec, float(ray.cluster_resources().get("CPU", 0)))
     with watch:  # its board is an actor, killed however the run ends
         trainer = TorchTrainer(
             train_loop,
@@ -351,7 +352,7 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
                                "counter": counter, "data": data_summary(table), "run_name": spec.run_name,
                                "augment": augment, "board": watch.board, "rows": rows.num_rows},
             scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                         resources_per_worker={"CPU": spec.cpus_per_worker,
+                                         resources_per_worker={"CPU": cpus_per_worker,
                                                                **({"GPU": 1} if spec.use_gpu else {})}),
             run_config=RunConfig(
                 name=f"{spec.run_name}-stage{stage}",
@@ -423,6 +424,20 @@ def train(stage: str, cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
         result = run_stage(s, cfg, spec, table)
         out[f"stage{s}"] = dict(result.metrics or {})
     return out
+
+
+def worker_cpus(spec: RunSpec, cluster_cpus: float) -> float:
+    """CPUs each train worker reserves: ``spec.cpus_per_worker``, less when the workers would
+    hold every CPU of the cluster (a laptop's ``ray start``) and leave Ray Data's decode tasks
+    none (they read the bytes even when the workers decode): the run would wait for ever,
+    silently. The workers still use what they need; only Ray's accounting changes."""
+    want = spec.num_workers * spec.cpus_per_worker
+    if not cluster_cpus or want <= cluster_cpus - 1:
+        return spec.cpus_per_worker
+    fit = (cluster_cpus - 1 if cluster_cpus >= 2 else cluster_cpus / 2) / spec.num_workers
+    log.warning("the cluster has %g CPUs: each of the %d train workers reserves %.2f CPU, not %g, so that Ray Data's "
+                "decode tasks can run", cluster_cpus, spec.num_workers, fit, spec.cpus_per_worker)
+    return fit
 
 
 def init_local_ray(num_cpus: int | None = None) -> None:

@@ -484,3 +484,12 @@ def test_workers_skip_a_batch_together_when_any_of_them_lost_it():
     got = list(ray_train.agreed_batches(mine, "image", 2, torch.device("cpu"),
                                         reduce_min=lambda n: min(n, next(sizes_elsewhere))))
     assert [b["image"].shape[0] for b in got] == [4, 4]  # batch 2 (other rank empty), 3 (mine 1), 4 (other 1) out
+
+
+def test_train_workers_never_reserve_every_cpu_of_the_cluster():
+    """Workers holding every CPU leave Ray Data's read tasks none: the run waits for ever."""
+    spec = ray_train.RunSpec(manifest="m", output="o", num_workers=2, cpus_per_worker=1.0)
+    assert ray_train.worker_cpus(spec, 2.0) == 0.5  # a 2-core laptop's `ray start`: one CPU left to the tasks
+    assert ray_train.worker_cpus(spec, 1.0) == 0.25
+    assert ray_train.worker_cpus(spec, 3.0) == 1.0 and ray_train.worker_cpus(spec, 16.0) == 1.0
+    assert ray_train.worker_cpus(spec, 0.0) == 1.0  # nothing known: as asked

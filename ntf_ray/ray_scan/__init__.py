@@ -8,7 +8,7 @@ staged and published in one piece once every listed object has its row (see ``ta
 readers never see a crashed or running run, and re-running a run id replaces it only when
 the new attempt succeeds.
 
-Incremental mode (``ntf-ray moderate``) scores only objects whose (uri, etag) has no final
+Incremental mode (``ntf-ray moderate``) scores only objects whose (uri, etag, last-modified) has no final
 row from the same model_id in another completed run under OUTPUT (errors such as ``read:``
 are retried), and holds OUTPUT's lease (``lock``) so that two such runs never overlap.
 """

@@ -38,7 +38,7 @@ def _local_row(uri: str, st: os.stat_result) -> dict:
 
 
 def _error_row(uri: str, error: str) -> dict:
-    # A stable etag (a digest of uri and reason): moderate matches rows on (uri, etag), and a
+    # A stable etag (a digest of uri and reason): moderate matches rows on (uri, etag, ...), and a
     # null never matches, so the same refusal would be written again on every run.
     etag = "listing-" + hashlib.sha256(f"{uri}\n{error}".encode("utf-8", "backslashreplace")).hexdigest()[:24]
     return {"uri": uri, "etag": etag, "size_bytes": None, "last_modified": None, "listing_error": error}
