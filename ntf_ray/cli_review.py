@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_evaluation_actor_arguments(s: argparse.ArgumentParser) -> None:
@@ -45,22 +46,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ntf_ray.ray_scan.report import build_report
+    from ntf_ray.ray_scan.report import ReportStorageError, build_report
 
-    result = build_report(args.scores, args.output, run_id=args.run_id, top=args.top, model=args.model,
-                          options=args.storage_options)
+    try:
+        result = build_report(args.scores, args.output, run_id=args.run_id, top=args.top, model=args.model,
+                              max_bytes=args.max_bytes, options=args.storage_options)
+    except ReportStorageError as exc:  # an unreachable endpoint, a file where the folder goes: one line
+        print(f"ntf-ray report: error: {exc}", file=sys.stderr)
+        return 1
     if args.card and args.model:
         from ntf_ray.artifact import load_artifact
         from ntf_ray.model_card import render
 
         print(render(load_artifact(args.model, options=args.storage_options).metadata()))
-    print(f"report of run {result.run_id}: {result.shown} images ({result.unreadable} unreadable now): {result.page}",
-          flush=True)
+    print(f"report of run {result.run_id}: {result.shown} images ({result.changed} changed since the scan, "
+          f"{result.missing} no longer there, {result.too_large} larger than {result.max_bytes} bytes, "
+          f"{result.unreadable} unreadable now; no picture of those): {result.page}", flush=True)
     return 0
 
 
 def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     """Add calibrate, explain and report to the CLI's subcommands."""
+    from ntf_ray.cli import _byte_size  # cli imports this module: by now it is loaded
     s = sub.add_parser("calibrate", parents=endpoint,
                        help="choose a detector's threshold for a false positive rate on real images",
                        description="Score the real images of a manifest split (the scan's Ray Data path), pick the "
@@ -94,12 +101,17 @@ def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
                        description="Write OUTPUT/index.html for a completed run under SCORES: counts, errors by kind, "
                                    "flagged, a score histogram, then the --top images by score with thumbnail, "
                                    "score, uri and size (and a Grad-CAM++ map with --model). Pictures are read from "
-                                   "the bucket now and written beside the page: no credentials or presigned URLs.")
+                                   "the bucket now, only while each object is still the version scored (its etag) "
+                                   "and no larger than --max-bytes, and written beside the page: no credentials or "
+                                   "presigned URLs. An object changed, grown or deleted since the scan gets a card "
+                                   "that says so and no picture.")
     s.add_argument("--scores", required=True, help="the scan's --output (local or s3://)")
     s.add_argument("--run-id", help="which run (default: the latest completed one)")
     s.add_argument("--top", type=int, default=200, help="images on the contact sheet (default 200)")
     s.add_argument("--model", help="detector artifact: add its Grad-CAM++ map beside each thumbnail")
     s.add_argument("--card", action="store_true", help="also print the --model's model card")
+    s.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
+                   help="read no object larger than this (default: the scan's --max-bytes, from the run's summary)")
     s.add_argument("--output", required=True, help="report folder (local or s3://)")
     s.set_defaults(func=cmd_report)
 
