@@ -83,8 +83,9 @@ def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
                        help="Grad-CAM++ maps of where the detector saw the fake traces, as PNG overlays",
                        description="For each image: the centre crop the detector scores, next to a Grad-CAM++ map "
                                    "of its fake logit (target: the encoder's last block) laid over it, written to "
-                                   "OUTPUT as NNNN_NAME_HASH_scoreS.png (its place among the inputs, its name, a digest of its uri; the score also in the PNG's description). Needs the "
-                                   "grad-cam package: pip install 'ntf-ray[explain]'.")
+                                   "OUTPUT as NNNN_NAME_HASH_scoreS.png (its place among the inputs, its name, a "
+                                   "digest of its uri; the score also in the PNG's description). Needs the grad-cam "
+                                   "package: pip install 'ntf-ray[explain]'.")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
     s.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="image files or s3:// objects")
     s.add_argument("--output", required=True, help="folder for the overlays (local or s3://)")

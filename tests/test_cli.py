@@ -338,7 +338,8 @@ def test_an_output_folder_at_or_under_a_file_is_refused_before_any_work(command,
     output = str(tmp_path / "file" / below) if below else str(tmp_path / "file")
     assert main([*OUTPUT_COMMANDS[command], output]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"ntf-ray {command}: error: output folder {output}: {tmp_path / 'file'} is not a folder"]
+    assert err.splitlines() == [f"ntf-ray {command}: error: output folder {output}: {tmp_path / 'file'} "
+                                "is not a folder"]
     assert recorded == {}  # nothing started
 
 
@@ -380,7 +381,8 @@ def test_score_with_an_unreachable_endpoint_is_one_line_without_it(tmp_path, mon
     captured = capsys.readouterr()
     assert captured.out == ""
     (line,) = captured.err.splitlines()
-    assert line == 'ntf-ray score: error: read: EndpointConnectionError: Could not connect to the endpoint URL: "<endpoint>"'
+    assert line == ('ntf-ray score: error: read: EndpointConnectionError: Could not connect to the endpoint URL: '
+                    '"<endpoint>"')
     for secret in (str(port), "127.0.0.1", "AKIATESTTESTTESTTEST", "not-a-real-secret-1234"):
         assert secret not in captured.err
 
@@ -409,4 +411,5 @@ def test_score_and_explain_cap_at_the_scans_max_bytes_by_default():
     parser = cli.build_parser()
     assert parser.parse_args(["score", "--model", "m", "x"]).max_bytes == DEFAULT_MAX_BYTES
     assert parser.parse_args(["explain", "--model", "m", "x", "--output", "o"]).max_bytes == DEFAULT_MAX_BYTES
-    assert parser.parse_args(["explain", "--model", "m", "x", "--output", "o", "--max-bytes", "2MiB"]).max_bytes == 2**21
+    explain = ["explain", "--model", "m", "x", "--output", "o", "--max-bytes", "2MiB"]
+    assert parser.parse_args(explain).max_bytes == 2**21

@@ -128,4 +128,5 @@ def test_explain_caps_what_it_reads(tmp_path, capsys):
     assert main(["explain", "--model", uri, str(big), "/dev/zero", "--output", str(tmp_path / "maps"),
                  "--device", "cpu", "--max-bytes", "4KiB"]) == 1  # nothing explained
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["error"] for r in rows] == ["too_large: more than 4096 bytes", "read: OSError: /dev/zero is not a regular file"]
+    assert [r["error"] for r in rows] == ["too_large: more than 4096 bytes",
+                                          "read: OSError: /dev/zero is not a regular file"]
