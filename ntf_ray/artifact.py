@@ -5,11 +5,15 @@ holds the format version, backbone, head, input size, normalisation, threshold, 
 config and data summary, metrics if evaluated, and ``model_id``. Loading never executes
 code from the artifact.
 
-``model_id`` names everything that decides a score and a decision: the first 16 hex digits
-of the sha256 of the weights file's digest together with the backbone, head, input size and
-threshold (format 3). Editing any of them in ``model.json`` without a new id is refused at
-load time, so a table's ``model_id`` always says which weights *and* which decision rule
-made its rows. Formats 1 and 2 named the weights only; they still load with their stored id.
+``model_id`` names everything that decides a score and a decision, and everything the model
+card reports as measured: the first 16 hex digits of the sha256 of the weights file's digest
+together with the backbone, head, input size and threshold, and (format 4) the training
+record, metrics and calibration. Editing any of them in ``model.json`` without a new id is
+refused at load time, so a table's ``model_id`` always says which weights *and* which
+decision rule made its rows, and a card's FPR or AP is the one its model was saved with
+(a pasted calibration is another model id). Format 3 named the weights and the contract
+only: it still loads, and its card shows training, metrics and calibration as unverified.
+Formats 1 and 2 named the weights only; they still load with their stored id.
 
 Format 2 added the transfer layer (``head = "transfer"``: ``D(t(E(x)))``). Format-1
 artifacts, written before it, hold a classifier on the encoder (``D(E(x))``); they still
@@ -34,8 +38,10 @@ from ntf_ray import storage
 from ntf_ray.model import BACKBONES, Detector
 from ntf_ray.storage import StorageOptions
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+#: The first format whose model_id covers what the card shows (training, metrics, calibration).
+CARD_IN_ID_SINCE = 4
 #: The range of input sizes a detector may declare (pixels of the square crop).
 INPUT_SIZES = (8, 4096)
 WEIGHTS = "model.safetensors"
@@ -59,10 +65,11 @@ class DetectorArtifact:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # how the threshold was chosen (ntf-ray calibrate)
+    format_version: int = FORMAT_VERSION  # as loaded: below CARD_IN_ID_SINCE the card's record is unverified
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "model_id": self.model_id,
             "backbone": self.backbone,
             "head": self.head,
@@ -77,14 +84,25 @@ class DetectorArtifact:
 
 
 def model_id_of(weights: bytes, *, backbone: str | None = None, head: str | None = None,
-                input_size: int | None = None, threshold: float | None = None) -> str:
-    """The artifact's id: the weights' digest alone (formats 1-2), or with the scoring contract (format 3)."""
+                input_size: int | None = None, threshold: float | None = None,
+                record: dict[str, Any] | None = None) -> str:
+    """The artifact's id: the weights' digest alone (formats 1-2), with the scoring contract
+    (format 3), and with ``record`` (format 4: ``card_record``'s training, metrics, calibration)."""
     digest = hashlib.sha256(weights).hexdigest()
     if backbone is None:
         return digest[:16]
-    contract = json.dumps({"weights": digest, "backbone": backbone, "head": head, "input_size": int(input_size),
-                           "threshold": float(threshold)}, sort_keys=True, separators=(",", ":"))
+    named: dict[str, Any] = {"weights": digest, "backbone": backbone, "head": head, "input_size": int(input_size),
+                             "threshold": float(threshold)}
+    if record is not None:
+        named["record"] = record
+    # The record as model.json holds it (JSON values, string keys); NaN only in a hand-made file.
+    contract = json.dumps(named, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(contract.encode()).hexdigest()[:16]
+
+
+def card_record(training: dict[str, Any], metrics: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
+    """What a format-4 model_id covers beyond the weights and contract: what the card reports."""
+    return {"training": training, "metrics": metrics, "calibration": calibration}
 
 
 def check_threshold(threshold: object, where: str) -> float:
@@ -132,6 +150,12 @@ def save_artifact(
     # entries would make the file bytes (and so model_id) differ between saves of one model.
     header = json.dumps({"backbone": detector.encoder.backbone, "format_version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
     weights = save_safetensors(state, metadata={"ntf_ray": header})
+    from ntf_ray.metrics import json_safe  # here, not at the top: loading a detector needs no scikit-learn
+
+    # The record as model.json will hold it and load_artifact will read it back (string keys,
+    # no numpy, no NaN), so the id computed now is the id recomputed at load.
+    record = json.loads(json.dumps(json_safe(card_record(dict(training or {}), dict(metrics or {}),
+                                                          dict(calibration or {}))), allow_nan=False))
     artifact = DetectorArtifact(
         detector=detector,
         backbone=detector.encoder.backbone,
@@ -141,15 +165,13 @@ def save_artifact(
         mean=tuple(float(x) for x in detector.encoder.mean.flatten()),
         std=tuple(float(x) for x in detector.encoder.std.flatten()),
         model_id=model_id_of(weights, backbone=detector.encoder.backbone, head=detector.head,
-                             input_size=int(input_size), threshold=float(threshold)),
-        training=dict(training or {}),
-        metrics=dict(metrics or {}),
-        calibration=dict(calibration or {}),
+                             input_size=int(input_size), threshold=float(threshold), record=record),
+        training=record["training"],
+        metrics=record["metrics"],
+        calibration=record["calibration"],
     )
     # Weights first: a reader that finds model.json finds the weights it describes.
     storage.write_bytes(storage.join(uri, WEIGHTS), weights, options)
-    from ntf_ray.metrics import json_safe  # here, not at the top: loading a detector needs no scikit-learn
-
     text = json.dumps(json_safe(artifact.metadata()), indent=2, sort_keys=True, allow_nan=False)
     storage.write_bytes(storage.join(uri, METADATA), text.encode(), options)
     from ntf_ray.model_card import CARD, render
@@ -175,6 +197,8 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         raise ArtifactError(f"{METADATA} at {uri} is not valid JSON ({exc.msg})") from None
     except UnicodeDecodeError:
         raise ArtifactError(f"{METADATA} at {uri} is not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise ArtifactError(f"{METADATA} at {uri} nests too deeply to be read") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{METADATA} at {uri} must hold a JSON object")
     version = meta.get("format_version")
@@ -191,15 +215,23 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
     input_size = meta.get("input_size", 224)
     threshold = meta.get("threshold", 0.5)
     check_contract(input_size, threshold, f"artifact at {uri}")
+    training, metrics = meta.get("training") or {}, meta.get("metrics") or {}
+    calibration = meta.get("calibration") or {}
+    if not isinstance(training, dict) or not isinstance(metrics, dict) or not isinstance(calibration, dict):
+        raise ArtifactError(f"artifact at {uri}: training, metrics and calibration in {METADATA} must be JSON objects")
     weights = _read(uri, WEIGHTS, options)
     if not isinstance(meta.get("model_id"), str) or not meta["model_id"]:
         raise ArtifactError(f"{METADATA} at {uri} has no model_id, so its weights cannot be verified")
     if version >= 3:
-        model_id = model_id_of(weights, backbone=backbone, head=head, input_size=input_size, threshold=threshold)
+        record = card_record(training, metrics, calibration) if version >= CARD_IN_ID_SINCE else None
+        model_id = model_id_of(weights, backbone=backbone, head=head, input_size=input_size, threshold=threshold,
+                               record=record)
+        covered = ("backbone, head, input_size, threshold, training, metrics and calibration" if record
+                   else "backbone, head, input_size and threshold")
         if meta["model_id"] != model_id:
             raise ArtifactError(f"artifact at {uri}: model.json's model_id {meta['model_id']} does not match its weights, "
-                                f"backbone, head, input_size and threshold (expected {model_id}); an edited model.json "
-                                "is not this model: save a new artifact")
+                                f"{covered} (expected {model_id}); an edited model.json is not this model: save a "
+                                "new artifact")
     else:
         model_id = model_id_of(weights)
         if meta["model_id"] != model_id:
@@ -232,10 +264,6 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         if not (isinstance(stated, (list, tuple)) and len(stated) == 3
                 and all(type(v) in (int, float) and abs(v - a) <= 1e-6 for v, a in zip(stated, actual))):
             raise ArtifactError(f"artifact at {uri}: normalization {key} {stated!r} in {METADATA} does not match the weights' {list(actual)}")
-    training, metrics = meta.get("training") or {}, meta.get("metrics") or {}
-    calibration = meta.get("calibration") or {}
-    if not isinstance(training, dict) or not isinstance(metrics, dict) or not isinstance(calibration, dict):
-        raise ArtifactError(f"artifact at {uri}: training, metrics and calibration in {METADATA} must be JSON objects")
     return DetectorArtifact(
         detector=detector,
         backbone=backbone,
@@ -248,4 +276,5 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         training=training,
         metrics=metrics,
         calibration=calibration,
+        format_version=version,
     )

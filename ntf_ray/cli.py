@@ -21,6 +21,8 @@ log = logging.getLogger("ntf_ray")
 #: (``FOLDER/_logs``, see ``ntf_ray.ray_console``).
 LOG_FOLDER = {"train": "output", "evaluate": "output", "calibrate": "output", "scan": "output",
               "moderate": "output", "demo": "work"}
+#: The folder each command writes into, checked before any work starts (``_check_output_folder``).
+OUTPUT_FOLDER = {**LOG_FOLDER, "explain": "output", "report": "output", "synth": "out"}
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -176,7 +178,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ValueError("nothing to score: give image files or s3:// objects (or --card for the model card)")
     scorer = Scorer.from_artifact(args.model, device=args.device, threshold=args.threshold,
                                   options=args.storage_options, decoder=args.decoder)
-    for row in score_files(scorer, args.inputs, options=args.storage_options):
+    for row in score_files(scorer, args.inputs, options=args.storage_options, max_bytes=args.max_bytes):
         print(json.dumps(row, allow_nan=False), flush=True)
     return 0
 
@@ -232,9 +234,8 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
                    help="GPUs per detector actor (default: 0.25, four actors per GPU, when the cluster has GPUs; "
                         "else 0 = CPU)")
     add_decoder_argument(s)
-    s.add_argument("--limit", type=int, help="scan at most this many objects (a trial run)")
-    s.add_argument("--max-bytes", type=_byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                   help="skip objects larger than this without reading them (error row too_large:); default 128MiB")
+    s.add_argument("--limit", type=_positive_count, metavar="N", help="scan at most N objects, N >= 1 (a trial run)")
+    add_max_bytes_argument(s, "skip objects larger than this without reading them (error row too_large:)")
     s.add_argument("--max-pixels", type=_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="refuse images whose header declares more pixels (error row too_large:); default 100000000")
     s.add_argument("--read-block-rows", type=int, default=128, metavar="N",
@@ -250,6 +251,12 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     s.add_argument("--streams", type=int, metavar="N",
                    help="batches each GPU detector actor scores at once, each on its own CUDA stream "
                         "(default 2; CPU actors score one at a time)")
+
+
+def add_max_bytes_argument(s: argparse.ArgumentParser, what: str) -> None:
+    """``--max-bytes``, one cap for every command that reads images: the scan's default."""
+    s.add_argument("--max-bytes", type=_byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                   help=f"{what}; e.g. 1048576, 128MiB or 1GB; default 128MiB")
 
 
 def add_decoder_argument(s: argparse.ArgumentParser) -> None:
@@ -269,6 +276,17 @@ def _threshold(text: str) -> float:
         value = float("nan")
     if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
         raise argparse.ArgumentTypeError(f"{text!r}: a threshold is a number in [0, 1] (scores are P(fake))")
+    return value
+
+
+def _positive_count(text: str) -> int:
+    """A count of objects: a whole number >= 1 (0 or -1 would not mean "none" or "all" to a list slice)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
     return value
 
 
@@ -427,8 +445,54 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=_threshold, help="decision threshold (default: the artifact's)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_decoder_argument(s)
+    add_max_bytes_argument(s, "refuse inputs larger than this, reading no more than one byte past it (error "
+                              "too_large:); devices, FIFOs and sockets are refused (error read:)")
     s.set_defaults(func=cmd_score)
     return p
+
+
+def _check_output_folder(uri: str) -> None:
+    """Refuse a local output folder that is, or lies below, something other than a folder: a
+    write there fails with NotADirectoryError only after the work is done."""
+    from ntf_ray import storage
+
+    if storage.is_s3(uri):
+        return
+    path = Path(storage.normalize(uri))
+    for at in (path, *path.parents):
+        if at.is_dir():
+            return
+        if at.exists() or at.is_symlink():  # a file, a device, a dangling link
+            raise ValueError(f"output folder {uri}: {at} is not a folder")
+
+
+def _check_device(name: str | None) -> None:
+    """``--device cuda`` on a machine without one: refused before the model is read."""
+    if name == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+
+
+def _storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the S3 client failing as a whole (no connection to the endpoint, no
+    credentials, a timeout), not one object's error."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # no S3 client installed: nothing of it can have failed
+        return False
+    return isinstance(exc, BotoCoreError)
+
+
+def _say(exc: BaseException, endpoint: str | None) -> str:
+    """An error as one line: no secrets, and not the endpoint, which may name internal hosts."""
+    from ntf_ray.storage import read_error, redact
+
+    if _storage_failure(exc):
+        return read_error(exc)  # "read: EndpointConnectionError: Could not connect to the endpoint URL: <endpoint>"
+    text = " ".join(redact(str(exc)).split())
+    return text.replace(endpoint, "<endpoint>") if endpoint else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,23 +501,32 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     from ntf_ray.errors import DetectorFault, RunStalled
-    from ntf_ray.storage import StorageOptions, redact
+    from ntf_ray.storage import StorageOptions
 
     # Resolved once, here: an absent --s3-endpoint means AWS_ENDPOINT_URL for every command.
     args.storage_options = StorageOptions.resolve(getattr(args, "s3_endpoint", None))
+    endpoint = args.storage_options.endpoint_url
     folder = LOG_FOLDER.get(args.command)
     session = None
     try:
+        _check_device(getattr(args, "device", None))
+        if args.command in OUTPUT_FOLDER:
+            _check_output_folder(getattr(args, OUTPUT_FOLDER[args.command]))
         if folder is None:
             return args.func(args)
         with console.session(getattr(args, folder), args.command, verbose=args.verbose,
                              options=args.storage_options) as session:
             return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        print(f"ntf-ray {args.command}: error: {_say(exc, endpoint)}", file=sys.stderr)
         return 2
     except (DetectorFault, RunStalled) as exc:  # a broken detector, a stuck run: one line, not a traceback
-        print(f"ntf-ray {args.command}: error: {redact(str(exc))}", file=sys.stderr)
+        print(f"ntf-ray {args.command}: error: {_say(exc, endpoint)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if not _storage_failure(exc):
+            raise
+        print(f"ntf-ray {args.command}: error: {_say(exc, endpoint)}", file=sys.stderr)
         return 1
     finally:
         if session is not None and session.kept:

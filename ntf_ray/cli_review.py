@@ -39,7 +39,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ntf_ray.explain import explain
 
     results = explain(args.model, args.inputs, args.output, options=args.storage_options,
-                      device=str(resolve_device(args.device)))
+                      device=str(resolve_device(args.device)), max_bytes=args.max_bytes)
     for r in results:
         print(json.dumps({"uri": r.source, "score": r.score, "heatmap": r.output, "error": r.error}, allow_nan=False), flush=True)
     return 0 if any(r.error is None for r in results) else 1
@@ -67,7 +67,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     """Add calibrate, explain and report to the CLI's subcommands."""
-    from ntf_ray.cli import _byte_size  # cli imports this module: by now it is loaded
+    from ntf_ray.cli import _byte_size, add_max_bytes_argument  # here: cli imports this module
+
     s = sub.add_parser("calibrate", parents=endpoint,
                        help="choose a detector's threshold for a false positive rate on real images",
                        description="Score the real images of a manifest split (the scan's Ray Data path), pick the "
@@ -88,12 +89,15 @@ def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
                        help="Grad-CAM++ maps of where the detector saw the fake traces, as PNG overlays",
                        description="For each image: the centre crop the detector scores, next to a Grad-CAM++ map "
                                    "of its fake logit (target: the encoder's last block) laid over it, written to "
-                                   "OUTPUT as NAME_scoreS.png (the score also in the PNG's description). Needs the "
-                                   "grad-cam package: pip install 'ntf-ray[explain]'.")
+                                   "OUTPUT as NNNN_NAME_HASH_scoreS.png (its place among the inputs, its name, a "
+                                   "digest of its uri; the score also in the PNG's description). Needs the grad-cam "
+                                   "package: pip install 'ntf-ray[explain]'.")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
     s.add_argument("inputs", nargs="+", metavar="PATH_OR_URI", help="image files or s3:// objects")
     s.add_argument("--output", required=True, help="folder for the overlays (local or s3://)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_max_bytes_argument(s, "refuse images larger than this, reading no more than one byte past it (error "
+                              "too_large:); devices, FIFOs and sockets are refused (error read:)")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("report", parents=endpoint,

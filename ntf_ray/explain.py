@@ -11,6 +11,7 @@ centre crop a scan scores; the map is the gradient-weighted activation of the lo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from ntf_ray import storage
-from ntf_ray.storage import StorageOptions
+from ntf_ray.storage import DEFAULT_MAX_BYTES, StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -93,25 +94,34 @@ def _caption(score: float):
     return info
 
 
-def _name(source: str, score: float) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rstrip("/").rsplit("/", 1)[-1]).rsplit(".", 1)[0] or "image"
-    return f"{stem}_score{score:.3f}.png"
+def overlay_name(position: int, source: str, score: float) -> str:
+    """``NNNN_STEM_HASH_scoreS.png`` for the input at ``position``: its place among the inputs
+    (names never collide within a run, whatever the inputs are called: ``a/x.png``, ``b/x.png``
+    and ``0002_x.png`` included), the file name's stem in safe characters, at most 64, and
+    the first 8 hex digits of the sha256 of its uri (two inputs of one stem stay apart in a
+    folder written by several runs)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rstrip("/").rsplit("/", 1)[-1]).rsplit(".", 1)[0][:64] or "image"
+    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{position:04d}_{stem}_{digest}_score{score:.3f}.png"
 
 
 def explain(model: str, sources: Sequence[str], output: str, *, options: StorageOptions | None = None,
-            device: str = "cpu") -> list[Explained]:
-    """Grad-CAM++ overlays of ``sources`` (files or s3:// objects) written to ``output``."""
+            device: str = "cpu", max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[Explained]:
+    """Grad-CAM++ overlays of ``sources`` (files or s3:// objects) written to ``output``, one per
+    input that is read (at most ``max_bytes``: a larger one gets a ``too_large:`` error, a device
+    or FIFO a ``read:`` one) and decoded."""
     from ntf_ray.artifact import load_artifact
+    from ntf_ray.score_files import input_error
     from ntf_ray.scoring import Scorer
 
     art = load_artifact(model, options=options, map_location=device)
     scorer = Scorer(art.detector, input_size=art.input_size, threshold=art.threshold, device=device, decoder="pil")
     results: list[Explained] = []
-    blobs = storage.read_many(list(sources), options)
+    blobs = storage.read_many(list(sources), options, max_bytes=max_bytes)
     crops, kept = [], []
     for source, blob in zip(sources, blobs):
-        if isinstance(blob, Exception):
-            results.append(Explained(source, None, None, None, storage.read_error(blob)))
+        if isinstance(blob, BaseException):
+            results.append(Explained(source, None, None, None, input_error(blob)))
             continue
         crop, result = scorer.preprocess(blob)
         if crop is None:
@@ -123,14 +133,9 @@ def explain(model: str, sources: Sequence[str], output: str, *, options: Storage
     if crops:
         stacked = torch.stack(crops).to(device)
         scores, maps = cam_maps(art.detector, stacked)
-        used: set[str] = set()
         for k, i in enumerate(kept):
             r = results[i]
-            name = _name(r.source, float(scores[k]))
-            if name in used:  # two inputs of one name (other folders): keep both
-                name = f"{len(used):04d}_{name}"
-            used.add(name)
-            target = storage.join(output, name)
+            target = storage.join(output, overlay_name(i + 1, r.source, float(scores[k])))
             storage.write_bytes(target, overlay_png(stacked[k], maps[k], float(scores[k])), options)
             r.output, r.score, r.cam = target, float(scores[k]), maps[k]
     return results

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from ntf_ray.artifact import FORMAT_VERSION, ArtifactError, DetectorArtifact, load_artifact, model_id_of, save_artifact
+from ntf_ray.artifact import (FORMAT_VERSION, ArtifactError, DetectorArtifact, card_record, load_artifact, model_id_of,
+                              save_artifact)
 from ntf_ray.model import Detector
 from ntf_ray.storage import StorageOptions
 from tests.awkward import texture
@@ -78,13 +79,15 @@ def saved(tmp_path) -> tuple[str, Detector, DetectorArtifact]:
 
 def _check_round_trip(det: Detector, saved_art: DetectorArtifact, loaded: DetectorArtifact,
                       weights: bytes, meta_bytes: bytes) -> None:
-    # model_id = first 16 hex digits of the sha256 of the weights' digest and the scoring contract
-    model_id = model_id_of(weights, backbone="tiny", head="transfer", input_size=64, threshold=0.4)
+    meta = _strict_json(meta_bytes)
+    # model_id = first 16 hex digits of the sha256 of the weights' digest, the scoring contract
+    # and the record the card shows, as model.json holds it
+    model_id = model_id_of(weights, backbone="tiny", head="transfer", input_size=64, threshold=0.4,
+                           record={"training": TRAINING, "metrics": meta["metrics"], "calibration": {}})
     assert saved_art.model_id == loaded.model_id == model_id
     assert len(model_id) == 16 and int(model_id, 16) >= 0
 
-    meta = _strict_json(meta_bytes)
-    assert meta["format_version"] == FORMAT_VERSION == 3
+    assert meta["format_version"] == FORMAT_VERSION == 4
     assert meta["head"] == "transfer" and loaded.head == "transfer"
     assert meta["model_id"] == model_id
     assert meta["backbone"] == "tiny"
@@ -116,7 +119,7 @@ def _check_round_trip(det: Detector, saved_art: DetectorArtifact, loaded: Detect
     state = det.state_dict()
     with safe_open_bytes(weights) as f:
         assert set(f.keys()) == set(state)
-        assert json.loads(f.metadata()["ntf_ray"]) == {"backbone": "tiny", "format_version": 3}
+        assert json.loads(f.metadata()["ntf_ray"]) == {"backbone": "tiny", "format_version": 4}
 
 
 class safe_open_bytes:
@@ -156,7 +159,7 @@ def test_a_calibration_is_kept_in_model_json_and_a_malformed_one_refused(tmp_pat
     art = save_artifact(uri, det, input_size=32, threshold=0.73, calibration=cal)
     assert load_artifact(uri).calibration == cal and json.loads(Path(uri, "model.json").read_text())["calibration"] == cal
     plain = save_artifact(str(tmp_path / "p"), det, input_size=32, threshold=0.73)
-    assert plain.model_id == art.model_id  # the threshold is part of the id; how it was chosen is not
+    assert plain.model_id != art.model_id  # how the threshold was chosen is part of the id, as the card shows it
     assert "calibration" not in json.loads(Path(tmp_path, "p", "model.json").read_text())
     meta = json.loads(Path(uri, "model.json").read_text())
     meta["calibration"] = ["not", "an", "object"]
@@ -182,14 +185,17 @@ def test_round_trip_from_train_mode_and_resave(tmp_path):
 
 
 def test_model_id_is_deterministic(tmp_path):
-    """Same weights and contract -> same model_id, every save (incremental scans rely on it);
-    another threshold or input size is another model."""
+    """Same weights, contract and record -> same model_id, every save (incremental scans rely on
+    it); another threshold, input size, training record, evaluation or calibration is another model."""
     det = make_detector(seed=3)
     ids = set()
     for i in range(12):  # safetensors' metadata map is hash-ordered: repeat to catch that
-        art = save_artifact(str(tmp_path / f"a{i}"), det, input_size=64, threshold=0.5, metrics={"x": i})
+        art = save_artifact(str(tmp_path / f"a{i}"), det, input_size=64, threshold=0.5,
+                            metrics={"x": 1, "y": [0.5, None]}, training={"b": 2, "a": {"d": 1, "c": 0}})
         ids.add(art.model_id)
     assert len(ids) == 1
+    for i, record in enumerate([{"metrics": {"x": 2}}, {"training": {"b": 3}}, {"calibration": {"fpr": 0.0}}, {}]):
+        assert save_artifact(str(tmp_path / f"r{i}"), det, input_size=64, threshold=0.5, **record).model_id not in ids
     assert len({(tmp_path / f"a{i}" / "model.safetensors").read_bytes() for i in range(12)}) == 1
     assert save_artifact(str(tmp_path / "other"), make_detector(seed=4), input_size=64).model_id not in ids
     assert save_artifact(str(tmp_path / "t"), det, input_size=64, threshold=0.9).model_id not in ids
@@ -213,6 +219,38 @@ def test_an_edited_threshold_or_input_size_is_refused(saved, key, value):
 def test_out_of_range_threshold_or_input_size_is_not_saved(tmp_path, kwargs):
     with pytest.raises(ArtifactError, match="expected"):
         save_artifact(str(tmp_path / "bad"), make_detector(), **{"input_size": 64, **kwargs})
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(calibration={"target_fpr": 0.001, "fpr": 0.0, "fpr_upper95": 0.000003, "reals": 1_000_000}),
+    lambda m: m["metrics"]["table"][0].update(ap=0.999),
+    lambda m: m["training"]["data"].update(generators=["progan", "stylegan", "ldm"]),
+    lambda m: m.pop("metrics"),
+], ids=["pasted calibration", "better AP", "more generators", "metrics removed"])
+def test_an_edited_card_record_is_refused(saved, edit):
+    """A calibration or metrics pasted into model.json under the old model_id is not what that
+    model was saved with: the card would report it as the model's own."""
+    uri, _, _ = saved
+    meta = _meta(uri)
+    edit(meta)
+    _write_meta(uri, meta)
+    with pytest.raises(ArtifactError, match="model_id .* does not match .*training, metrics and calibration"):
+        load_artifact(uri)
+
+
+def test_format3_artifact_loads_with_its_id_and_says_so(saved):
+    """Format 3's id covers the weights and contract, not the record: it still loads (its tables
+    carry that id), and the artifact says which format it came from, for the card."""
+    uri, _, _ = saved
+    meta = _meta(uri)
+    weights = Path(uri, "model.safetensors").read_bytes()
+    meta.update(format_version=3, model_id=model_id_of(weights, backbone="tiny", head="transfer", input_size=64,
+                                                        threshold=0.4),
+                calibration={"fpr": 0.0, "reals": 1_000_000})
+    _write_meta(uri, meta)
+    loaded = load_artifact(uri)
+    assert loaded.model_id == meta["model_id"] and loaded.format_version == 3
+    assert loaded.metadata()["format_version"] == 3 and loaded.calibration == {"fpr": 0.0, "reals": 1_000_000}
 
 
 def test_format2_artifact_still_loads_with_its_weights_id(saved):
@@ -283,7 +321,9 @@ def _fix_model_id(uri: str, weights: bytes | None = None) -> None:
     meta = _meta(uri)
     weights = Path(uri, "model.safetensors").read_bytes() if weights is None else weights
     meta["model_id"] = model_id_of(weights, backbone=str(meta["backbone"]), head=meta["head"],
-                                   input_size=meta["input_size"], threshold=meta["threshold"])
+                                   input_size=meta["input_size"], threshold=meta["threshold"],
+                                   record=card_record(meta.get("training") or {}, meta.get("metrics") or {},
+                                                      meta.get("calibration") or {}))
     _write_meta(uri, meta)
 
 
@@ -304,7 +344,7 @@ def test_missing_folder_and_files(tmp_path, saved):
         load_artifact(str(tmp_path / "a-file"))
 
 
-@pytest.mark.parametrize("version", [4, 0, "1", None, True, 1.5, [1]])
+@pytest.mark.parametrize("version", [5, 0, "1", None, True, 4.0, [1]])
 def test_wrong_format_version(saved, version):
     uri, _, _ = saved
     meta = _meta(uri)

@@ -290,3 +290,126 @@ def test_a_threshold_must_be_a_number_in_0_1(command, text, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--threshold" in err and "a threshold is a number in [0, 1]" in err
+
+
+# --- wrong arguments and unreachable storage: one line, before any work ---------------------
+
+
+@pytest.mark.parametrize("command", ["scan", "moderate"])
+@pytest.mark.parametrize("text", ["0", "-1", "-5", "two", "1.5"])
+def test_a_limit_is_a_whole_number_of_at_least_1(command, text, recorded, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--input", "i", "--model", "m", "--output", "o", "--limit", text])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--limit" in err and "at least 1" in err
+    assert "scan" not in recorded
+
+
+def test_a_limit_of_1_scans_one(recorded):
+    assert main(["scan", "--input", "i", "--model", "m", "--output", "o", "--limit", "1"]) == 0
+    assert recorded["scan"].limit == 1
+
+
+OUTPUT_COMMANDS = {
+    "train": ["train", "--manifest", "m.parquet", "--output"],
+    "scan": ["scan", "--input", "i", "--model", "m", "--output"],
+    "moderate": ["moderate", "--input", "i", "--model", "m", "--output"],
+    "evaluate": ["evaluate", "--model", "m", "--manifest", "x", "--output"],
+    "calibrate": ["calibrate", "--model", "m", "--manifest", "x", "--target-fpr", "0.01", "--output"],
+    "explain": ["explain", "--model", "m", "x.png", "--output"],
+    "report": ["report", "--scores", "s", "--output"],
+    "demo": ["demo", "--work"],
+    "synth": ["synth"],
+}
+
+
+def test_every_command_with_an_output_folder_checks_it():
+    """OUTPUT_COMMANDS names every command that writes into a folder."""
+    folders = {name for name, parser in _subparsers().items()
+               if {"output", "work"} & {a.dest for a in parser._actions} or name == "synth"}
+    assert folders == set(OUTPUT_COMMANDS) == set(cli.OUTPUT_FOLDER)
+
+
+@pytest.mark.parametrize("command", sorted(OUTPUT_COMMANDS))
+@pytest.mark.parametrize("below", ["", "out", "out/deeper"])
+def test_an_output_folder_at_or_under_a_file_is_refused_before_any_work(command, below, recorded, tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    output = str(tmp_path / "file" / below) if below else str(tmp_path / "file")
+    assert main([*OUTPUT_COMMANDS[command], output]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"ntf-ray {command}: error: output folder {output}: {tmp_path / 'file'} "
+                                "is not a folder"]
+    assert recorded == {}  # nothing started
+
+
+def test_an_output_folder_to_be_made_or_on_s3_is_fine(recorded, tmp_path):
+    assert main(["scan", "--input", "i", "--model", "m", "--output", str(tmp_path / "new" / "table")]) == 0
+    assert main(["scan", "--input", "i", "--model", "m", "--output", "s3://b/t"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["score", "--model", "m", "x.png"], ["score", "--model", "m", "--card"],
+                                  ["explain", "--model", "m", "x.png", "--output", "maps"]])
+def test_device_cuda_without_one_is_one_line_before_the_model_is_read(argv, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"ntf-ray {argv[0]}: error: --device cuda: no CUDA device is available here; "
+                                "use --device cpu (or auto)"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # botocore retries the connection for a few seconds
+def test_score_with_an_unreachable_endpoint_is_one_line_without_it(tmp_path, monkeypatch, capsys):
+    from tests.conftest import save_random_detector
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTESTTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-1234")
+    model = save_random_detector(str(tmp_path / "m"))
+    port = _closed_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    assert main(["score", "--model", model, "--device", "cpu", "--s3-endpoint", endpoint, "s3://bucket/x.png"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line == ('ntf-ray score: error: read: EndpointConnectionError: Could not connect to the endpoint URL: '
+                    '"<endpoint>"')
+    for secret in (str(port), "127.0.0.1", "AKIATESTTESTTESTTEST", "not-a-real-secret-1234"):
+        assert secret not in captured.err
+
+
+def test_score_refuses_a_device_and_caps_what_it_reads(tmp_path, capsys, monkeypatch):
+    from ntf_ray import scoring, storage
+
+    monkeypatch.setattr(scoring.Scorer, "from_artifact", classmethod(lambda cls, *a, **k: None))
+
+    def uncapped(uri, options=None):  # /dev/zero read whole fills memory until the kernel kills the process
+        raise AssertionError(f"{uri} read without a cap")
+
+    monkeypatch.setattr(storage, "read_bytes", uncapped)
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(64 * 2**20)  # sparse: 64 MiB that take no disk
+    assert main(["score", "--model", "m", "--max-bytes", "1KiB", "/dev/zero", str(big)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["error"] for r in rows] == ["read: OSError: /dev/zero is not a regular file",
+                                          "too_large: more than 1024 bytes"]
+
+
+def test_score_and_explain_cap_at_the_scans_max_bytes_by_default():
+    from ntf_ray.storage import DEFAULT_MAX_BYTES
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["score", "--model", "m", "x"]).max_bytes == DEFAULT_MAX_BYTES
+    assert parser.parse_args(["explain", "--model", "m", "x", "--output", "o"]).max_bytes == DEFAULT_MAX_BYTES
+    explain = ["explain", "--model", "m", "x", "--output", "o", "--max-bytes", "2MiB"]
+    assert parser.parse_args(explain).max_bytes == 2**21

@@ -101,3 +101,32 @@ def patch_model_for_report(tmp_path) -> str:
     uri = str(tmp_path / "model")
     save_artifact(uri, Detector.build("tiny").eval(), input_size=32)
     return uri
+
+
+def test_overlays_of_inputs_of_one_name_and_equal_scores_never_overwrite_each_other(tmp_path, capsys):
+    uri = patch_model_for_report(tmp_path)
+    image = Image.fromarray(_real(torch.Generator().manual_seed(9), 1)[0].permute(1, 2, 0).numpy())
+    inputs = []
+    for rel in ("0002_x.png", "a/x.png", "b/x.png"):  # one picture: equal scores
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        image.save(tmp_path / rel)
+        inputs.append(str(tmp_path / rel))
+    out = tmp_path / "maps"
+    assert main(["explain", "--model", uri, *inputs, "--output", str(out), "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["uri"] for r in rows] == inputs and len({r["score"] for r in rows}) == 1
+    names = [r["heatmap"].rsplit("/", 1)[-1] for r in rows]
+    assert len(set(names)) == 3 and sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert names[0].startswith("0001_0002_x_") and names[1].startswith("0002_x_") and names[2].startswith("0003_x_")
+
+
+def test_explain_caps_what_it_reads(tmp_path, capsys):
+    uri = patch_model_for_report(tmp_path)
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(8 * 2**20)
+    assert main(["explain", "--model", uri, str(big), "/dev/zero", "--output", str(tmp_path / "maps"),
+                 "--device", "cpu", "--max-bytes", "4KiB"]) == 1  # nothing explained
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["error"] for r in rows] == ["too_large: more than 4096 bytes",
+                                          "read: OSError: /dev/zero is not a regular file"]

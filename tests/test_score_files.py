@@ -40,3 +40,31 @@ def test_rows_come_as_each_input_is_scored(tmp_path):
     assert next(rows)["score"] == 0.3 and scorer.seen == [b"abc"]
     with pytest.raises(ValueError, match="unsupported URI scheme"):  # a wrong argument, not a row
         next(rows)
+
+
+def test_a_device_or_fifo_is_a_read_row_and_is_never_read(tmp_path, monkeypatch):
+    import os
+
+    from ntf_ray import storage
+
+    def uncapped(uri, options=None):  # a guard: /dev/zero read whole fills memory until the process is killed
+        raise AssertionError(f"{uri} read without a cap")
+
+    monkeypatch.setattr(storage, "read_bytes", uncapped)
+    os.mkfifo(tmp_path / "fifo")  # no writer: a plain open would block for ever
+    scorer = RecordingScorer()
+    rows = list(score_files(scorer, ["/dev/zero", tmp_path / "fifo"]))
+    assert [r["error"] for r in rows] == ["read: OSError: /dev/zero is not a regular file",
+                                          f"read: OSError: {tmp_path / 'fifo'} is not a regular file"]
+    assert scorer.seen == []
+
+
+def test_an_input_over_max_bytes_is_too_large_as_in_a_scan(tmp_path):
+    (tmp_path / "at").write_bytes(b"x" * 16)
+    (tmp_path / "over").write_bytes(b"x" * 17)
+    scorer = RecordingScorer()
+    rows = list(score_files(scorer, [tmp_path / "at", tmp_path / "over"], max_bytes=16))
+    assert rows[0]["error"] is None and rows[0]["score"] == 1.6
+    assert rows[1] == {"uri": str(tmp_path / "over"), "score": None, "is_fake": None,
+                       "error": "too_large: more than 16 bytes", "decoder": None}
+    assert scorer.seen == [b"x" * 16]
