@@ -110,9 +110,10 @@ def test_the_page_allows_only_its_own_images_and_inline_style(scan_run, tmp_path
 
 def test_a_report_with_its_folder_under_a_file_is_one_line(scan_run, tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    assert main(["report", "--scores", str(scan_run), "--output", str(tmp_path / "file" / "report")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("ntf-ray report: error: NotADirectoryError") and len(err.strip().splitlines()) == 1
+    assert main(["report", "--scores", str(scan_run), "--output", str(tmp_path / "file" / "report")]) == 2
+    err = capsys.readouterr().err  # refused before any work, by the check every output folder gets
+    assert err.startswith("ntf-ray report: error: output folder") and "is not a folder" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_an_unreachable_endpoint_is_one_line_without_the_endpoint(s3, scan_run, tmp_path, capsys, monkeypatch):
