@@ -25,11 +25,6 @@ LOG_FOLDER = {"train": "output", "evaluate": "output", "calibrate": "output", "s
 OUTPUT_FOLDER = {**LOG_FOLDER, "explain": "output", "report": "output", "synth": "out"}
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def cmd_index(args: argparse.Namespace) -> int:
     from ntf_ray.datasets import index_root, write_manifest
 
@@ -340,8 +335,10 @@ def _endpoint_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ntf-ray", description="Find AI-generated images at scale (Natural Trace Forensics on Ray).")
     p.add_argument("--version", action="version", version=f"ntf-ray {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="debug logging, and Ray's own logs on the terminal too (they always go to OUTPUT/_logs)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="ntf-ray's debug lines, and Ray's own logs on the terminal too (they always go to "
+                        "OUTPUT/_logs); -vv: the storage libraries' debug lines too (botocore, s3fs, urllib3). "
+                        "Credentials are redacted everywhere")
     sub = p.add_subparsers(dest="command", required=True)
     endpoint = [_endpoint_parser()]
 
@@ -499,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging(args.verbose)
+    with console.terminal(args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ntf_ray.errors import DetectorFault, RunStalled
     from ntf_ray.storage import StorageOptions
 

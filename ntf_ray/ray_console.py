@@ -9,6 +9,12 @@ The leading underscore keeps the folder out of what reads a score table as a dat
 
 ``session`` sets this up around one command and undoes it after, so a process that runs
 several commands (tests, notebooks) gets its Ray back as it was.
+
+Nothing written anywhere carries a credential: ``terminal`` (around every command) redacts
+every log record and what goes to ``sys.stdout``/``sys.stderr`` (``ntf_ray.redaction``), the
+session redacts its workers' lines as they come and the log file (the C++ lines of fd 2 too)
+before it is kept. ``-v`` shows ntf-ray's own debug lines, not those of the storage libraries
+(botocore signs every request in them); ``-vv`` shows those too, redacted like the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+
+from ntf_ray import redaction
 
 LOG_DIR = "_logs"
 #: Loggers of Ray's that write to the console themselves (they do not propagate to the root).
@@ -213,6 +221,7 @@ class Session:
 
         from ntf_ray import storage
 
+        _redact_file(self.log_path)  # what reached fd 2 from C/C++ code came in unredacted
         if self.folder is None:
             return str(self.log_path)
         target = storage.join(self.folder, LOG_DIR, self.name)
@@ -240,12 +249,12 @@ class Session:
     # ------------------------------------------------------------------ Ray's worker output
     def worker_lines(self, data: dict[str, Any]) -> None:
         """Ray's handler for the output its actors and tasks send this driver."""
-        lines = [line for line in data.get("lines", []) if not any(h in line for h in HARMLESS)]
+        lines = [redaction.redact(line) for line in data.get("lines", []) if not any(h in line for h in HARMLESS)]
         if data.get("pid") == "autoscaler":  # its status table every few seconds: only its events, as Ray prints
             lines = _autoscaler_events(lines)
         self._write(data, lines)
         if self.verbose and self._ray_print is not None:
-            self._ray_print(data)
+            self._ray_print({**data, "lines": [redaction.redact(line) for line in data.get("lines", [])]})
 
     def raylet_message(self, data: dict[str, Any], ignore_prefix: bool = False) -> None:
         """Ray's printer of the raylet's messages to this driver (a worker that died, a task
@@ -253,7 +262,7 @@ class Session:
         if self._closed:  # a Ray started in this session may still call it: Ray's own printer
             self._ray_message(data, ignore_prefix=ignore_prefix)
             return
-        lines = [line for line in data.get("lines", []) if not any(h in line for h in HARMLESS)]
+        lines = [redaction.redact(line) for line in data.get("lines", []) if not any(h in line for h in HARMLESS)]
         if data.get("pid") == "raylet":  # (with -v, workers' lines reach here too, already in the file)
             self._write(data, lines)
         if lines:
@@ -280,11 +289,39 @@ def _autoscaler_events(lines: list[str]) -> list[str]:
         return [line.split(":event_summary:", 1)[1] for line in lines if ":event_summary:" in line]
 
 
+def _redact_file(path: Path) -> None:
+    """Rewrite the log file at ``path`` redacted, line by line (it may be large)."""
+    redacted = path.with_name(path.name + ".redacted")
+    with open(path, encoding="utf-8", errors="backslashreplace") as src, \
+            open(redacted, "w", encoding="utf-8") as dst:
+        for line in src:
+            dst.write(redaction.redact(line))
+    os.replace(redacted, path)
+
+
 def _fileno(stream: Any) -> int | None:
     try:
         return stream.fileno()
     except (AttributeError, ValueError, OSError):
         return None
+
+
+@contextlib.contextmanager
+def terminal(verbose: int = 0) -> Iterator[None]:
+    """The terminal of one command: its log lines, and nothing secret in anything it writes
+    (see the module's docstring). ``-v`` puts ntf-ray's loggers at DEBUG and leaves the
+    libraries at INFO: botocore's debug lines are every request's headers and signing steps,
+    a thousand lines a scan. ``-vv`` puts every logger at DEBUG."""
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format=_FORMAT, datefmt="%H:%M:%S")
+    own = logging.getLogger("ntf_ray")
+    saved = own.level
+    if verbose:
+        own.setLevel(logging.DEBUG)
+    try:
+        with redaction.installed():
+            yield
+    finally:
+        own.setLevel(saved)
 
 
 def log_name(command: str) -> str:

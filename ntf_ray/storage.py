@@ -314,13 +314,10 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
 
 
 def redact(text: str) -> str:
-    """Remove anything that looks like an AWS key, secret or session token from a message."""
-    text = re.sub(r"\b(A3T|AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA)[A-Z0-9]{12,}\b", "<redacted>", text)
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "<redacted>")
-    return text
+    """``text`` without the credentials in use or anything that looks like one (``ntf_ray.redaction``)."""
+    from ntf_ray.redaction import redact as redacted
+
+    return redacted(text)
 
 
 def read_error(exc: BaseException) -> str:
