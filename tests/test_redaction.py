@@ -118,7 +118,7 @@ def test_installed_redacts_every_log_record_and_what_reaches_stdout_and_stderr(n
     handler = logging.StreamHandler(out)  # any handler, made before or after: records are redacted as made
     logger = logging.getLogger("botocore.endpoint")
     logger.addHandler(handler)
-    saved = logger.level
+    saved, factory = logger.level, logging.getLogRecordFactory()  # another library's factory, if any
     logger.setLevel(logging.DEBUG)
     try:
         with redaction.installed():
@@ -138,7 +138,7 @@ def test_installed_redacts_every_log_record_and_what_reaches_stdout_and_stderr(n
     assert secret not in out.getvalue() and "PermissionError: denied with <redacted>" in out.getvalue()
     assert f"printed {MASK}" in captured.out and f"warned {MASK}" in captured.err
     assert f"after {secret}" in captured.out
-    assert logging.getLogRecordFactory() is logging.LogRecord
+    assert logging.getLogRecordFactory() is factory  # given back as it was
 
 
 # ---------------------------------------------------------------------- every command, end to end
