@@ -154,24 +154,26 @@ class Session:
         self._undo.append(lambda: os.close(terminal_fd))
         old_stderr = sys.stderr
         if _fileno(old_stderr) == 2:
-            ours = open(os.dup(terminal_fd), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None)
-                        or "utf-8", errors="backslashreplace")
+            terminal = open(os.dup(terminal_fd), "w", buffering=1, encoding=getattr(old_stderr, "encoding", None)
+                            or "utf-8", errors="backslashreplace")
+            ours = redaction.RedactingStream(terminal)  # what the command prints there is redacted too
             # handlers made before (the command's own logging) hold the old object, i.e. fd 2
-            moved = [h for h in logging.getLogger().handlers
-                     if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is old_stderr]
+            # (or the stream ``old_stderr`` redacts, where they were made before the redaction)
+            moved = [(h, h.stream) for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
+                     and getattr(h, "stream", None) in (old_stderr, getattr(old_stderr, "stream", old_stderr))]
 
             def give_back() -> None:
-                for h in moved:
-                    h.setStream(old_stderr)
+                for h, stream in moved:
+                    h.setStream(stream)
                 if sys.stderr is ours:
                     sys.stderr = old_stderr
                 if faulthandler.is_enabled():  # ray.init enabled it on ``ours``: crash dumps to fd 2
                     faulthandler.enable(file=2)
-                ours.close()
+                terminal.close()
 
             self._undo.append(give_back)
             sys.stderr = ours
-            for h in moved:
+            for h, _ in moved:
                 h.setStream(ours)
         os.dup2(self.file.fileno(), 2)
 
@@ -312,16 +314,16 @@ def terminal(verbose: int = 0) -> Iterator[None]:
     (see the module's docstring). ``-v`` puts ntf-ray's loggers at DEBUG and leaves the
     libraries at INFO: botocore's debug lines are every request's headers and signing steps,
     a thousand lines a scan. ``-vv`` puts every logger at DEBUG."""
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format=_FORMAT, datefmt="%H:%M:%S")
     own = logging.getLogger("ntf_ray")
     saved = own.level
-    if verbose:
-        own.setLevel(logging.DEBUG)
-    try:
-        with redaction.installed():
+    with redaction.installed():  # first: the handler basicConfig makes writes to the redacted sys.stderr
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format=_FORMAT, datefmt="%H:%M:%S")
+        if verbose:
+            own.setLevel(logging.DEBUG)
+        try:
             yield
-    finally:
-        own.setLevel(saved)
+        finally:
+            own.setLevel(saved)
 
 
 def log_name(command: str) -> str:

@@ -104,6 +104,56 @@ def test_raylet_messages_reach_the_terminal_but_the_harmless_ones(tmp_path):
     assert (tmp_path / "x.log").read_text().strip().endswith(oom)
 
 
+SECRET_SESSION = """
+    import logging, os, sys
+    from ntf_ray import ray_console as console
+    token = os.environ["AWS_SESSION_TOKEN"]
+    os.makedirs("out")
+    with console.terminal(verbose=2), console.session("out", "test", verbose={verbose}):
+        if not {verbose}:  # with -v, fd 2 is the terminal's: C/C++ lines are not redacted (see ray_console)
+            os.write(2, f"C-LEVEL {{token}}\\n".encode())
+        logging.getLogger("botocore.endpoint").debug("headers={{'X-Amz-Security-Token': %r}}", token.encode())
+        logging.getLogger("ray").warning("ray says %s", token)
+        print(f"printed {{token}}", file=sys.stderr)
+        print(f"out {{token}}")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_no_line_of_a_session_carries_a_credential(tmp_path, verbose):
+    """Every logger at DEBUG, Ray's loggers, prints, and (without -v) the C-level lines of fd 2:
+    redacted on the terminal and in the log file alike."""
+    token = "sessionTokenValue" + "Q" * 60
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(SECRET_SESSION.format(verbose=verbose))],
+                          cwd=tmp_path, env={**env, "AWS_SESSION_TOKEN": token, "AWS_EC2_METADATA_DISABLED": "true"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = next((tmp_path / "out" / console.LOG_DIR).glob("test-*.log")).read_text()
+    assert token not in done.stderr + done.stdout + text
+    assert "ray says <redacted>" in text and (verbose or "C-LEVEL <redacted>" in text)
+    assert "'X-Amz-Security-Token': b'<redacted>'" in done.stderr and "printed <redacted>" in done.stderr
+    assert "out <redacted>" in done.stdout
+
+
+def test_worker_and_raylet_lines_are_redacted_in_the_file_and_on_the_terminal(tmp_path):
+    s = console.Session(tmp_path / "x.log", verbose=True)
+    printed: list[dict] = []
+    s._ray_print = printed.append
+    s._ray_message = lambda data, ignore_prefix=False: printed.append(data)
+    leak = "headers={'X-Amz-Security-Token': b'FwoGZXIvYXdzEXAMPLETOKEN', 'Authorization': b'AWS4-HMAC-SHA256 " \
+           "Credential=AKIAIOSFODNN7EXAMPLE/20261204/us-east-1/s3/aws4_request, Signature=deadbeef'}"
+    s.worker_lines({"pid": 7, "actor_name": "DetectorActor", "lines": [leak]})
+    s.raylet_message({"pid": "raylet", "lines": ["endpoint http://minio:s3cr3tpassw0rd@10.0.0.5:9000 unreachable"]})
+    s._closed = True
+    s.file.close()
+    terminal = "\n".join(line for data in printed for line in data["lines"])
+    file = (tmp_path / "x.log").read_text()
+    for secret in ("FwoGZXIvYXdzEXAMPLETOKEN", "AKIAIOSFODNN7EXAMPLE", "deadbeef", "s3cr3tpassw0rd"):
+        assert secret not in terminal + file, secret
+    assert len(printed) == 2 and terminal.count("<redacted>") == file.count("<redacted>") == 4  # 3 + 1 each
+
+
 def test_epoch_lines_and_batch_sizes():
     assert summary_line(2, 0, 10, {"loss": 2.91234, "images_per_s": 88.4, "seconds": 13.58, "rows_dropped": 0.0}) \
         == "stage 2 epoch 1/10, loss 2.912, 88 images/s, 13.6 s"

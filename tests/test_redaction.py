@@ -46,7 +46,8 @@ def no_aws(monkeypatch, tmp_path):
 @pytest.mark.parametrize("text, secret", [
     ("denied for AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
     ("temporary ASIAQWERTYUIOPASDFGH key", "ASIAQWERTYUIOPASDFGH"),
-    ("headers={'X-Amz-Security-Token': b'IQoJb3JpZ2luX2VjEXAMPLE+/=', 'X-Amz-Date': b'2026'}", "IQoJb3JpZ2luX2VjEXAMPLE"),
+    ("headers={'X-Amz-Security-Token': b'IQoJb3JpZ2luX2VjEXAMPLE+/=', 'X-Amz-Date': b'2026'}",
+     "IQoJb3JpZ2luX2VjEXAMPLE"),
     ("x-amz-security-token:IQoJb3JpZ2luX2VjEXAMPLE\n\nhost;x-amz-date", "IQoJb3JpZ2luX2VjEXAMPLE"),
     ("GET /k?X-Amz-Security-Token=IQoJb3JpZ2lu%2Fx&X-Amz-Signature=9f2a3b", "IQoJb3JpZ2lu"),
     ("GET /k?X-Amz-Credential=myKeyId%2F20261204%2Fus-east-1&X-Amz-Signature=9f2a3b4c", "9f2a3b4c"),
