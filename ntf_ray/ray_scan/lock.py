@@ -20,8 +20,8 @@ Each attempt of a run id stages under its own folder and says it is alive there
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import ctypes
 import datetime as dt
 import json
 import logging
@@ -192,7 +192,7 @@ class Watch:
         self.stalled = False
         self._last: Hashable | None = None
         self._since = time.monotonic()
-        self._main = threading.current_thread() is threading.main_thread()
+        self._thread = threading.get_ident()  # the run's thread: where the stop is raised
 
     def stuck_for(self) -> float:
         """Seconds since the progress last changed (0 while not watched)."""
@@ -205,16 +205,21 @@ class Watch:
         return time.monotonic() - self._since
 
     def stop_run(self) -> None:
-        """Make the run's thread raise: KeyboardInterrupt there, turned into ``RunStalled``."""
+        """Make the run's thread raise ``_Stop`` at its next Python step (turned into
+        ``RunStalled``): an asynchronous exception, not SIGINT, whose handler Ray may own."""
         self.stalled = True
-        if self._main:  # a run on another thread finds out at its next lease check
-            _thread.interrupt_main()
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread), ctypes.py_object(_Stop))
 
     def error(self) -> RunStalled:
         return RunStalled(f"no progress for {self.stall_s:g} s (no object listed, no row staged): the run stops "
                           "and gives its lease back. Most often its detector actors cannot be placed: ask for no more "
                           "GPUs or CPUs per actor than one node of the cluster has (--gpus-per-actor, --cpus-per-actor), "
                           "or raise --stall-timeout for a cluster that takes longer to add nodes")
+
+
+class _Stop(BaseException):
+    """Raised in a stalled run's thread by its watchdog (a BaseException: no ``except
+    Exception`` on the way swallows it)."""
 
 
 def _beating(every: float, beat: Callable[[], bool]) -> contextlib.AbstractContextManager:
@@ -259,11 +264,9 @@ def watched(watch: Watch, every: float = HEARTBEAT_S, on_stall: Callable[[], Non
     try:
         with _beating(min(every, watch.stall_s or every), beat):
             yield watch
-    except KeyboardInterrupt:
-        if watch.stalled:
-            raise watch.error() from None
-        raise
-    if watch.stalled:  # interrupted between the block's end and here, or run on another thread
+    except _Stop:
+        raise watch.error() from None
+    if watch.stalled:  # stopped between the block's end and here
         raise watch.error()
 
 
@@ -293,10 +296,8 @@ def lease(output: str, run_id: str, options: StorageOptions, *, stale_s: float =
     try:
         with _beating(heartbeat_s, beat):
             yield held
-    except KeyboardInterrupt:
-        if watch.stalled:
-            raise watch.error() from None
-        raise
+    except _Stop:
+        raise watch.error() from None
     finally:
         held.release()
     if watch.stalled:
