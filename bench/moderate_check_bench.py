@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ntf_ray import storage
-from ntf_ray.ray_scan import table
+from ntf_ray.scan import table
 
 OPTIONS = storage.StorageOptions()
 

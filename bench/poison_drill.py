@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     import pyarrow.dataset as pads
     from PIL import Image
 
-    from ntf_ray import ray_scan
+    from ntf_ray.ray_edge import scan as ray_scan
     from ntf_ray.cli import main as cli
     from tests.awkward import texture
     from tests.bombs import bmp_absurd_width, bombs

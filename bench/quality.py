@@ -6,7 +6,7 @@ measure AP and ACC on F's test split (the left-out family) and on the training f
 test split (in distribution). Every variant of the paper's comparison (``--variant``)
 trains on the same data with the same settings and seeds; stage 1 is shared by the
 variants whose stage 1 is the same (ntf, no-scl, linear-probe). The training is the
-product's one-process recipe (``ntf_ray.recipe``), scoring the product's ``Scorer``.
+product's one-process recipe (``ntf_ray.training.recipe``), scoring the product's ``Scorer``.
 
     python bench/quality.py                      # 5 families x 6 variants x 3 seeds
     python bench/quality.py --seeds 0 --families fingerprint --variants ntf bce
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "training" / "configs" / "smoke.yaml"
 
 
 def _stage1_key(variant) -> tuple:
@@ -42,12 +42,12 @@ def run_fold(job: dict) -> list[dict]:
     """Every variant on one (left-out family, seed); returns one result row per variant."""
     import torch
 
-    from ntf_ray.config import load_config
-    from ntf_ray.datasets import read_manifest, select
-    from ntf_ray.metrics import binary_metrics
-    from ntf_ray.recipe import seed_everything, train_stage1, train_stage2
-    from ntf_ray.scoring import Scorer
-    from ntf_ray.variants import get_variant
+    from ntf_ray.training.config import load_config
+    from ntf_ray.training.datasets import read_manifest, select
+    from ntf_ray.evaluate.metrics import binary_metrics
+    from ntf_ray.training.recipe import seed_everything, train_stage1, train_stage2
+    from ntf_ray.detector.scorer import Scorer
+    from ntf_ray.nn.variants import get_variant
 
     torch.set_num_threads(1)
     table = read_manifest(job["manifest"])
@@ -105,9 +105,9 @@ def summarise(rows: list[dict], variants: list[str], families: list[str]) -> str
 
 
 def main() -> None:
-    from ntf_ray.datasets import manifest_table, write_manifest
+    from ntf_ray.training.datasets import manifest_table, write_manifest
     from ntf_ray.synth import ALL_GENERATORS, make_synthetic
-    from ntf_ray.variants import VARIANTS
+    from ntf_ray.nn.variants import VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=300, help="real and fake images per family folder (default 300)")

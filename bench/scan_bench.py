@@ -49,7 +49,10 @@ def make_jpegs(folder: Path, n: int, width: int, height: int) -> list[Path]:
 LISTING_CHILD = """
 import sys
 import ray
-from ntf_ray import ray_scan, storage
+from ntf_ray import storage
+from ntf_ray.scan.listing import list_objects
+from ntf_ray.scan.spec import ScanSpec
+from ntf_ray.ray_edge import scan as ray_scan
 
 def mib(key):
     for line in open("/proc/self/status"):
@@ -57,10 +60,10 @@ def mib(key):
             return int(line.split()[1]) // 1024
 
 ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-spec = ray_scan.ScanSpec(model="-", output="-", input=sys.argv[1])
+spec = ScanSpec(model="-", output="-", input=sys.argv[1])
 before = mib("RssAnon:")
 if sys.argv[2] == "table":  # the whole listing held as one table, as scans did before
-    table = ray_scan.list_objects(spec, storage.StorageOptions())
+    table = list_objects(spec, storage.StorageOptions())
     listed, blocks = table.num_rows, []
 else:
     found = ray_scan._listing_blocks(spec, storage.StorageOptions(), None)
@@ -88,7 +91,7 @@ def listing_memory(root: Path, counts: list[int]) -> None:
 
 
 def naive(paths: list[Path], model: str, batch: int) -> tuple[float, dict[str, float]]:
-    from ntf_ray.scoring import Scorer
+    from ntf_ray.detector.scorer import Scorer
 
     scorer = Scorer.from_artifact(model, device="cpu", batch_size=batch)
     scores: dict[str, float] = {}
@@ -115,9 +118,11 @@ def main() -> None:
     import ray
     import torch
 
-    from ntf_ray import ray_scan, ray_train
-    from ntf_ray.artifact import save_artifact
-    from ntf_ray.model import Detector
+    from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.scan.spec import ScanSpec
+    from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.nn.model import Detector
 
     print(f"host: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"ray {ray.__version__}; backbone {args.backbone} (random weights), 224 px centre crop, batch {args.batch}")
@@ -138,7 +143,7 @@ def main() -> None:
 
         ray_train.init_local_ray()
         start = time.perf_counter()
-        result = ray_scan.scan(ray_scan.ScanSpec(model=model, output=str(tmp / "scores"), input=str(tmp / "jpegs"),
+        result = ray_scan.scan(ScanSpec(model=model, output=str(tmp / "scores"), input=str(tmp / "jpegs"),
                                                  batch_size=args.batch))
         scan_s = time.perf_counter() - start
         scan_rate = len(paths) / scan_s

@@ -3,7 +3,7 @@
 (a) direct: one process reads a batch of files, decodes it with nvJPEG in one call, centre-crops,
     runs the model (bf16, channels_last), one batch after another;
 (b) textbook Ray: ``read_binary_files`` -> PIL decode + crop in Ray Data tasks -> one GPU actor;
-(c) ntf-ray: ``ray_scan.scan`` (detector actors decoding on the GPU, the real score table written),
+(c) ntf-ray: ``ntf_ray.ray_edge.scan.scan`` (detector actors decoding on the GPU, the real score table written),
     once per actor layout asked for (``--layouts 1x1s2 2x0.5s1``: actors x GPU share, s: streams per
     actor, b: batch size).
 
@@ -81,8 +81,8 @@ def direct(paths: list[Path], model_uri: str, device: str, batch: int) -> dict:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ntf_ray.artifact import load_artifact
-    from ntf_ray.transforms import eval_transform
+    from ntf_ray.detector.artifact import load_artifact
+    from ntf_ray.images.transforms import eval_transform
 
     art = load_artifact(model_uri)
     model = art.detector.to(device).eval()
@@ -113,7 +113,7 @@ class _TextbookActor:
     def __init__(self, model_uri: str, device: str):
         import torch
 
-        from ntf_ray.artifact import load_artifact
+        from ntf_ray.detector.artifact import load_artifact
 
         self.torch = torch
         self.device = device
@@ -128,8 +128,8 @@ class _TextbookActor:
 
 
 def _pil_crop(batch: dict, size: int) -> dict:
-    from ntf_ray.decode import decode
-    from ntf_ray.transforms import eval_transform, to_tensor
+    from ntf_ray.images.decode import decode
+    from ntf_ray.images.transforms import eval_transform, to_tensor
 
     crops = [eval_transform(to_tensor(decode(b).image), size).numpy() for b in batch["bytes"]]
     return {"crop": np.stack(crops)}
@@ -154,7 +154,7 @@ def textbook(folder: Path, model_uri: str, device: str, batch: int, input_size: 
 
 
 def _has_nvimgcodec() -> bool:
-    from ntf_ray.gpu_decode import DecoderUnavailable, nvimgcodec_module
+    from ntf_ray.images.gpu_decode import DecoderUnavailable, nvimgcodec_module
 
     try:
         nvimgcodec_module()
@@ -180,11 +180,12 @@ def project_scan(folder: Path, out: Path, model_uri: str, batch: int, actors: in
                  streams: int, decoder: str = "nvjpeg") -> dict:
     import pyarrow.dataset as pads
 
-    from ntf_ray import ray_scan
+    from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.scan.spec import ScanSpec
 
     start = time.perf_counter()
     t0 = time.time()
-    result = ray_scan.scan(ray_scan.ScanSpec(model=model_uri, output=str(out), input=str(folder), batch_size=batch,
+    result = ray_scan.scan(ScanSpec(model=model_uri, output=str(out), input=str(folder), batch_size=batch,
                                              max_actors=actors, gpus_per_actor=gpu_share, streams=streams,
                                              decoder=decoder))
     total = time.perf_counter() - start
@@ -221,8 +222,8 @@ def ceilings(blobs: list[bytes], model_uri: str, device: str, batch: int, size: 
     """Images/s of each stage alone: decode (torchvision nvJPEG; nvImageCodec if importable), crop, network."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ntf_ray.gpu_decode import as_uint8
-    from ntf_ray.scoring import Scorer
+    from ntf_ray.images.gpu_decode import as_uint8
+    from ntf_ray.detector.scorer import Scorer
 
     chunk = [blobs[i % len(blobs)] for i in range(batch)]
     tensors = [as_uint8(b) for b in chunk]
@@ -249,7 +250,7 @@ def nvimgcodec_ceilings(blobs: list[bytes], batch: int) -> None:
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ntf_ray.gpu_decode import as_uint8, nvimgcodec_module
+    from ntf_ray.images.gpu_decode import as_uint8, nvimgcodec_module
 
     nvimgcodec = nvimgcodec_module()
     chunk = [blobs[i % len(blobs)] for i in range(batch)]
@@ -287,7 +288,7 @@ def actor_startup(model_uri: str, device: str, batch: int) -> None:
     """How long a detector actor takes to be ready, from its creation, and on what."""
     import ray
 
-    from ntf_ray.ray_scan.actor import DetectorActor
+    from ntf_ray.ray_edge.scan.actor import DetectorActor
 
     t = time.perf_counter()
     actor = ray.remote(num_gpus=1 if device == "cuda" else 0, num_cpus=1)(DetectorActor).remote(
@@ -316,8 +317,8 @@ def _stamped(n: int, total: float, t0: float, stamps: np.ndarray) -> dict:
 
 def parity(name: str, scorer_args: dict, blobs: list[bytes], device: str, decoder: str = "nvjpeg") -> None:
     """Scores of ``decoder``'s path against the core decoder's, and the tolerance docs/operations.md states for it."""
-    from ntf_ray.scoring import PARITY_TOLERANCE, Scorer
-    from ntf_ray.scoring import parity as compare
+    from ntf_ray.detector.scorer import PARITY_TOLERANCE, Scorer
+    from ntf_ray.detector.scorer import parity as compare
 
     pil = Scorer.from_artifact(**scorer_args, device=device, decoder="pil")
     gpu = Scorer.from_artifact(**scorer_args, device=device, decoder=decoder)
@@ -337,15 +338,15 @@ def trained_detector(root: Path, device: str, n: int) -> tuple[str, list[bytes]]
     """A tiny detector trained here on synthetic JPEGs (smoke config), and its held-out JPEGs."""
     import dataclasses
 
-    from ntf_ray.config import load_config
-    from ntf_ray.datasets import manifest_table, read_manifest, select, write_manifest
-    from ntf_ray.recipe import train_local
+    from ntf_ray.training.config import load_config
+    from ntf_ray.training.datasets import manifest_table, read_manifest, select, write_manifest
+    from ntf_ray.training.recipe import train_local
     from ntf_ray.synth import make_synthetic
 
     records = make_synthetic(root / "synth", n_real=n, n_fake=n, size=64, seed=3, image_format="jpeg",
                              jpeg_quality=90)
     write_manifest(manifest_table(records), str(root / "synth" / "manifest.parquet"))
-    cfg = load_config(Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "ntf_ray" / "training" / "configs" / "smoke.yaml")
     cfg = dataclasses.replace(cfg, device=device, num_workers=4)
     art = train_local(str(root / "synth" / "manifest.parquet"), str(root / "trained"), cfg)
     print(f"trained detector (tiny, smoke config, {2 * n} synthetic JPEGs): held-out AP "
@@ -398,8 +399,8 @@ def main() -> None:
     import torch
     import torchvision
 
-    from ntf_ray.artifact import save_artifact
-    from ntf_ray.model import Detector
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.nn.model import Detector
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{time.strftime('%Y-%m-%d')} on {card}; {os.cpu_count()} CPU cores; torch {torch.__version__}, "

@@ -1,6 +1,6 @@
 """Peak memory of one detector actor scoring a batch: ordinary JPEGs against a batch with large images.
 
-A detector actor (``ntf_ray.ray_scan.actor.DetectorActor``) hands each block's bytes to
+A detector actor (``ntf_ray.ray_edge.scan.actor.DetectorActor``) hands each block's bytes to
 ``Scorer.score_bytes``. This script does the same work in a fresh process per case: load a
 tiny-backbone detector (random weights) from an artifact, read the files, score one small
 image to warm up, reset the kernel's high-water mark of the RSS to the current RSS
@@ -43,7 +43,7 @@ import sys
 import numpy as np
 from PIL import Image
 import io
-from ntf_ray.scoring import Scorer
+from ntf_ray.detector.scorer import Scorer
 
 def peak_mib():
     # VmHWM is the kernel's high-water mark of this process's RSS. getrusage's ru_maxrss
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from ntf_ray.artifact import save_artifact
-    from ntf_ray.model import Detector
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.nn.model import Detector
 
     print(f"host: {os.cpu_count()} cores; torch {torch.__version__}; tiny backbone (random weights), 224 px crop, "
           f"CPU, decoder pil, batch {args.batch} "

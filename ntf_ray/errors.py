@@ -74,7 +74,7 @@ class DetectorFault(RuntimeError):
 
 
 #: How long a run may go without progress (objects listed, rows staged) before it stops with
-#: ``RunStalled`` (``ray_scan.lock``): long enough for a cluster to add a node, short enough
+#: ``RunStalled`` (``ntf_ray.scan.lock``): long enough for a cluster to add a node, short enough
 #: that a stuck nightly run does not hold OUTPUT's lease into the next night.
 STALL_S = 1800.0
 

@@ -51,7 +51,7 @@ class MotoS3:
         """``make_synthetic(local, **synth)``, copied under ``BUCKET/data/`` with a manifest of
         ``s3://`` uris; returns the manifest's uri."""
         from ntf_ray import storage
-        from ntf_ray.datasets import manifest_table, write_manifest
+        from ntf_ray.training.datasets import manifest_table, write_manifest
         from ntf_ray.synth import make_synthetic
 
         options = storage.StorageOptions(endpoint_url=self.endpoint_url)
@@ -125,8 +125,8 @@ def save_random_detector(uri: str, endpoint_url: str | None = None, input_size: 
     another model_id)."""
     import torch
 
-    from ntf_ray.artifact import save_artifact
-    from ntf_ray.model import Detector
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.nn.model import Detector
     from ntf_ray.storage import StorageOptions
 
     torch.manual_seed(seed)
@@ -140,8 +140,8 @@ def save_nan_detector(uri: str, endpoint_url: str | None = None, input_size: int
     nothing checks its scores)."""
     import torch
 
-    from ntf_ray.artifact import save_artifact
-    from ntf_ray.model import Detector
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.nn.model import Detector
     from ntf_ray.storage import StorageOptions
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Independent float64 references for the NTF losses (``ntf_ray.losses``).
+"""Independent float64 references for the NTF losses (``ntf_ray.nn.losses``).
 
 Written from ``method.md`` (the project's reading of the paper's Eqs. 1-7) in a
 deliberately different style from a vectorised implementation: every feature is turned

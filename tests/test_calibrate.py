@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from ntf_ray.calibrate import TooFewReals, calibrate, choose_threshold, fpr_upper_bound, min_reals
+from ntf_ray.detector.calibrate import TooFewReals, calibrate, choose_threshold, fpr_upper_bound, min_reals
 
 
 def _best_flagged(scores: np.ndarray, k: int) -> int:

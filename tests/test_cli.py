@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 from ntf_ray import cli
+from ntf_ray.scan.reading import DEFAULT_MAX_BYTES
+from ntf_ray.scan.spec import ScanResult
 from ntf_ray.cli import main
 
 ENV_ENDPOINT = "http://minio.internal:9000"
@@ -66,8 +68,8 @@ def test_score_without_inputs_says_what_it_needs(capsys):
 
 
 def test_score_card_prints_the_model_card_with_its_limits(tmp_path, capsys):
-    from ntf_ray.artifact import save_artifact
-    from ntf_ray.model import Detector
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.nn.model import Detector
 
     data = {"images": 120, "counts": {"train/real": 60, "train/fake": 60}, "generators": ["nnconv", "tconv"]}
     save_artifact(str(tmp_path / "m"), Detector.build("tiny"), input_size=32,
@@ -118,10 +120,9 @@ def test_max_bytes_sizes(text, value):
 
 
 def test_max_bytes_default_is_the_scans():
-    from ntf_ray import ray_scan
 
     args = cli.build_parser().parse_args(["moderate", "--input", "i", "--model", "m", "--output", "o"])
-    assert args.max_bytes == ray_scan.DEFAULT_MAX_BYTES == 128 * 2**20
+    assert args.max_bytes == DEFAULT_MAX_BYTES == 128 * 2**20
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "12 parsecs", "MiB", ""])
@@ -138,7 +139,9 @@ def test_max_bytes_rejects_what_is_not_a_size(text, capsys):
 @pytest.fixture
 def recorded(monkeypatch):
     """Replace what would start Ray by recorders; returns what each was given."""
-    from ntf_ray import ray_evaluate, ray_scan, ray_train
+    from ntf_ray.ray_edge import evaluate as ray_evaluate
+    from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.ray_edge import train as ray_train
 
     calls: dict = {}
 
@@ -148,7 +151,7 @@ def recorded(monkeypatch):
 
     def scan(spec):
         calls["scan"] = spec
-        return ray_scan.ScanResult(run_id="r1", run_dir="o/r1", summary={"rows": 0})
+        return ScanResult(run_id="r1", run_dir="o/r1", summary={"rows": 0})
 
     def evaluate(spec, *, command=None):
         calls["evaluate"] = (spec, command)
@@ -157,7 +160,7 @@ def recorded(monkeypatch):
     monkeypatch.setattr(ray_train, "init_local_ray", lambda *a, **k: None)
     monkeypatch.setattr(ray_train, "train", train)
     monkeypatch.setattr(ray_scan, "scan", scan)
-    monkeypatch.setattr(ray_scan, "format_summary", lambda summary: f"summary {summary}")
+    monkeypatch.setattr(cli, "format_summary", lambda summary: f"summary {summary}")
     monkeypatch.setattr(ray_evaluate, "evaluate", evaluate)
     monkeypatch.setattr(ray_evaluate, "format_summary", lambda metrics: "metrics")
     return calls
@@ -206,7 +209,7 @@ def test_no_endpoint_anywhere_is_none(monkeypatch, recorded):
 
 
 def test_demo_delegates(monkeypatch):
-    from ntf_ray import ray_demo
+    from ntf_ray.ray_edge import demo as ray_demo
 
     seen = {}
     monkeypatch.setattr(ray_demo, "run_demo", lambda **kwargs: seen.update(kwargs))
@@ -226,8 +229,8 @@ def _png(seed: int) -> bytes:
 def test_score_two_images_and_a_missing_file(tmp_path, capsys):
     import torch
 
-    from ntf_ray.artifact import save_artifact
-    from ntf_ray.model import Detector
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.nn.model import Detector
 
     torch.manual_seed(0)
     model = str(tmp_path / "detector")
@@ -248,7 +251,7 @@ def test_score_two_images_and_a_missing_file(tmp_path, capsys):
 
 
 def test_score_a_folder_gets_the_formatted_read_error(tmp_path, capsys, monkeypatch):
-    from ntf_ray import scoring
+    from ntf_ray.detector import scorer as scoring
 
     monkeypatch.setattr(scoring.Scorer, "from_artifact", classmethod(lambda cls, *a, **k: None))
     assert main(["score", "--model", "m", str(tmp_path)]) == 0
@@ -257,7 +260,7 @@ def test_score_a_folder_gets_the_formatted_read_error(tmp_path, capsys, monkeypa
 
 
 def test_score_a_bad_scheme_is_a_usage_error(tmp_path, capsys, monkeypatch):
-    from ntf_ray import scoring
+    from ntf_ray.detector import scorer as scoring
 
     monkeypatch.setattr(scoring.Scorer, "from_artifact", classmethod(lambda cls, *a, **k: None))
     assert main(["score", "--model", "m", "gs://bucket/x.png"]) == 2
@@ -265,8 +268,8 @@ def test_score_a_bad_scheme_is_a_usage_error(tmp_path, capsys, monkeypatch):
 
 
 def test_the_model_card_shows_the_stored_evaluation_and_calibration():
-    from ntf_ray.metrics import per_generator_table
-    from ntf_ray.model_card import render
+    from ntf_ray.evaluate.metrics import per_generator_table
+    from ntf_ray.detector.model_card import render
 
     table = per_generator_table([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.4], ["gan", "gan", "dm", "dm"])
     card = render({"model_id": "abc", "threshold": 0.7, "metrics": {"split": "test", "table": table},
@@ -388,7 +391,8 @@ def test_score_with_an_unreachable_endpoint_is_one_line_without_it(tmp_path, mon
 
 
 def test_score_refuses_a_device_and_caps_what_it_reads(tmp_path, capsys, monkeypatch):
-    from ntf_ray import scoring, storage
+    from ntf_ray import storage
+    from ntf_ray.detector import scorer as scoring
 
     monkeypatch.setattr(scoring.Scorer, "from_artifact", classmethod(lambda cls, *a, **k: None))
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ntf_ray.config import TrainConfig, load_config
+from ntf_ray.training.config import TrainConfig, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "ntf_ray" / "training" / "configs"
 
 
 def test_defaults_are_the_papers():
@@ -56,7 +56,7 @@ def test_shipped_configs_load(name):
 
 
 def test_resume_conflicts_are_the_fields_that_change_the_maths():
-    from ntf_ray.config import RESUMABLE, resume_conflicts
+    from ntf_ray.training.config import RESUMABLE, resume_conflicts
 
     stored = load_config(CONFIGS / "smoke.yaml").to_dict()
     same = load_config(CONFIGS / "smoke.yaml", ["device=cuda", "channels_last=false", "num_workers=8",

@@ -1,4 +1,4 @@
-"""Tests for ntf_ray.datasets: folder indexing, manifest I/O (local and moto S3), the Dataset."""
+"""Tests for ntf_ray.training.datasets: folder indexing, manifest I/O (local and moto S3), the Dataset."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from ntf_ray import storage
 from ntf_ray.cli import main as cli_main
-from ntf_ray.datasets import (
+from ntf_ray.training.datasets import (
     MANIFEST_SCHEMA,
     ManifestDataset,
     collate_drop_none,
@@ -214,7 +214,7 @@ def put_keys(s3, bucket: str, keys: list[str]) -> None:
 @pytest.mark.parametrize("layout", ["cnndetection", "genimage"])
 def test_index_s3_matches_local(s3, bucket, tmp_path, monkeypatch, layout):
     """The same tree indexed locally and on S3 gives the same rows, with s3://bucket/key uris."""
-    monkeypatch.setattr("ntf_ray.datasets._S3_PAGE_KEYS", 3)  # several ListObjectsV2 pages
+    monkeypatch.setattr("ntf_ray.training.datasets._S3_PAGE_KEYS", 3)  # several ListObjectsV2 pages
     files = (WITH_SPLIT + SKIPPED) if layout == "cnndetection" else (GENIMAGE + GENIMAGE_SKIPPED)
     local = tmp_path / "data"
     make_files(local, files)
@@ -243,7 +243,7 @@ def test_index_s3_lists_every_page(s3, bucket, monkeypatch):
         return await call(method, *args, **kwargs)
 
     monkeypatch.setattr(fs, "_call_s3", spy)
-    monkeypatch.setattr("ntf_ray.datasets._S3_PAGE_KEYS", 3)
+    monkeypatch.setattr("ntf_ray.training.datasets._S3_PAGE_KEYS", 3)
     assert index_folder(f"{bucket}/d", options=opts).num_rows == 7
     assert tokens == [("list_objects_v2", 3, False), ("list_objects_v2", 3, True), ("list_objects_v2", 3, True)]
 
@@ -622,7 +622,7 @@ def test_cli_index_bad_root(tmp_path, capsys, layout):
 def test_flat_layout_uses_the_root_name_as_generator(tmp_path):
     from PIL import Image
 
-    from ntf_ray.datasets import index_folder
+    from ntf_ray.training.datasets import index_folder
 
     root = tmp_path / "mydata"
     for label in ("0_real", "1_fake"):

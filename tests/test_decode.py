@@ -1,4 +1,4 @@
-"""Tests for ntf_ray.decode: every awkward file, modes, orientation, bombs, input types."""
+"""Tests for ntf_ray.images.decode: every awkward file, modes, orientation, bombs, input types."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, features
 
-from ntf_ray.decode import DEFAULT_MAX_PIXELS, FORMATS, Decoded, decode
+from ntf_ray.images.decode import DEFAULT_MAX_PIXELS, FORMATS, Decoded, decode
 from tests.awkward import BOMB_SIDE, make_awkward_files, png16_bytes, texture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,7 +299,7 @@ def _composite_reference(rgba: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("block_pixels", [1, 7 * 13, 1 << 20])
 def test_blocks_of_rows_give_the_whole_image_result(monkeypatch, block_pixels):
     """Rows leave Pillow in blocks; any block size gives the same pixels, mode by mode."""
-    import ntf_ray.decode_pixels as pixels_module
+    import ntf_ray.images.decode_pixels as pixels_module
 
     monkeypatch.setattr(pixels_module, "_BLOCK_PIXELS", block_pixels)
     rng = np.random.default_rng(19)
@@ -375,7 +375,7 @@ def test_bomb_process_rss_stays_small(awkward):
     script = textwrap.dedent(
         f"""
         import resource, sys
-        from ntf_ray.decode import decode
+        from ntf_ray.images.decode import decode
         data = open({str(folder / 'bomb.png')!r}, 'rb').read()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         res = decode(data)
@@ -707,7 +707,7 @@ def test_a_bomb_tiff_tile_never_reaches_libtiff():
         import resource, sys
         sys.path.insert(0, sys.argv[1])
         from tests.bombs import tiff_huge_tile
-        from ntf_ray.decode import decode
+        from ntf_ray.images.decode import decode
         data = tiff_huge_tile()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         res = decode(data)
@@ -731,7 +731,7 @@ def test_ico_directory_size_does_not_hide_the_embedded_image():
 
 
 def test_progressive_scans_are_counted_from_markers():
-    from ntf_ray.jpeg_screen import MAX_SCANS, count_scans, screen
+    from ntf_ray.images.jpeg_screen import MAX_SCANS, count_scans, screen
     from tests import bombs
 
     plain = _encode(Image.fromarray(texture(64, 64, seed=5)), "JPEG", progressive=True)

@@ -1,7 +1,7 @@
 """The train worker's device path against the CPU path it replaces on GPU workers.
 
 Every operation is checked against torchvision's own kernel, and each stage's random draws
-against the CPU path's (``ntf_ray.transforms``) from what the views show: images whose
+against the CPU path's (``ntf_ray.images.transforms``) from what the views show: images whose
 pixels say where they came from (a ramp per axis), so the crop box, the flip, the SCL
 crop's offset and whether a blur or a JPEG touched the view can be read back from any
 view. Distributions are compared with two-sample Kolmogorov-Smirnov tests and rates with
@@ -21,10 +21,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from scipy.stats import chisquare, ks_2samp, kstest, uniform
 
-from ntf_ray import batch_ops as B
-from ntf_ray import device_augment as D
-from ntf_ray.config import TrainConfig
-from ntf_ray.transforms import Stage1Views, Stage2Transform, to_tensor
+from ntf_ray.images import batch_ops as B
+from ntf_ray.training import device_augment as D
+from ntf_ray.training.config import TrainConfig
+from ntf_ray.images.transforms import Stage1Views, Stage2Transform, to_tensor
 
 N = 600  # views per path in each distribution test
 #: where the device path runs in these tests: the CPU always, a GPU too when there is one
@@ -328,7 +328,7 @@ def test_decoded_frames_are_the_core_decoders_and_bad_files_are_left_out():
     g = torch.Generator().manual_seed(4)
     imgs = [torch.randint(0, 256, (3, 40 + 8 * i, 48), dtype=torch.uint8, generator=g) for i in range(4)]
     blobs = [_jpeg(imgs[0]), _png(imgs[1]), b"not an image", None, _jpeg(imgs[2])[:200], _jpeg(imgs[3]), b""]
-    from ntf_ray.decode import decode
+    from ntf_ray.images.decode import decode
 
     got = {}
     for group, frames in D.decode_frames(blobs, torch.device("cpu"), max_pixels=None):
@@ -392,7 +392,7 @@ def test_prefetch_keeps_order_raises_where_the_batch_failed_and_stops_with_its_c
 def test_device_batches_hold_one_decoder_group_at_a_time_and_group_nothing_into_the_draws(monkeypatch):
     import weakref
 
-    from ntf_ray.gpu_decode import _decode_fn
+    from ntf_ray.images.gpu_decode import _decode_fn
 
     g = torch.Generator().manual_seed(7)
     blobs = [_jpeg(torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=g)) for _ in range(5)]

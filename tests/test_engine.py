@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ntf_ray.engine import (
+from ntf_ray.training.engine import (
     load_checkpoint,
     make_optimizer,
     make_scheduler,
@@ -16,7 +16,7 @@ from ntf_ray.engine import (
     train_stage1_epoch,
     train_stage2_epoch,
 )
-from ntf_ray.model import Stage1Model, Stage2Model, build_encoder
+from ntf_ray.nn.model import Stage1Model, Stage2Model, build_encoder
 
 
 def stage1_batches(n_batches=3, b=6, size=32, seed=0):
@@ -182,8 +182,8 @@ def test_stage2_skips_single_image_batches():
 
 def _stage2_after(variant: str, *, eta: float = 0.5, seed: int = 0):
     """A trained stage 1, then one stage-2 epoch of ``variant``, all seeds equal."""
-    from ntf_ray.config import load_config
-    from ntf_ray.recipe import build_stage1, build_stage2, stage1_kwargs, stage2_kwargs
+    from ntf_ray.training.config import load_config
+    from ntf_ray.training.recipe import build_stage1, build_stage2, stage1_kwargs, stage2_kwargs
 
     cfg = load_config(None, {"backbone": "tiny", "proj_dim": 16, "variant": variant, "eta": eta})
     torch.manual_seed(seed)
@@ -237,7 +237,7 @@ def test_encoder_is_frozen_in_every_variant_but_bce(variant):
 def test_scl_crops_leave_the_transfer_layers_statistics_to_the_224_crops():
     """t's batch norm keeps running statistics of the classifier's crops only: SCL crops
     (another scale of features) normalise with their own batch but update nothing."""
-    from ntf_ray.model import TransferLayer
+    from ntf_ray.nn.model import TransferLayer
 
     model = Stage2Model.from_stage1(tiny_stage1(), proj_dim=16)
     model.train()
@@ -267,7 +267,7 @@ def test_stage1_reports_the_spread_of_homogeneous_features(caplog):
 
 
 def test_a_non_finite_loss_stops_training_before_the_step_and_leaves_the_weights_as_they_were():
-    from ntf_ray.engine import NonFiniteLoss
+    from ntf_ray.training.engine import NonFiniteLoss
 
     model = tiny_stage1()
     opt = make_optimizer(model.parameters(), lr=0.05)
@@ -283,7 +283,7 @@ def test_a_non_finite_loss_stops_training_before_the_step_and_leaves_the_weights
 
 
 def test_a_non_finite_stage2_loss_stops_training():
-    from ntf_ray.engine import NonFiniteLoss
+    from ntf_ray.training.engine import NonFiniteLoss
 
     model = Stage2Model.from_stage1(tiny_stage1(), proj_dim=16)
     params = prepare_stage2(model)

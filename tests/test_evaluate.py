@@ -32,7 +32,7 @@ from ntf_ray.evaluate import (
     tsne,
     write_report,
 )
-from ntf_ray.metrics import format_table
+from ntf_ray.evaluate.metrics import format_table
 from ntf_ray.storage import StorageOptions
 
 SCHEMA = pa.schema([("uri", pa.string()), ("label", pa.int8()), ("generator", pa.string()), ("family", pa.string()),

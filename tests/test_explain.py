@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ntf_ray.artifact import save_artifact
+from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.cli import main
-from ntf_ray.explain import cam_maps
-from ntf_ray.model import Detector
+from ntf_ray.detector.explain import cam_maps
+from ntf_ray.nn.model import Detector
 
 pytest.importorskip("pytorch_grad_cam")
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ntf_ray import gpu_decode
-from ntf_ray.jpeg_screen import screen
-from ntf_ray.model import Detector
-from ntf_ray.scoring import Scorer
+from ntf_ray.images import gpu_decode
+from ntf_ray.images.jpeg_screen import screen
+from ntf_ray.nn.model import Detector
+from ntf_ray.detector.scorer import Scorer
 from tests.awkward import make_awkward_files, texture
 
 
@@ -221,7 +221,7 @@ def _commented_jpeg(seed: int, comment: bytes = b"", shape=(40, 56)) -> bytes:
 
 
 def test_nvimgcodec_adapter_gives_chw_images_and_an_exception_per_file_it_cannot_decode():
-    from ntf_ray.gpu_decode import decode_jpegs, nvimgcodec_fn
+    from ntf_ray.images.gpu_decode import decode_jpegs, nvimgcodec_fn
 
     jpeg = _commented_jpeg
     fake = _FakeNvImageCodec(refuse=b"REFUSE")
@@ -249,7 +249,7 @@ def test_the_nvimgcodec_scorer_routes_refusals_to_the_core_decoder_and_names_its
 def test_the_nvimgcodec_decoder_without_its_package_says_how_to_install_it(monkeypatch):
     import builtins
 
-    from ntf_ray.gpu_decode import DecoderUnavailable
+    from ntf_ray.images.gpu_decode import DecoderUnavailable
 
     real_import = builtins.__import__
 

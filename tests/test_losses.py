@@ -1,4 +1,4 @@
-"""``ntf_ray.losses`` against the independent float64 references in ``loss_reference.py``
+"""``ntf_ray.nn.losses`` against the independent float64 references in ``loss_reference.py``
 (written from ``method.md``), plus closed-form values, invariances, gradients and the
 component switches of the combined stage-1 / stage-2 losses."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ntf_ray import losses
+from ntf_ray.nn import losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loss_reference as ref  # noqa: E402

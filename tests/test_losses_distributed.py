@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ntf_ray import losses
+from ntf_ray.nn import losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loss_reference as ref  # noqa: E402

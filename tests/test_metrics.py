@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix
 
-from ntf_ray.metrics import (
+from ntf_ray.evaluate.metrics import (
     Metrics,
     average_precision,
     binary_metrics,

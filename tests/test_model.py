@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ntf_ray.model import (
+from ntf_ray.nn.model import (
     BACKBONES,
     Classifier,
     Detector,

@@ -1,4 +1,4 @@
-"""The model card (ntf_ray.model_card): bound to the model id, and any model.json value renders
+"""The model card (ntf_ray.detector.model_card): bound to the model id, and any model.json value renders
 as one line of text, whatever its type."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ntf_ray.artifact import load_artifact, model_id_of, save_artifact
+from ntf_ray.detector.artifact import load_artifact, model_id_of, save_artifact
 from ntf_ray.cli import main
-from ntf_ray.model import Detector
-from ntf_ray.model_card import render
+from ntf_ray.nn.model import Detector
+from ntf_ray.detector.model_card import render
 
 CALIBRATION = {"target_fpr": 0.05, "fpr": 0.04, "fpr_upper95": 0.09, "reals": 100, "split": "val"}
 METRICS = {"split": "test", "table": [{"generator": "progan", "images": 40, "ap": 0.71, "acc": 0.6, "fpr": 0.3,

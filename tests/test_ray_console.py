@@ -1,4 +1,4 @@
-"""What a command prints, and where Ray's own logs go (ntf_ray.ray_console, the demo end to end)."""
+"""What a command prints, and where Ray's own logs go (ntf_ray.ray_edge.console, the demo end to end)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ntf_ray import ray_console as console
-from ntf_ray.ray_train_progress import batch_images, summary_line
+from ntf_ray.ray_edge import console
+from ntf_ray.ray_edge.train_progress import batch_images, summary_line
 
 #: What no default run may show on the terminal: Ray's internals, which a user cannot act on.
 RAY_NOISE = re.compile(r"logging_progress|streaming_executor|core_worker\.cc|constructor arguments|"
@@ -29,7 +29,7 @@ def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 SESSION = """
     import logging, os, sys
-    from ntf_ray import ray_console as console
+    from ntf_ray.ray_edge import console
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with console.session("never", "refused", verbose={verbose}) as s:
         os.write(2, b"refused before it made its output\\n")
@@ -106,7 +106,7 @@ def test_raylet_messages_reach_the_terminal_but_the_harmless_ones(tmp_path):
 
 SECRET_SESSION = """
     import logging, os, sys
-    from ntf_ray import ray_console as console
+    from ntf_ray.ray_edge import console
     token = os.environ["AWS_SESSION_TOKEN"]
     os.makedirs("out")
     with console.terminal(verbose=2), console.session("out", "test", verbose={verbose}):

@@ -18,11 +18,11 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, confusion_matrix
 
 from ntf_ray import storage
-from ntf_ray.artifact import save_artifact
+from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.cli import main
-from ntf_ray.datasets import manifest_table, read_manifest, select, write_manifest
-from ntf_ray.model import Detector
-from ntf_ray.scoring import Scorer
+from ntf_ray.training.datasets import manifest_table, read_manifest, select, write_manifest
+from ntf_ray.nn.model import Detector
+from ntf_ray.detector.scorer import Scorer
 from ntf_ray.synth import make_synthetic
 from tests.conftest import FAKE_SECRET_ACCESS_KEY
 
@@ -150,7 +150,7 @@ def test_evaluate_rejects_bad_arguments_before_any_work(setup, tmp_path, capsys)
 
 def test_a_calibrated_threshold_holds_its_false_positive_rate_on_fresh_reals(local_ray, setup, tmp_path, capsys):
     """calibrate at 5% on a val split of the demo's generator, then scan reals it never saw (another seed)."""
-    from ntf_ray.artifact import load_artifact
+    from ntf_ray.detector.artifact import load_artifact
 
     val = make_synthetic(tmp_path / "val", n_real=120, n_fake=20, size=40, seed=11, splits={"val": 1.0})
     manifest = str(tmp_path / "val" / "manifest.parquet")

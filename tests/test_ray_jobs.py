@@ -58,9 +58,9 @@ def ray_cluster(s3, tmp_path_factory):
 
 def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, s3, bucket, tmp_path):
     from ntf_ray import storage
-    from ntf_ray.datasets import read_manifest, select
-    from ntf_ray.recipe import evaluate
-    from ntf_ray.scoring import Scorer
+    from ntf_ray.training.datasets import read_manifest, select
+    from ntf_ray.training.recipe import evaluate
+    from ntf_ray.detector.scorer import Scorer
 
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
     # A small set (the suite's time): that training learns at the recipe's scale is
@@ -104,7 +104,8 @@ def test_job_submit_scans_a_bucket_into_a_table_pandas_and_pyarrow_read(ray_clus
     import pandas as pd
     import pyarrow.dataset as pads
 
-    from ntf_ray import ray_scan, storage
+    from ntf_ray import storage
+    from ntf_ray.scan.table import SCORE_SCHEMA
     from ntf_ray.synth import make_synthetic
     from tests.awkward import make_awkward_files
     from tests.conftest import save_random_detector
@@ -125,9 +126,9 @@ def test_job_submit_scans_a_bucket_into_a_table_pandas_and_pyarrow_read(ray_clus
 
     fs, path = storage.arrow_filesystem(output, options)
     table = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
-    assert table.select(ray_scan.SCORE_SCHEMA.names).schema.equals(ray_scan.SCORE_SCHEMA)
+    assert table.select(SCORE_SCHEMA.names).schema.equals(SCORE_SCHEMA)
     assert table.num_rows == 60 + len(awkward) == len(set(table.column("uri").to_pylist()))
     frame = pd.read_parquet(path, filesystem=fs)
-    assert len(frame) == table.num_rows and set(frame.columns) == {*ray_scan.SCORE_SCHEMA.names, "dt"}
+    assert len(frame) == table.num_rows and set(frame.columns) == {*SCORE_SCHEMA.names, "dt"}
     assert frame["error"].notna().sum() == sum(not good for good in awkward.values())
     assert frame.loc[frame["error"].isna(), "score"].between(0, 1).all()

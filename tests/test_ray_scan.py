@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from ntf_ray import ray_scan, storage
+from ntf_ray import storage
+from ntf_ray.scan.table import SCORE_SCHEMA, SUMMARY, completed_runs
 from ntf_ray.cli import main
 from ntf_ray.synth import make_synthetic
 from tests.awkward import make_awkward_files
@@ -44,7 +45,7 @@ def _table(root: str, s3) -> pa.Table:
 
 
 def _completed(root: str, s3) -> list[str]:
-    return ray_scan.completed_runs(root, storage.StorageOptions(endpoint_url=s3.endpoint_url))
+    return completed_runs(root, storage.StorageOptions(endpoint_url=s3.endpoint_url))
 
 
 def test_scan_writes_one_row_per_object_with_the_documented_schema(local_ray, s3, scan_bucket, capsys):
@@ -57,8 +58,8 @@ def test_scan_writes_one_row_per_object_with_the_documented_schema(local_ray, s3
 
     table = _table(out, s3)
     # The contract's columns and types; `run_id` (and `dt`) come from the hive partition folders.
-    assert table.select(ray_scan.SCORE_SCHEMA.names).schema.equals(ray_scan.SCORE_SCHEMA)
-    assert set(table.schema.names) == {*ray_scan.SCORE_SCHEMA.names, "dt"}
+    assert table.select(SCORE_SCHEMA.names).schema.equals(SCORE_SCHEMA)
+    assert set(table.schema.names) == {*SCORE_SCHEMA.names, "dt"}
     uris = table.column("uri").to_pylist()
     assert sorted(uris) == sorted(f"{b['prefix']}/{k}" for k in b["keys"])  # exactly one row per object
     assert set(table.column("run_id").to_pylist()) == {"audit-1"}
@@ -91,7 +92,7 @@ def test_scan_writes_one_row_per_object_with_the_documented_schema(local_ray, s3
 
     # summary.json and _SUCCESS mark the run complete; nothing secret in them.
     run_dir = _completed(out, s3)[0]
-    summary_text = storage.read_bytes(storage.join(run_dir, ray_scan.SUMMARY),
+    summary_text = storage.read_bytes(storage.join(run_dir, SUMMARY),
                                       storage.StorageOptions(endpoint_url=s3.endpoint_url)).decode()
     summary = json.loads(summary_text)
     broken = sum(not g for g in b["awkward"].values())
@@ -104,7 +105,7 @@ def test_scan_writes_one_row_per_object_with_the_documented_schema(local_ray, s3
 
     frame = pd.read_parquet(out[len("s3://"):], filesystem=storage.arrow_filesystem(out, storage.StorageOptions(
         endpoint_url=s3.endpoint_url))[0])
-    assert len(frame) == len(b["keys"]) and set(frame.columns) == {*ray_scan.SCORE_SCHEMA.names, "dt"}
+    assert len(frame) == len(b["keys"]) and set(frame.columns) == {*SCORE_SCHEMA.names, "dt"}
     assert set(frame["run_id"]) == {"audit-1"}
 
 
@@ -147,7 +148,7 @@ def test_moderate_scores_only_new_and_changed_objects(local_ray, s3, tmp_path):
     args = ["moderate", "--input", prefix, "--model", model, "--output", out, "--s3-endpoint", s3.endpoint_url]
 
     assert main([*args, "--run-id", "night-1"]) == 0
-    first = json.loads(storage.read_bytes(storage.join(_completed(out, s3)[0], ray_scan.SUMMARY), options))
+    first = json.loads(storage.read_bytes(storage.join(_completed(out, s3)[0], SUMMARY), options))
     assert first["scored"] == 30 and first["skipped"] == 0
 
     # An unfinished run (no _SUCCESS) that claims every object is ignored.
@@ -166,21 +167,21 @@ def test_moderate_scores_only_new_and_changed_objects(local_ray, s3, tmp_path):
     assert main([*args, "--run-id", "night-2"]) == 0
     runs = {d.rsplit("run_id=", 1)[1]: d for d in _completed(out, s3)}
     assert set(runs) == {"night-1", "night-2"}
-    second = json.loads(storage.read_bytes(storage.join(runs["night-2"], ray_scan.SUMMARY), options))
+    second = json.loads(storage.read_bytes(storage.join(runs["night-2"], SUMMARY), options))
     assert second["listed"] == 40 and second["rows"] == 11 and second["skipped"] == 29
     night2 = _table(out, s3).filter(pa.compute.equal(pa.compute.field("run_id"), "night-2"))
     assert f"{prefix}/{changed}" in night2.column("uri").to_pylist()
 
     assert main([*args, "--run-id", "night-3"]) == 0  # nothing new: an empty, complete run
     runs = {d.rsplit("run_id=", 1)[1]: d for d in _completed(out, s3)}
-    third = json.loads(storage.read_bytes(storage.join(runs["night-3"], ray_scan.SUMMARY), options))
+    third = json.loads(storage.read_bytes(storage.join(runs["night-3"], SUMMARY), options))
     assert third["rows"] == 0 and third["skipped"] == 40
 
 
 def _summary_of(out: str, run_id: str, s3) -> dict:
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
     runs = {d.rsplit("run_id=", 1)[1]: d for d in _completed(out, s3)}
-    return json.loads(storage.read_bytes(storage.join(runs[run_id], ray_scan.SUMMARY), options))
+    return json.loads(storage.read_bytes(storage.join(runs[run_id], SUMMARY), options))
 
 
 def test_a_run_id_reused_by_another_model_leaves_no_stale_skips(local_ray, s3, tmp_path, caplog):
@@ -251,7 +252,7 @@ def test_a_gpu_request_no_node_can_meet_is_refused_at_once_and_holds_no_lock(loc
     print(f"refused in {took:.1f} s: {err.strip()}")
     assert code == 2 and "no node of this Ray cluster has 1 GPU(s)" in err and "Traceback" not in err
     assert took < 60 and not (out / "_lock.json").exists()
-    assert ray_scan.completed_runs(str(out), storage.StorageOptions()) == []
+    assert completed_runs(str(out), storage.StorageOptions()) == []
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -263,7 +264,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _completed_local(root: Path) -> list[str]:
-    return ray_scan.completed_runs(str(root), storage.StorageOptions())
+    return completed_runs(str(root), storage.StorageOptions())
 
 
 def test_the_stream_caps_its_read_ahead_and_sizes_its_actors_without_touching_the_session(local_ray, monkeypatch):
@@ -273,8 +274,8 @@ def test_the_stream_caps_its_read_ahead_and_sizes_its_actors_without_touching_th
     import pyarrow as pa
     import ray
 
-    from ntf_ray.ray_scan import actor as actor_module
-    from ntf_ray.ray_scan.actor import CPU_BATCH, GPU_BATCH, DetectorActor, scored_stream
+    from ntf_ray.ray_edge.scan import actor as actor_module
+    from ntf_ray.ray_edge.scan.actor import CPU_BATCH, GPU_BATCH, DetectorActor, scored_stream
 
     before = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
     rows = pa.table({"uri": ["a", "b", "c", "d", "e"]})

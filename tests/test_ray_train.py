@@ -19,13 +19,13 @@ import torch  # noqa: E402
 from ray.train import ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from ntf_ray import ray_train  # noqa: E402
-from ntf_ray.config import load_config  # noqa: E402
-from ntf_ray.datasets import manifest_table, write_manifest  # noqa: E402
+from ntf_ray.ray_edge import train as ray_train  # noqa: E402
+from ntf_ray.training.config import load_config  # noqa: E402
+from ntf_ray.training.datasets import manifest_table, write_manifest  # noqa: E402
 from ntf_ray.synth import make_synthetic  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "training" / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,9 @@ def local_ray(s3):
 
 def _parity_loop(config):
     """One stage-1 step of the engine on a fixed global batch, split over the workers."""
-    from ntf_ray import dist
-    from ntf_ray.engine import make_optimizer, train_stage1_epoch
-    from ntf_ray.model import Stage1Model, build_encoder
+    from ntf_ray.nn import dist
+    from ntf_ray.training.engine import make_optimizer, train_stage1_epoch
+    from ntf_ray.nn.model import Stage1Model, build_encoder
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -151,9 +151,9 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(local_ray, s
 
 def _stage2_parity_loop(config):
     """One stage-2 step (transfer layer, SCL + BCE) on a fixed global batch, split over the workers."""
-    from ntf_ray import dist
-    from ntf_ray.engine import make_optimizer, prepare_stage2, train_stage2_epoch
-    from ntf_ray.model import Stage1Model, Stage2Model, build_encoder
+    from ntf_ray.nn import dist
+    from ntf_ray.training.engine import make_optimizer, prepare_stage2, train_stage2_epoch
+    from ntf_ray.nn.model import Stage1Model, Stage2Model, build_encoder
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -187,8 +187,8 @@ def test_every_variant_trains_on_two_workers(local_ray, small_manifest, tmp_path
     """Smoke: each of the paper's variants, both stages on 2 Ray workers, gives its detector."""
     from safetensors.torch import load_file
 
-    from ntf_ray.artifact import load_artifact
-    from ntf_ray.variants import VARIANTS
+    from ntf_ray.detector.artifact import load_artifact
+    from ntf_ray.nn.variants import VARIANTS
 
     for name, variant in VARIANTS.items():
         cfg = _resume_config(variant=name, epochs_stage1=1, epochs_stage2=1, batch_size=8)
@@ -281,7 +281,7 @@ def test_training_takes_the_endpoint_from_the_environment(monkeypatch, driver_on
     the read tasks and the workers all use it, as the scan does (StorageOptions.resolve)."""
     import pyarrow as pa
 
-    from ntf_ray import ray_train_data
+    from ntf_ray.ray_edge import train_data as ray_train_data
 
     endpoint = "http://minio.internal:9000"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -319,13 +319,13 @@ def test_prepare_batch_drops_and_counts_slivers(stage, caplog):
 
     import pyarrow as pa
 
-    from ntf_ray.ray_train_data import prepare_batch
+    from ntf_ray.ray_edge.train_data import prepare_batch
 
     added = []
     counter = SimpleNamespace(add=SimpleNamespace(remote=added.append))
     cfg = _resume_config(max_pixels=1_000_000)  # crop 32: 1 x 1000 needs 32 x 32000 = 1,024,000 px
     batch = pa.table({"label": [0, 1, 0, 1], "data": [_png(40, 40), _png(1, 1000), b"not an image", _png(20, 40)]})
-    with caplog.at_level("WARNING", logger="ntf_ray.ray_train_data"):
+    with caplog.at_level("WARNING", logger="ntf_ray.ray_edge.train_data"):
         out = prepare_batch(batch, stage=stage, cfg=cfg.to_dict(), counter=counter)
     assert out["label"].tolist() == [0, 1] and added == [2]
     assert "too_large: upscaling 1000x1 to fit 32 px needs 32000x32 = 1024000 px > limit 1000000" in caplog.text
@@ -333,7 +333,7 @@ def test_prepare_batch_drops_and_counts_slivers(stage, caplog):
 
 def test_drop_counter_survives_losing_its_process(local_ray):
     """Losing the counter's node costs only the count since the last take, never the training."""
-    from ntf_ray.ray_train_data import DropCounter
+    from ntf_ray.ray_edge.train_data import DropCounter
 
     counter = DropCounter.remote()
     ray.get(counter.add.remote(3), timeout=60)
@@ -365,7 +365,7 @@ def test_resuming_with_another_config_is_refused_and_keeps_config_json(driver_on
     """A run submitted again under its name may not change its maths (the optimiser would
     keep the stored lr, the cosine schedule would take the new epoch count); config.json
     stays as the run first wrote it. Placement, the threshold and the drill may change."""
-    from ntf_ray.config import ResumeConflict
+    from ntf_ray.training.config import ResumeConflict
 
     out = tmp_path / "out"
 
@@ -396,7 +396,7 @@ def test_resuming_with_another_config_is_refused_and_keeps_config_json(driver_on
 
 
 def test_a_step_schedule_may_extend_a_resumed_run(driver_only, small_manifest, tmp_path):
-    from ntf_ray.config import ResumeConflict
+    from ntf_ray.training.config import ResumeConflict
 
     spec = ray_train.RunSpec(manifest=small_manifest, output=str(tmp_path / "out"), run_name="steps")
     ray_train.train("1", _resume_config(schedule="step", step_size=1), spec)
@@ -425,7 +425,7 @@ def test_workers_that_decode_and_augment_train_on_every_good_image_and_count_the
 
     from PIL import Image
 
-    from ntf_ray.artifact import load_artifact
+    from ntf_ray.detector.artifact import load_artifact
 
     root = tmp_path / "data"
     records = make_synthetic(root, n_real=24, n_fake=8, size=40, seed=4)
@@ -470,7 +470,7 @@ def test_the_read_tasks_of_training_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, ntf_ray.ray_train_data; "
+    code = ("import sys, ntf_ray.ray_edge.train_data; "
             "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from ntf_ray.artifact import load_artifact
+from ntf_ray.detector.artifact import load_artifact
 from ntf_ray.cli import main
-from ntf_ray.config import load_config
-from ntf_ray.datasets import read_manifest, select
-from ntf_ray.recipe import evaluate, train_local
-from ntf_ray.scoring import Scorer
+from ntf_ray.training.config import load_config
+from ntf_ray.training.datasets import read_manifest, select
+from ntf_ray.training.recipe import evaluate, train_local
+from ntf_ray.detector.scorer import Scorer
 
-SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "configs" / "smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "training" / "configs" / "smoke.yaml"
 
 
 @pytest.mark.slow
@@ -47,9 +47,9 @@ def test_local_training_drops_slivers(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from ntf_ray.datasets import collate_drop_none, manifest_table
-    from ntf_ray.recipe import TrainingImages
-    from ntf_ray.transforms import stage1_transform, stage2_transform
+    from ntf_ray.training.datasets import collate_drop_none, manifest_table
+    from ntf_ray.training.recipe import TrainingImages
+    from ntf_ray.training.config import stage1_transform, stage2_transform
 
     rng = np.random.default_rng(0)
     for name, (h, w) in {"ok.png": (40, 40), "thin.png": (1, 1000)}.items():

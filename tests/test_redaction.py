@@ -1,4 +1,4 @@
-"""No credential reaches anything ntf-ray writes (ntf_ray.redaction, and every command end to end).
+"""No credential reaches anything ntf-ray writes (ntf_ray.storage.redaction, and every command end to end).
 
 The end-to-end test runs every command that touches storage or writes outputs with ``-vv``
 (every library at DEBUG: botocore writes each request's headers, the session token and the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ntf_ray import redaction
-from ntf_ray.redaction import MASK, redact
+from ntf_ray.storage import redaction
+from ntf_ray.storage.redaction import MASK, redact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def _commands(data: str, model: str, out: str, local: Path, endpoint: str, *, tr
     ]
     if train:
         commands.insert(2, (["train", "--manifest", manifest, "--output", f"{out}/train", "--config",
-                             str(ROOT / "ntf_ray" / "configs" / "smoke.yaml"), "--num-workers", "1",
+                             str(ROOT / "ntf_ray" / "training" / "configs" / "smoke.yaml"), "--num-workers", "1",
                              "--epochs-stage1", "1", "--epochs-stage2", "1", "--batch-size", "4",
                              "--set", "crop_size=16", "--set", "scl_crop_size=16", *ep], False))
     return commands

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ntf_ray import storage
 from ntf_ray.cli import main
-from ntf_ray.ray_scan.table import FILE_SCHEMA
+from ntf_ray.scan.table import FILE_SCHEMA
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 EVIL = '<img src=x onerror=alert(1)>.png'

@@ -24,9 +24,11 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from ntf_ray import ray_scan, storage
+from ntf_ray import storage
+from ntf_ray.scan.table import SUMMARY, completed_runs, staging_dir
+from ntf_ray.ray_edge import scan as ray_scan
 from ntf_ray.cli import main
-from ntf_ray.ray_scan import lock
+from ntf_ray.scan import lock
 from ntf_ray.synth import make_synthetic
 from tests.conftest import save_random_detector
 
@@ -203,7 +205,7 @@ def test_moderate_retries_exactly_the_transient_failures_and_reruns_never_duplic
     failed = sorted(r["uri"].split("/", 3)[3] for r in first if r["error"])
     assert len(first) == len(keys) and failed == sorted([keys[2], keys[5], keys[8]]) and proxy.failed >= 9
     assert all(r["error"].startswith("read: ") for r in first if r["error"])
-    night1 = json.loads(Path(ray_scan.completed_runs(out, storage.StorageOptions())[0], ray_scan.SUMMARY).read_text())
+    night1 = json.loads(Path(completed_runs(out, storage.StorageOptions())[0], SUMMARY).read_text())
     assert (night1["listed"], night1["rows"], night1["scored"], night1["errors_by_kind"]) == (len(keys), len(keys),
                                                                                                 len(keys) - 3, {"read": 3})
 
@@ -214,12 +216,12 @@ def test_moderate_retries_exactly_the_transient_failures_and_reruns_never_duplic
         assert sorted(r["uri"].split("/", 3)[3] for r in second) == failed
         assert all(r["error"] is None and r["score"] is not None for r in second)
     assert main(args) == 0  # no run id: a new run, nothing left to score
-    runs = {d.rsplit("run_id=", 1)[1]: d for d in ray_scan.completed_runs(out, storage.StorageOptions())}
+    runs = {d.rsplit("run_id=", 1)[1]: d for d in completed_runs(out, storage.StorageOptions())}
     assert len(runs) == 3
     last = max(set(runs) - {"night-1", "night-2"})
-    summary = json.loads(Path(runs[last], ray_scan.SUMMARY).read_text())
+    summary = json.loads(Path(runs[last], SUMMARY).read_text())
     assert summary["rows"] == 0 and summary["skipped"] == len(keys)
-    night2 = json.loads(Path(runs["night-2"], ray_scan.SUMMARY).read_text())
+    night2 = json.loads(Path(runs["night-2"], SUMMARY).read_text())
     assert (night2["listed"], night2["rows"], night2["scored"], night2["skipped"], night2["errors"]) == (
         len(keys), 3, 3, len(keys) - 3, 0)
     final = [r for r in _published(out).to_pylist() if r["error"] is None]
@@ -246,7 +248,7 @@ def test_a_detector_actor_killed_mid_scan_costs_no_row(drill_ray, tmp_path):
     killed: list[int] = []
 
     def killer():
-        staged = Path(ray_scan.staging_dir(out, "kill-actor"))
+        staged = Path(staging_dir(out, "kill-actor"))
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             pids = _actor_pids()
@@ -276,14 +278,14 @@ def test_a_driver_killed_mid_scan_publishes_nothing_and_its_resubmission_complet
                "--max-actors", "1"]
     env = {**os.environ, "RAY_ADDRESS": drill_ray}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staged = Path(ray_scan.staging_dir(str(out), "killed"))
+    staged = Path(staging_dir(str(out), "killed"))
     deadline = time.time() + 300
     while time.time() < deadline and driver.poll() is None and not (staged.is_dir() and any(staged.rglob("*.parquet"))):
         time.sleep(0.1)
     assert driver.poll() is None, "the scan ended before the drill could kill it"
     driver.kill()
     driver.wait(timeout=30)
-    assert ray_scan.completed_runs(str(out), storage.StorageOptions()) == []
+    assert completed_runs(str(out), storage.StorageOptions()) == []
     assert not list(out.glob("dt=*"))  # nothing published: readers see no rows of the killed attempt
     assert _readers_see(out) == (0, 0)  # though the staging folder holds rows
 

@@ -16,7 +16,8 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from ntf_ray import ray_scan, storage
+from ntf_ray import storage
+from ntf_ray.ray_edge import scan as ray_scan
 from ntf_ray.cli import main
 from ntf_ray.errors import POISON_AFTER, SOLO_ATTEMPTS
 from tests import bombs

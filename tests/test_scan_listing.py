@@ -9,8 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ntf_ray import ray_scan, storage
-from ntf_ray.ray_scan import ScanSpec
+from ntf_ray import storage
+from ntf_ray.scan.listing import list_objects
+from ntf_ray.scan.reading import _read_with_retries, read_objects
+from ntf_ray.scan.spec import check_run_id
+from ntf_ray.scan.table import FILE_SCHEMA, LISTING_SCHEMA, SUCCESS, SUMMARY, already_scored
+from ntf_ray.ray_edge import scan as ray_scan
+from ntf_ray.scan.spec import ScanSpec
 
 
 def _spec(**kw) -> ScanSpec:
@@ -21,30 +26,30 @@ def test_local_listing_recurses_filters_and_limits(tmp_path):
     for rel in ("a/1.JPG", "a/b/2.jpg", "c/3.png", ".hidden.jpg", "4.jpg"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x" * 3)
-    table = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions())
-    assert table.schema.equals(ray_scan.LISTING_SCHEMA)
+    table = list_objects(_spec(input=str(tmp_path)), storage.StorageOptions())
+    assert table.schema.equals(LISTING_SCHEMA)
     assert sorted(u[len(str(tmp_path)) + 1:] for u in table.column("uri").to_pylist()) == [
         "4.jpg", "a/1.JPG", "a/b/2.jpg", "c/3.png"]
     assert set(table.column("size_bytes").to_pylist()) == {3}
-    jpgs = ray_scan.list_objects(_spec(input=str(tmp_path), pattern="*.jpg"), storage.StorageOptions())
+    jpgs = list_objects(_spec(input=str(tmp_path), pattern="*.jpg"), storage.StorageOptions())
     assert jpgs.num_rows == 3  # case-insensitive
-    assert ray_scan.list_objects(_spec(input=str(tmp_path), limit=2), storage.StorageOptions()).num_rows == 2
+    assert list_objects(_spec(input=str(tmp_path), limit=2), storage.StorageOptions()).num_rows == 2
 
 
 def test_local_etag_changes_when_a_file_is_rewritten(tmp_path):
     f = tmp_path / "x.jpg"
     f.write_bytes(b"one")
-    before = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0]
+    before = list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0]
     f.write_bytes(b"three")
-    after = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0]
+    after = list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0]
     assert before != after
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ray_scan.list_objects(_spec(input=str(tmp_path / "nope")), storage.StorageOptions())
+        list_objects(_spec(input=str(tmp_path / "nope")), storage.StorageOptions())
     with pytest.raises(ValueError, match="exactly one"):
-        ray_scan.list_objects(_spec(), storage.StorageOptions())
+        list_objects(_spec(), storage.StorageOptions())
 
 
 def test_transient_read_errors_are_retried_and_missing_objects_are_not(monkeypatch):
@@ -66,24 +71,24 @@ def test_transient_read_errors_are_retried_and_missing_objects_are_not(monkeypat
 
     monkeypatch.setattr(ray_scan.storage, "read_many", fake_read_many)
     monkeypatch.setattr(ray_scan.time, "sleep", lambda s: None)
-    got = ray_scan._read_with_retries(["s3://b/ok", "s3://b/flaky", "s3://b/gone"], storage.StorageOptions())
+    got = _read_with_retries(["s3://b/ok", "s3://b/flaky", "s3://b/gone"], storage.StorageOptions())
     assert got[0] == b"ok" and got[1] == b"ok" and isinstance(got[2], FileNotFoundError)
     assert calls[1:] == [["s3://b/flaky"], ["s3://b/flaky"]]  # the missing one is not read again
-    batch = ray_scan.read_objects(pa.table({"uri": ["s3://b/gone"]}), endpoint=None)
+    batch = read_objects(pa.table({"uri": ["s3://b/gone"]}), endpoint=None)
     assert batch.column("read_error")[0].as_py().startswith("read: not found")
 
 
 def _run(root, run_id, rows, *, model_id="m1", complete=True):
     d = root / "dt=2026-01-01" / f"run_id={run_id}"
     d.mkdir(parents=True)
-    table = pa.table({f.name: pa.nulls(len(rows), f.type) for f in ray_scan.FILE_SCHEMA})
+    table = pa.table({f.name: pa.nulls(len(rows), f.type) for f in FILE_SCHEMA})
     for name, values in (("uri", [u for u, _ in rows]), ("etag", [e for _, e in rows]),
                          ("model_id", [model_id] * len(rows))):
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
     pq.write_table(table, d / "part-0.parquet")
     if complete:
-        (d / ray_scan.SUMMARY).write_text(json.dumps({"rows": len(rows)}))
-        (d / ray_scan.SUCCESS).write_bytes(b"")
+        (d / SUMMARY).write_text(json.dumps({"rows": len(rows)}))
+        (d / SUCCESS).write_bytes(b"")
 
 
 def test_already_scored_counts_only_completed_runs_of_the_same_model(tmp_path):
@@ -91,21 +96,21 @@ def test_already_scored_counts_only_completed_runs_of_the_same_model(tmp_path):
     _run(tmp_path, "r2", [("u3", "e3")], complete=False)  # crashed: ignored
     _run(tmp_path, "r3", [("u4", "e4")], model_id="other")  # another model: ignored
     _run(tmp_path, "r4", [("u1", "e1")])  # the same pair twice: counted once
-    seen, runs = ray_scan.already_scored(str(tmp_path), "m1", storage.StorageOptions())
+    seen, runs = already_scored(str(tmp_path), "m1", storage.StorageOptions())
     assert sorted(zip(seen.column("uri").to_pylist(), seen.column("etag").to_pylist())) == [("u1", "e1"), ("u2", "e2")]
     assert runs == ["r1", "r3", "r4"]
-    assert ray_scan.already_scored(str(tmp_path / "empty"), "m1", storage.StorageOptions())[0].num_rows == 0
+    assert already_scored(str(tmp_path / "empty"), "m1", storage.StorageOptions())[0].num_rows == 0
 
 
 def test_manifest_listing_keeps_a_row_for_a_missing_file(tmp_path):
-    from ntf_ray.datasets import manifest_table, write_manifest
+    from ntf_ray.training.datasets import manifest_table, write_manifest
 
     (tmp_path / "a.png").write_bytes(b"xy")
     write_manifest(manifest_table([
         {"uri": str(tmp_path / "a.png"), "label": 0, "generator": "real", "split": "test"},
         {"uri": str(tmp_path / "gone.png"), "label": 1, "generator": "g", "split": "test"},
     ]), str(tmp_path / "m.parquet"))
-    rows = ray_scan.list_objects(_spec(manifest=str(tmp_path / "m.parquet")), storage.StorageOptions()).to_pylist()
+    rows = list_objects(_spec(manifest=str(tmp_path / "m.parquet")), storage.StorageOptions()).to_pylist()
     assert [r["uri"] for r in rows] == [str(tmp_path / "a.png"), str(tmp_path / "gone.png")]
     assert rows[0]["size_bytes"] == 2 and rows[0]["etag"]
     assert rows[1]["etag"] is None and rows[1]["size_bytes"] is None  # its read fails later: an error row
@@ -137,14 +142,14 @@ def test_local_listing_gives_one_honest_row_per_file_and_reads_nothing_outside(t
 
     monkeypatch.setattr(os, "scandir", scandir)
     rows = {r["uri"][len(str(root)) + 1:]: r for r in
-            ray_scan.list_objects(_spec(input=str(root)), storage.StorageOptions()).to_pylist()}
+            list_objects(_spec(input=str(root)), storage.StorageOptions()).to_pylist()}
     assert set(rows) == {"ok.jpg", "new\nline.jpg", "sub/in.jpg", "out.jpg", "caf\\xe9.jpg", "locked/"}
     assert rows["ok.jpg"]["listing_error"] is None and rows["sub/in.jpg"]["listing_error"] is None
     assert rows["out.jpg"]["listing_error"].startswith("unsupported_name: a symbolic link that leads outside")
     assert rows["caf\\xe9.jpg"]["listing_error"] == "unsupported_name: the file name is not valid UTF-8"
     assert rows["locked/"]["listing_error"].startswith("read: cannot list this folder (PermissionError)")
     # the listing's reasons become the rows' errors, and those objects are never read
-    read = ray_scan.read_objects(pa.Table.from_pylist(list(rows.values()), schema=ray_scan.LISTING_SCHEMA), endpoint=None)
+    read = read_objects(pa.Table.from_pylist(list(rows.values()), schema=LISTING_SCHEMA), endpoint=None)
     errors = dict(zip(read.column("uri").to_pylist(), read.column("read_error").to_pylist()))
     assert errors[str(root / "out.jpg")].startswith("unsupported_name:") and errors[str(root / "ok.jpg")] is None
 
@@ -154,27 +159,27 @@ def test_s3_listing_decodes_keys_with_control_characters(s3):
     keys = ["k/tab\tname.jpg", "k/bell\x07.jpg", "k/plus+space .jpg", "k/pct%20.jpg"]
     for key in keys:
         s3.client().put_object(Bucket=name, Key=key, Body=b"x")
-    listing = ray_scan.list_objects(_spec(input=f"s3://{name}/k"), storage.StorageOptions(endpoint_url=s3.endpoint_url))
+    listing = list_objects(_spec(input=f"s3://{name}/k"), storage.StorageOptions(endpoint_url=s3.endpoint_url))
     assert sorted(listing.column("uri").to_pylist()) == sorted(f"s3://{name}/{k}" for k in keys)
 
 
 def test_a_manifest_naming_an_object_twice_lists_it_once_and_labels_do_not_matter(tmp_path):
     (tmp_path / "a.png").write_bytes(b"xy")
     (tmp_path / "m.csv").write_text(f"uri,label\n{tmp_path / 'a.png'},2\n{tmp_path / 'a.png'},0\n{tmp_path / 'b.png'},\n")
-    rows = ray_scan.list_objects(_spec(manifest=str(tmp_path / "m.csv")), storage.StorageOptions())
+    rows = list_objects(_spec(manifest=str(tmp_path / "m.csv")), storage.StorageOptions())
     assert rows.column("uri").to_pylist() == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
 
 
 @pytest.mark.parametrize("run_id", ["../x", "a/../../b", "a/b", "..", "", "x=y", "a b", "-x", "é"])
 def test_a_run_id_that_is_not_a_plain_name_is_refused(run_id):
     with pytest.raises(ValueError, match="run id"):
-        ray_scan.check_run_id(run_id)
-    assert ray_scan.check_run_id("night-2026.11.26_a") == "night-2026.11.26_a"
+        check_run_id(run_id)
+    assert check_run_id("night-2026.11.26_a") == "night-2026.11.26_a"
 
 
 def test_listing_refusals_keep_their_etag_so_moderate_does_not_write_them_again(tmp_path):
     (tmp_path / "out.jpg").symlink_to("/etc/hostname")
-    etags = [ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0].as_py()
+    etags = [list_objects(_spec(input=str(tmp_path)), storage.StorageOptions()).column("etag")[0].as_py()
              for _ in range(2)]
     assert etags[0] is not None and etags[0] == etags[1]
 
@@ -183,7 +188,7 @@ def test_an_s3_key_ending_in_a_slash_that_holds_bytes_is_an_object(s3):
     name = s3.create_bucket()
     s3.client().put_object(Bucket=name, Key="up/folder/", Body=b"")  # a folder marker
     s3.client().put_object(Bucket=name, Key="up/x.jpg/", Body=b"an upload")
-    listing = ray_scan.list_objects(_spec(input=f"s3://{name}/up", pattern="*.jpg"),
+    listing = list_objects(_spec(input=f"s3://{name}/up", pattern="*.jpg"),
                                     storage.StorageOptions(endpoint_url=s3.endpoint_url))
     assert listing.column("uri").to_pylist() == [f"s3://{name}/up/x.jpg/"]
 
@@ -192,10 +197,10 @@ def test_an_s3_key_ending_in_a_slash_that_holds_bytes_is_an_object(s3):
 def test_a_file_swapped_for_a_fifo_after_listing_does_not_block_its_read(tmp_path):
     f = tmp_path / "x.jpg"
     f.write_bytes(b"x")
-    listing = ray_scan.list_objects(_spec(input=str(tmp_path)), storage.StorageOptions())
+    listing = list_objects(_spec(input=str(tmp_path)), storage.StorageOptions())
     f.unlink()
     os.mkfifo(f)  # nobody writes: a blocking open would wait forever
-    error = ray_scan.read_objects(listing, endpoint=None).column("read_error")[0].as_py()
+    error = read_objects(listing, endpoint=None).column("read_error")[0].as_py()
     assert error.startswith("read: ")
 
 
@@ -209,7 +214,7 @@ def test_a_file_swapped_for_a_fifo_after_listing_does_not_block_its_read(tmp_pat
 def test_read_blocks_are_cut_by_rows_and_by_listed_bytes(sizes, max_rows, max_bytes, expected):
     import numpy as np
 
-    from ntf_ray.ray_scan import block_bounds
+    from ntf_ray.ray_edge.scan import block_bounds
 
     assert block_bounds(np.array(sizes, np.int64), len(sizes), max_rows, max_bytes) == expected
     assert block_bounds(None, len(sizes), max_rows, max_bytes) == [

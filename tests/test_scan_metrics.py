@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from ntf_ray.cli import main
-from ntf_ray.ray_scan.metrics import METRICS
+from ntf_ray.ray_edge.scan.telemetry import METRICS
 from ntf_ray.synth import make_synthetic
 from tests.conftest import save_random_detector
 

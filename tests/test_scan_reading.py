@@ -12,8 +12,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from ntf_ray import ray_scan, storage
-from ntf_ray.ray_scan import ScanSpec, read_objects
+from ntf_ray import storage
+from ntf_ray.scan.listing import list_objects
+from ntf_ray.scan.reading import read_objects
+from ntf_ray.scan.spec import ScanSpec
 
 #: Keys that fsspec would expand as patterns, and others that are only awkward.
 AWKWARD_KEYS = ["up/*", "up/photo[1].png", "up/x?y.png", "up/{a,b}.png", "up/sp ace+plus%25.png", "up/naïve.png",
@@ -29,7 +31,7 @@ def _png(seed: int) -> bytes:
 
 
 def _listing(spec: ScanSpec, options: storage.StorageOptions) -> pa.Table:
-    return ray_scan.list_objects(spec, options)
+    return list_objects(spec, options)
 
 
 @pytest.fixture
@@ -111,7 +113,7 @@ def test_a_large_local_file_is_refused_from_its_listed_size(tmp_path):
 
 @pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
 def test_binary_views_are_the_values_without_copying_them(kind):
-    from ntf_ray.ray_scan.actor import binary_views
+    from ntf_ray.ray_edge.scan.actor import binary_views
 
     values = [b"abc", None, b"", b"\xff\xd8" * 1000, None, b"z"]
     whole = pa.array(values, kind)

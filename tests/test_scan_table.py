@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ntf_ray import storage
-from ntf_ray.ray_scan import lock, table
+from ntf_ray.scan import lock, table
 
 
 def _rows(uris: list[str], errors: list[str | None] | None = None, seqs: list[int] | None = None,

@@ -1,11 +1,11 @@
-"""Tests for ntf_ray.score_files: one row per input, in order, read failures as rows."""
+"""Tests for ntf_ray.detector.score_files: one row per input, in order, read failures as rows."""
 
 from __future__ import annotations
 
 import pytest
 
-from ntf_ray.score_files import score_files
-from ntf_ray.scoring import ScoreResult
+from ntf_ray.detector.score_files import score_files
+from ntf_ray.detector.scorer import ScoreResult
 
 
 class RecordingScorer:

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ntf_ray import cli
-from ntf_ray.artifact import save_artifact
-from ntf_ray.decode import decode
-from ntf_ray.model import Detector
-from ntf_ray.scoring import Scorer, ScoreResult
-from ntf_ray.transforms import eval_transform, to_tensor
+from ntf_ray.detector.artifact import save_artifact
+from ntf_ray.images.decode import decode
+from ntf_ray.nn.model import Detector
+from ntf_ray.detector.scorer import Scorer, ScoreResult
+from ntf_ray.images.transforms import eval_transform, to_tensor
 from tests.awkward import make_awkward_files, texture
 
 SIZE = 64
@@ -322,7 +322,7 @@ def test_core_decoder_path_holds_one_frame_at_a_time(detector, monkeypatch):
 
 
 def test_batched_jpeg_path_decodes_in_groups_and_holds_one_group_at_a_time(detector, monkeypatch):
-    from ntf_ray import gpu_decode
+    from ntf_ray.images import gpu_decode
 
     h, w = 96, 128
     items = [jpg(texture(h, w, seed=80 + i)) for i in range(6)]
@@ -447,7 +447,7 @@ def test_batched_crop_sends_small_and_sliver_frames_through_the_per_image_crop(d
 def test_views_into_an_arrow_column_score_as_their_bytes(detector):
     import pyarrow as pa
 
-    from ntf_ray.ray_scan.actor import binary_views
+    from ntf_ray.ray_edge.scan.actor import binary_views
 
     blobs = [jpg(texture(90, 120, seed=90 + i)) for i in range(3)] + [png(texture(80, 70, seed=99))]
     views = binary_views(pa.array(blobs, pa.binary()))  # how the detector actor hands a batch over
@@ -463,7 +463,7 @@ def test_a_detector_actor_imports_no_evaluation_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, ntf_ray.ray_scan.actor, ntf_ray.scoring, ntf_ray.artifact; "
+    code = ("import sys, ntf_ray.ray_edge.scan.actor, ntf_ray.detector.scorer, ntf_ray.detector.artifact; "
             "print(sorted(m for m in ('sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -476,9 +476,9 @@ def test_gpu_decoder_paths_score_within_the_stated_tolerance_of_the_cpu_path(mon
     decoders stand in (torchvision's libjpeg-turbo for nvJPEG, Pillow for nvImageCodec), so
     the pixels agree and what is checked is everything around them; the GPU figures are the
     bench's."""
-    from ntf_ray import gpu_decode
-    from ntf_ray.model import Detector
-    from ntf_ray.scoring import PARITY_TOLERANCE, parity
+    from ntf_ray.images import gpu_decode
+    from ntf_ray.nn.model import Detector
+    from ntf_ray.detector.scorer import PARITY_TOLERANCE, parity
     from tests.test_gpu_decode import _FakeNvImageCodec
 
     torch.manual_seed(0)
@@ -544,7 +544,7 @@ def test_a_detector_that_scores_nan_fails_closed(tmp_path, pool, capsys):
 
 @pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -1.0, 50.0, 1.0000001])
 def test_a_threshold_outside_0_1_is_refused(detector, threshold):
-    from ntf_ray.artifact import ArtifactError
+    from ntf_ray.detector.artifact import ArtifactError
 
     with pytest.raises(ArtifactError, match="expected a number in \\[0, 1\\]"):
         Scorer(detector, input_size=SIZE, device="cpu", threshold=threshold)

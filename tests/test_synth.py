@@ -379,7 +379,7 @@ def test_full_res_families_carry_their_own_traces(family_set):
 
 def test_cli_generators_groups_and_manifest_family(tmp_path, capsys):
     from ntf_ray.cli import main
-    from ntf_ray.datasets import read_manifest
+    from ntf_ray.training.datasets import read_manifest
 
     assert main(["synth", str(tmp_path / "d"), "--n-real", "5", "--n-fake", "5", "--size", "16",
                  "--generators", "full_res,tconv"]) == 0

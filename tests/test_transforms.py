@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from ntf_ray.transforms import (
+from ntf_ray.images.transforms import (
     Stage1Views,
     Stage2Transform,
     TooLargeToFit,
@@ -83,8 +83,8 @@ def test_blur_of_a_sliver_blurs_along_its_long_side(h, w):
 
 def test_the_sliver_limit_is_the_scorers():
     """Training refuses exactly the images the scorer refuses, with the same reason."""
-    from ntf_ray.model import Detector
-    from ntf_ray.scoring import Scorer
+    from ntf_ray.nn.model import Detector
+    from ntf_ray.detector.scorer import Scorer
 
     scorer = Scorer(Detector.build("tiny"), input_size=48, max_pixels=100_000, device="cpu")
     for h, w in [(1, 2000), (1, 2100), (2, 4200), (3000, 1), (40, 2100), (48, 5000)]:
@@ -183,7 +183,7 @@ def test_stage2_draws_differ_per_dataloader_worker_and_repeat_per_seed():
 
 @pytest.mark.parametrize("hw", [(50, 997), (1000, 100), (7, 3001), (2000, 60), (100, 223 * 5)])
 def test_a_thin_image_is_cropped_before_it_is_upscaled(hw, monkeypatch):
-    from ntf_ray import transforms
+    from ntf_ray.images import transforms
 
     g = torch.Generator().manual_seed(sum(hw))
     img = torch.randint(0, 256, (3, *hw), generator=g, dtype=torch.uint8)
@@ -199,7 +199,7 @@ def test_a_thin_image_is_cropped_before_it_is_upscaled(hw, monkeypatch):
 
 
 def test_a_small_image_that_is_not_thin_keeps_the_exact_upscale():
-    from ntf_ray import transforms
+    from ntf_ray.images import transforms
 
     img = torch.randint(0, 256, (3, 150, 200), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     assert torch.equal(transforms.eval_transform(img, 224),

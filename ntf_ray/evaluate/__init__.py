@@ -5,7 +5,7 @@ The input (``scores``) has one row per (image, perturbation level): ``uri``, ``l
 image, else one of :data:`PERTURBATIONS`), ``level`` (null when clean), ``score`` = P(fake)
 (null when the image could not be scored) and ``error`` (null when scored). Rows that were
 not scored are counted per generator and left out of every metric. All metrics come from
-scikit-learn through :mod:`ntf_ray.metrics`; figures are drawn with matplotlib's Agg canvas
+scikit-learn through :mod:`ntf_ray.evaluate.metrics`; figures are drawn with matplotlib's Agg canvas
 (no pyplot, no global backend) and, like every file here, written through
 :func:`ntf_ray.storage.write_bytes`, so ``output`` may be a local folder or ``s3://``.
 """

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ntf_ray.metrics import json_safe, per_family_rows, per_generator_table
+from ntf_ray.detector.artifact import json_safe
+from ntf_ray.evaluate.metrics import per_family_rows, per_generator_table
 
 log = logging.getLogger(__name__)
 
