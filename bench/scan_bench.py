@@ -120,7 +120,7 @@ def main() -> None:
 
     from ntf_ray.ray_edge import scan as ray_scan
     from ntf_ray.scan.spec import ScanSpec
-    from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.ray_edge import runtime
     from ntf_ray.detector.artifact import save_artifact
     from ntf_ray.nn.model import Detector
 
@@ -141,7 +141,7 @@ def main() -> None:
         naive_rate = len(paths) / naive_s
         print(f"naive loop: {naive_rate:8.1f} images/s ({naive_s:.1f} s)", flush=True)
 
-        ray_train.init_local_ray()
+        runtime.init_local_ray()
         start = time.perf_counter()
         result = ray_scan.scan(ScanSpec(model=model, output=str(tmp / "scores"), input=str(tmp / "jpegs"),
                                                  batch_size=args.batch))

@@ -39,6 +39,7 @@ from pathlib import Path
 import ray
 
 from ntf_ray.ray_edge import train as ray_train
+from ntf_ray.ray_edge import runtime
 from ntf_ray.training.config import load_config
 from ntf_ray.training.datasets import manifest_table, write_manifest
 from ntf_ray.synth import make_synthetic
@@ -160,7 +161,7 @@ def main() -> None:
           f"ray {ray.__version__}; {'resnet50 bf16' if args.gpus else args.backbone}, {args.n} "
           f"{'JPEG' if args.gpus else 'PNG'} images of {args.size} px, batch {args.batch} per worker, "
           f"{args.epochs} epochs/stage", flush=True)
-    ray_train.init_local_ray()
+    runtime.init_local_ray()
     figures: dict[tuple[int, str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         records = make_synthetic(Path(tmp, "data"), n_real=args.n * 5 // 7 if args.gpus else args.n // 2,

@@ -141,6 +141,7 @@ def recorded(monkeypatch):
     """Replace what would start Ray by recorders; returns what each was given."""
     from ntf_ray.ray_edge import evaluate as ray_evaluate
     from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.ray_edge import runtime
     from ntf_ray.ray_edge import train as ray_train
 
     calls: dict = {}
@@ -157,7 +158,7 @@ def recorded(monkeypatch):
         calls["evaluate"] = (spec, command)
         return {}
 
-    monkeypatch.setattr(ray_train, "init_local_ray", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "init_local_ray", lambda *a, **k: None)
     monkeypatch.setattr(ray_train, "train", train)
     monkeypatch.setattr(ray_scan, "scan", scan)
     monkeypatch.setattr(cli, "format_summary", lambda summary: f"summary {summary}")

@@ -66,6 +66,7 @@ def _generators(text: str) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.ray_edge import runtime
     from ntf_ray.training.config import load_config
 
     cfg = load_config(args.config, _train_overrides(args))
@@ -74,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker, augment=args.augment_on, run_name=args.run_name or ray_train.new_run_name(),
         storage_path=args.storage, max_failures=args.max_failures, endpoint=args.storage_options.endpoint_url,
     )
-    ray_train.init_local_ray()
+    runtime.init_local_ray()
     print(f"training {cfg.variant} stage {args.stage} as run {spec.run_name!r} with {spec.num_workers} workers "
           f"({'GPU' if spec.use_gpu else 'CPU'}); outputs in {spec.output}", flush=True)
     metrics = ray_train.train(args.stage, cfg, spec)
@@ -133,7 +134,7 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ntf_ray import storage
     from ntf_ray.ray_edge import evaluate as ray_evaluate
-    from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.ray_edge import runtime
 
     spec = ray_evaluate.EvaluateSpec(
         model=args.model, manifest=args.manifest, output=args.output, split=None if args.split == "all" else args.split,
@@ -141,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
         endpoint=args.storage_options.endpoint_url,
     )
-    ray_train.init_local_ray()
+    runtime.init_local_ray()
     metrics = ray_evaluate.evaluate(spec, command=storage.redact(" ".join(["ntf-ray", *_without_endpoint(args.argv)])))
     print(ray_evaluate.format_summary(metrics))
     print(f"report: {storage.join(args.output, 'report.md')}", flush=True)
@@ -191,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from ntf_ray.ray_edge import scan as ray_scan
-    from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.ray_edge import runtime
 
     spec = ScanSpec(
         model=args.model, output=args.output, input=args.input, manifest=args.manifest, run_id=args.run_id,
@@ -202,7 +203,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         read_block_rows=args.read_block_rows, read_block_bytes=args.read_block_bytes, streams=args.streams,
         read_ahead_bytes=args.read_ahead, endpoint=args.storage_options.endpoint_url,
     )
-    ray_train.init_local_ray()
+    runtime.init_local_ray()
     result = ray_scan.scan(spec)
     print(format_summary(result.summary), flush=True)
     return 0

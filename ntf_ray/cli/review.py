@@ -17,7 +17,7 @@ def add_evaluation_actor_arguments(s: argparse.ArgumentParser) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ntf_ray.ray_edge import evaluate as ray_evaluate
-    from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.ray_edge import runtime
 
     spec = ray_evaluate.EvaluateSpec(
         model=args.model, manifest=args.manifest, output=args.output, split=None if args.split == "all" else args.split,
@@ -25,7 +25,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         endpoint=args.storage_options.endpoint_url,
     )
     reals = ray_evaluate.calibration_reals(spec, args.target_fpr)  # a split too small is refused before Ray starts
-    ray_train.init_local_ray()
+    runtime.init_local_ray()
     cal, art = ray_evaluate.calibrate_model(spec, args.target_fpr, reals)
     print(f"threshold {cal.threshold:.6g} (was {cal.previous_threshold:g}): {cal.false_positives} of {cal.reals} real "
           f"images of split {cal.split or 'all'} flagged, FPR {cal.fpr:.2%} (95% upper bound {cal.fpr_upper95:.2%}; "

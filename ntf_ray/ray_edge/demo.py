@@ -20,6 +20,7 @@ def run_demo(*, work: str | Path, n: int = 1000, seed: int = 0, overrides: list[
     from ntf_ray.ray_edge import scan as ray_scan
     from ntf_ray.scan.spec import ScanSpec, format_summary
     from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.ray_edge import runtime
     from ntf_ray.training.config import load_config
     from ntf_ray.training.datasets import manifest_table, write_manifest
     from ntf_ray.synth import make_synthetic
@@ -34,7 +35,7 @@ def run_demo(*, work: str | Path, n: int = 1000, seed: int = 0, overrides: list[
     cfg = load_config(SMOKE_CONFIG, list(overrides or []))
     print(f"[2/4] training both NTF stages on local Ray ({cfg.variant}, {cfg.backbone} backbone, {cfg.epochs_stage1}+"
           f"{cfg.epochs_stage2} epochs, 2 CPU workers)", flush=True)
-    ray_train.init_local_ray()
+    runtime.init_local_ray()
     ray_train.train("both", cfg, ray_train.RunSpec(manifest=manifest, output=str(run), num_workers=2,
                                                    run_name=ray_train.new_run_name()))
     detector = str(run / ray_train.DETECTOR)

@@ -35,7 +35,6 @@ from ray.train.torch import TorchTrainer
 
 from ntf_ray import storage
 from ntf_ray.nn import dist
-from ntf_ray.ray_edge import console
 from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.training.config import ResumeConflict, TrainConfig, refuse_resume, resume_conflicts
 from ntf_ray.training.datasets import read_manifest
@@ -440,25 +439,6 @@ def worker_cpus(spec: RunSpec, cluster_cpus: float) -> float:
     log.warning("the cluster has %g CPUs: each of the %d train workers reserves %.2f CPU, not %g, so that Ray Data's "
                 "decode tasks can run", cluster_cpus, spec.num_workers, fit, spec.cpus_per_worker)
     return fit
-
-
-def init_local_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray unless one is configured (RAY_ADDRESS / already initialised).
-
-    Logical CPUs exceed the cores: train workers hold a CPU each for the whole run, and
-    Ray Data's decode tasks would otherwise never be scheduled (a silent hang).
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit sets it for its entrypoint)
-        ray.init()
-    else:
-        cores = os.cpu_count() or 2
-        # address="local": a new local Ray even when `ray start` left a cluster on this machine
-        # (use RAY_ADDRESS to run on that one).
-        ray.init(address="local", num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
-    console.attach_worker_logs()  # a command's session sends its workers' output to its log file
 
 
 def new_run_name() -> str:

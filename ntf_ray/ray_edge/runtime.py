@@ -1,0 +1,31 @@
+"""The Ray a command runs on: the cluster ``RAY_ADDRESS`` names, or a local one started here.
+
+Every command that needs Ray (train, scan, moderate, evaluate, calibrate, demo) starts it
+through ``init_local_ray``, so they all size a laptop's Ray the same way."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from ntf_ray.ray_edge import console
+
+
+def init_local_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray unless one is configured (RAY_ADDRESS / already initialised).
+
+    Logical CPUs exceed the cores: train workers hold a CPU each for the whole run, and
+    Ray Data's decode tasks would otherwise never be scheduled (a silent hang).
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit sets it for its entrypoint)
+        ray.init()
+    else:
+        cores = os.cpu_count() or 2
+        # address="local": a new local Ray even when `ray start` left a cluster on this machine
+        # (use RAY_ADDRESS to run on that one).
+        ray.init(address="local", num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    console.attach_worker_logs()  # a command's session sends its workers' output to its log file
