@@ -161,7 +161,7 @@ def recorded(monkeypatch):
     monkeypatch.setattr(runtime, "init_local_ray", lambda *a, **k: None)
     monkeypatch.setattr(ray_train, "train", train)
     monkeypatch.setattr(ray_scan, "scan", scan)
-    monkeypatch.setattr(cli, "format_summary", lambda summary: f"summary {summary}")
+    monkeypatch.setattr(cli.scan, "format_summary", lambda summary: f"summary {summary}")
     monkeypatch.setattr(ray_evaluate, "evaluate", evaluate)
     monkeypatch.setattr(ray_evaluate, "format_summary", lambda metrics: "metrics")
     return calls
@@ -418,3 +418,74 @@ def test_score_and_explain_cap_at_the_scans_max_bytes_by_default():
     assert parser.parse_args(["explain", "--model", "m", "x", "--output", "o"]).max_bytes == DEFAULT_MAX_BYTES
     explain = ["explain", "--model", "m", "x", "--output", "o", "--max-bytes", "2MiB"]
     assert parser.parse_args(explain).max_bytes == 2**21
+
+
+# --- one place per option ------------------------------------------------------------------
+
+
+def _scan_parser_and_args(argv: list[str]):
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return parser, sub.choices[argv[0]]
+
+
+def test_every_scan_option_sets_the_spec_field_its_dest_names():
+    """Each scan flag lands in the ScanSpec field its dest names (cmd_scan copies nothing by
+    hand), and every field but the endpoint (resolved once for every command) has its flag."""
+    import dataclasses
+
+    from ntf_ray.cli.scan import scan_spec
+    from ntf_ray.scan.spec import ScanSpec
+    from ntf_ray.storage import StorageOptions
+
+    argv = ["scan", "--input", "i", "--model", "m", "--output", "o", "--run-id", "r", "--incremental",
+            "--glob", "*.png", "--threshold", "0.3", "--batch-size", "8", "--min-actors", "1", "--max-actors", "3",
+            "--gpus-per-actor", "0.5", "--decoder", "pil", "--limit", "5", "--max-bytes", "1MiB", "--max-pixels",
+            "1000", "--read-block-rows", "7", "--read-block-bytes", "2MiB", "--read-ahead", "3MiB",
+            "--stall-timeout", "0", "--streams", "4", "--cpus-per-actor", "0.5"]
+    parser, scan = _scan_parser_and_args(argv)
+    args = parser.parse_args(argv)
+    args.storage_options = StorageOptions(endpoint_url="http://e")
+    spec = scan_spec(args)
+    assert dataclasses.asdict(spec) == {
+        "model": "m", "output": "o", "input": "i", "manifest": None, "run_id": "r", "incremental": True,
+        "threshold": 0.3, "pattern": "*.png", "limit": 5, "batch_size": 8, "min_actors": 1, "max_actors": 3,
+        "gpus_per_actor": 0.5, "cpus_per_actor": 0.5, "decoder": "pil", "read_block_rows": 7,
+        "read_block_bytes": 2 * 2**20, "streams": 4, "read_ahead_bytes": 3 * 2**20, "max_bytes": 2**20,
+        "max_pixels": 1000, "stall_s": None, "endpoint": "http://e"}
+    dests = {a.dest for a in scan._actions}
+    assert {f.name for f in dataclasses.fields(ScanSpec)} - dests == {"endpoint"}
+
+
+def test_scan_defaults_are_the_specs():
+    import dataclasses
+
+    from ntf_ray.cli.scan import scan_spec
+    from ntf_ray.scan.spec import ScanSpec
+    from ntf_ray.storage import StorageOptions
+
+    argv = ["moderate", "--input", "i", "--model", "m", "--output", "o"]
+    parser, _ = _scan_parser_and_args(argv)
+    args = parser.parse_args(argv)
+    args.storage_options = StorageOptions(endpoint_url=None)
+    assert scan_spec(args) == dataclasses.replace(ScanSpec(model="m", output="o", input="i"), incremental=True)
+
+
+def test_a_new_scan_option_is_one_field_and_one_parser_line():
+    """What adding an option takes: a field on the spec and a parser line; the spec is built,
+    and its public record (the run's summary) written, with nothing else edited."""
+    import dataclasses
+
+    from ntf_ray.cli.arguments import spec_from_args
+    from ntf_ray.scan.spec import ScanSpec
+
+    @dataclasses.dataclass
+    class Wider(ScanSpec):
+        new_knob: int = 3  # the field
+
+    argv = ["scan", "--input", "i", "--model", "m", "--output", "o"]
+    parser, scan = _scan_parser_and_args(argv)
+    scan.add_argument("--new-knob", type=int, default=3)  # the parser line
+    spec = spec_from_args(Wider, parser.parse_args([*argv, "--new-knob", "9"]), endpoint=None)
+    assert spec.new_knob == 9 and spec.public()["new_knob"] == 9
+    assert spec_from_args(Wider, parser.parse_args(argv), endpoint=None).new_knob == 3

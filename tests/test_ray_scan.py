@@ -276,14 +276,15 @@ def test_the_stream_caps_its_read_ahead_and_sizes_its_actors_without_touching_th
 
     from ntf_ray.ray_edge.scan import actor as actor_module
     from ntf_ray.ray_edge.scan.actor import CPU_BATCH, GPU_BATCH, DetectorActor, scored_stream
+    from ntf_ray.scan.spec import ActorPool
 
     before = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
     rows = pa.table({"uri": ["a", "b", "c", "d", "e"]})
     kwargs = {"model": "-", "endpoint": None, "threshold": None, "batch_size": None, "decoder": "auto"}
 
-    def stream(**kw):
-        ds = scored_stream(rows, DetectorActor, kwargs, endpoint=None, batch_size=None, read_block_rows=1,
-                           min_actors=None, max_actors=None, cpus_per_actor=0.5, **kw)
+    def stream(gpus_per_actor, **kw):
+        pool = ActorPool(read_block_rows=1, cpus_per_actor=0.5, gpus_per_actor=gpus_per_actor)
+        ds = scored_stream(rows, DetectorActor, kwargs, pool=pool, endpoint=None, **kw)
         return ds, ds._logical_plan.dag  # the detector map, not run
 
     ds, op = stream(gpus_per_actor=0, streams=3, read_ahead_bytes=123 * 2**20)

@@ -1,5 +1,6 @@
-"""The review commands of the CLI: ``calibrate`` (a threshold for a false positive rate),
-``explain`` (Grad-CAM++ maps) and ``report`` (a page of a scan run for moderators)."""
+"""The commands that judge a detector and show its work: ``evaluate`` (the paper's metrics),
+``calibrate`` (a threshold for a false positive rate), ``explain`` (Grad-CAM++ maps) and
+``report`` (a page of a scan run for moderators)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,55 @@ import argparse
 import json
 import sys
 
+from ntf_ray.cli.arguments import add_max_bytes_argument, byte_size, spec_from_args, threshold
+
 
 def add_evaluation_actor_arguments(s: argparse.ArgumentParser) -> None:
-    """The detector actors of evaluate and calibrate (the scan's path, one actor per GPU)."""
+    """The detector actors of evaluate and calibrate (the scan's ``ActorPool``, one actor per GPU)."""
     s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
     s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
     s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
+
+
+def evaluate_spec(args: argparse.Namespace):
+    """The ``EvaluateSpec`` of a parsed evaluate or calibrate command line (options by field name)."""
+    from ntf_ray.ray_edge.evaluate import EvaluateSpec
+
+    return spec_from_args(EvaluateSpec, args, split=None if args.split == "all" else args.split,
+                          endpoint=args.storage_options.endpoint_url)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ntf_ray import storage
+    from ntf_ray.ray_edge import evaluate as ray_evaluate
+    from ntf_ray.ray_edge import runtime
+
+    spec = evaluate_spec(args)
+    runtime.init_local_ray()
+    metrics = ray_evaluate.evaluate(spec, command=storage.redact(" ".join(["ntf-ray", *_without_endpoint(args.argv)])))
+    print(ray_evaluate.format_summary(metrics))
+    print(f"report: {storage.join(args.output, 'report.md')}", flush=True)
+    return 0
+
+
+def _without_endpoint(argv: list[str]) -> list[str]:
+    """The command line as a report records it: without the S3 endpoint, which may name internal hosts."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--s3-endpoint":
+            skip = True
+        elif not item.startswith("--s3-endpoint="):
+            out.append(item)
+    return out
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ntf_ray.ray_edge import evaluate as ray_evaluate
     from ntf_ray.ray_edge import runtime
 
-    spec = ray_evaluate.EvaluateSpec(
-        model=args.model, manifest=args.manifest, output=args.output, split=None if args.split == "all" else args.split,
-        batch_size=args.batch_size, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
-        endpoint=args.storage_options.endpoint_url,
-    )
+    spec = evaluate_spec(args)
     reals = ray_evaluate.calibration_reals(spec, args.target_fpr)  # a split too small is refused before Ray starts
     runtime.init_local_ray()
     cal, art = ray_evaluate.calibrate_model(spec, args.target_fpr, reals)
@@ -66,10 +99,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
-    """Add calibrate, explain and report to the CLI's subcommands."""
-    from ntf_ray.cli import _byte_size, add_max_bytes_argument  # here: cli imports this module
+def add_evaluate(sub, endpoint: list[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("evaluate", parents=endpoint,
+                       help="the paper's metrics of a detector on a labelled manifest split, with a report",
+                       description="Score a manifest split through the scan's Ray Data path (clean and, with --perturb, "
+                                   "at every perturbation level), join the labels, and write OUTPUT/report.md, "
+                                   "metrics.json, scores.parquet and PNG figures: per generator AP, ACC, FPR, FNR (fake = "
+                                   "positive, the artifact's threshold), the image-weighted average and mAP, family "
+                                   "averages, robustness curves, PR curves, score histograms and a t-SNE map.")
+    s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
+    s.add_argument("--manifest", required=True, help="labelled manifest (.parquet/.csv, local or s3://)")
+    s.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="manifest split to evaluate (default test; all: every labelled row)")
+    s.add_argument("--output", required=True, help="report folder (local or s3://)")
+    s.add_argument("--families", nargs="+", default=[], metavar="FAMILY=GEN,GEN",
+                   help="average per generator family, e.g. --families gan=progan,stylegan dm=ddpm,ldm "
+                        "(default: the manifest's family column, if any)")
+    s.add_argument("--perturb", nargs="+", default=[], metavar="KIND=LEVEL,LEVEL",
+                   help="robustness: e.g. --perturb blur=0,1,2,3 jpeg=100,75,50,30 noise=0,0.01,0.02 scale=1,0.5,0.25 "
+                        "(blur sigma in px, JPEG quality, noise sigma in [0, 1] units, down-scaling factor); seeded")
+    s.add_argument("--embeddings", type=int, default=0, metavar="N",
+                   help="t-SNE map of N clean test images' features, coloured by generator and label (default 0: none)")
+    s.add_argument("--threshold", type=threshold, help="decision threshold for ACC/FPR/FNR (default: the artifact's)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise perturbation and the t-SNE sample (default 0)")
+    add_evaluation_actor_arguments(s)
+    s.set_defaults(func=cmd_evaluate)
 
+
+def add_calibrate(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("calibrate", parents=endpoint,
                        help="choose a detector's threshold for a false positive rate on real images",
                        description="Score the real images of a manifest split (the scan's Ray Data path), pick the "
@@ -86,6 +143,8 @@ def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     add_evaluation_actor_arguments(s)
     s.set_defaults(func=cmd_calibrate)
 
+
+def add_explain(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("explain", parents=endpoint,
                        help="Grad-CAM++ maps of where the detector saw the fake traces, as PNG overlays",
                        description="For each image: the centre crop the detector scores, next to a Grad-CAM++ map "
@@ -101,6 +160,8 @@ def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
                               "too_large:); devices, FIFOs and sockets are refused (error read:)")
     s.set_defaults(func=cmd_explain)
 
+
+def add_report(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("report", parents=endpoint,
                        help="a static HTML page of a scan run for moderators: summary, histogram, top images",
                        description="Write OUTPUT/index.html for a completed run under SCORES: counts, errors by kind, "
@@ -115,8 +176,7 @@ def add_review_commands(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--top", type=int, default=200, help="images on the contact sheet (default 200)")
     s.add_argument("--model", help="detector artifact: add its Grad-CAM++ map beside each thumbnail")
     s.add_argument("--card", action="store_true", help="also print the --model's model card")
-    s.add_argument("--max-bytes", type=_byte_size, metavar="SIZE",
+    s.add_argument("--max-bytes", type=byte_size, metavar="SIZE",
                    help="read no object larger than this (default: the scan's --max-bytes, from the run's summary)")
     s.add_argument("--output", required=True, help="report folder (local or s3://)")
     s.set_defaults(func=cmd_report)
-

@@ -27,7 +27,8 @@ from ntf_ray.detector.artifact import check_threshold
 from ntf_ray.training.datasets import read_manifest, select
 from ntf_ray.errors import DETECTOR, DetectorFault
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
-from ntf_ray.ray_edge.scan import scored_stream
+from ntf_ray.ray_edge.scan.actor import scored_stream
+from ntf_ray.scan.spec import ActorPool
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ ROWS_SCHEMA = pa.schema([
 
 
 @dataclass
-class EvaluateSpec:
+class EvaluateSpec(ActorPool):
     """What to evaluate, with which model, and where the report goes."""
 
     model: str
@@ -59,11 +60,7 @@ class EvaluateSpec:
     embeddings: int = 0  # clean images whose features go into the t-SNE map
     threshold: float | None = None  # default: the artifact's
     seed: int = 0
-    batch_size: int = 64
-    max_actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1.0
-    read_block_rows: int = 128
+    batch_size: int | None = field(default=64, kw_only=True)  # the ActorPool's, with evaluate's own default
     endpoint: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -199,9 +196,7 @@ def score_rows(spec: EvaluateSpec, rows: pa.Table, plan: list[tuple[str, float |
         rows, EvaluationActor,
         {"model": spec.model, "endpoint": spec.endpoint, "threshold": threshold, "batch_size": spec.batch_size,
          "plan": plan, "seed": spec.seed},
-        endpoint=spec.endpoint, batch_size=spec.batch_size, read_block_rows=spec.read_block_rows,
-        gpus_per_actor=spec.gpus_per_actor, min_actors=None, max_actors=spec.max_actors,
-        cpus_per_actor=spec.cpus_per_actor, name="evaluate",
+        pool=spec, endpoint=spec.endpoint, name="evaluate",
     )
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     if not tables:

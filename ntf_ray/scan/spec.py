@@ -17,9 +17,23 @@ from ntf_ray.scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES
 
 
+@dataclass(kw_only=True)
+class ActorPool:
+    """The detector actors that score a stream and the read blocks that feed them: the options
+    scan, moderate, evaluate and calibrate share, defined once here and passed whole
+    (``ray_edge.scan.actor.scored_stream``)."""
+
+    batch_size: int | None = None  # images per detector call; default 256 on GPU actors, 64 on CPU
+    min_actors: int | None = None  # default: max_actors (a fixed pool, all started at once)
+    max_actors: int | None = None  # default: ACTORS_PER_GPU per GPU, or 2 on CPU
+    gpus_per_actor: float | None = None  # default: 1 / ACTORS_PER_GPU when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    read_block_rows: int = 128  # objects per read task: smaller blocks reach the detectors sooner
+
+
 @dataclass
-class ScanSpec:
-    """What to scan, with which model, and where the table goes."""
+class ScanSpec(ActorPool):
+    """What to scan, with which model, and where the table goes (and its ``ActorPool``)."""
 
     model: str
     output: str
@@ -30,13 +44,7 @@ class ScanSpec:
     threshold: float | None = None  # default: the artifact's
     pattern: str | None = None  # glob on the object's name, e.g. "*.jpg"
     limit: int | None = None
-    batch_size: int | None = None  # images per detector call; default 256 on GPU actors, 64 on CPU
-    min_actors: int | None = None  # default: max_actors (a fixed pool, all started at once)
-    max_actors: int | None = None  # default: ACTORS_PER_GPU per GPU, or 2 on CPU
-    gpus_per_actor: float | None = None  # default: 1 / ACTORS_PER_GPU when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0
     decoder: str = "auto"  # auto: nvImageCodec (if installed) or nvJPEG for plain JPEGs on GPU actors, else pil
-    read_block_rows: int = 128
     read_block_bytes: int = 64 * 1024**2  # a read block holds at most this many listed bytes (and >= 1 object)
     streams: int | None = None  # batches each GPU actor scores at once (default: GPU_STREAMS; 1 on CPU)
     read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES  # cap on what the scan holds in the object store

@@ -15,6 +15,7 @@ are retried), and holds OUTPUT's lease (``lock``) so that two such runs never ov
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -237,16 +238,13 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
     at a time, one batch per actor at a time, and never retried by Ray (the next, smaller
     round is their retry)."""
     endpoint = options.endpoint_url
-    batch_size = spec.batch_size if group is None else group
+    pool = spec if group is None else dataclasses.replace(spec, batch_size=group, read_block_rows=group)
     ds = scored_stream(
         blocks, DetectorActor,
-        {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": batch_size,
+        {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": pool.batch_size,
          "decoder": spec.decoder, "max_pixels": spec.max_pixels},
-        endpoint=endpoint, batch_size=batch_size, read_block_rows=group or spec.read_block_rows,
-        max_bytes=spec.max_bytes, isolated=group is not None,
-        gpus_per_actor=spec.gpus_per_actor, min_actors=spec.min_actors, max_actors=spec.max_actors,
-        cpus_per_actor=spec.cpus_per_actor, streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU,
-        read_ahead_bytes=spec.read_ahead_bytes,
+        pool=pool, endpoint=endpoint, max_bytes=spec.max_bytes, isolated=group is not None,
+        streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU, read_ahead_bytes=spec.read_ahead_bytes,
     )
     if storage.is_s3(staged):
         fs, path = storage.arrow_filesystem(staged, options)

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import ray
 
 from ntf_ray.errors import DECODE, DETECTOR, DetectorFault
+from ntf_ray.scan.spec import ActorPool
 from ntf_ray.scan.table import FILE_SCHEMA, SEQ
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
@@ -212,19 +213,19 @@ class ActorPlan:
         return "cuda" if self.gpus else "cpu"
 
 
-def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
-                cpus_per_actor: float, actors_per_gpu: int = 1) -> ActorPlan:
+def plan_actors(pool: ActorPool, *, blocks: int, actors_per_gpu: int = 1) -> ActorPlan:
     """The detector actor pool for ``blocks`` read blocks on this cluster.
 
     Default: ``actors_per_gpu`` actors per GPU (or 2 on CPU), never more than blocks, and never
     so many CPU-holding actors that Ray Data's read tasks find no CPU (the job would hang silently).
     """
+    gpus_per_actor, cpus_per_actor = pool.gpus_per_actor, pool.cpus_per_actor
     gpus = gpus_per_actor if gpus_per_actor is not None else (1 / actors_per_gpu if _gpus_in_cluster() >= 1 else 0.0)
     if gpus < 0 or cpus_per_actor < 0:
         raise ValueError("--gpus-per-actor and --cpus-per-actor cannot be negative")
     if gpus:
         check_gpus(gpus)
-    most = max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
+    most = pool.max_actors or (max(1, int(_gpus_in_cluster() / gpus)) if gpus else 2)
     most = min(most, blocks)  # an actor without a block to score would only cost its start-up
     cpus = float(ray.cluster_resources().get("CPU", 0))
     if cpus_per_actor > 0 and cpus and most * cpus_per_actor > cpus - 1:
@@ -233,7 +234,7 @@ def plan_actors(*, blocks: int, gpus_per_actor: float | None, min_actors: int | 
             log.warning("the cluster has %g CPUs: running %d detector actor(s) of %g CPU, not %d, so that "
                         "Ray Data's other tasks can run", cpus, fit, cpus_per_actor, most)
             most = fit
-    least = most if min_actors is None else min(min_actors, most)
+    least = most if pool.min_actors is None else min(pool.min_actors, most)
     return ActorPlan(min_actors=least, max_actors=most, gpus=gpus, cpus=cpus_per_actor)
 
 
@@ -254,23 +255,22 @@ GPU_STREAMS = 2
 GPU_BATCH, CPU_BATCH = 256, 64
 
 
-def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor_kwargs: dict, *, endpoint: str | None,
-                  batch_size: int | None,
-                  read_block_rows: int, gpus_per_actor: float | None, min_actors: int | None, max_actors: int | None,
-                  cpus_per_actor: float, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
+def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor_kwargs: dict, *, pool: ActorPool,
+                  endpoint: str | None, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
                   read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES, name: str = "scan",
                   isolated: bool = False) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
-    ``rows`` is a table (cut into blocks of ``read_block_rows``) or the refs of tables already
-    in the object store, one read block each.
+    ``rows`` is a table (cut into blocks of ``pool.read_block_rows``) or the refs of tables
+    already in the object store, one read block each. ``pool``: the actors' size, resources
+    and batch size.
 
     The scan and the evaluation share this shape; ``actor`` is built once per pool member
     with ``constructor_kwargs`` plus ``device`` (``cuda`` on GPU actors, else ``cpu``). A
     block whose tasks fail for good is dropped, not fatal (``max_errored_blocks``): its
     objects come back without rows, and the caller accounts for them.
 
-    ``batch_size`` None: ``GPU_BATCH`` on GPU actors, ``CPU_BATCH`` on CPU ones (also given to
+    ``pool.batch_size`` None: ``GPU_BATCH`` on GPU actors, ``CPU_BATCH`` on CPU ones (also given to
     the actor when its ``constructor_kwargs`` hold ``batch_size=None``).
     ``streams``: batches each GPU actor scores at once, each in its own thread and CUDA
     stream (1 on CPU actors). ``read_ahead_bytes`` caps what the whole stream holds in
@@ -289,13 +289,13 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
         streams = 1
 
     if isinstance(rows, pa.Table):
-        blocks = max(1, -(-rows.num_rows // read_block_rows))
+        blocks = max(1, -(-rows.num_rows // pool.read_block_rows))
         ds = ray.data.from_arrow(rows).repartition(blocks)
     else:
         blocks = len(rows)
         ds = ray.data.from_arrow_refs(rows)
-    plan = plan_actors(blocks=blocks, gpus_per_actor=gpus_per_actor, min_actors=min_actors, max_actors=max_actors,
-                       cpus_per_actor=cpus_per_actor, actors_per_gpu=actors_per_gpu)
+    plan = plan_actors(pool, blocks=blocks, actors_per_gpu=actors_per_gpu)
+    batch_size = pool.batch_size
     if batch_size is None:
         batch_size = GPU_BATCH if plan.gpus else CPU_BATCH
     if constructor_kwargs.get("batch_size", 0) is None:

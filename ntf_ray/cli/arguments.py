@@ -1,0 +1,117 @@
+"""What every command's parser shares: argument types, the options several commands take, and
+building a command's spec from its parsed arguments by field name (one place per option: a
+spec field and the parser line whose ``dest`` names it)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from typing import Any, TypeVar
+
+from ntf_ray.storage import DEFAULT_MAX_BYTES
+
+Spec = TypeVar("Spec")
+
+
+def spec_from_args(cls: type[Spec], args: argparse.Namespace, **given: Any) -> Spec:
+    """A spec dataclass from parsed arguments: every field whose name the parser set (an
+    argument's ``dest``) takes its value, the others keep the spec's default; ``given`` wins."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.init and f.name not in given and hasattr(args, f.name)}
+    return cls(**values, **given)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A spec field's default, for the help text and default of the argument that sets it."""
+    (spec_field,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return spec_field.default
+
+
+def endpoint_parser() -> argparse.ArgumentParser:
+    """The ``--s3-endpoint`` every command that touches storage takes (``parents=[...]``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (MinIO, Ceph, moto); default: AWS_ENDPOINT_URL")
+    return p
+
+
+def add_max_bytes_argument(s: argparse.ArgumentParser, what: str) -> None:
+    """``--max-bytes``, one cap for every command that reads images: the scan's default."""
+    s.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                   help=f"{what}; e.g. 1048576, 128MiB or 1GB; default 128MiB")
+
+
+def add_decoder_argument(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--decoder", choices=("auto", "pil", "nvjpeg", "nvimgcodec"), default="auto",
+                   help="pil: every image through the CPU decoder; nvjpeg: plain JPEGs decoded in batches on the "
+                        "detector's GPU, everything else on the CPU (scores differ slightly from pil's); "
+                        "nvimgcodec: the same on the GPU's hardware JPEG engines, with Pillow's pixels "
+                        "(pip install 'ntf-ray[nvimgcodec]'); auto (default): nvimgcodec on GPUs when installed, else "
+                        "nvjpeg; pil on CPUs. The table's decoder column says which ran")
+
+
+def threshold(text: str) -> float:
+    """``--threshold``: a score is P(fake), so a decision threshold is a finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"{text!r}: a threshold is a number in [0, 1] (scores are P(fake))")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """A count of objects: a whole number >= 1 (0 or -1 would not mean "none" or "all" to a list slice)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
+
+
+def pixels(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a pixel limit must be at least 1")
+    return value
+
+
+def size(text: str) -> int:
+    value = int(text)
+    if value < 8:
+        raise argparse.ArgumentTypeError("size must be >= 8 pixels")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def seconds_or_never(text: str) -> float | None:
+    """A time limit in seconds, 0 for none (``None``)."""
+    return seconds(text) or None
+
+
+def byte_size(text: str) -> int:
+    """A byte count: ``4096``, ``128MiB``, ``1.5GB`` (case-insensitive; KiB = 1024, KB = 1000)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and BYTE_UNITS.get(match.group(2).lower())
+    if not unit:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes: give e.g. 1048576, 128MiB or 1GB")
+    value = int(float(match.group(1)) * unit)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a size must be at least 1 byte")
+    return value
+
+
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
