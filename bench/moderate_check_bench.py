@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ntf_ray import storage
-from ntf_ray.scan import table
+from ntf_ray.scan import index, publish, table
 
 OPTIONS = storage.StorageOptions()
 
@@ -33,7 +33,7 @@ def publish_run(out: Path, run_id: str, uris: list[str]) -> None:
     run_dir = out / "dt=2026-01-01" / f"run_id={run_id}"
     # Nothing staged: publish writes one row per listed object with the given (final) error, which is
     # all the check reads.
-    table.publish(str(out / "_staging" / run_id), str(run_dir), lambda: [listing], len(uris), "decode: bench row",
+    publish.publish(str(out / "_staging" / run_id), str(run_dir), lambda: [listing], len(uris), "decode: bench row",
                   run_id=run_id, model_id="m", threshold=0.5, options=OPTIONS)
     (run_dir / table.SUCCESS).write_bytes(b"")
 
@@ -59,12 +59,12 @@ def main() -> None:
             out = Path(tmp, f"out-{n}")
             for r in range(n):
                 publish_run(out, f"r{r:04d}", [f"s3://b/{r}/{i}.jpg" for i in range(args.rows)])
-            full = timed(lambda: table.already_scored(str(out), "m", OPTIONS))
-            seen, runs = table.already_scored(str(out), "m", OPTIONS)
-            table.write_index(str(out), "m", seen, runs, OPTIONS)
+            full = timed(lambda: index.already_scored(str(out), "m", OPTIONS))
+            seen, runs = index.already_scored(str(out), "m", OPTIONS)
+            index.write_index(str(out), "m", seen, runs, OPTIONS)
             publish_run(out, "since", [f"s3://b/new/{i}.jpg" for i in range(args.rows)])
-            indexed = timed(lambda: table.already_scored(str(out), "m", OPTIONS))
-            pairs = table.already_scored(str(out), "m", OPTIONS)[0].num_rows
+            indexed = timed(lambda: index.already_scored(str(out), "m", OPTIONS))
+            pairs = index.already_scored(str(out), "m", OPTIONS)[0].num_rows
             assert pairs == (n + 1) * args.rows, pairs
             ratio = full / indexed
             print(f"{n:4d} earlier runs ({n * args.rows:,} rows): every run read {full * 1e3:8.1f} ms; "

@@ -69,8 +69,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ntf_ray.nn.dist import resolve_device
     from ntf_ray.detector.explain import explain
+    from ntf_ray.nn.dist import resolve_device
 
     results = explain(args.model, args.inputs, args.output, options=args.storage_options,
                       device=str(resolve_device(args.device)), max_bytes=args.max_bytes)

@@ -21,8 +21,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from ntf_ray.training.datasets import manifest_table, write_manifest
     from ntf_ray.synth import make_synthetic
+    from ntf_ray.training.datasets import manifest_table, write_manifest
 
     records = make_synthetic(args.out, n_real=args.n_real, n_fake=args.n_fake, size=args.size, seed=args.seed,
                              image_format=args.format, generators=_generators(args.generators))
@@ -55,8 +55,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ntf_ray.ray_edge import train as ray_train
     from ntf_ray.ray_edge import runtime
+    from ntf_ray.ray_edge import train as ray_train
     from ntf_ray.training.config import load_config
 
     cfg = load_config(args.config, _train_overrides(args))

@@ -26,12 +26,11 @@ import hashlib
 import json
 import math
 import numbers
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ntf_ray import storage
-from ntf_ray.errors import TOO_LARGE
 from ntf_ray.detector.scorer import Scorer
+from ntf_ray.errors import TOO_LARGE
 from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectTooLarge, StorageOptions
 
 

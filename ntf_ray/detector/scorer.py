@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from ntf_ray.detector.artifact import check_threshold, load_artifact
-from ntf_ray.images.decode import DEFAULT_MAX_PIXELS, decode
-from ntf_ray.nn.dist import resolve_device
 from ntf_ray.errors import DetectorFault
+from ntf_ray.images.decode import DEFAULT_MAX_PIXELS, decode
+from ntf_ray.images.transforms import TooLargeToFit, check_fit, eval_transform, to_tensor
+from ntf_ray.nn.dist import resolve_device
 from ntf_ray.nn.model import Detector
 from ntf_ray.storage import StorageOptions
-from ntf_ray.images.transforms import TooLargeToFit, check_fit, eval_transform, to_tensor
 
 log = logging.getLogger(__name__)
 

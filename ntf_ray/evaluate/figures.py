@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from ntf_ray import storage
-from ntf_ray.evaluate.tables import CLEAN, STRONGER_UP, UNITS, as_float, score_columns
 from ntf_ray.evaluate.metrics import average_precision
+from ntf_ray.evaluate.tables import CLEAN, STRONGER_UP, UNITS, as_float, score_columns
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)

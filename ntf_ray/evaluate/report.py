@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 
 from ntf_ray import storage
 from ntf_ray.evaluate.figures import pr_curves, robustness_curves, score_histograms, tsne
-from ntf_ray.evaluate.tables import UNITS, as_float, compute_metrics, to_json
 from ntf_ray.evaluate.metrics import format_table
+from ntf_ray.evaluate.tables import UNITS, as_float, compute_metrics, to_json
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ import struct
 
 from PIL import Image
 
-
 #: A TIFF tile or strip may hold the image's own pixels, or this many (a small image in one
 #: 256 x 256 tile is common), whichever is more, and never more than ``max_pixels``.
 TILE_FLOOR_PIXELS = 1 << 24

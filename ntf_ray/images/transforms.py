@@ -19,7 +19,6 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 
-
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` uint8 tensor (a copy, safe to mutate)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

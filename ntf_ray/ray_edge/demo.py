@@ -17,13 +17,13 @@ def run_demo(*, work: str | Path, n: int = 1000, seed: int = 0, overrides: list[
     """Make ``n`` real and ``n`` fake images under ``work/data``, train into ``work/run``, evaluate into
     ``work/report`` and scan into ``work/scores``; ``overrides`` are ``KEY=VALUE`` training config fields."""
     from ntf_ray.ray_edge import evaluate as ray_evaluate
-    from ntf_ray.ray_edge import scan as ray_scan
-    from ntf_ray.scan.spec import ScanSpec, format_summary
-    from ntf_ray.ray_edge import train as ray_train
     from ntf_ray.ray_edge import runtime
+    from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.ray_edge import train as ray_train
+    from ntf_ray.scan.spec import ScanSpec, format_summary
+    from ntf_ray.synth import make_synthetic
     from ntf_ray.training.config import load_config
     from ntf_ray.training.datasets import manifest_table, write_manifest
-    from ntf_ray.synth import make_synthetic
 
     start = time.perf_counter()
     work = Path(work).absolute()

@@ -24,12 +24,12 @@ import ray
 
 from ntf_ray import storage
 from ntf_ray.detector.artifact import check_threshold
-from ntf_ray.training.datasets import read_manifest, select
 from ntf_ray.errors import DETECTOR, DetectorFault
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
 from ntf_ray.ray_edge.scan.actor import scored_stream
 from ntf_ray.scan.spec import ActorPool
 from ntf_ray.storage import StorageOptions
+from ntf_ray.training.datasets import read_manifest, select
 
 log = logging.getLogger(__name__)
 

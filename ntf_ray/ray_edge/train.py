@@ -34,11 +34,15 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ntf_ray import storage
+from ntf_ray.detector.artifact import json_safe, save_artifact
 from ntf_ray.nn import dist
-from ntf_ray.detector.artifact import save_artifact
+from ntf_ray.nn.model import Stage1Model
+from ntf_ray.nn.variants import get_variant
+from ntf_ray.ray_edge.train_data import DropCounter, InputWaits, agreed_batches, augment_place, build_dataset
+from ntf_ray.ray_edge.train_progress import Poster, StageWatch
+from ntf_ray.storage import StorageOptions
 from ntf_ray.training.config import ResumeConflict, TrainConfig, refuse_resume, resume_conflicts
 from ntf_ray.training.datasets import read_manifest
-from ntf_ray.detector.artifact import json_safe
 from ntf_ray.training.engine import (
     load_checkpoint,
     make_optimizer,
@@ -48,12 +52,14 @@ from ntf_ray.training.engine import (
     train_stage1_epoch,
     train_stage2_epoch,
 )
-from ntf_ray.nn.model import Stage1Model
-from ntf_ray.training.recipe import build_stage1, build_stage2, data_summary, stage1_kwargs, stage2_kwargs, training_rows
-from ntf_ray.nn.variants import get_variant
-from ntf_ray.storage import StorageOptions
-from ntf_ray.ray_edge.train_data import DropCounter, InputWaits, agreed_batches, augment_place, build_dataset
-from ntf_ray.ray_edge.train_progress import Poster, StageWatch
+from ntf_ray.training.recipe import (
+    build_stage1,
+    build_stage2,
+    data_summary,
+    stage1_kwargs,
+    stage2_kwargs,
+    training_rows,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import pyarrow as pa
 import ray
 
 from ntf_ray import storage
-from ntf_ray.training.config import TrainConfig
 from ntf_ray.images.decode import decode
 from ntf_ray.storage import StorageOptions
+from ntf_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -308,7 +308,7 @@ ALIVE = "_alive"
 
 
 def _alive_path(output: str, run_id: str, attempt: str) -> str:
-    from ntf_ray.scan.table import staging_dir
+    from ntf_ray.scan.publish import staging_dir
 
     return storage.join(staging_dir(output, run_id), f"{ALIVE}-{attempt}.json")
 
@@ -319,7 +319,7 @@ def attempt(output: str, run_id: str, options: StorageOptions, *, heartbeat_s: f
     """A new attempt of ``run_id``: its staging folder, said alive every ``heartbeat_s`` for the
     block. On the way out its own folder goes, with those of attempts silent for ``stale_s``
     (crashed ones); the folder of an attempt still running stays, whatever this one does."""
-    from ntf_ray.scan.table import staging_dir
+    from ntf_ray.scan.publish import staging_dir
 
     name = uuid.uuid4().hex[:12]
     alive, staged = _alive_path(output, run_id, name), staging_dir(output, run_id, name)
@@ -343,7 +343,7 @@ def attempt(output: str, run_id: str, options: StorageOptions, *, heartbeat_s: f
 
 def sweep_attempts(output: str, run_id: str, options: StorageOptions, *, stale_s: float = STALE_S) -> list[str]:
     """Remove the staging folders of ``run_id``'s attempts silent for ``stale_s``; their names."""
-    from ntf_ray.scan.table import staging_dir
+    from ntf_ray.scan.publish import staging_dir
 
     run = staging_dir(output, run_id)
     names: dict[str, set[str]] = {}

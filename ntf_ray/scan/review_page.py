@@ -77,9 +77,9 @@ def _storage_failure(exc: BaseException) -> bool:
 
 
 def _run(scores: str, run_id: str | None, options: StorageOptions) -> tuple[str, str]:
-    from ntf_ray.scan.table import ROWS, _run_dirs, completed_runs
+    from ntf_ray.scan.table import ROWS, completed_runs, run_dirs
 
-    runs = dict(_run_dirs(scores, options))
+    runs = dict(run_dirs(scores, options))
     done = set(completed_runs(scores, options))
     if run_id is not None:
         if runs.get(run_id) not in done:

@@ -15,9 +15,9 @@ import os
 import re
 import stat
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from urllib.parse import unquote_plus, urlparse
 
 import numpy as np

@@ -37,8 +37,8 @@ import torch
 
 from ntf_ray import storage
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS, decode
-from ntf_ray.storage import StorageOptions
 from ntf_ray.images.transforms import to_tensor
+from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-
 from torch.nn.parallel import DistributedDataParallel
 
 from ntf_ray.nn import dist

@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader
 
 from ntf_ray import storage
 from ntf_ray.detector.artifact import DetectorArtifact, save_artifact
-from ntf_ray.training.config import TrainConfig
+from ntf_ray.detector.scorer import Scorer
+from ntf_ray.evaluate.metrics import per_generator_table
+from ntf_ray.images.transforms import TooLargeToFit
+from ntf_ray.nn.dist import resolve_device
+from ntf_ray.nn.model import Detector, Stage1Model, Stage2Model, build_encoder
+from ntf_ray.nn.variants import get_variant
+from ntf_ray.storage import StorageOptions
+from ntf_ray.training.config import TrainConfig, stage1_transform, stage2_transform
 from ntf_ray.training.datasets import ManifestDataset, collate_drop_none, read_manifest, select
 from ntf_ray.training.engine import (
     make_optimizer,
@@ -29,14 +36,6 @@ from ntf_ray.training.engine import (
     train_stage1_epoch,
     train_stage2_epoch,
 )
-from ntf_ray.evaluate.metrics import per_generator_table
-from ntf_ray.nn.dist import resolve_device
-from ntf_ray.nn.model import Detector, Stage1Model, Stage2Model, build_encoder
-from ntf_ray.detector.scorer import Scorer
-from ntf_ray.storage import StorageOptions
-from ntf_ray.images.transforms import TooLargeToFit
-from ntf_ray.training.config import stage1_transform, stage2_transform
-from ntf_ray.nn.variants import get_variant
 
 log = logging.getLogger(__name__)
 

@@ -33,24 +33,12 @@ from ntf_ray.errors import lost_error
 from ntf_ray.ray_edge.scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
 from ntf_ray.ray_edge.scan.isolation import Staged, score_isolating
 from ntf_ray.ray_edge.scan.telemetry import count_listed
+from ntf_ray.scan.index import KEY, History, history, skip_key, sum_losses, write_index
 from ntf_ray.scan.listing import iter_listing
 from ntf_ray.scan.lock import Watch, attempt, lease, watched
+from ntf_ray.scan.publish import SEQ, publish, run_summary
 from ntf_ray.scan.spec import ScanResult, ScanSpec, check_run_id, new_run_id
-from ntf_ray.scan.table import (
-    KEY,
-    SEQ,
-    SUCCESS,
-    SUMMARY,
-    History,
-    _run_dirs,
-    _sum_losses,
-    _summary,
-    history,
-    publish,
-    run_version,
-    skip_key,
-    write_index,
-)
+from ntf_ray.scan.table import SUCCESS, SUMMARY, run_dirs, run_version
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -88,7 +76,7 @@ def scan(spec: ScanSpec) -> ScanResult:
                  time.perf_counter() - start, todo, listed - todo, art.model_id)
 
         # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
-        earlier = dict(_run_dirs(output, options)).get(run_id)
+        earlier = dict(run_dirs(output, options)).get(run_id)
         day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
         prior = listing.prior_losses()
@@ -111,7 +99,7 @@ def scan(spec: ScanSpec) -> ScanResult:
                         keep_final=spec.incremental)
         if tally.rows != todo:  # publish writes one row per listed object by construction
             raise RuntimeError(f"scan {run_id}: published {tally.rows} rows for {todo} objects")
-        summary = _summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
+        summary = run_summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
                            model_id=art.model_id, spec=spec, run_id=run_id, threshold=threshold)
         summary["table"] = run_dir
         storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2, allow_nan=False).encode(),
@@ -119,10 +107,10 @@ def scan(spec: ScanSpec) -> ScanResult:
         storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
         if spec.incremental:
             # Any model's index that read this run before it was replaced sees the new version
-            # and reads every run again (``table.history``): nothing here has to remove it.
+            # and reads every run again (``index.history``): nothing here has to remove it.
             write_index(output, art.model_id, pa.concat_tables([found.seen, *tally.final]),
                         {**found.runs, run_id: run_version(run_dir, options)},
-                        options, losses=_sum_losses([found.losses, *tally.losses]))
+                        options, losses=sum_losses([found.losses, *tally.losses]))
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
 

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import ray
 
 from ntf_ray.errors import DETECTOR, POISON_AFTER, SOLO_ATTEMPTS, DetectorFault
-from ntf_ray.scan.table import SEQ, STAGED_SCHEMA, _dataset, _parquet_files
+from ntf_ray.scan.publish import SEQ, STAGED_SCHEMA
+from ntf_ray.scan.table import parquet_dataset, parquet_files
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__package__)
@@ -55,12 +56,12 @@ class Staged:
         of such a run may be published.
         """
         rows = 0
-        for f in _parquet_files(self.staged, self.options):
+        for f in parquet_files(self.staged, self.options):
             if f in self._read:
                 continue
             self._read.add(f)
             try:
-                table = _dataset([f], self.options, STAGED_SCHEMA).to_table(columns=[SEQ, "error"])
+                table = parquet_dataset([f], self.options, STAGED_SCHEMA).to_table(columns=[SEQ, "error"])
             except (OSError, pa.ArrowInvalid):  # a file its killed writer left truncated: its objects are lost
                 continue
             fault = pc.starts_with(pc.fill_null(table["error"], ""), f"{DETECTOR}:")
