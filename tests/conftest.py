@@ -56,7 +56,7 @@ class MotoS3:
 
         options = storage.StorageOptions(endpoint_url=self.endpoint_url)
         records = make_synthetic(local, **synth)
-        storage.fsspec_filesystem(options).put(str(local) + "/", f"{bucket}/data/", recursive=True)
+        storage.s3.fsspec_filesystem(options).put(str(local) + "/", f"{bucket}/data/", recursive=True)
         for r in records:
             r["uri"] = f"{bucket}/data/" + Path(r["uri"]).relative_to(local).as_posix()
         manifest = f"{bucket}/data/manifest.parquet"

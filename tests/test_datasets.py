@@ -214,7 +214,7 @@ def put_keys(s3, bucket: str, keys: list[str]) -> None:
 @pytest.mark.parametrize("layout", ["cnndetection", "genimage"])
 def test_index_s3_matches_local(s3, bucket, tmp_path, monkeypatch, layout):
     """The same tree indexed locally and on S3 gives the same rows, with s3://bucket/key uris."""
-    monkeypatch.setattr("ntf_ray.training.datasets._S3_PAGE_KEYS", 3)  # several ListObjectsV2 pages
+    monkeypatch.setattr("ntf_ray.storage.s3.PAGE_KEYS", 3)  # several ListObjectsV2 pages
     files = (WITH_SPLIT + SKIPPED) if layout == "cnndetection" else (GENIMAGE + GENIMAGE_SKIPPED)
     local = tmp_path / "data"
     make_files(local, files)
@@ -234,7 +234,7 @@ def test_index_s3_lists_every_page(s3, bucket, monkeypatch):
     """Prefixes with more keys than one ListObjectsV2 page are listed page by page, to the end."""
     put_keys(s3, bucket, [f"d/g/0_real/{i}.png" for i in range(7)])
     opts = StorageOptions(endpoint_url=s3.endpoint_url)
-    fs = storage.fsspec_filesystem(opts)  # fsspec's cached instance: the one index_folder uses
+    fs = storage.s3.fsspec_filesystem(opts)  # fsspec's cached instance: the one index_folder uses
     tokens = []
     call = fs._call_s3
 
@@ -243,7 +243,7 @@ def test_index_s3_lists_every_page(s3, bucket, monkeypatch):
         return await call(method, *args, **kwargs)
 
     monkeypatch.setattr(fs, "_call_s3", spy)
-    monkeypatch.setattr("ntf_ray.training.datasets._S3_PAGE_KEYS", 3)
+    monkeypatch.setattr("ntf_ray.storage.s3.PAGE_KEYS", 3)
     assert index_folder(f"{bucket}/d", options=opts).num_rows == 7
     assert tokens == [("list_objects_v2", 3, False), ("list_objects_v2", 3, True), ("list_objects_v2", 3, True)]
 

@@ -130,7 +130,7 @@ def test_perturbed_tables_are_reproducible_and_reports_go_to_s3(local_ray, setup
         assert _run(setup, f"{bucket}/{run}", endpoint=s3.endpoint_url) == 0
     first, second = (json.loads(storage.read_bytes(f"{bucket}/{r}/metrics.json", options)) for r in ("a", "b"))
     assert first["perturbations"] == second["perturbations"] and first["clean"] == second["clean"]
-    a, b = (pq.read_table(storage.fsspec_filesystem(options).open(f"{bucket}/{r}/scores.parquet")) for r in ("a", "b"))
+    a, b = (pq.read_table(storage.s3.fsspec_filesystem(options).open(f"{bucket}/{r}/scores.parquet")) for r in ("a", "b"))
     assert a.equals(b)
     assert set(first["robustness"]) == {"blur", "jpeg", "noise", "scale"}
     text = storage.read_bytes(f"{bucket}/a/report.md", options).decode()

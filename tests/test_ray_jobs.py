@@ -81,7 +81,7 @@ def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, 
 
     for name in ("detector/model.safetensors", "detector/model.json", "stage1/models.safetensors", "config.json"):
         assert storage.exists(f"{output}/{name}", options), name
-    fs = storage.fsspec_filesystem(options)
+    fs = storage.s3.fsspec_filesystem(options)
     assert any("checkpoint_" in p for p in fs.ls(f"{output}/ray/job-e2e-stage2"))  # Ray Train's checkpoints in S3
     config_json = storage.read_bytes(f"{output}/config.json", options).decode()
     assert FAKE_SECRET_ACCESS_KEY not in config_json and "endpoint" not in config_json
@@ -113,7 +113,7 @@ def test_job_submit_scans_a_bucket_into_a_table_pandas_and_pyarrow_read(ray_clus
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
     make_synthetic(tmp_path / "objects" / "synth", n_real=30, n_fake=30, size=32, seed=4)
     awkward = make_awkward_files(tmp_path / "objects" / "awkward")
-    storage.fsspec_filesystem(options).put(str(tmp_path / "objects") + "/", f"{bucket}/uploads/", recursive=True)
+    storage.s3.fsspec_filesystem(options).put(str(tmp_path / "objects") + "/", f"{bucket}/uploads/", recursive=True)
     model = save_random_detector(f"{bucket}/model", s3.endpoint_url)
     output = f"{bucket}/scores"
 

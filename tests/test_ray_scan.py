@@ -31,7 +31,7 @@ def scan_bucket(s3, tmp_path_factory):
     local = tmp_path_factory.mktemp("scan-objects")
     make_synthetic(local / "synth", n_real=100, n_fake=100, size=40, seed=5)
     expected = make_awkward_files(local / "awkward")
-    storage.fsspec_filesystem(options).put(str(local) + "/", f"{name}/images/", recursive=True)
+    storage.s3.fsspec_filesystem(options).put(str(local) + "/", f"{name}/images/", recursive=True)
     keys = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
     model = save_random_detector(f"s3://{name}/models/random", s3.endpoint_url)
     return {"bucket": f"s3://{name}", "prefix": f"s3://{name}/images", "keys": keys, "model": model,
@@ -139,7 +139,7 @@ def test_rerunning_a_run_id_leaves_no_duplicates(local_ray, s3, scan_bucket):
 
 def test_moderate_scores_only_new_and_changed_objects(local_ray, s3, tmp_path):
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
-    fs = storage.fsspec_filesystem(options)
+    fs = storage.s3.fsspec_filesystem(options)
     name = s3.create_bucket()
     records = make_synthetic(tmp_path / "a", n_real=15, n_fake=15, size=32, seed=1, splits={"test": 1.0})
     fs.put(str(tmp_path / "a") + "/", f"{name}/in/", recursive=True)
@@ -190,7 +190,7 @@ def test_a_run_id_reused_by_another_model_leaves_no_stale_skips(local_ray, s3, t
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
     name = s3.create_bucket()
     make_synthetic(tmp_path / "a", n_real=3, n_fake=3, size=32, seed=3, splits={"test": 1.0})
-    storage.fsspec_filesystem(options).put(str(tmp_path / "a") + "/", f"{name}/in/", recursive=True)
+    storage.s3.fsspec_filesystem(options).put(str(tmp_path / "a") + "/", f"{name}/in/", recursive=True)
     model_a = save_random_detector(f"s3://{name}/model-a", s3.endpoint_url)
     model_b = save_random_detector(f"s3://{name}/model-b", s3.endpoint_url, seed=1)
     out = f"s3://{name}/mod"
@@ -215,7 +215,7 @@ def test_an_object_rewritten_under_the_same_etag_is_scored_again(local_ray, s3, 
     """S3's ETag of a one-part upload is an MD5: bytes with a colliding MD5 keep it. The listing's
     last-modified time still changes, and the skip key holds it (here: the same bytes written again)."""
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
-    fs = storage.fsspec_filesystem(options)
+    fs = storage.s3.fsspec_filesystem(options)
     name = s3.create_bucket()
     records = make_synthetic(tmp_path / "a", n_real=2, n_fake=2, size=32, seed=4, splits={"test": 1.0})
     fs.put(str(tmp_path / "a") + "/", f"{name}/in/", recursive=True)

@@ -51,7 +51,7 @@ def scan_run(tmp_path):
         Image.fromarray(img).save(src / name, format="JPEG" if name.endswith(".jpg") else "PNG")
         st = os.stat(src / name)
         score = float(k) / len(names)
-        rows.append({"uri": str(src / name), "etag": storage.local_etag(st), "size_bytes": st.st_size,
+        rows.append({"uri": str(src / name), "etag": storage.local.local_etag(st), "size_bytes": st.st_size,
                      "last_modified": None, "score": score, "is_fake": score >= 0.5, "threshold": 0.5, "width": 64,
                      "height": 48 + 4 * k, "format": "PNG", "error": None, "model_id": "m1",
                      "scanned_at": dt.datetime.now(dt.timezone.utc), "decoder": "pil"})

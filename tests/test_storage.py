@@ -59,22 +59,20 @@ def test_bucketless_uris_are_errors(uri):
         storage.normalize(uri)
 
 
-def test_is_s3():
-    assert storage.is_s3("s3://b/k")
-    assert storage.is_s3("s3://b")
-    assert not storage.is_s3("/tmp/s3://x")
-    assert not storage.is_s3("s3a://b/k")  # normalize first
-    assert not storage.is_s3(Path("/tmp/x"))
+def test_a_uri_goes_to_the_source_of_its_scheme():
+    assert storage.scheme_of("s3://b/k") == storage.scheme_of("s3://b") == storage.scheme_of("s3a://b/k") == "s3"
+    assert storage.scheme_of("/tmp/s3://x") == storage.scheme_of(Path("/tmp/x")) == "file"
+    assert storage.source_for("s3n://b/k").scheme == "s3" and storage.source_for("rel/x.png").scheme == "file"
 
 
 def test_split_s3():
-    assert storage.split_s3("s3://bucket/a/b/c.png") == ("bucket", "a/b/c.png")
-    assert storage.split_s3("s3://bucket") == ("bucket", "")
-    assert storage.split_s3("s3://bucket/") == ("bucket", "")
+    assert storage.s3.split_s3("s3://bucket/a/b/c.png") == ("bucket", "a/b/c.png")
+    assert storage.s3.split_s3("s3://bucket") == ("bucket", "")
+    assert storage.s3.split_s3("s3://bucket/") == ("bucket", "")
     with pytest.raises(ValueError, match="not an s3:// URI"):
-        storage.split_s3("/local/path")
+        storage.s3.split_s3("/local/path")
     with pytest.raises(ValueError, match="without a bucket"):
-        storage.split_s3("s3:///key")
+        storage.s3.split_s3("s3:///key")
 
 
 def test_join():
@@ -105,7 +103,7 @@ def test_local_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk trouble")
 
-    monkeypatch.setattr(storage.os, "replace", failing_replace)
+    monkeypatch.setattr(storage.local.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk trouble"):
         storage.write_bytes(str(target), b"new")
     assert target.read_bytes() == b"old"
@@ -136,21 +134,21 @@ def test_s3_round_trip_fsspec(bucket, opts):
     assert storage.read_bytes(uri.replace("s3://", "s3a://"), opts) == b"hello s3"
     storage.write_bytes(uri, b"v2", opts)
     assert storage.read_bytes(uri, opts) == b"v2"
-    fs = storage.fsspec_filesystem(opts)
+    fs = storage.s3.fsspec_filesystem(opts)
     assert fs.ls(storage.join(bucket, "a", "b")) == [uri[len("s3://"):]]
 
 
 def test_s3_filesystem_is_reused(s3, opts):
     """One client per endpoint and process: a new one per object costs a botocore session."""
-    assert storage.fsspec_filesystem(opts) is storage.fsspec_filesystem(opts)
+    assert storage.s3.fsspec_filesystem(opts) is storage.s3.fsspec_filesystem(opts)
     other = StorageOptions(endpoint_url=s3.endpoint_url.replace("127.0.0.1", "localhost"))
-    assert storage.fsspec_filesystem(other) is not storage.fsspec_filesystem(opts)
+    assert storage.s3.fsspec_filesystem(other) is not storage.s3.fsspec_filesystem(opts)
 
 
 def test_s3_exists_sees_writes_from_elsewhere(s3, bucket, opts):
     """No stale listing: an object put by another client after a listing is seen."""
-    name = storage.split_s3(bucket)[0]
-    assert storage.fsspec_filesystem(opts).ls(bucket) == []
+    name = storage.s3.split_s3(bucket)[0]
+    assert storage.s3.fsspec_filesystem(opts).ls(bucket) == []
     s3.client().put_object(Bucket=name, Key="late.bin", Body=b"x")
     assert storage.exists(f"{bucket}/late.bin", opts)
 
@@ -160,7 +158,7 @@ def test_s3_pyarrow_parquet(bucket, opts):
     table = pa.table({"uri": ["s3://x/1.png", "s3://x/2.png"], "score": pa.array([0.25, 0.75], pa.float32())})
     fs, path = storage.arrow_filesystem(uri, opts)
     assert isinstance(fs, pa.fs.S3FileSystem)
-    assert path == f"{storage.split_s3(bucket)[0]}/tables/t.parquet"
+    assert path == f"{storage.s3.split_s3(bucket)[0]}/tables/t.parquet"
     pq.write_table(table, path, filesystem=fs)
     assert pq.read_table(path, filesystem=fs).equals(table)
     # The same object through s3fs: both clients see one store.

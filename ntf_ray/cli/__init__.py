@@ -44,9 +44,10 @@ def _check_output_folder(uri: str) -> None:
     write there fails with NotADirectoryError only after the work is done."""
     from ntf_ray import storage
 
-    if storage.is_s3(uri):
+    local = storage.local_path(uri)
+    if local is None:  # an object store has no folders to be in the way
         return
-    path = Path(storage.normalize(uri))
+    path = Path(local)
     for at in (path, *path.parents):
         if at.is_dir():
             return

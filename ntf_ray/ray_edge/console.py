@@ -227,7 +227,7 @@ class Session:
         if self.folder is None:
             return str(self.log_path)
         target = storage.join(self.folder, LOG_DIR, self.name)
-        if storage.is_s3(self.folder):
+        if storage.local_path(self.folder) is None:  # an object store: the log goes up once, at the end
             if not ray.is_initialized():
                 self.log_path.unlink()  # refused before it started anything: nothing to keep
                 return None

@@ -311,10 +311,10 @@ def _resolve_endpoint(spec: RunSpec) -> RunSpec:
 
 def _storage(spec: RunSpec) -> tuple[str, Any]:
     path = storage.normalize(spec.storage_path or storage.join(spec.output, "ray"))
-    if storage.is_s3(path):
-        fs, inner = storage.arrow_filesystem(path, StorageOptions.resolve(spec.endpoint))
-        return inner, fs
-    return path, None
+    if storage.local_path(path) is not None:
+        return path, None  # Ray Train's own local paths
+    fs, inner = storage.arrow_filesystem(path, StorageOptions.resolve(spec.endpoint))
+    return inner, fs
 
 
 def check_stage1_export(cfg: TrainConfig, output: str, options: StorageOptions) -> None:

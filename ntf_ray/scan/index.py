@@ -34,7 +34,7 @@ log = logging.getLogger(__package__)
 #: its uri, etag and last-modified time (µs since the epoch; -1 unknown). The etag alone is an
 #: MD5 for most S3 objects, and two images with one MD5 are known; S3 sets last-modified on
 #: every write, so bytes written again under the same etag are a new object. Local files'
-#: etags already cover size, times and inode (``storage.local_etag``).
+#: etags already cover size, times and inode (``storage.local.local_etag``).
 KEY = ["uri", "etag", "modified"]
 KEY_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("modified", pa.int64())])
 LOSSES_SCHEMA = KEY_SCHEMA.append(pa.field("losses", pa.int64()))

@@ -25,12 +25,10 @@ import ctypes
 import datetime as dt
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator
-from pathlib import Path
 
 from ntf_ray import storage
 from ntf_ray.errors import STALL_S, RunStalled
@@ -39,8 +37,6 @@ from ntf_ray.storage import StorageOptions
 log = logging.getLogger(__package__)
 
 LOCK = "_lock.json"
-# S3's answers to a conditional write that another writer won (or is winning)
-_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 STALE_S = 600.0
 HEARTBEAT_S = 60.0
 
@@ -74,61 +70,24 @@ class Lease:
     def _ours(self, held: dict | None) -> bool:
         return bool(held) and held.get("run_id") == self.run_id and held.get("attempt") == self.attempt
 
-    # ---- storage: create if absent, replace if unchanged, read
-    def _s3(self, op: str, **kwargs):
-        from fsspec.asyn import sync
-
-        fs = storage.fsspec_filesystem(self.options)
-        bucket, key = storage.split_s3(self.uri)
-        return sync(fs.loop, fs._call_s3, op, Bucket=bucket, Key=key, **kwargs)
-
+    # ---- storage: create if absent, replace if unchanged, read (conditional writes on S3)
     def _create(self) -> bool:
-        if storage.is_s3(self.uri):
-            try:
-                self._token = self._s3("put_object", Body=self._body(), IfNoneMatch="*")["ETag"]
-            except (FileExistsError, OSError) as exc:
-                if isinstance(exc, FileExistsError) or storage._s3_error_code(exc) in _LOST_RACE:
-                    return False
-                raise
-            return True
-        Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._body())
-        return True
+        written, token = storage.create(self.uri, self._body(), self.options)
+        if written:
+            self._token = token
+        return written
 
     def _replace(self, token: str | None) -> bool:
         """Overwrite the lease if it is still the version ``token`` names."""
-        if storage.is_s3(self.uri):
-            try:
-                self._token = self._s3("put_object", Body=self._body(), IfMatch=token)["ETag"]
-            except OSError as exc:
-                if storage._s3_error_code(exc) in _LOST_RACE or isinstance(exc, FileNotFoundError):
-                    return False
-                raise
-            return True
-        storage.write_bytes(self.uri, self._body())  # one machine: a rename, last writer wins
-        return True
+        written, new_token = storage.replace(self.uri, self._body(), token, self.options)
+        if written:
+            self._token = new_token
+        return written
 
     def _read(self) -> tuple[dict | None, str | None]:
-        if storage.is_s3(self.uri):
-            try:
-                response = self._s3("get_object")
-            except FileNotFoundError:
-                return None, None
-            from fsspec.asyn import sync
-
-            fs = storage.fsspec_filesystem(self.options)
-            data = sync(fs.loop, response["Body"].read)
-            token = response["ETag"]
-        else:
-            try:
-                data, token = Path(self.uri).read_bytes(), None
-            except FileNotFoundError:
-                return None, None
+        data, token = storage.read_versioned(self.uri, self.options)
+        if data is None:
+            return None, None
         try:
             return json.loads(data), token
         except ValueError:
@@ -371,7 +330,5 @@ def sweep_attempts(output: str, run_id: str, options: StorageOptions, *, stale_s
         swept.append(name)
     if swept:
         log.info("removed the staging of %d attempt(s) of run %s that went silent", len(swept), run_id)
-    if not storage.is_s3(run):
-        with contextlib.suppress(OSError):
-            os.rmdir(run)  # only if nothing is left
+    storage.prune(run, options)  # the run's staging folder, if nothing is left in it
     return swept

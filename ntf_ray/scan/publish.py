@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -147,19 +145,12 @@ def write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOpt
     """
     tmp = storage.join(scratch, f"_publish-{uuid.uuid4().hex[:12]}.parquet")
     try:
-        if storage.is_s3(uri):
-            fs, path = storage.arrow_filesystem(tmp, options)
-            with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, FILE_SCHEMA) as writer:
-                for b in batches:
-                    writer.write_batch(b)
-            storage.fsspec_filesystem(options).cp_file(tmp, uri)  # one file, never a pattern
-        else:
-            Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-            with pq.ParquetWriter(tmp, FILE_SCHEMA) as writer:
-                for b in batches:
-                    writer.write_batch(b)
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, uri)
+        fs, path = storage.arrow_filesystem(tmp, options)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # a local folder; nothing on an object store
+        with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, FILE_SCHEMA) as writer:
+            for b in batches:
+                writer.write_batch(b)
+        storage.move(tmp, uri, options)
     finally:
         storage.remove(tmp, options)
 

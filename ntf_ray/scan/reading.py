@@ -13,10 +13,9 @@ import time
 import pyarrow as pa
 
 from ntf_ray import storage
-from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectChanged, ObjectTooLarge, StorageOptions
+from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectTooLarge, Source, StorageOptions
 
-READ_ATTEMPTS = 3  # transient read errors are retried; these are not:
-NOT_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError, ObjectChanged, ObjectTooLarge)
+READ_ATTEMPTS = 3  # transient read errors are retried; each source names those that are not
 
 
 def _read_with_retries(uris: list[str], options: StorageOptions, *, etags: list[str | None] | None = None,
@@ -24,7 +23,8 @@ def _read_with_retries(uris: list[str], options: StorageOptions, *, etags: list[
     etags = etags if etags is not None else [None] * len(uris)
     out = storage.read_many(uris, options, etags=etags, max_bytes=max_bytes)
     for attempt in range(1, READ_ATTEMPTS):
-        retry = [i for i, v in enumerate(out) if isinstance(v, Exception) and not isinstance(v, NOT_RETRIED)]
+        retry = [i for i, v in enumerate(out)
+                 if isinstance(v, Exception) and not isinstance(v, storage.source_for(uris[i]).final_errors)]
         if not retry:
             break
         time.sleep(0.2 * 2**attempt)
@@ -45,12 +45,17 @@ def _column(batch: pa.Table, name: str) -> list:
     return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
-def read_objects(batch: pa.Table, *, endpoint: str | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> pa.Table:
+def read_objects(batch: pa.Table, *, endpoint: str | None, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                 sources: list[Source] | None = None) -> pa.Table:
     """Ray Data task: the listing rows plus ``data`` (bytes) and ``read_error``.
 
+    ``sources``: the driver's registered sources (``storage.sources()``), registered in the
+    task's process too, so that a source added by a plugin reads there as it listed.
     Optional listing columns: ``etag`` (the version to read), ``size_bytes`` (checked against
     ``max_bytes`` before reading) and ``listing_error`` (the listing's own reason: not read).
     """
+    for source in sources or ():
+        storage.register(source)
     uris, etags, sizes = _column(batch, "uri"), _column(batch, "etag"), _column(batch, "size_bytes")
     listed_errors = _column(batch, "listing_error")
     data: list[bytes | None] = [None] * batch.num_rows

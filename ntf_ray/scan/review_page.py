@@ -191,7 +191,7 @@ def _build(scores: str, output: str, *, run_id: str | None, top: int, model: str
     from ntf_ray.images.decode import decode
 
     rid, rows_uri = _run(scores, run_id, options)
-    fs, path = storage.arrow_filesystem(rows_uri, options) if storage.is_s3(rows_uri) else (None, rows_uri)
+    fs, path = storage.arrow_filesystem(rows_uri, options)
     table = pq.read_table(path, filesystem=fs)
     summary_uri = rows_uri.rsplit("/", 1)[0] + "/_summary.json"
     try:

@@ -10,11 +10,8 @@ all at once or not at all, whatever crashes, and re-running a run replaces its f
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -68,30 +65,6 @@ STAGING, INDEX = "_staging", "_index"
 _RUN_FILE = re.compile(r"(?:^|/)dt=([^/]+)/run_id=([^/]+)/([^/]+)$")
 
 
-def _local_version(st: os.stat_result) -> str:
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-
-
-def _files_under(output: str, options: StorageOptions) -> Iterator[tuple[str, str]]:
-    """Every file under OUTPUT as (path relative to it, its version: the S3 ETag, or size,
-    mtime and inode), from a listing, never a pattern."""
-    if storage.is_s3(output):
-        fs = storage.fsspec_filesystem(options)
-        base = output[len("s3://"):].rstrip("/")
-        for path, info in fs.find(base, detail=True).items():
-            yield path[len(base) + 1:], str(info.get("ETag", "")).strip('"')
-    elif Path(output).is_dir():
-        for folder, dirs, files in os.walk(output):
-            dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
-            rel = os.path.relpath(folder, output)
-            for name in files:
-                try:
-                    version = _local_version(os.stat(os.path.join(folder, name)))
-                except OSError:  # removed while listed
-                    continue
-                yield (name if rel == "." else f"{rel}/{name}"), version
-
-
 @dataclass
 class _Run:
     folder: str
@@ -104,7 +77,7 @@ def runs_by_id(output: str, options: StorageOptions) -> dict[str, _Run]:
     legacy run under OUTPUT."""
     output = storage.normalize(output)
     found: dict[str, _Run] = {}
-    for rel, version in _files_under(output, options):
+    for rel, _, version in storage.files(output, options, skip=(".", "_")):
         m = _RUN_FILE.match(rel)
         if m and not rel.startswith(("_", ".")):
             day, run_id, name = m.groups()
@@ -117,10 +90,7 @@ def runs_by_id(output: str, options: StorageOptions) -> dict[str, _Run]:
 
 def run_version(run_dir: str, options: StorageOptions) -> str:
     """The version of a published run's rows (as ``runs_by_id`` reads it)."""
-    rows = storage.join(run_dir, ROWS)
-    if storage.is_s3(rows):
-        return str(storage.fsspec_filesystem(options).info(rows).get("ETag", "")).strip('"')
-    return _local_version(os.stat(rows))
+    return storage.version(storage.join(run_dir, ROWS), options)
 
 
 def run_dirs(output: str, options: StorageOptions) -> list[tuple[str, str]]:
@@ -140,24 +110,16 @@ def completed_runs(output: str, options: StorageOptions) -> list[str]:
 
 
 def parquet_files(run_dir: str, options: StorageOptions) -> list[str]:
-    if storage.is_s3(run_dir):
-        fs = storage.fsspec_filesystem(options)
-        base = run_dir[len("s3://"):].rstrip("/")
-        return sorted("s3://" + p for p in fs.find(base, maxdepth=1) if p.endswith(".parquet")
-                      and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
-    if not Path(run_dir).is_dir():
-        return []
-    return sorted(str(p) for p in Path(run_dir).iterdir() if p.suffix == ".parquet" and not p.name.startswith(("_", ".")))
+    """The Parquet files directly in a run folder (names starting with ``_`` or ``.`` are not rows)."""
+    return sorted(uri for rel, uri, _ in storage.files(run_dir, options)
+                  if "/" not in rel and rel.endswith(".parquet") and not rel.startswith(("_", ".")))
 
 
 def parquet_dataset(files: list[str], options: StorageOptions, schema: pa.Schema = FILE_SCHEMA) -> pads.Dataset | None:
     if not files:
         return None
-    fs = None
-    if storage.is_s3(files[0]):
-        fs, _ = storage.arrow_filesystem(files[0], options)
-        files = [f[len("s3://"):] for f in files]
-    return pads.dataset(files, format="parquet", filesystem=fs, schema=schema)
+    fs, paths = storage.arrow_paths(files, options)
+    return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema)
 
 
 def read_runs(dirs: list[str], columns: list[str], options: StorageOptions) -> pa.Table:

@@ -1,125 +1,37 @@
-"""Local paths and ``s3://`` URIs, one way in for the whole project.
+"""Where objects live, one way in for the whole project: a ``Source`` per kind of uri.
 
-S3 settings come from the standard AWS variables and files (credentials, region) plus an
-endpoint URL (``AWS_ENDPOINT_URL`` or an explicit argument) so MinIO, Ceph or moto work.
-The endpoint is handed explicitly to s3fs and to pyarrow: pyarrow does not read it from
-the environment. Credentials are never part of anything this module returns or logs.
+``s3://`` (``s3.S3Source``) and local paths (``local.LocalSource``) are built in; another kind
+of input is one module with a ``Source`` subclass, registered here (``register``). Every
+function below takes the uri of any registered source and asks that source, so nothing else
+in the project branches on the kind of a uri. Credentials are never part of anything this
+package returns or logs (``redaction``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import os
 import re
-import stat
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote_plus, urlparse
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
+from ntf_ray.storage.local import LocalSource
+from ntf_ray.storage.s3 import ALIASES, S3Source
+from ntf_ray.storage.source import (
+    ObjectChanged,
+    ObjectTooLarge,
+    Row,
+    Source,
+    StorageOptions,
+    Unsupported,
+)
 
-@dataclass(frozen=True)
-class StorageOptions:
-    """Where S3 lives. Credentials are deliberately not fields: they stay in the AWS chain."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-
-    @classmethod
-    def resolve(cls, endpoint_url: str | None = None, region: str | None = None) -> StorageOptions:
-        """Explicit values win over ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` / ``AWS_REGION``."""
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return cls(endpoint_url=endpoint or None, region=region or None)
-
-
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> ``("bucket", "key")``."""
-    if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    rest = uri[len("s3://") :]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"s3 URI without a bucket: {uri!r}")
-    return bucket, key
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or an ``s3://`` URI."""
-    if is_s3(base):
-        out = base.rstrip("/")
-        for part in parts:
-            out = f"{out}/{str(part).strip('/')}"
-        return out
-    return str(Path(base, *parts))
-
-
-def normalize(uri: str | Path) -> str:
-    """Absolute local path, or the ``s3://`` URI unchanged (``s3a://`` / ``s3n://`` accepted)."""
-    uri = str(uri)
-    if re.match(r"^s3[an]?://", uri):
-        uri = "s3://" + uri.split("://", 1)[1]
-        split_s3(uri)  # a clear error now, not an odd one from the S3 client later
-        return uri
-    if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/key")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    return str(Path(uri).expanduser().absolute())
-
-
-def fsspec_filesystem(options: StorageOptions | None = None):
-    """An s3fs filesystem with the endpoint passed explicitly (credentials from the AWS chain)."""
-    import s3fs
-
-    options = options or StorageOptions.resolve()
-    client_kwargs = {}
-    if options.endpoint_url:
-        client_kwargs["endpoint_url"] = options.endpoint_url
-    if options.region:
-        client_kwargs["region_name"] = options.region
-    # fsspec caches instances per (kwargs, process), so repeated reads reuse one client and
-    # its connection pool (a fresh S3FileSystem per call costs ~0.25 s: a new botocore
-    # session per object), two endpoints never share a client, and a forked DataLoader
-    # worker builds its own. No listings cache: another process may write meanwhile.
-    return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
-
-
-def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local path or an ``s3://`` URI."""
-    uri = normalize(uri)
-    if not is_s3(uri):
-        return pafs.LocalFileSystem(), uri
-    options = options or StorageOptions.resolve()
-    kwargs: dict = {}
-    if options.endpoint_url:
-        parsed = urlparse(options.endpoint_url)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "https"
-    if options.region:
-        kwargs["region"] = options.region
-    bucket, key = split_s3(uri)
-    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
-
-
-def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
-    """Whole object or file as bytes."""
-    uri = normalize(uri)
-    if is_s3(uri):
-        return fsspec_filesystem(options).cat_file(uri)
-    return Path(uri).read_bytes()
-
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_READ_AHEAD_BYTES", "ObjectChanged", "ObjectTooLarge", "Row", "Source",
+           "StorageOptions", "Unsupported", "arrow_filesystem", "arrow_paths", "binary_views", "create", "exists", "files", "join",
+           "list_names", "list_objects", "local_path", "move", "normalize", "prune", "read_bytes", "read_error",
+           "read_many", "read_versioned", "redact", "register", "remove", "unregister", "replace", "source_for", "stat_many",
+           "version", "write_bytes"]
 
 #: Default cap on an object's size for a scan: far above any photo (a 100 Mpx JPEG is ~50 MB),
 #: far below what hurts a worker.
@@ -128,189 +40,186 @@ DEFAULT_MAX_BYTES = 128 * 2**20
 #: scored rows waiting to be written): without a cap, reads run gigabytes ahead of the actors.
 DEFAULT_READ_AHEAD_BYTES = 2 * 1024**3
 
-
-class ObjectChanged(OSError):
-    """The object read is not the one listed: another etag (S3) or size, time or inode (local)."""
+_SOURCES: dict[str, Source] = {}
 
 
-class ObjectTooLarge(OSError):
-    """The object holds more bytes than the reader's cap."""
+def register(source: Source) -> Source:
+    """Make ``source`` the one for ``source.scheme://`` uris (here and in every Ray task that
+    reads through this package: the scan hands its sources to its read tasks)."""
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*", source.scheme or ""):
+        raise ValueError(f"a source needs a scheme of lowercase letters, digits, '+', '-' or '.': {source.scheme!r}")
+    _SOURCES[source.scheme] = source
+    return source
 
 
-def local_etag(st: os.stat_result) -> str:
-    """A local file's etag: a digest of its size, mtime, ctime and inode.
+def unregister(scheme: str) -> None:
+    """Forget the source of ``scheme://`` uris (the built-in ones stay)."""
+    if scheme not in ("file", "s3"):
+        _SOURCES.pop(scheme, None)
 
-    ctime cannot be set by a user, so a file rewritten with the same size and mtime (``cp -p``,
-    ``touch -d``, rsync ``-t``) still reads as changed.
-    """
-    key = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+register(LocalSource())
+register(S3Source())
+
+
+def scheme_of(uri: str | Path) -> str:
+    """The scheme a uri names (``file`` for a plain path)."""
+    text = str(uri)
+    if ALIASES.match(text):
+        return "s3"
+    head, sep, _ = text.partition("://")
+    return head.lower() if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", head) else "file"
+
+
+def source_for(uri: str | Path) -> Source:
+    scheme = scheme_of(uri)
+    if scheme not in _SOURCES:
+        raise ValueError(f"unsupported URI scheme in {str(uri)!r}: use a local path or one of "
+                         + ", ".join(f"{s}://" for s in sorted(_SOURCES) if s != "file"))
+    return _SOURCES[scheme]
+
+
+def sources() -> list[Source]:
+    """The registered sources, for handing to Ray tasks (they register them in their process)."""
+    return list(_SOURCES.values())
+
+
+def normalize(uri: str | Path) -> str:
+    """The canonical uri: an absolute local path, or ``scheme://...`` as its source writes it."""
+    return source_for(uri).normalize(str(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a uri."""
+    return source_for(base).join(base, *parts)
+
+
+def local_path(uri: str) -> str | None:
+    """The path of ``uri`` on this machine, if it is one (else None: an object store)."""
+    return source_for(uri).local_path(normalize(uri))
+
+
+def list_objects(prefix: str, pattern: str | None = None, options: StorageOptions | None = None) -> Iterator[Row]:
+    """Listing rows of every object below ``prefix`` (see ``Source.list``)."""
+    prefix = normalize(prefix)
+    return source_for(prefix).list(prefix, pattern, options or StorageOptions.resolve())
+
+
+def stat_many(uris: list[str], options: StorageOptions | None = None) -> Iterator[Row]:
+    """Listing rows of named objects, in order, each asked of its own source."""
+    options = options or StorageOptions.resolve()
+    rows: dict[int, Row] = {}
+    for source, where in _by_source(uris).items():
+        rows.update(zip(where, source.stat_many([uris[i] for i in where], options)))
+    return (rows[i] for i in range(len(uris)))
+
+
+def _by_source(uris: list[str]) -> dict[Source, list[int]]:
+    groups: dict[Source, list[int]] = {}
+    for i, u in enumerate(uris):
+        groups.setdefault(source_for(u), []).append(i)
+    return groups
 
 
 def read_many(uris: list[str], options: StorageOptions | None = None, *, etags: list[str | None] | None = None,
               max_bytes: int | None = None) -> list[bytes | Exception]:
-    """Read many objects or files; each result is the bytes or the exception it raised.
+    """Read many objects; each result is the bytes or the exception it raised.
 
     Each uri names exactly one object: nothing is expanded as a pattern (``*``, ``?``, ``[``
-    are ordinary characters in a key). With ``etags``, an object whose etag (S3, sent as
-    ``If-Match``) or ``local_etag`` (local) is no longer the one given reads as
-    ``ObjectChanged``, so the bytes read are always the bytes listed. With ``max_bytes``, an
-    object larger than that reads as ``ObjectTooLarge`` after at most ``max_bytes + 1`` bytes.
-    S3 objects are fetched concurrently: per-object latency, not bandwidth, bounds a
-    sequential loop over small images.
+    are ordinary characters in a key). With ``etags``, an object whose version is no longer
+    the one given reads as ``ObjectChanged``, so the bytes read are always the bytes listed.
+    With ``max_bytes``, an object larger than that reads as ``ObjectTooLarge`` after at most
+    ``max_bytes + 1`` bytes.
     """
     uris = [normalize(u) for u in uris]
     etags = list(etags) if etags is not None else [None] * len(uris)
+    options = options or StorageOptions.resolve()
     out: list[bytes | Exception] = [b""] * len(uris)
-    remote = [i for i, u in enumerate(uris) if is_s3(u)]
-    if remote:
-        from fsspec.asyn import sync
-
-        fs = fsspec_filesystem(options)
-
-        async def fetch_all():
-            return await asyncio.gather(*[_get_s3(fs, uris[i], etags[i], max_bytes) for i in remote],
-                                        return_exceptions=True)
-
-        for i, value in zip(remote, sync(fs.loop, fetch_all)):
+    for source, where in _by_source(uris).items():
+        got = source.read_many([uris[i] for i in where], options, etags=[etags[i] for i in where], max_bytes=max_bytes)
+        for i, value in zip(where, got):
             out[i] = value
-    for i, u in enumerate(uris):
-        if not is_s3(u):
-            try:
-                out[i] = _read_local(u, etags[i], max_bytes)
-            except OSError as exc:
-                out[i] = exc
     return out
 
 
-def list_s3(uri: str, options: StorageOptions | None = None, *, page_keys: int = 1000) -> Iterator[dict]:
-    """Every object under the ``s3://bucket/prefix`` ``uri``, one ListObjectsV2 page in memory at
-    a time: dicts with ``key`` (decoded), ``etag``, ``size`` and ``last_modified``.
+def _one(name: str):
+    def call(uri: str, *args, options: StorageOptions | None = None, **kwargs):
+        uri = normalize(uri)
+        return getattr(source_for(uri), name)(uri, *args, options or StorageOptions.resolve(), **kwargs)
 
-    Keys are asked for URL-encoded (XML cannot carry every character a key may hold, such as
-    control characters) and decoded here. An empty ``folder/`` marker is left out; a key ending
-    in ``/`` that holds bytes is an object like any other.
-    """
-    from fsspec.asyn import sync
-
-    fs = fsspec_filesystem(options)
-    bucket, prefix = split_s3(uri)
-    kwargs: dict = {"Bucket": bucket, "Prefix": prefix, "EncodingType": "url", "MaxKeys": page_keys}
-    while True:
-        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
-        encoded = page.get("EncodingType") == "url"
-        for obj in page.get("Contents", []):
-            key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
-            size = int(obj.get("Size", 0))
-            if key.endswith("/") and size == 0:
-                continue
-            yield {"key": key, "etag": obj.get("ETag", "").strip('"'), "size": size,
-                   "last_modified": obj.get("LastModified")}
-        if not page.get("IsTruncated"):
-            return
-        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+    return call
 
 
-def _s3_error_code(exc: BaseException) -> str | None:
-    """The S3 error code behind an exception s3fs translated (``PreconditionFailed``, ...)."""
-    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None)
-    return (response or {}).get("Error", {}).get("Code")
-
-
-async def _get_s3(fs, uri: str, etag: str | None, max_bytes: int | None) -> bytes:
-    bucket, key = split_s3(uri)
-    kwargs: dict = {}
-    if etag:
-        kwargs["IfMatch"] = f'"{etag}"'
-    if max_bytes is not None:
-        kwargs["Range"] = f"bytes=0-{max_bytes}"  # one byte more than allowed says "too large"
-    try:
-        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kwargs)
-    except OSError as exc:
-        code = _s3_error_code(exc)
-        if code in ("PreconditionFailed", "412"):
-            raise ObjectChanged(f"{uri} changed after it was listed") from None
-        if code in ("InvalidRange", "416"):  # a range of an empty object
-            return b""
-        raise
-    try:
-        data = await response["Body"].read()
-    finally:
-        response["Body"].close()
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ObjectTooLarge(f"more than {max_bytes} bytes")
-    return data
-
-
-def _read_local(path: str, etag: str | None, max_bytes: int | None) -> bytes:
-    # O_NONBLOCK: a file swapped for a FIFO after listing must not block the open itself
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f"{path} is a folder")
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise OSError(f"{path} is not a regular file")
-        if etag is not None and local_etag(st) != etag:
-            raise ObjectChanged(f"{path} changed after it was listed")
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ObjectTooLarge(f"more than {max_bytes} bytes")
-    return data
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    """Whole object or file as bytes."""
+    return _one("read_bytes")(uri, options=options)
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Write bytes, creating local parent folders; S3 writes are whole-object puts."""
-    uri = normalize(uri)
-    if is_s3(uri):
-        fsspec_filesystem(options).pipe_file(uri, data)
-        return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name in the same folder (threads of one process may write the same
-    # file), removed if the write fails; os.replace makes the file appear whole or not at all.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # mode 0666 minus the umask, like any new file
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write bytes whole (local parent folders created; an S3 PUT)."""
+    _one("write_bytes")(uri, data, options=options)
 
 
 def remove(uri: str, options: StorageOptions | None = None) -> None:
     """Remove a file, or a folder with everything under it; nothing if it is not there."""
-    uri = normalize(uri)
-    if is_s3(uri):
-        fs = fsspec_filesystem(options)
-        if fs.exists(uri):
-            fs.rm(uri, recursive=True)
-    elif os.path.isdir(uri) and not os.path.islink(uri):
-        import shutil
+    _one("remove")(uri, options=options)
 
-        shutil.rmtree(uri, ignore_errors=True)
-    else:
-        Path(uri).unlink(missing_ok=True)
+
+def prune(folder: str, options: StorageOptions | None = None) -> None:
+    """Remove ``folder`` if it is empty (object stores have no empty folders)."""
+    _one("prune")(folder, options=options)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    return _one("exists")(uri, options=options)
+
+
+def version(uri: str, options: StorageOptions | None = None) -> str:
+    """An object's version: it changes whenever the object is written again."""
+    return _one("version")(uri, options=options)
+
+
+def files(folder: str, options: StorageOptions | None = None, *, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str, str]]:
+    """(path relative to ``folder``, uri, version) of every object below it (``Source.files``)."""
+    folder = normalize(folder)
+    return source_for(folder).files(folder, options or StorageOptions.resolve(), skip=skip)
 
 
 def list_names(folder: str, options: StorageOptions | None = None) -> list[str]:
     """Every file under ``folder``, as paths relative to it (none if it is not there)."""
-    folder = normalize(folder).rstrip("/")
-    if is_s3(folder):
-        base = folder[len("s3://"):]
-        return sorted(p[len(base) + 1:] for p in fsspec_filesystem(options).find(base))
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
-                  for d, _, files in os.walk(folder) for f in files)
+    return sorted(rel for rel, _, _ in files(folder, options))
 
 
-def exists(uri: str, options: StorageOptions | None = None) -> bool:
-    uri = normalize(uri)
-    if is_s3(uri):
-        return fsspec_filesystem(options).exists(uri)
-    return Path(uri).exists()
+def move(source: str, target: str, options: StorageOptions | None = None) -> None:
+    """Put the object at ``source`` at ``target`` in one step (both of one source)."""
+    source, target = normalize(source), normalize(target)
+    source_for(target).move(source, target, options or StorageOptions.resolve())
+
+
+def arrow_filesystem(uri: str, options: StorageOptions | None = None):
+    """(pyarrow filesystem, path inside it) for a uri."""
+    return _one("arrow_filesystem")(uri, options=options)
+
+
+def arrow_paths(uris: list[str], options: StorageOptions | None = None):
+    """(one pyarrow filesystem, each uri's path in it), for uris of one source."""
+    fs, _ = arrow_filesystem(uris[0], options)
+    return fs, [source_for(u).arrow_path(normalize(u)) for u in uris]
+
+
+def create(uri: str, data: bytes, options: StorageOptions | None = None) -> tuple[bool, str | None]:
+    """Write only if nothing is there: (written, version token)."""
+    return _one("create")(uri, data, options=options)
+
+
+def replace(uri: str, data: bytes, token: str | None, options: StorageOptions | None = None) -> tuple[bool, str | None]:
+    """Overwrite only if still the version ``token`` names: (written, new token)."""
+    return _one("replace")(uri, data, token, options=options)
+
+
+def read_versioned(uri: str, options: StorageOptions | None = None) -> tuple[bytes | None, str | None]:
+    """(bytes, version token), or (None, None) when nothing is there."""
+    return _one("read_versioned")(uri, options=options)
 
 
 def redact(text: str) -> str:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,6 @@ _LAYOUT_HELP = (
     "ROOT/[<generator>/...]/{train,val}/{ai,nature}/<image> (e.g. ROOT/stable_diffusion_v_1_4/train/ai/00001.png)"
 )
 #: Keys per ListObjectsV2 page (the S3 maximum); tests lower it to exercise paging.
-_S3_PAGE_KEYS = 1000
-
 
 def manifest_schema(with_family: bool = False) -> pa.Schema:
     """``MANIFEST_SCHEMA``, plus ``family`` last when ``with_family``."""
@@ -151,9 +148,10 @@ def read_manifest(uri: str, options: StorageOptions | None = None, *, uris_only:
     if uris_only and "uri" in table.column_names:
         table = table.select(["uri"])
     table = validate_manifest(table, uri)
-    if not storage.is_s3(uri):
-        base = Path(uri).parent
-        uris = [u if storage.is_s3(u) or Path(u).is_absolute() else str(base / u) for u in table.column("uri").to_pylist()]
+    local = storage.local_path(uri)
+    if local is not None:  # relative paths in a local manifest are relative to its folder
+        base = Path(local).parent
+        uris = [u if "://" in u or Path(u).is_absolute() else str(base / u) for u in table.column("uri").to_pylist()]
         table = table.set_column(0, MANIFEST_SCHEMA.field("uri"), pa.array(uris, pa.string()))
     return table
 
@@ -202,13 +200,14 @@ def index_root(root: str | Path, *, default_split: str = "test", options: Storag
     if default_split not in SPLITS:
         raise ValueError(f"default_split must be one of {SPLITS}")
     root = storage.normalize(root)
-    if storage.is_s3(root):
-        bucket, prefix = storage.split_s3(root)
-        files, root_name = _list_s3(root, options), prefix.strip("/").rsplit("/", 1)[-1] or bucket
-    else:
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"not a folder: {root}")
-        files, root_name = _list_local(root), Path(root).name
+    local = storage.local_path(root)
+    if local is not None and not Path(local).is_dir():
+        raise FileNotFoundError(f"not a folder: {root}")
+    # Empty parts (a "//" in a key) are no folder level; the uri keeps the key verbatim.
+    files = [(tuple(p for p in rel.split("/") if p), uri) for rel, uri, _ in storage.files(root, options, skip=(".",))]
+    if not files and local is None:
+        raise FileNotFoundError(f"not a folder: no objects under {root.rstrip('/')}/")
+    root_name = root.rstrip("/").rsplit("/", 1)[-1]
     found: dict[str, list[dict[str, Any]]] = {CNNDETECTION: [], GENIMAGE: []}
     first: dict[str, str] = {}  # layout -> its first path below ROOT, for messages
     n_images, unmatched = 0, None
@@ -259,32 +258,6 @@ def _classify(parts: tuple[str, ...], root_name: str, default_split: str) -> tup
         return GENIMAGE, {"label": GENIMAGE_LABEL_DIRS[dirs[-1]], "generator": generator,
                           "split": GENIMAGE_SPLITS[dirs[-2]]}
     return None, {}
-
-
-def _list_local(root: str) -> Iterator[tuple[tuple[str, ...], str]]:
-    """(path parts below root, absolute path) of every file; hidden folders are not entered."""
-    for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(folder).relative_to(root).parts
-        for name in filenames:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):  # not a broken symlink
-                yield (*rel, name), path
-
-
-def _list_s3(root: str, options: StorageOptions | None) -> list[tuple[tuple[str, ...], str]]:
-    """(key parts below the prefix, ``s3://bucket/key``) of every object, one ListObjectsV2 page at a time."""
-    bucket, prefix = storage.split_s3(root)
-    prefix = prefix.strip("/")
-    prefix = f"{prefix}/" if prefix else ""
-    out = []
-    for obj in storage.list_s3(f"s3://{bucket}/{prefix}", options, page_keys=_S3_PAGE_KEYS):
-        # Empty parts (a "//" in the key) are no folder level; the uri keeps the key verbatim.
-        parts = tuple(p for p in obj["key"][len(prefix):].split("/") if p)
-        out.append((parts, f"s3://{bucket}/{obj['key']}"))
-    if not out:
-        raise FileNotFoundError(f"not a folder: no objects under {root.rstrip('/')}/")
-    return out
 
 
 def select(table: pa.Table, *, split: str | None = None, labels: Sequence[int] | None = None,

@@ -234,10 +234,7 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
         pool=pool, endpoint=endpoint, max_bytes=spec.max_bytes, isolated=group is not None,
         streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU, read_ahead_bytes=spec.read_ahead_bytes,
     )
-    if storage.is_s3(staged):
-        fs, path = storage.arrow_filesystem(staged, options)
-        ds.write_parquet(path, filesystem=fs)
-    else:
-        ds.write_parquet(staged)
+    fs, path = storage.arrow_filesystem(staged, options)
+    ds.write_parquet(path, filesystem=fs)
 
 

@@ -20,6 +20,7 @@ from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.scan.publish import SEQ
 from ntf_ray.scan.spec import ActorPool
 from ntf_ray.scan.table import FILE_SCHEMA
+from ntf_ray import storage
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 from ntf_ray.storage import binary_views as binary_views
 
@@ -306,7 +307,7 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
         # ray_remote_args it deprecates still apply them (revisit before Ray 2.64).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         ds = ds.map_batches(read_objects, batch_format="pyarrow", batch_size=None,
-                            fn_kwargs={"endpoint": endpoint, "max_bytes": max_bytes}, max_retries=READ_TASK_RETRIES)
+                            fn_kwargs={"endpoint": endpoint, "max_bytes": max_bytes, "sources": storage.sources()}, max_retries=READ_TASK_RETRIES)
         ds = ds.map_batches(
             actor,
             fn_constructor_kwargs={**constructor_kwargs, "device": plan.device},

@@ -1,0 +1,250 @@
+"""``s3://bucket/key`` (``s3a://``, ``s3n://`` accepted) as a ``Source``: AWS S3, MinIO, Ceph, moto.
+
+S3 settings come from the standard AWS variables and files (credentials, region) plus an
+endpoint URL (``AWS_ENDPOINT_URL`` or an explicit argument). The endpoint is handed explicitly
+to s3fs and to pyarrow: pyarrow does not read it from the environment. Reads carry the listed
+ETag as ``If-Match`` and a ``Range`` one byte past the cap; the lease's writes carry
+``If-None-Match`` / ``If-Match``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import unquote_plus, urlparse
+
+from ntf_ray.storage.source import ObjectChanged, ObjectTooLarge, Row, Source, StorageOptions, matches
+
+#: Keys per ListObjectsV2 page (S3's own maximum).
+PAGE_KEYS = 1000
+#: Objects HEAD-ed at once for a manifest's listing rows.
+STAT_CHUNK = 1000
+#: S3's answers to a conditional write that another writer won.
+_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``("bucket", "key")``."""
+    if not str(uri).startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def fsspec_filesystem(options: StorageOptions | None = None):
+    """An s3fs filesystem with the endpoint passed explicitly (credentials from the AWS chain)."""
+    import s3fs
+
+    options = options or StorageOptions.resolve()
+    client_kwargs = {}
+    if options.endpoint_url:
+        client_kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        client_kwargs["region_name"] = options.region
+    # fsspec caches instances per (kwargs, process), so repeated reads reuse one client and
+    # its connection pool (a fresh S3FileSystem per call costs ~0.25 s: a new botocore
+    # session per object), two endpoints never share a client, and a forked DataLoader
+    # worker builds its own. No listings cache: another process may write meanwhile.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an exception s3fs translated (``PreconditionFailed``, ...)."""
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None)
+    return (response or {}).get("Error", {}).get("Code")
+
+
+def list_s3(uri: str, options: StorageOptions | None = None, *, page_keys: int | None = None) -> Iterator[dict]:
+    """Every object under the ``s3://bucket/prefix`` ``uri``, one ListObjectsV2 page in memory at
+    a time: dicts with ``key`` (decoded), ``etag``, ``size`` and ``last_modified``.
+
+    Keys are asked for URL-encoded (XML cannot carry every character a key may hold, such as
+    control characters) and decoded here. An empty ``folder/`` marker is left out; a key ending
+    in ``/`` that holds bytes is an object like any other.
+    """
+    from fsspec.asyn import sync
+
+    fs = fsspec_filesystem(options)
+    bucket, prefix = split_s3(uri)
+    kwargs: dict = {"Bucket": bucket, "Prefix": prefix, "EncodingType": "url", "MaxKeys": page_keys or PAGE_KEYS}
+    while True:
+        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        encoded = page.get("EncodingType") == "url"
+        for obj in page.get("Contents", []):
+            key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
+            size = int(obj.get("Size", 0))
+            if key.endswith("/") and size == 0:
+                continue
+            yield {"key": key, "etag": obj.get("ETag", "").strip('"'), "size": size,
+                   "last_modified": obj.get("LastModified")}
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+async def _get(fs, uri: str, etag: str | None, max_bytes: int | None) -> bytes:
+    bucket, key = split_s3(uri)
+    kwargs: dict = {}
+    if etag:
+        kwargs["IfMatch"] = f'"{etag}"'
+    if max_bytes is not None:
+        kwargs["Range"] = f"bytes=0-{max_bytes}"  # one byte more than allowed says "too large"
+    try:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kwargs)
+    except OSError as exc:
+        code = error_code(exc)
+        if code in ("PreconditionFailed", "412"):
+            raise ObjectChanged(f"{uri} changed after it was listed") from None
+        if code in ("InvalidRange", "416"):  # a range of an empty object
+            return b""
+        raise
+    try:
+        data = await response["Body"].read()
+    finally:
+        response["Body"].close()
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ObjectTooLarge(f"more than {max_bytes} bytes")
+    return data
+
+
+def _folder(uri: str) -> str:
+    """A prefix that names a folder: ``s3://bucket/a/`` for ``s3://bucket/a``; the bucket for ``s3://bucket``."""
+    bucket, key = split_s3(uri)
+    return f"s3://{bucket}/{key.rstrip('/') + '/' if key else ''}"
+
+
+class S3Source(Source):
+    scheme = "s3"
+
+    def normalize(self, uri: str) -> str:
+        uri = "s3://" + uri.split("://", 1)[1]
+        split_s3(uri)  # a clear error now, not an odd one from the S3 client later
+        return uri
+
+    def list(self, prefix: str, pattern: str | None, options: StorageOptions) -> Iterator[Row]:
+        folder = _folder(prefix)
+        bucket, _ = split_s3(folder)
+        for obj in list_s3(folder, options):
+            if matches(obj["key"].rstrip("/").rsplit("/", 1)[-1], pattern):
+                yield {"uri": f"s3://{bucket}/{obj['key']}", "etag": obj["etag"], "size_bytes": obj["size"],
+                       "last_modified": obj["last_modified"]}
+
+    def stat_many(self, uris: list[str], options: StorageOptions) -> Iterator[Row]:
+        from fsspec.asyn import sync
+
+        fs = fsspec_filesystem(options)
+
+        async def info(u: str):
+            try:
+                return await fs._info(u)
+            except (OSError, ValueError) as exc:
+                return exc
+
+        for start in range(0, len(uris), STAT_CHUNK):
+            chunk = uris[start : start + STAT_CHUNK]
+            for u, i in zip(chunk, sync(fs.loop, asyncio.gather, *[info(u) for u in chunk])):
+                if isinstance(i, Exception):
+                    yield {"uri": u, "etag": None, "size_bytes": None, "last_modified": None}
+                else:
+                    yield {"uri": u, "etag": str(i.get("ETag", "")).strip('"'), "size_bytes": int(i.get("size", 0)),
+                           "last_modified": i.get("LastModified")}
+
+    def read_many(self, uris: list[str], options: StorageOptions, *, etags: list[str | None],
+                  max_bytes: int | None) -> list[bytes | Exception]:
+        # Fetched concurrently: per-object latency, not bandwidth, bounds a loop over small images.
+        from fsspec.asyn import sync
+
+        fs = fsspec_filesystem(options)
+
+        async def fetch_all():
+            return await asyncio.gather(*[_get(fs, u, e, max_bytes) for u, e in zip(uris, etags)],
+                                        return_exceptions=True)
+
+        return list(sync(fs.loop, fetch_all))
+
+    def read_bytes(self, uri: str, options: StorageOptions) -> bytes:
+        return fsspec_filesystem(options).cat_file(uri)
+
+    def write_bytes(self, uri: str, data: bytes, options: StorageOptions) -> None:
+        fsspec_filesystem(options).pipe_file(uri, data)  # one PUT: the object appears whole
+
+    def remove(self, uri: str, options: StorageOptions) -> None:
+        fs = fsspec_filesystem(options)
+        if fs.exists(uri):
+            fs.rm(uri, recursive=True)
+
+    def files(self, folder: str, options: StorageOptions, *, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str, str]]:
+        folder = _folder(folder)
+        bucket, prefix = split_s3(folder)
+        for obj in list_s3(folder, options):  # verbatim keys, one page at a time
+            rel = obj["key"][len(prefix):]
+            if skip and any(part.startswith(skip) for part in rel.split("/")[:-1]):
+                continue
+            yield rel, f"s3://{bucket}/{obj['key']}", obj["etag"]
+
+    def version(self, uri: str, options: StorageOptions) -> str:
+        return str(fsspec_filesystem(options).info(uri).get("ETag", "")).strip('"')
+
+    def exists(self, uri: str, options: StorageOptions) -> bool:
+        return fsspec_filesystem(options).exists(uri)
+
+    def move(self, source: str, target: str, options: StorageOptions) -> None:
+        fsspec_filesystem(options).cp_file(source, target)  # one object appears whole; one file, never a pattern
+        self.remove(source, options)
+
+    def arrow_filesystem(self, uri: str, options: StorageOptions):
+        import pyarrow.fs as pafs
+
+        kwargs: dict = {}
+        if options.endpoint_url:
+            parsed = urlparse(options.endpoint_url)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        if options.region:
+            kwargs["region"] = options.region
+        return pafs.S3FileSystem(**kwargs), self.arrow_path(uri)
+
+    def arrow_path(self, uri: str) -> str:
+        bucket, key = split_s3(uri)
+        return f"{bucket}/{key}".rstrip("/")
+
+    def _call(self, op: str, uri: str, options: StorageOptions, **kwargs) -> Any:
+        from fsspec.asyn import sync
+
+        fs = fsspec_filesystem(options)
+        bucket, key = split_s3(uri)
+        return sync(fs.loop, fs._call_s3, op, Bucket=bucket, Key=key, **kwargs)
+
+    def create(self, uri: str, data: bytes, options: StorageOptions) -> tuple[bool, str | None]:
+        try:
+            return True, self._call("put_object", uri, options, Body=data, IfNoneMatch="*")["ETag"]
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or error_code(exc) in _LOST_RACE:
+                return False, None
+            raise
+
+    def replace(self, uri: str, data: bytes, token: str | None, options: StorageOptions) -> tuple[bool, str | None]:
+        try:
+            return True, self._call("put_object", uri, options, Body=data, IfMatch=token)["ETag"]
+        except OSError as exc:
+            if error_code(exc) in _LOST_RACE or isinstance(exc, FileNotFoundError):
+                return False, None
+            raise
+
+    def read_versioned(self, uri: str, options: StorageOptions) -> tuple[bytes | None, str | None]:
+        from fsspec.asyn import sync
+
+        try:
+            response = self._call("get_object", uri, options)
+        except FileNotFoundError:
+            return None, None
+        return sync(fsspec_filesystem(options).loop, response["Body"].read), response["ETag"]
+
+
+#: ``s3a://`` and ``s3n://`` (Hadoop's names) are S3 too.
+ALIASES = re.compile(r"^s3[an]?://")
