@@ -1,6 +1,6 @@
 """The detector artifact: ``model.safetensors`` + ``model.json``, local and on S3 (moto).
 
-Contract (architecture.md): weights only, never a pickle; model.json holds format version,
+Contract (docs/contracts.md): weights only, never a pickle; model.json holds format version,
 backbone, input size, normalisation, threshold, training config/data summary, metrics,
 and ``model_id`` = first 16 hex of sha256 of the weights file. Loading never executes
 code from the artifact, and every malformed artifact is a clear ``ArtifactError``.

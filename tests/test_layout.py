@@ -138,3 +138,46 @@ def test_the_core_imports_and_scores_without_ray():
 if __name__ == "__main__":
     for (source, dest), where in sorted(package_imports().items(), key=lambda e: (RANK[e[0][0]], e[0])):
         print(f"{source:>14} -> {dest:<14} {len(where):3d} module(s), e.g. {where[0]}")
+
+
+def test_score_and_report_run_with_ray_unimportable(tmp_path):
+    """The two commands a reviewer runs on a laptop need no Ray: its import is made to fail."""
+    import datetime as dt
+    import json as json_module
+    import os
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ntf_ray.scan.table import FILE_SCHEMA
+    from ntf_ray.storage.local import local_etag
+
+    from .conftest import save_random_detector
+
+    model = save_random_detector(str(tmp_path / "model"))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    st = os.stat(image)
+    run = tmp_path / "scores" / "dt=2026-12-05" / "run_id=r1"
+    run.mkdir(parents=True)
+    row = {"uri": str(image), "etag": local_etag(st), "size_bytes": st.st_size, "last_modified": None, "score": 0.9,
+           "is_fake": True, "threshold": 0.5, "width": 32, "height": 32, "format": "PNG", "error": None,
+           "model_id": "m", "scanned_at": dt.datetime.now(dt.timezone.utc), "decoder": "pil"}
+    pq.write_table(pa.Table.from_pylist([row], schema=FILE_SCHEMA), run / "scores.parquet")
+    (run / "_summary.json").write_text(json_module.dumps({"listed": 1}))
+    (run / "_SUCCESS").write_text("")
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from ntf_ray.cli import main\n"
+        f"assert main(['score', '--model', {model!r}, {str(image)!r}]) == 0\n"
+        f"assert main(['report', '--scores', {str(tmp_path / 'scores')!r}, '--output', {str(tmp_path / 'page')!r},"
+        f" '--model', {model!r}]) == 0\n"
+        "assert sys.modules['ray'] is None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"score"' in out.stdout and "report of run r1: 1 images" in out.stdout
+    assert (tmp_path / "page" / "index.html").is_file()

@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 from ntf_ray import storage
 from ntf_ray.storage import StorageOptions
 
-#: The score table, exactly as the architecture notes define it.
+#: The score table, exactly as docs/contracts.md defines it.
 SCORE_SCHEMA = pa.schema([
     ("uri", pa.string()),
     ("etag", pa.string()),
@@ -35,7 +35,7 @@ SCORE_SCHEMA = pa.schema([
     ("model_id", pa.string()),
     ("run_id", pa.string()),
     ("scanned_at", pa.timestamp("us", tz="UTC")),
-    # Added after the architecture's columns: which decoder made the pixels ("pil", "nvjpeg"
+    # Added after the contract's first columns: which decoder made the pixels ("pil", "nvjpeg"
     # or "nvimgcodec"; null when the object could not be read). nvjpeg's scores differ slightly.
     ("decoder", pa.string()),
 ])

@@ -3,7 +3,7 @@
 One row per listed object, always: objects that cannot be read or decoded get an error
 row with a short reason, and the run goes on; objects lost with a worker that died are
 scored again in smaller groups until only the one at fault is left (``isolation``). The
-table follows the contract in the architecture notes (columns, types, ``OUTPUT/dt=YYYY-MM-DD/run_id=ID/``). A run's rows are
+table follows the contract in docs/contracts.md (columns, types, ``OUTPUT/dt=YYYY-MM-DD/run_id=ID/``). A run's rows are
 staged and published in one piece once every listed object has its row (see ``table``), so
 readers never see a crashed or running run, and re-running a run id replaces it only when
 the new attempt succeeds.
