@@ -59,6 +59,11 @@ def lost_alone(error: str | None) -> int:
     return int(m.group("alone")) if m else 0
 
 
+def error(kind: str, reason: str) -> str:
+    """A row's error: ``error(DECODE, "truncated image")`` is ``"decode: truncated image"``."""
+    return f"{kind}: {reason}"
+
+
 def kind(error: str) -> str:
     """``"decode"`` for ``"decode: truncated image"``."""
     return error.split(":", 1)[0]

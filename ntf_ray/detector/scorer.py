@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ntf_ray.detector.artifact import check_threshold, load_artifact
-from ntf_ray.errors import DetectorFault
+from ntf_ray.errors import DECODE, READ, DetectorFault, error
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS, decode
 from ntf_ray.images.transforms import TooLargeToFit, check_fit, eval_transform, to_tensor
 from ntf_ray.nn.dist import resolve_device
@@ -203,7 +203,7 @@ class Scorer:
         try:
             crop = eval_transform(image, self.input_size)
         except (RuntimeError, ValueError) as exc:  # e.g. a degenerate 1 x N image
-            return None, ScoreResult(None, None, w, h, fmt, f"decode: cannot crop ({type(exc).__name__})", decoder)
+            return None, ScoreResult(None, None, w, h, fmt, error(DECODE, f"cannot crop ({type(exc).__name__})"), decoder)
         if crop.untyped_storage().nbytes() > crop.numel() * crop.element_size():
             # The centre crop is a view: a copy lets the whole frame go now, not with the batch.
             crop = crop.clone(memory_format=torch.contiguous_format)
@@ -260,7 +260,7 @@ class Scorer:
             if results[i] is not None:
                 continue
             if not isinstance(data, (bytes, bytearray, memoryview)):
-                results[i] = ScoreResult(None, None, None, None, None, f"read: expected bytes, got {type(data).__name__}")
+                results[i] = ScoreResult(None, None, None, None, None, error(READ, f"expected bytes, got {type(data).__name__}"))
                 continue
             crop, results[i] = self.preprocess(data)
             if crop is not None:

@@ -106,6 +106,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ntf_ray.errors import DECODE, TOO_LARGE, UNSUPPORTED_FORMAT, error
 from ntf_ray.images.decode_limits import declared_work, icon_too_large
 from ntf_ray.images.decode_pixels import BadSamples, TooSlow, check_deadline, to_rgb_array
 from ntf_ray.images.formats import FORMATS, OPENERS, unsupported_format
@@ -195,7 +196,7 @@ class _Timed(io.BytesIO):
 
 
 def _too_slow(deadline_s: float | None) -> str:
-    return f"decode: too slow (over {deadline_s:g} s)"
+    return error(DECODE, f"too slow (over {deadline_s:g} s)")
 
 
 def decode(
@@ -226,7 +227,7 @@ def decode(
     buf = _as_buffer(data)
     limit = _check_max_pixels(max_pixels)
     if len(buf) == 0:
-        return _failure("decode: empty file")
+        return _failure(error(DECODE, "empty file"))
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
     icon = icon_too_large(buf, limit)
     if icon is not None:  # before Image.open: the ICO plugin decodes its embedded image there
@@ -241,8 +242,8 @@ def decode(
     except UnidentifiedImageError:
         name = unsupported_format(buf)
         if name is None:
-            return _failure("decode: not an image")
-        return Decoded(None, name, None, None, f"unsupported_format: {name}")
+            return _failure(error(DECODE, "not an image"))
+        return Decoded(None, name, None, None, error(UNSUPPORTED_FORMAT, f"{name}"))
     except Image.DecompressionBombError as exc:
         # Pillow's global guard (2 x Image.MAX_IMAGE_PIXELS) fired inside Image.open. Re-read
         # the header without that guard so max_pixels, not the global, decides.
@@ -253,7 +254,7 @@ def decode(
         if im is None:
             return _failure(_pillow_bomb_reason(exc))
     except MemoryError:
-        return _failure("decode: out of memory")
+        return _failure(error(DECODE, "out of memory"))
     except Exception as exc:  # noqa: BLE001 - bad data must never raise (see docstring)
         return _failure(_reason(exc))
 
@@ -267,10 +268,10 @@ def decode(
                 fmt,
                 width,
                 height,
-                f"too_large: {width}x{height} = {width * height} px > limit {limit}",
+                error(TOO_LARGE, f"{width}x{height} = {width * height} px > limit {limit}"),
             )
         if width <= 0 or height <= 0:
-            return Decoded(None, fmt, width, height, f"decode: empty image ({width}x{height})")
+            return Decoded(None, fmt, width, height, error(DECODE, f"empty image ({width}x{height})"))
         refused = declared_work(im, buf, limit)
         if refused is not None:
             return Decoded(None, fmt, width, height, refused)
@@ -289,7 +290,7 @@ def decode(
         except _TooLarge as exc:
             return Decoded(None, fmt, width, height, str(exc))
         except MemoryError:
-            return Decoded(None, fmt, width, height, "decode: out of memory")
+            return Decoded(None, fmt, width, height, error(DECODE, "out of memory"))
         except Exception as exc:  # noqa: BLE001 - bad data must never raise
             return Decoded(None, fmt, width, height, _reason(exc))
 
@@ -343,15 +344,15 @@ def _reason(exc: BaseException) -> str:
         msg = _ADDRESS_RE.sub("<buffer>", msg)
         if "truncated" in msg.lower():
             # Pillow: "image file is truncated (N bytes not processed)", "Truncated File Read"
-            return "decode: truncated image"
+            return error(DECODE, "truncated image")
         if isinstance(exc, EOFError):
-            return "decode: truncated image"
+            return error(DECODE, "truncated image")
         if not msg:
             msg = type(exc).__name__
         elif not isinstance(exc, (OSError, SyntaxError, ValueError)):
             # e.g. KeyError('273') would read as just "273" without its type.
             msg = f"{type(exc).__name__}: {msg}"
-    reason = f"decode: {msg}"
+    reason = error(DECODE, f"{msg}")
     if len(reason) > _MAX_REASON_CHARS:
         reason = reason[: _MAX_REASON_CHARS - 3] + "..."
     return reason
@@ -361,7 +362,7 @@ def _pillow_bomb_reason(exc: BaseException) -> str:
     """``too_large`` reason from Pillow's DecompressionBombError when we lack the size."""
     match = re.search(r"\((\d+) pixels\)", str(exc))
     pixels = match.group(1) if match else "?"
-    return f"too_large: {pixels} px > Pillow limit {_pillow_hard_limit()}"
+    return error(TOO_LARGE, f"{pixels} px > Pillow limit {_pillow_hard_limit()}")
 
 
 def _pillow_hard_limit() -> int | None:

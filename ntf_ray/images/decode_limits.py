@@ -17,6 +17,8 @@ import struct
 
 from PIL import Image
 
+from ntf_ray.errors import DECODE, TOO_LARGE, error
+
 #: A TIFF tile or strip may hold the image's own pixels, or this many (a small image in one
 #: 256 x 256 tile is common), whichever is more, and never more than ``max_pixels``.
 TILE_FLOOR_PIXELS = 1 << 24
@@ -47,7 +49,7 @@ def icon_too_large(buf, limit: int | None) -> str | None:
         else:
             continue
         if w * h > limit:
-            return f"too_large: an embedded icon image of {w}x{h} = {w * h} px > limit {limit}"
+            return error(TOO_LARGE, f"an embedded icon image of {w}x{h} = {w * h} px > limit {limit}")
     return None
 
 
@@ -63,9 +65,9 @@ def declared_work(im: Image.Image, buf, limit: int | None) -> str | None:
         try:
             tile_w, tile_h, rows = (int(tags.get(t) or 0) for t in (322, 323, 278))
         except (TypeError, ValueError):
-            return "decode: unreadable TIFF tile or strip size"
+            return error(DECODE, "unreadable TIFF tile or strip size")
         if tile_w and tile_h and tile_w * tile_h > bound:
-            return f"too_large: TIFF tiles of {tile_w}x{tile_h} = {tile_w * tile_h} px > limit {bound}"
+            return error(TOO_LARGE, f"TIFF tiles of {tile_w}x{tile_h} = {tile_w * tile_h} px > limit {bound}")
         if rows and min(rows, height) * width > bound:
-            return f"too_large: TIFF strips of {width}x{min(rows, height)} px > limit {bound}"
+            return error(TOO_LARGE, f"TIFF strips of {width}x{min(rows, height)} px > limit {bound}")
     return None

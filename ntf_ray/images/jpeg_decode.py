@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import simplejpeg
 
+from ntf_ray.errors import DECODE, TOO_LARGE, error
 from ntf_ray.images.jpeg_screen import MAX_SCANS, count_scans, screen
 
 #: EXIF orientation -> the turn that shows the image upright, on an ``(H, W, C)`` array: the
@@ -42,13 +43,13 @@ def decode_jpeg(buf, limit: int | None) -> tuple[np.ndarray | None, str | None]:
     """
     found = screen(buf, max_pixels=limit, allow_orientation=True)
     if (found.scans if found.scans is not None else count_scans(buf)) > MAX_SCANS:
-        return None, f"too_large: more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)"
+        return None, error(TOO_LARGE, f"more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)")
     if not found.gpu:
-        return None, ("decode: truncated image" if ends_early(buf) else None)
+        return None, (error(DECODE, "truncated image") if ends_early(buf) else None)
     try:
         pixels = simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
     except ValueError as exc:
-        return None, ("decode: truncated image" if "premature end" in str(exc).lower() else None)
+        return None, (error(DECODE, "truncated image") if "premature end" in str(exc).lower() else None)
     turn = _ORIENT.get(found.orientation)
     return (pixels if turn is None else np.ascontiguousarray(turn(pixels))), None
 

@@ -28,16 +28,22 @@ from dataclasses import dataclass
 HEADS = ("transfer", "linear")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Variant:
+    """One row of the table above; every field by name."""
+
     name: str
-    stage1: bool  # stage 1 runs (False: the encoder comes from ``pretrained``)
-    use_het: bool  # L_het in stage 1 (f_het exists only when L_het or L_orth needs it)
-    use_orth: bool  # L_orth in stage 1
-    use_scl: bool  # L_scl in stage 2
-    head: str  # one of HEADS
-    train_encoder: bool  # stage 2 trains the encoder (end to end)
     summary: str
+    stage1: bool = True  # stage 1 runs (False: the encoder comes from ``pretrained``)
+    use_het: bool = True  # L_het in stage 1 (f_het exists only when L_het or L_orth needs it)
+    use_orth: bool = True  # L_orth in stage 1
+    use_scl: bool = True  # L_scl in stage 2
+    head: str = "transfer"  # one of HEADS
+    train_encoder: bool = False  # stage 2 trains the encoder (end to end)
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"variant {self.name}: head must be one of {HEADS}, got {self.head!r}")
 
     @property
     def needs_f_het(self) -> bool:
@@ -45,13 +51,14 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("ntf", True, True, True, True, "transfer", False,
-            "NTF: natural-trace learning, then SCL + BCE through the transfer layer"),
-    Variant("no-orth", True, True, False, True, "transfer", False, "NTF without L_orth"),
-    Variant("no-het-orth", True, False, False, True, "transfer", False, "NTF without L_het and L_orth"),
-    Variant("no-scl", True, True, True, False, "transfer", False, "NTF's network, stage 2 with BCE only"),
-    Variant("linear-probe", True, True, True, False, "linear", False, "a linear classifier on the frozen stage-1 encoder"),
-    Variant("bce", False, False, False, False, "linear", True, "Wang2020: the pretrained encoder fine-tuned with BCE"),
+    Variant(name="ntf", summary="NTF: natural-trace learning, then SCL + BCE through the transfer layer"),
+    Variant(name="no-orth", use_orth=False, summary="NTF without L_orth"),
+    Variant(name="no-het-orth", use_het=False, use_orth=False, summary="NTF without L_het and L_orth"),
+    Variant(name="no-scl", use_scl=False, summary="NTF's network, stage 2 with BCE only"),
+    Variant(name="linear-probe", use_scl=False, head="linear",
+            summary="a linear classifier on the frozen stage-1 encoder"),
+    Variant(name="bce", stage1=False, use_het=False, use_orth=False, use_scl=False, head="linear", train_encoder=True,
+            summary="Wang2020: the pretrained encoder fine-tuned with BCE"),
 )}
 DEFAULT_VARIANT = "ntf"
 

@@ -24,7 +24,7 @@ import ray
 
 from ntf_ray import storage
 from ntf_ray.detector.artifact import check_threshold
-from ntf_ray.errors import DETECTOR, DetectorFault
+from ntf_ray.errors import DECODE, DETECTOR, DetectorFault, error
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
 from ntf_ray.ray_edge.scan.actor import scored_stream
 from ntf_ray.scan.spec import ActorPool
@@ -161,7 +161,7 @@ class EvaluationActor:
                 cols["perturbation"].append(kind)
                 cols["level"].append(level)
                 cols["score"].append(float(scores[i]) if i in scores else None)
-                cols["error"].append(None if i in scores else level_errors.get(i, "decode: not scored"))
+                cols["error"].append(None if i in scores else level_errors.get(i, error(DECODE, "not scored")))
                 cols["embedding"].append(features[i].tolist() if i in features else None)
         repeat = len(self.plan)
         for name in ("uri", "label", "generator", "family"):

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from ntf_ray import storage
 from ntf_ray.errors import is_retried, lost_alone
+from ntf_ray.errors import kind as error_kind
 from ntf_ray.scan.index import skip_key
 from ntf_ray.scan.table import FILE_SCHEMA, ROWS, STAGING, parquet_dataset, parquet_files
 from ntf_ray.storage import StorageOptions
@@ -61,7 +62,7 @@ class Tally:
         errors = batch.column("error").to_pylist()
         for e in errors:
             if e is not None:
-                kind = e.split(":", 1)[0]
+                kind = error_kind(e)
                 self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
         if keep_final:
             final = pa.array([not is_retried(e) for e in errors], pa.bool_())

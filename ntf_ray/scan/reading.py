@@ -13,6 +13,7 @@ import time
 import pyarrow as pa
 
 from ntf_ray import storage
+from ntf_ray.errors import TOO_LARGE, error
 from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectTooLarge, Source, StorageOptions
 
 READ_ATTEMPTS = 3  # transient read errors are retried; each source names those that are not
@@ -37,7 +38,7 @@ def _read_with_retries(uris: list[str], options: StorageOptions, *, etags: list[
 def object_error(exc: BaseException) -> str:
     """The error a row gets for an object that could not be read."""
     if isinstance(exc, ObjectTooLarge):
-        return f"too_large: {exc}"
+        return error(TOO_LARGE, f"{exc}")
     return storage.read_error(exc)
 
 
@@ -65,7 +66,7 @@ def read_objects(batch: pa.Table, *, endpoint: str | None, max_bytes: int | None
         if errors[i] is not None:
             continue
         if max_bytes is not None and size is not None and size > max_bytes:
-            errors[i] = f"too_large: {size} bytes > limit {max_bytes}"
+            errors[i] = error(TOO_LARGE, f"{size} bytes > limit {max_bytes}")
         elif size == 0 and etags[i] is not None:
             data[i] = b""  # listed empty: nothing to read (S3 refuses a range of an empty object)
         else:

@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ntf_ray import storage
+from ntf_ray.errors import READ
+from ntf_ray.errors import kind as error_kind
 from ntf_ray.scan.reading import _read_with_retries as read_with_retries  # the scan's own reads
 from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectChanged, ObjectTooLarge, StorageOptions
 from ntf_ray.untrusted_text import html_text, visible
@@ -146,7 +148,7 @@ def build_report(scores: str, output: str, *, run_id: str | None = None, top: in
         if not _storage_failure(exc):
             raise
         # read_error: one line, no secret, and no endpoint URL (it may name internal hosts)
-        raise ReportStorageError(storage.read_error(exc).removeprefix("read: ")) from exc
+        raise ReportStorageError(storage.read_error(exc).removeprefix(f"{READ}: ")) from exc
 
 
 def _scan_max_bytes(summary: dict) -> int:
@@ -203,7 +205,7 @@ def _build(scores: str, output: str, *, run_id: str | None, top: int, model: str
     threshold = float(table.column("threshold")[0].as_py()) if table.num_rows else 0.5
     errors: dict[str, int] = {}
     for e in table.column("error").drop_null().to_pylist():
-        kind = e.split(":", 1)[0]
+        kind = error_kind(e)
         errors[kind] = errors.get(kind, 0) + 1
     order = pc.sort_indices(scored, sort_keys=[("score", "descending"), ("uri", "ascending")])
     best = scored.take(order[:top]).to_pylist()

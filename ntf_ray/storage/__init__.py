@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ntf_ray.errors import READ, error
 from ntf_ray.storage.local import LocalSource
 from ntf_ray.storage.s3 import ALIASES, S3Source
 from ntf_ray.storage.source import (
@@ -236,12 +237,12 @@ def read_error(exc: BaseException) -> str:
     since between a listing and its read it most likely was deleted.
     """
     if isinstance(exc, FileNotFoundError):
-        return "read: not found (deleted after listing?)"
+        return error(READ, "not found (deleted after listing?)")
     if isinstance(exc, ObjectChanged):
-        return "read: changed after listing"
+        return error(READ, "changed after listing")
     # no endpoint in a row or a log: "Could not connect to the endpoint URL: http://minio.internal:9000/..."
     message = re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", "<endpoint>", " ".join(redact(str(exc)).split()))
-    text = f"read: {type(exc).__name__}: {message}" if message else f"read: {type(exc).__name__}"
+    text = error(READ, f"{type(exc).__name__}: {message}") if message else error(READ, f"{type(exc).__name__}")
     return text if len(text) <= 200 else text[:197] + "..."
 
 

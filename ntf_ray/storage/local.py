@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ntf_ray.errors import READ, UNSUPPORTED_NAME, error
 from ntf_ray.storage.source import ObjectChanged, ObjectTooLarge, Row, Source, StorageOptions, error_row, matches
 
 
@@ -98,7 +99,7 @@ class LocalSource(Source):
                 if folder == root:
                     raise
                 yield error_row(_printable(os.path.abspath(folder)) + os.sep,
-                                f"read: cannot list this folder ({type(exc).__name__}); its files are not scanned")
+                                error(READ, f"cannot list this folder ({type(exc).__name__}); its files are not scanned"))
                 continue
             for e in entries:
                 if e.name.startswith("."):
@@ -111,19 +112,19 @@ class LocalSource(Source):
                     if not matches(e.name, pattern):
                         continue
                     if not _is_utf8(uri):
-                        yield error_row(_printable(uri), "unsupported_name: the file name is not valid UTF-8")
+                        yield error_row(_printable(uri), error(UNSUPPORTED_NAME, "the file name is not valid UTF-8"))
                     elif e.is_symlink():  # followed to a file inside the folder only; folders behind links are not
                         target = os.path.realpath(uri)
                         if os.path.commonpath([target, real_root]) != real_root:
-                            yield error_row(uri, "unsupported_name: a symbolic link that leads outside the input folder")
+                            yield error_row(uri, error(UNSUPPORTED_NAME, "a symbolic link that leads outside the input folder"))
                         elif os.path.isfile(target):
                             yield _row(uri, os.stat(target))
                         elif not os.path.isdir(target):
-                            yield error_row(uri, "read: a symbolic link to no regular file")
+                            yield error_row(uri, error(READ, "a symbolic link to no regular file"))
                     elif e.is_file(follow_symlinks=False):  # never a FIFO, socket or device: reading one can block
                         yield _row(uri, e.stat(follow_symlinks=False))
                 except OSError as exc:
-                    yield error_row(_printable(uri), f"read: cannot stat ({type(exc).__name__})")
+                    yield error_row(_printable(uri), error(READ, f"cannot stat ({type(exc).__name__})"))
 
     def stat_many(self, uris: list[str], options: StorageOptions) -> Iterator[Row]:
         for uri in uris:

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from ntf_ray import storage
 from ntf_ray.errors import DECODE, DETECTOR, DetectorFault
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.scan.publish import SEQ
 from ntf_ray.scan.spec import ActorPool
 from ntf_ray.scan.table import FILE_SCHEMA
-from ntf_ray import storage
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 from ntf_ray.storage import binary_views as binary_views
 

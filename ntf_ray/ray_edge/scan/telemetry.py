@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from ntf_ray import errors
+
 #: name -> (kind, description, tag keys); the dashboard test holds the dashboard to these names.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ntf_scan_listed": ("counter", "objects listed to score (after what moderate skips)", ("model_id",)),
@@ -57,7 +59,7 @@ class ActorMetrics:
             self.flagged.inc(flagged, tags=tags)
         kinds: dict[str, int] = {}
         for error in rows.column("error").drop_null().to_pylist():
-            kind = error.split(":", 1)[0]
+            kind = errors.kind(error)
             kinds[kind] = kinds.get(kind, 0) + 1
         for kind, n in kinds.items():
             self.errors.inc(n, tags={**tags, "kind": kind})
