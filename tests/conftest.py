@@ -51,8 +51,8 @@ class MotoS3:
         """``make_synthetic(local, **synth)``, copied under ``BUCKET/data/`` with a manifest of
         ``s3://`` uris; returns the manifest's uri."""
         from ntf_ray import storage
-        from ntf_ray.training.datasets import manifest_table, write_manifest
         from ntf_ray.synth import make_synthetic
+        from ntf_ray.training.datasets import manifest_table, write_manifest
 
         options = storage.StorageOptions(endpoint_url=self.endpoint_url)
         records = make_synthetic(local, **synth)

@@ -20,8 +20,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from ntf_ray.detector.artifact import (FORMAT_VERSION, ArtifactError, DetectorArtifact, card_record, load_artifact, model_id_of,
-                              save_artifact)
+from ntf_ray.detector.artifact import (
+    FORMAT_VERSION,
+    ArtifactError,
+    DetectorArtifact,
+    card_record,
+    load_artifact,
+    model_id_of,
+    save_artifact,
+)
 from ntf_ray.nn.model import Detector
 from ntf_ray.storage import StorageOptions
 from tests.awkward import texture

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from ntf_ray import cli
+from ntf_ray.cli import main
 from ntf_ray.scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.scan.spec import ScanResult
-from ntf_ray.cli import main
 
 ENV_ENDPOINT = "http://minio.internal:9000"
 FLAG_ENDPOINT = "http://ceph.internal:7480"
@@ -140,8 +140,8 @@ def test_max_bytes_rejects_what_is_not_a_size(text, capsys):
 def recorded(monkeypatch):
     """Replace what would start Ray by recorders; returns what each was given."""
     from ntf_ray.ray_edge import evaluate as ray_evaluate
-    from ntf_ray.ray_edge import scan as ray_scan
     from ntf_ray.ray_edge import runtime
+    from ntf_ray.ray_edge import scan as ray_scan
     from ntf_ray.ray_edge import train as ray_train
 
     calls: dict = {}
@@ -269,8 +269,8 @@ def test_score_a_bad_scheme_is_a_usage_error(tmp_path, capsys, monkeypatch):
 
 
 def test_the_model_card_shows_the_stored_evaluation_and_calibration():
-    from ntf_ray.evaluate.metrics import per_generator_table
     from ntf_ray.detector.model_card import render
+    from ntf_ray.evaluate.metrics import per_generator_table
 
     table = per_generator_table([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.4], ["gan", "gan", "dm", "dm"])
     card = render({"model_id": "abc", "threshold": 0.7, "metrics": {"split": "test", "table": table},

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ntf_ray import storage
 from ntf_ray.cli import main as cli_main
+from ntf_ray.storage import StorageOptions
 from ntf_ray.training.datasets import (
     MANIFEST_SCHEMA,
     ManifestDataset,
@@ -27,7 +28,6 @@ from ntf_ray.training.datasets import (
     validate_manifest,
     write_manifest,
 )
-from ntf_ray.storage import StorageOptions
 from tests.conftest import FAKE_SECRET_ACCESS_KEY
 
 pytestmark = pytest.mark.timeout(120)

@@ -22,9 +22,9 @@ from PIL import Image
 from scipy.stats import chisquare, ks_2samp, kstest, uniform
 
 from ntf_ray.images import batch_ops as B
+from ntf_ray.images.transforms import Stage1Views, Stage2Transform, to_tensor
 from ntf_ray.training import device_augment as D
 from ntf_ray.training.config import TrainConfig
-from ntf_ray.images.transforms import Stage1Views, Stage2Transform, to_tensor
 
 N = 600  # views per path in each distribution test
 #: where the device path runs in these tests: the CPU always, a GPU too when there is one
@@ -423,3 +423,53 @@ def test_frames_the_core_decoder_makes_come_in_groups_of_the_same_budget():
     groups = list(D.decode_frames(pngs, torch.device("cpu"), max_pixels=None, group_pixels=2 * 48 * 40))
     assert [g for g, _ in groups] == [[0, 1], [2, 3], [4]]
     assert [int(f[0, 0, 0]) for _, frames in groups for f in frames] == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- one definition per augmentation
+
+#: Each augmentation parameter and the test that draws it on the CPU and the GPU path alike.
+#: A parameter added to ``Stage1Augment`` or ``Stage2Augment`` fails the test below until a
+#: distribution check of both paths is named here.
+DISTRIBUTION_CHECKS = {
+    "Stage1Augment": {
+        "size": "test_stage1_native_crops_draw_every_position_as_the_cpu_path",
+        "resized_crop": "test_stage1_native_crops_draw_every_position_as_the_cpu_path",
+        "crop_scale": "test_stage1_crops_and_flips_draw_the_cpu_paths_distributions",
+        "jitter": "test_stage1_colour_jitter_draws_the_cpu_paths_distributions",
+        "grayscale_prob": "test_stage1_grayscale_rate_is_the_cpu_paths",
+    },
+    "Stage2Augment": {
+        name: "test_stage2_blur_jpeg_crop_flip_and_scl_crop_draw_the_cpu_paths_distributions"
+        for name in ("size", "scl_size", "blur_prob", "blur_sigma", "jpeg_prob", "jpeg_quality", "flip")
+    },
+}
+
+
+def test_every_augmentation_parameter_has_a_cpu_and_gpu_distribution_check():
+    import dataclasses
+    import inspect
+
+    from ntf_ray.images import augment
+
+    for name, checks in DISTRIBUTION_CHECKS.items():
+        params = getattr(augment, name)
+        assert set(checks) == {f.name for f in dataclasses.fields(params)}, name
+        stage = name[len("Stage")]
+        for field, test in checks.items():
+            source = inspect.getsource(globals()[test])
+            assert f"_cpu_stage{stage}(" in source and f"_device_stage{stage}(" in source, (field, test)
+
+
+def test_both_paths_are_built_from_one_set_of_parameters():
+    """The CPU transforms take every parameter by name; the GPU views are the parameters."""
+    from ntf_ray.images.augment import Stage1Augment, Stage2Augment
+    from ntf_ray.training.stages import STAGE1, STAGE2
+
+    cfg = TrainConfig(crop_size=64, scl_crop_size=16, stage1_jitter=0.3, blur_prob=0.25, jpeg_quality=[40, 90])
+    one, two = STAGE1.augment(cfg), STAGE2.augment(cfg)
+    assert isinstance(STAGE1.device_views(cfg), Stage1Augment) and STAGE1.device_views(cfg) == D.Stage1DeviceViews(
+        **{f: getattr(one, f) for f in one.__dataclass_fields__})
+    cpu1, cpu2 = STAGE1.transform(cfg), STAGE2.transform(cfg, seed=0)
+    assert (cpu1.size, cpu1.resized_crop) == (64, one.resized_crop)
+    assert (cpu2.size, cpu2.scl_size, cpu2.blur_prob, cpu2.jpeg_quality) == (64, 16, 0.25, (40, 90))
+    assert isinstance(STAGE2.device_views(cfg), Stage2Augment) and STAGE2.device_views(cfg).jpeg_quality == (40, 90)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from ntf_ray.nn.model import Stage1Model, Stage2Model, build_encoder
 from ntf_ray.training.engine import (
     load_checkpoint,
     make_optimizer,
@@ -16,7 +17,6 @@ from ntf_ray.training.engine import (
     train_stage1_epoch,
     train_stage2_epoch,
 )
-from ntf_ray.nn.model import Stage1Model, Stage2Model, build_encoder
 
 
 def stage1_batches(n_batches=3, b=6, size=32, seed=0):
@@ -183,21 +183,20 @@ def test_stage2_skips_single_image_batches():
 def _stage2_after(variant: str, *, eta: float = 0.5, seed: int = 0):
     """A trained stage 1, then one stage-2 epoch of ``variant``, all seeds equal."""
     from ntf_ray.training.config import load_config
-    from ntf_ray.training.recipe import build_stage1, build_stage2, stage1_kwargs, stage2_kwargs
+    from ntf_ray.training.stages import STAGE1, STAGE2, build_stage1, build_stage2
 
     cfg = load_config(None, {"backbone": "tiny", "proj_dim": 16, "variant": variant, "eta": eta})
     torch.manual_seed(seed)
     stage1 = build_stage1(cfg) if variant != "bce" else None
     if stage1 is not None:
-        train_stage1_epoch(stage1, stage1_batches(), make_optimizer(stage1.parameters(), lr=0.05), epoch=0,
-                           log_every=0, **stage1_kwargs(cfg))
+        STAGE1.epoch(stage1, stage1_batches(), make_optimizer(stage1.parameters(), lr=0.05), cfg, epoch=0,
+                     log_every=0)
     torch.manual_seed(seed + 1)
     model = build_stage2(cfg, stage1)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     params = prepare_stage2(model, train_encoder=variant == "bce")
     torch.manual_seed(seed + 2)
-    train_stage2_epoch(model, stage2_batches(), make_optimizer(params, lr=0.1), epoch=0, log_every=0,
-                       **stage2_kwargs(cfg))
+    STAGE2.epoch(model, stage2_batches(), make_optimizer(params, lr=0.1), cfg, epoch=0, log_every=0)
     return model, encoder_before
 
 

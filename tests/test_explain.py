@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.cli import main
+from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.detector.explain import cam_maps
 from ntf_ray.nn.model import Detector
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ntf_ray.detector.scorer import Scorer
 from ntf_ray.images import gpu_decode
 from ntf_ray.images.jpeg_screen import screen
 from ntf_ray.nn.model import Detector
-from ntf_ray.detector.scorer import Scorer
 from tests.awkward import make_awkward_files, texture
 
 

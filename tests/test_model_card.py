@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ntf_ray.detector.artifact import load_artifact, model_id_of, save_artifact
 from ntf_ray.cli import main
-from ntf_ray.nn.model import Detector
+from ntf_ray.detector.artifact import load_artifact, model_id_of, save_artifact
 from ntf_ray.detector.model_card import render
+from ntf_ray.nn.model import Detector
 
 CALIBRATION = {"target_fpr": 0.05, "fpr": 0.04, "fpr_upper95": 0.09, "reals": 100, "split": "val"}
 METRICS = {"split": "test", "table": [{"generator": "progan", "images": 40, "ap": 0.71, "acc": 0.6, "fpr": 0.3,

@@ -18,12 +18,12 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, confusion_matrix
 
 from ntf_ray import storage
-from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.cli import main
-from ntf_ray.training.datasets import manifest_table, read_manifest, select, write_manifest
-from ntf_ray.nn.model import Detector
+from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.detector.scorer import Scorer
+from ntf_ray.nn.model import Detector
 from ntf_ray.synth import make_synthetic
+from ntf_ray.training.datasets import manifest_table, read_manifest, select, write_manifest
 from tests.conftest import FAKE_SECRET_ACCESS_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

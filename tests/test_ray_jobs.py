@@ -58,9 +58,9 @@ def ray_cluster(s3, tmp_path_factory):
 
 def test_job_submit_trains_both_stages_from_s3_to_a_detector_in_s3(ray_cluster, s3, bucket, tmp_path):
     from ntf_ray import storage
+    from ntf_ray.detector.scorer import Scorer
     from ntf_ray.training.datasets import read_manifest, select
     from ntf_ray.training.recipe import evaluate
-    from ntf_ray.detector.scorer import Scorer
 
     options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
     # A small set (the suite's time): that training learns at the recipe's scale is

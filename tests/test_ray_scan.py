@@ -14,8 +14,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from ntf_ray import storage
-from ntf_ray.scan.table import SCORE_SCHEMA, SUMMARY, completed_runs
 from ntf_ray.cli import main
+from ntf_ray.scan.table import SCORE_SCHEMA, SUMMARY, completed_runs
 from ntf_ray.synth import make_synthetic
 from tests.awkward import make_awkward_files
 from tests.conftest import FAKE_SECRET_ACCESS_KEY, save_random_detector

@@ -11,18 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 import ray  # noqa: E402
-
 import ray.train  # noqa: E402
 import torch  # noqa: E402
 from ray.train import ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from ntf_ray.ray_edge import train as ray_train  # noqa: E402
+from ntf_ray.synth import make_synthetic  # noqa: E402
 from ntf_ray.training.config import load_config  # noqa: E402
 from ntf_ray.training.datasets import manifest_table, write_manifest  # noqa: E402
-from ntf_ray.synth import make_synthetic  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "training" / "configs" / "smoke.yaml"
@@ -40,8 +38,8 @@ def local_ray(s3):
 def _parity_loop(config):
     """One stage-1 step of the engine on a fixed global batch, split over the workers."""
     from ntf_ray.nn import dist
-    from ntf_ray.training.engine import make_optimizer, train_stage1_epoch
     from ntf_ray.nn.model import Stage1Model, build_encoder
+    from ntf_ray.training.engine import make_optimizer, train_stage1_epoch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -152,8 +150,8 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(local_ray, s
 def _stage2_parity_loop(config):
     """One stage-2 step (transfer layer, SCL + BCE) on a fixed global batch, split over the workers."""
     from ntf_ray.nn import dist
-    from ntf_ray.training.engine import make_optimizer, prepare_stage2, train_stage2_epoch
     from ntf_ray.nn.model import Stage1Model, Stage2Model, build_encoder
+    from ntf_ray.training.engine import make_optimizer, prepare_stage2, train_stage2_epoch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from ntf_ray.detector.artifact import load_artifact
 from ntf_ray.cli import main
+from ntf_ray.detector.artifact import load_artifact
+from ntf_ray.detector.scorer import Scorer
 from ntf_ray.training.config import load_config
 from ntf_ray.training.datasets import read_manifest, select
 from ntf_ray.training.recipe import evaluate, train_local
-from ntf_ray.detector.scorer import Scorer
 
 SMOKE = Path(__file__).resolve().parents[1] / "ntf_ray" / "training" / "configs" / "smoke.yaml"
 
@@ -49,14 +49,14 @@ def test_local_training_drops_slivers(tmp_path):
 
     from ntf_ray.training.datasets import collate_drop_none, manifest_table
     from ntf_ray.training.recipe import TrainingImages
-    from ntf_ray.training.config import stage1_transform, stage2_transform
+    from ntf_ray.training.stages import STAGE1, STAGE2
 
     rng = np.random.default_rng(0)
     for name, (h, w) in {"ok.png": (40, 40), "thin.png": (1, 1000)}.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
     table = manifest_table([{"uri": str(tmp_path / n), "label": 0, "split": "train"} for n in ("ok.png", "thin.png")])
     cfg = load_config(SMOKE, ["crop_size=32", "scl_crop_size=16", "max_pixels=1000000"])
-    for transform, keys in ((stage1_transform(cfg), ("view1", "view2")), (stage2_transform(cfg, 0), ("image", "crop"))):
+    for transform, keys in ((STAGE1.transform(cfg), STAGE1.keys), (STAGE2.transform(cfg, 0), STAGE2.keys)):
         data = TrainingImages(table, transform, keys=keys, max_pixels=cfg.max_pixels)
         batch = collate_drop_none([data[0], data[1]])
         assert batch["dropped"] == 1 and batch[keys[0]].shape == (1, 3, 32, 32)

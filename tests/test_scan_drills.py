@@ -25,11 +25,11 @@ import pytest
 from PIL import Image
 
 from ntf_ray import storage
-from ntf_ray.scan.table import SUMMARY, completed_runs
-from ntf_ray.scan.publish import staging_dir
-from ntf_ray.ray_edge import scan as ray_scan
 from ntf_ray.cli import main
+from ntf_ray.ray_edge import scan as ray_scan
 from ntf_ray.scan import lock
+from ntf_ray.scan.publish import staging_dir
+from ntf_ray.scan.table import SUMMARY, completed_runs
 from ntf_ray.synth import make_synthetic
 from tests.conftest import save_random_detector
 

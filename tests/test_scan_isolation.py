@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from ntf_ray import storage
-from ntf_ray.ray_edge import scan as ray_scan
 from ntf_ray.cli import main
 from ntf_ray.errors import POISON_AFTER, SOLO_ATTEMPTS
+from ntf_ray.ray_edge import scan as ray_scan
 from tests import bombs
 from tests.awkward import texture
 from tests.conftest import save_nan_detector, save_random_detector

@@ -10,13 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ntf_ray import storage
+from ntf_ray.ray_edge import scan as ray_scan
+from ntf_ray.scan.index import already_scored
 from ntf_ray.scan.listing import list_objects
 from ntf_ray.scan.reading import _read_with_retries, read_objects
-from ntf_ray.scan.spec import check_run_id
+from ntf_ray.scan.spec import ScanSpec, check_run_id
 from ntf_ray.scan.table import FILE_SCHEMA, LISTING_SCHEMA, SUCCESS, SUMMARY
-from ntf_ray.scan.index import already_scored
-from ntf_ray.ray_edge import scan as ray_scan
-from ntf_ray.scan.spec import ScanSpec
 
 
 def _spec(**kw) -> ScanSpec:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ntf_ray import storage
-from ntf_ray.scan import lock, index, publish, table
+from ntf_ray.scan import index, lock, publish, table
 
 
 def _rows(uris: list[str], errors: list[str | None] | None = None, seqs: list[int] | None = None,

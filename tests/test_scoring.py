@@ -18,10 +18,10 @@ from PIL import Image
 
 from ntf_ray import cli
 from ntf_ray.detector.artifact import save_artifact
-from ntf_ray.images.decode import decode
-from ntf_ray.nn.model import Detector
 from ntf_ray.detector.scorer import Scorer, ScoreResult
+from ntf_ray.images.decode import decode
 from ntf_ray.images.transforms import eval_transform, to_tensor
+from ntf_ray.nn.model import Detector
 from tests.awkward import make_awkward_files, texture
 
 SIZE = 64
@@ -476,9 +476,9 @@ def test_gpu_decoder_paths_score_within_the_stated_tolerance_of_the_cpu_path(mon
     decoders stand in (torchvision's libjpeg-turbo for nvJPEG, Pillow for nvImageCodec), so
     the pixels agree and what is checked is everything around them; the GPU figures are the
     bench's."""
+    from ntf_ray.detector.scorer import PARITY_TOLERANCE, parity
     from ntf_ray.images import gpu_decode
     from ntf_ray.nn.model import Detector
-    from ntf_ray.detector.scorer import PARITY_TOLERANCE, parity
     from tests.test_gpu_decode import _FakeNvImageCodec
 
     torch.manual_seed(0)

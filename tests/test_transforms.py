@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -83,8 +82,8 @@ def test_blur_of_a_sliver_blurs_along_its_long_side(h, w):
 
 def test_the_sliver_limit_is_the_scorers():
     """Training refuses exactly the images the scorer refuses, with the same reason."""
-    from ntf_ray.nn.model import Detector
     from ntf_ray.detector.scorer import Scorer
+    from ntf_ray.nn.model import Detector
 
     scorer = Scorer(Detector.build("tiny"), input_size=48, max_pixels=100_000, device="cpu")
     for h, w in [(1, 2000), (1, 2100), (2, 4200), (3000, 1), (40, 2100), (48, 5000)]:

@@ -8,6 +8,7 @@ means to. Images smaller than the crop are upscaled until they fit, never zero-p
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -17,6 +18,8 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+
+from ntf_ray.images.augment import Stage1Augment, Stage2Augment
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -210,6 +213,11 @@ class Stage1Views:
             ]
         )
 
+    @classmethod
+    def of(cls, params: Stage1Augment, *, max_pixels: int | None = None) -> Stage1Views:
+        """The CPU views of ``params`` (the GPU path's ``Stage1DeviceViews`` takes the same)."""
+        return cls(**dataclasses.asdict(params), max_pixels=max_pixels)
+
     def __call__(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img = fit_min_side(img, self.size, self.max_pixels)
         return self.augment(img), self.augment(img)
@@ -252,6 +260,11 @@ class Stage2Transform:
         self.seed = seed
         self.rng = random.Random(seed)
         self._stream: tuple[int, int] | None = None  # (worker id, worker seed) the rng was seeded for
+
+    @classmethod
+    def of(cls, params: Stage2Augment, *, seed: int | None = None, max_pixels: int | None = None) -> Stage2Transform:
+        """The CPU transform of ``params`` (the GPU path's ``Stage2DeviceViews`` takes the same)."""
+        return cls(**dataclasses.asdict(params), seed=seed, max_pixels=max_pixels)
 
     def _worker_rng(self) -> random.Random:
         info = torch.utils.data.get_worker_info()

@@ -43,23 +43,9 @@ from ntf_ray.ray_edge.train_progress import Poster, StageWatch
 from ntf_ray.storage import StorageOptions
 from ntf_ray.training.config import ResumeConflict, TrainConfig, refuse_resume, resume_conflicts
 from ntf_ray.training.datasets import read_manifest
-from ntf_ray.training.engine import (
-    load_checkpoint,
-    make_optimizer,
-    make_scheduler,
-    prepare_stage2,
-    save_checkpoint,
-    train_stage1_epoch,
-    train_stage2_epoch,
-)
-from ntf_ray.training.recipe import (
-    build_stage1,
-    build_stage2,
-    data_summary,
-    stage1_kwargs,
-    stage2_kwargs,
-    training_rows,
-)
+from ntf_ray.training.engine import load_checkpoint, make_optimizer, make_scheduler, save_checkpoint
+from ntf_ray.training.recipe import data_summary
+from ntf_ray.training.stages import stage_of
 
 log = logging.getLogger(__name__)
 
@@ -141,32 +127,21 @@ def train_loop(config: dict[str, Any]) -> None:
     loop_start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage: int = config["stage"]
+    step = stage_of(stage)
     cfg = TrainConfig.from_dict(config["cfg"])
     options = StorageOptions.resolve(config["endpoint"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    variant = get_variant(cfg.variant)
-
-    if stage == 1:
-        model: torch.nn.Module = build_stage1(cfg)
-        epochs, lr = cfg.epochs_stage1, cfg.lr
-    elif variant.stage1:
-        # pretrained=none: stage 1's export overwrites every weight (no ImageNet download here).
-        stage1 = build_stage1(dataclasses.replace(cfg, pretrained="none"))
-        _load_stage1_export(stage1, config["output"], options)
-        model = build_stage2(cfg, stage1)
-        epochs, lr = cfg.epochs_stage2, cfg.lr_stage2 or cfg.lr
-    else:  # bce: the encoder from cfg.pretrained, trained end to end
-        model = build_stage2(cfg, None)
-        epochs, lr = cfg.epochs_stage2, cfg.lr_stage2 or cfg.lr
+    model = step.build(cfg, stage1_weights=lambda stage1: _load_stage1_export(stage1, config["output"], options))
+    epochs = step.epochs(cfg)
     if world > 1:
         # Before the optimiser is built: conversion replaces the batch-norm parameters.
         dist.convert_global_batchnorm(model)
     model.to(device)
-    params = list(model.parameters()) if stage == 1 else prepare_stage2(model, train_encoder=variant.train_encoder)
-    optimizer = make_optimizer(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(step.trainable(model, cfg), lr=step.lr(cfg), momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, epochs=epochs, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
 
@@ -192,7 +167,7 @@ def train_loop(config: dict[str, Any]) -> None:
             log.info("stage %d resumed from its checkpoint after epoch %d of %d; continuing with epoch %d (checkpoint %s)",
                      stage, start_epoch, epochs, start_epoch + 1, resumed.path)
     train_model = model
-    if stage == 1 and world > 1:
+    if step.ddp and world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -231,13 +206,10 @@ def train_loop(config: dict[str, Any]) -> None:
                                          local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch)
             batches = prefetch(encoded, device_batches, device)
             if world > 1:
-                batches = agreed_batches(batches, "view1" if stage == 1 else "image", 1 if stage == 1 else 2, device)
+                batches = agreed_batches(batches, step.keys[0], step.min_rows, device)
         poster = Poster(board, epoch, config.get("rows", 0), world) if board is not None else None
         batches = InputWaits(batches, on_batch=poster.batch if poster is not None else None)
-        if stage == 1:
-            metrics = train_stage1_epoch(train_model, batches, optimizer, epoch=epoch, **stage1_kwargs(cfg), **common)
-        else:
-            metrics = train_stage2_epoch(model, batches, optimizer, epoch=epoch, **stage2_kwargs(cfg), **common)
+        metrics = step.epoch(train_model, batches, optimizer, cfg, epoch=epoch, **common)
         metrics.update(batches.metrics())
         if epoch == start_epoch:
             metrics["setup_s"] = batches.start - loop_start  # the worker's own start: model, restore, DDP
@@ -344,13 +316,13 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
     if stage == 2 and get_variant(cfg.variant).stage1:
         check_stage1_export(cfg, spec.output, options)
     table = table if table is not None else read_manifest(spec.manifest, options)
-    rows = training_rows(table, cfg, stage=stage)
+    rows = stage_of(stage).rows(table, cfg)
     counter = DropCounter.remote()
     augment = augment_place(spec)
     dataset = build_dataset(rows, stage=stage, cfg=cfg, endpoint=spec.endpoint, counter=counter,
                             augment_in_tasks=augment == "tasks")
     storage_path, fs = _storage(spec)
-    watch = StageWatch(stage, cfg.epochs_stage1 if stage == 1 else cfg.epochs_stage2)
+    watch = StageWatch(stage, stage_of(stage).epochs(cfg))
     cpus_per_worker = worker_cpus(spec, float(ray.cluster_resources().get("CPU", 0)))
     with watch:  # its board is an actor, killed however the run ends
         trainer = TorchTrainer(

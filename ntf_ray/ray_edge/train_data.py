@@ -70,12 +70,12 @@ def prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, counter) -> dict[st
     import torch
 
     from ntf_ray.images.transforms import TooLargeToFit, to_tensor
-    from ntf_ray.training.config import stage1_transform, stage2_transform
+    from ntf_ray.training.stages import stage_of
 
     torch.set_num_threads(1)  # many small tensors: threads only add overhead here
     c = TrainConfig.from_dict(cfg)
-    transform = stage1_transform(c) if stage == 1 else stage2_transform(c)
-    keys = ("view1", "view2") if stage == 1 else ("image", "crop")
+    step = stage_of(stage)
+    transform, keys = step.transform(c), step.keys
     out: dict[str, list] = {k: [] for k in (*keys, "label")}
     dropped = 0
     for label, data in zip(batch.column("label").to_pylist(), batch.column("data").to_pylist()):
@@ -97,9 +97,7 @@ def prepare_batch(batch: pa.Table, *, stage: int, cfg: dict, counter) -> dict[st
     if dropped and counter is not None:
         counter.add.remote(dropped)
     if not out["label"]:
-        size, second = c.crop_size, (c.crop_size if stage == 1 else c.scl_crop_size)
-        return {keys[0]: np.zeros((0, 3, size, size), np.uint8), keys[1]: np.zeros((0, 3, second, second), np.uint8),
-                "label": np.zeros((0,), np.int64)}
+        return step.empty_batch(c)
     return {k: np.stack(v) if k != "label" else np.asarray(v, np.int64) for k, v in out.items()}
 
 

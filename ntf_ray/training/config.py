@@ -11,12 +11,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-
-if TYPE_CHECKING:
-    from ntf_ray.images.transforms import Stage1Views, Stage2Transform
 
 
 @dataclass
@@ -244,21 +241,3 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("temperature must be positive")
     if cfg.epochs_stage1 < 0 or cfg.epochs_stage2 < 0:
         raise ValueError("epoch counts must be >= 0")
-
-
-def stage1_transform(cfg: TrainConfig) -> Stage1Views:
-    """Stage 1's two-view augmentation as a training config sets it."""
-    from ntf_ray.images.transforms import Stage1Views  # here: a config is read where torchvision is not needed
-
-    return Stage1Views(cfg.crop_size, resized_crop=cfg.stage1_resized_crop, crop_scale=cfg.stage1_crop_scale,
-                       jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale, max_pixels=cfg.max_pixels)
-
-
-def stage2_transform(cfg: TrainConfig, seed: int | None = None) -> Stage2Transform:
-    """Stage 2's 224 crop (+ flip, blur/JPEG) and SCL crop as a training config sets them."""
-    from ntf_ray.images.transforms import Stage2Transform
-
-    return Stage2Transform(
-        cfg.crop_size, cfg.scl_crop_size, blur_prob=cfg.blur_prob, blur_sigma=cfg.blur_sigma,
-        jpeg_prob=cfg.jpeg_prob, jpeg_quality=cfg.jpeg_quality, seed=seed, max_pixels=cfg.max_pixels,
-    )

@@ -30,10 +30,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ntf_ray.images.augment import Stage1Augment, Stage2Augment
 from ntf_ray.images.batch_ops import (
     as_uint8,
     bernoulli,
@@ -119,17 +121,13 @@ def decode_frames(blobs: Sequence[bytes | memoryview | None], device: torch.devi
 # ---------------------------------------------------------------- the stages
 
 
-@dataclass
-class Stage1DeviceViews:
-    """Stage 1's two views of each frame, for a batch at once (see the module docstring)."""
+@dataclass(frozen=True)
+class Stage1DeviceViews(Stage1Augment):
+    """Stage 1's two views of each frame, for a batch at once (see the module docstring); its
+    parameters are ``Stage1Augment``'s, as the CPU path's."""
 
-    size: int = 224
-    resized_crop: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    jitter: float = 0.5
-    grayscale_prob: float = 0.2
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter_prob: float = 0.8
+    ratio: ClassVar[tuple[float, float]] = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios
+    jitter_prob: ClassVar[float] = 0.8  # SimCLR's colour distortion is applied with this probability
 
     def boxes(self, h: int, w: int, gen: torch.Generator) -> tuple[int, int, int, int]:
         if self.resized_crop:
@@ -182,18 +180,26 @@ class Stage1DeviceViews:
         views = as_uint8(self.colour(self.crops(frames, gen), gen))
         return views[: len(frames)], views[len(frames):]
 
+    # the worker's batches (``DeviceBatches``): frames fitted as they are decoded, cropped a
+    # decoder group at a time, coloured once for the whole batch
+    def fit(self, frame: torch.Tensor, max_pixels: int | None) -> torch.Tensor:
+        from ntf_ray.images.transforms import fit_min_side
 
-@dataclass
-class Stage2DeviceViews:
-    """Stage 2's 224 crop and its SCL crop, for a batch at once (see the module docstring)."""
+        return fit_min_side(frame, self.size, max_pixels)
 
-    size: int = 224
-    scl_size: int = 32
-    blur_prob: float = 0.1
-    blur_sigma: tuple[float, float] = (0.0, 3.0)
-    jpeg_prob: float = 0.1
-    jpeg_quality: tuple[int, int] = (30, 100)
-    flip: bool = True
+    def group(self, frames: Sequence[torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = self.crops(frames, gen)
+        return crops[: len(frames)], crops[len(frames):]
+
+    def finish(self, a: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        views = as_uint8(self.colour(torch.cat([a, b]), gen))
+        return views[: len(a)], views[len(a):]
+
+
+@dataclass(frozen=True)
+class Stage2DeviceViews(Stage2Augment):
+    """Stage 2's 224 crop and its SCL crop, for a batch at once (see the module docstring); its
+    parameters are ``Stage2Augment``'s, as the CPU path's."""
 
     def degrade_draws(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Per image: blurred (``blur_prob``), sigma ~ U[blur_sigma], JPEG'd (``jpeg_prob``),
@@ -224,6 +230,20 @@ class Stage2DeviceViews:
         scl = torch.stack([x[k, :, t : t + self.scl_size, s : s + self.scl_size] for k, (t, s) in enumerate(offsets)])
         return x.contiguous(), scl.contiguous()
 
+    # the worker's batches (``DeviceBatches``): frames checked to fit as they are decoded (blur
+    # and JPEG come before the fit), views made a decoder group at a time
+    def fit(self, frame: torch.Tensor, max_pixels: int | None) -> torch.Tensor:
+        from ntf_ray.images.transforms import check_fit
+
+        check_fit(*frame.shape[-2:], self.size, max_pixels)
+        return frame
+
+    def group(self, frames: Sequence[torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(frames, gen)
+
+    def finish(self, a: torch.Tensor, b: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return a, b
+
 
 def reencode_jpeg(frame: torch.Tensor, quality: int) -> torch.Tensor:
     """JPEG at ``quality`` and back with Pillow, the CPU path's codec, wherever the frame is.
@@ -246,36 +266,28 @@ class DeviceBatches:
     and counted in ``dropped``; a batch loses them, as the CPU path's batches do."""
 
     def __init__(self, stage: int, cfg: TrainConfig, device: torch.device, *, seed: int, decode_fn=None):
-        self.stage, self.device, self.cfg = stage, torch.device(device), cfg
+        from ntf_ray.training.stages import stage_of
+
+        self.step, self.device, self.cfg = stage_of(stage), torch.device(device), cfg
         self.max_pixels = cfg.max_pixels
         self.gen = torch.Generator().manual_seed(seed)
         self.decode_fn = decode_fn
         self.dropped = 0
-        if stage == 1:
-            self.views: Stage1DeviceViews | Stage2DeviceViews = Stage1DeviceViews(
-                cfg.crop_size, resized_crop=cfg.stage1_resized_crop, crop_scale=tuple(cfg.stage1_crop_scale),
-                jitter=cfg.stage1_jitter, grayscale_prob=cfg.stage1_grayscale)
-        else:
-            self.views = Stage2DeviceViews(cfg.crop_size, cfg.scl_crop_size, blur_prob=cfg.blur_prob,
-                                           blur_sigma=tuple(cfg.blur_sigma), jpeg_prob=cfg.jpeg_prob,
-                                           jpeg_quality=tuple(cfg.jpeg_quality))
-        self.keys = ("view1", "view2") if stage == 1 else ("image", "crop")
+        self.views: Stage1DeviceViews | Stage2DeviceViews = self.step.device_views(cfg)
+        self.keys = self.step.keys
 
     def frames(self, blobs: Sequence[bytes | memoryview | None]) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         """The decoded frames of ``blobs`` a decoder group at a time, with their positions; in
         stage 1 fitted to the crop (upscaled if narrower), in stage 2 checked to fit (its blur
         and JPEG come first). What cannot be is dropped and counted."""
-        from ntf_ray.images.transforms import TooLargeToFit, check_fit, fit_min_side
+        from ntf_ray.images.transforms import TooLargeToFit
 
         for group, decoded in decode_frames(blobs, self.device, max_pixels=self.max_pixels, decode_fn=self.decode_fn,
                                             group_pixels=DECODE_GROUP_PIXELS):
             kept, frames, frame = [], [], None
             for i, frame in zip(group, decoded):
                 try:
-                    if self.stage == 1:
-                        frame = fit_min_side(frame, self.cfg.crop_size, self.max_pixels)
-                    else:
-                        check_fit(*frame.shape[-2:], self.cfg.crop_size, self.max_pixels)
+                    frame = self.views.fit(frame, self.max_pixels)
                 except TooLargeToFit as exc:
                     log.warning("dropping an image: %s", exc)
                     continue
@@ -298,11 +310,7 @@ class DeviceBatches:
         seconds: list[torch.Tensor] = []
         for group, frames in self.frames(blobs):
             if frames:
-                if self.stage == 1:  # crops now, colour once for the whole batch
-                    crops = self.views.crops(frames, self.gen)
-                    a, b = crops[: len(frames)], crops[len(frames):]
-                else:
-                    a, b = self.views(frames, self.gen)
+                a, b = self.views.group(frames, self.gen)
                 kept.extend(group)
                 firsts.append(a)
                 seconds.append(b)
@@ -313,14 +321,8 @@ class DeviceBatches:
                 torch.cuda.current_stream(self.device).synchronize()
         self.dropped += len(blobs) - len(kept)
         if not kept:
-            size, second = self.cfg.crop_size, (self.cfg.crop_size if self.stage == 1 else self.cfg.scl_crop_size)
-            return {self.keys[0]: torch.zeros((0, 3, size, size), dtype=torch.uint8),
-                    self.keys[1]: torch.zeros((0, 3, second, second), dtype=torch.uint8),
-                    "label": torch.zeros((0,), dtype=torch.int64)}
-        a, b = torch.cat(firsts), torch.cat(seconds)
-        if self.stage == 1:
-            views = as_uint8(self.views.colour(torch.cat([a, b]), self.gen))
-            a, b = views[: len(kept)], views[len(kept):]
+            return {k: torch.from_numpy(v) for k, v in self.step.empty_batch(self.cfg).items()}
+        a, b = self.views.finish(torch.cat(firsts), torch.cat(seconds), self.gen)
         return {self.keys[0]: a, self.keys[1]: b,
                 "label": torch.from_numpy(labels[kept]).to(self.device, non_blocking=True)}
 

@@ -24,18 +24,16 @@ from ntf_ray.detector.scorer import Scorer
 from ntf_ray.evaluate.metrics import per_generator_table
 from ntf_ray.images.transforms import TooLargeToFit
 from ntf_ray.nn.dist import resolve_device
-from ntf_ray.nn.model import Detector, Stage1Model, Stage2Model, build_encoder
+from ntf_ray.nn.model import Detector, Stage1Model, Stage2Model
 from ntf_ray.nn.variants import get_variant
 from ntf_ray.storage import StorageOptions
-from ntf_ray.training.config import TrainConfig, stage1_transform, stage2_transform
+from ntf_ray.training.config import TrainConfig
 from ntf_ray.training.datasets import ManifestDataset, collate_drop_none, read_manifest, select
 from ntf_ray.training.engine import (
     make_optimizer,
     make_scheduler,
-    prepare_stage2,
-    train_stage1_epoch,
-    train_stage2_epoch,
 )
+from ntf_ray.training.stages import STAGE1, STAGE2, build_stage1, build_stage2
 
 log = logging.getLogger(__name__)
 
@@ -44,46 +42,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def training_rows(table: pa.Table, cfg: TrainConfig, *, stage: int) -> pa.Table:
-    """The train split (stage 1: real images only), limited to ``cfg.train_generators``."""
-    rows = select(table, split="train", labels=(0,) if stage == 1 else (0, 1), generators=cfg.train_generators)
-    if rows.num_rows == 0:
-        raise ValueError(f"the manifest has no {'real ' if stage == 1 else ''}training images (split=train)")
-    return rows
-
-
-def build_stage1(cfg: TrainConfig) -> Stage1Model:
-    """The stage-1 network of ``cfg.variant`` (encoder from ``cfg.pretrained``); no f_het
-    when the variant uses neither L_het nor L_orth."""
-    variant = get_variant(cfg.variant)
-    return Stage1Model(build_encoder(cfg.backbone, cfg.pretrained), cfg.proj_dim, het=variant.needs_f_het)
-
-
-def build_stage2(cfg: TrainConfig, stage1: Stage1Model | None) -> Stage2Model:
-    """The stage-2 network of ``cfg.variant`` on a trained stage 1, or, for a variant without
-    stage 1 (``bce``), on a fresh encoder from ``cfg.pretrained``."""
-    variant = get_variant(cfg.variant)
-    if stage1 is None:
-        if variant.stage1:
-            raise ValueError(f"variant {variant.name} starts stage 2 from a trained stage 1")
-        stage1 = Stage1Model(build_encoder(cfg.backbone, cfg.pretrained), cfg.proj_dim, het=False)
-    return Stage2Model.from_stage1(stage1, cfg.proj_dim, head=variant.head)
-
-
-def stage1_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments of ``train_stage1_epoch`` that the config sets."""
-    v = get_variant(cfg.variant)
-    return dict(temperature=cfg.temperature, lam=cfg.lam, use_het=v.use_het, use_orth=v.use_orth, amp=cfg.amp,
-                channels_last=cfg.channels_last)
-
-
-def stage2_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments of ``train_stage2_epoch`` that the config sets."""
-    v = get_variant(cfg.variant)
-    return dict(temperature=cfg.temperature, eta=cfg.eta, gamma=cfg.gamma, use_scl=v.use_scl,
-                train_encoder=v.train_encoder, amp=cfg.amp, channels_last=cfg.channels_last)
 
 
 class TrainingImages(ManifestDataset):
@@ -116,15 +74,16 @@ def train_stage1(table: pa.Table, cfg: TrainConfig, *, options: StorageOptions |
     model = build_stage1(cfg).to(device)
     if cfg.epochs_stage1 == 0:
         return model
-    data = TrainingImages(training_rows(table, cfg, stage=1), stage1_transform(cfg), keys=("view1", "view2"),
-                           options=options, max_pixels=cfg.max_pixels)
+    stage = STAGE1
+    data = TrainingImages(stage.rows(table, cfg), stage.transform(cfg), keys=stage.keys, options=options,
+                          max_pixels=cfg.max_pixels)
     loader = _loader(data, cfg)
-    optimizer = make_optimizer(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(stage.trainable(model, cfg), lr=stage.lr(cfg), momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage1, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
     for epoch in range(cfg.epochs_stage1):
-        m = train_stage1_epoch(model, loader, optimizer, epoch=epoch, device=device, report=report,
-                               **stage1_kwargs(cfg))
+        m = stage.epoch(model, loader, optimizer, cfg, epoch=epoch, device=device, report=report)
         scheduler.step()
         log.info("stage 1 epoch %d/%d: loss %.4f hom %.4f het %.4f orth %.4f, hom spread %.3g, %.0f views/s",
                  epoch + 1, cfg.epochs_stage1, m["loss"], m["hom"], m["het"], m["orth"], m["hom_spread"],
@@ -136,16 +95,16 @@ def train_stage2(table: pa.Table, stage1: Stage1Model | None, cfg: TrainConfig, 
                  options: StorageOptions | None = None, report: Callable[[dict], None] | None = None) -> Stage2Model:
     device = resolve_device(cfg.device)
     model = build_stage2(cfg, stage1).to(device)
-    params = prepare_stage2(model, train_encoder=get_variant(cfg.variant).train_encoder)
-    data = TrainingImages(training_rows(table, cfg, stage=2), stage2_transform(cfg, cfg.seed), keys=("image", "crop"),
-                           options=options, max_pixels=cfg.max_pixels)
+    stage = STAGE2
+    data = TrainingImages(stage.rows(table, cfg), stage.transform(cfg, cfg.seed), keys=stage.keys, options=options,
+                          max_pixels=cfg.max_pixels)
     loader = _loader(data, cfg)
-    optimizer = make_optimizer(params, lr=cfg.lr_stage2 or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(stage.trainable(model, cfg), lr=stage.lr(cfg), momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage2, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
     for epoch in range(cfg.epochs_stage2):
-        m = train_stage2_epoch(model, loader, optimizer, epoch=epoch, device=device, report=report,
-                               **stage2_kwargs(cfg))
+        m = stage.epoch(model, loader, optimizer, cfg, epoch=epoch, device=device, report=report)
         scheduler.step()
         log.info("stage 2 epoch %d/%d: loss %.4f scl %.4f ce %.4f, %.0f images/s",
                  epoch + 1, cfg.epochs_stage2, m["loss"], m["scl"], m["ce"], m["images_per_s"])
