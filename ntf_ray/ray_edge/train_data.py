@@ -49,8 +49,11 @@ class DropCounter:
         return n
 
 
-def read_batch(batch: pa.Table, *, endpoint: str | None) -> pa.Table:
-    """Ray Data task: fetch the encoded bytes of a block of manifest rows (``None`` on failure)."""
+def read_batch(batch: pa.Table, *, endpoint: str | None, sources: list[storage.Source] | None = None) -> pa.Table:
+    """Ray Data task: fetch the encoded bytes of a block of manifest rows (``None`` on failure);
+    ``sources``: the driver's registered storage sources, registered here too."""
+    for source in sources or ():
+        storage.register(source)
     uris = batch.column("uri").to_pylist()
     blobs = []
     for uri, data in zip(uris, storage.read_many(uris, StorageOptions.resolve(endpoint))):
@@ -122,7 +125,7 @@ def build_dataset(rows: pa.Table, *, stage: int, cfg: TrainConfig, endpoint: str
     """
     rows = rows.take(np.random.default_rng(cfg.seed).permutation(rows.num_rows))
     ds = ray.data.from_arrow(rows).repartition(_blocks(rows.num_rows, READ_BLOCK_ROWS))
-    ds = ds.map_batches(read_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": endpoint})
+    ds = ds.map_batches(read_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"endpoint": endpoint, "sources": storage.sources()})
     if cfg.cache_bytes:
         ds.set_name(f"stage{stage}-images")  # what its progress bar says
         ds = ds.materialize()

@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -146,8 +147,10 @@ def write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOpt
     """
     tmp = storage.join(scratch, f"_publish-{uuid.uuid4().hex[:12]}.parquet")
     try:
+        local = storage.local_path(tmp)
+        if local is not None:  # a folder to write into (an object store needs none, and pyarrow would add markers)
+            Path(local).parent.mkdir(parents=True, exist_ok=True)
         fs, path = storage.arrow_filesystem(tmp, options)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # a local folder; nothing on an object store
         with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, FILE_SCHEMA) as writer:
             for b in batches:
                 writer.write_batch(b)

@@ -140,7 +140,7 @@ class Source:
         raise Unsupported(f"{self.scheme}:// has no versions")
 
     def exists(self, uri: str, options: StorageOptions) -> bool:
-        return any(True for _ in self.stat_many([uri], options))
+        return any(row["etag"] is not None for row in self.stat_many([uri], options))
 
     def move(self, source: str, target: str, options: StorageOptions) -> None:
         """Put the object ``source`` at ``target`` in one step (readers see it whole or not at all)."""
