@@ -472,4 +472,6 @@ def test_both_paths_are_built_from_one_set_of_parameters():
     cpu1, cpu2 = STAGE1.transform(cfg), STAGE2.transform(cfg, seed=0)
     assert (cpu1.size, cpu1.resized_crop) == (64, one.resized_crop)
     assert (cpu2.size, cpu2.scl_size, cpu2.blur_prob, cpu2.jpeg_quality) == (64, 16, 0.25, (40, 90))
-    assert isinstance(STAGE2.device_views(cfg), Stage2Augment) and STAGE2.device_views(cfg).jpeg_quality == (40, 90)
+    assert isinstance(STAGE2.device_views(cfg), Stage2Augment) and STAGE2.device_views(cfg) == D.Stage2DeviceViews(
+        **{f: getattr(two, f) for f in two.__dataclass_fields__})
+    assert two.jpeg_quality == (40, 90) and two.blur_prob == 0.25

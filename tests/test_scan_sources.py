@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -89,6 +90,8 @@ def test_a_registered_source_is_scanned_end_to_end(local_ray, memory_source, tmp
             "--cpus-per-actor", "0.5"]
     assert main(["moderate", *argv, "--run-id", "m1"]) == 0
     rows = _rows(out)
+    (run,) = completed_runs(out, storage.StorageOptions())
+    assert sorted(p.name for p in Path(run).iterdir()) == ["_SUCCESS", "_summary.json", "scores.parquet"]  # the contract's names
     assert set(rows) == {u for u in memory_source.objects if u.startswith("mem://shelf/")}  # one row each, only these
     scored = [u for u, r in rows.items() if r["error"] is None]
     assert sorted(scored) == [f"mem://shelf/img_{k}.png" for k in range(6)]

@@ -61,8 +61,11 @@ def test_bucketless_uris_are_errors(uri):
 
 def test_a_uri_goes_to_the_source_of_its_scheme():
     assert storage.scheme_of("s3://b/k") == storage.scheme_of("s3://b") == storage.scheme_of("s3a://b/k") == "s3"
-    assert storage.scheme_of("/tmp/s3://x") == storage.scheme_of(Path("/tmp/x")) == "file"
+    assert storage.scheme_of(Path("/tmp/x")) == storage.scheme_of("rel/x.png") == "file"
     assert storage.source_for("s3n://b/k").scheme == "s3" and storage.source_for("rel/x.png").scheme == "file"
+    for odd in ("/tmp/s3://x", "S3://b/k", "FILE://x", "my dir://x"):  # nothing is guessed
+        with pytest.raises(ValueError, match="unsupported URI scheme .* use a local path or s3://bucket/key"):
+            storage.source_for(odd)
 
 
 def test_split_s3():

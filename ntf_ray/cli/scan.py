@@ -52,7 +52,7 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
         s.add_argument("--incremental", action="store_true",
                        help="score only objects whose (uri, etag, last-modified) has no final row from this model "
                             "in a completed run")
-    s.add_argument("--glob", dest="pattern",
+    s.add_argument("--glob", dest="pattern", metavar="GLOB",
                    help="only object names matching this pattern, e.g. '*.jpg' (case-insensitive)")
     s.add_argument("--threshold", type=threshold, help="decision threshold for is_fake (default: the artifact's)")
     s.add_argument("--batch-size", type=int, help="images per detector call (default 256 on GPUs, 64 on CPUs)")

@@ -113,7 +113,7 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, help="images per worker per step (overrides the config)")
     s.add_argument("--run-name", help="run name; submitting again under the same name resumes from its "
                                       "latest checkpoint (default: a new random name)")
-    s.add_argument("--storage", dest="storage_path", help="Ray Train storage for checkpoints (default OUTPUT/ray)")
+    s.add_argument("--storage", dest="storage_path", metavar="STORAGE", help="Ray Train storage for checkpoints (default OUTPUT/ray)")
     s.add_argument("--max-failures", type=int, default=0,
                    help="worker failures to recover from, each from the latest checkpoint (default 0)")
 

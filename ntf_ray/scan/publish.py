@@ -154,9 +154,10 @@ def write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOpt
         with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, FILE_SCHEMA) as writer:
             for b in batches:
                 writer.write_batch(b)
-        storage.move(tmp, uri, options)
-    finally:
+        storage.move(tmp, uri, options)  # the scratch copy goes with the move
+    except BaseException:
         storage.remove(tmp, options)
+        raise
 
 
 def run_summary(tally: Tally, *, listed: int, skipped: int, seconds: float, model_id: str, spec: ScanSpec,

@@ -4,7 +4,7 @@ completed (``index`` keeps what a model already scored; ``publish`` writes a run
 A run writes its rows under ``OUTPUT/_staging/run_id=ID/`` (readers skip names that start
 with ``_``) and is published, once every listed object has its row, as one Parquet file
 ``OUTPUT/dt=DAY/run_id=ID/scores.parquet`` written in one piece (a local rename, one S3
-object), then ``run_summary.json`` and ``_SUCCESS``. So a reader of ``OUTPUT`` sees a run's rows
+object), then ``_summary.json`` and ``_SUCCESS``. So a reader of ``OUTPUT`` sees a run's rows
 all at once or not at all, whatever crashes, and re-running a run replaces its file in place.
 """
 
@@ -57,7 +57,7 @@ LISTING_SCHEMA = pa.schema([
 SUCCESS = "_SUCCESS"
 # Not "summary.json": readers of the table (pyarrow, pandas, Spark, Athena) skip names starting
 # with "_" or ".", and would otherwise try to read the summary as a Parquet file.
-SUMMARY = "run_summary.json"
+SUMMARY = "_summary.json"
 #: The one file a published run holds.
 ROWS = "scores.parquet"
 #: Where runs write before they are complete, and the index of what each model scored.

@@ -64,19 +64,21 @@ register(S3Source())
 
 
 def scheme_of(uri: str | Path) -> str:
-    """The scheme a uri names (``file`` for a plain path)."""
+    """The scheme a uri names, as written before ``://`` (``file`` for a plain path)."""
     text = str(uri)
     if ALIASES.match(text):
         return "s3"
     head, sep, _ = text.partition("://")
-    return head.lower() if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", head) else "file"
+    return head if sep else "file"
 
 
 def source_for(uri: str | Path) -> Source:
+    """The registered source of ``uri``'s scheme; a ValueError for any other (``gs://``,
+    ``http://``, ``S3://``: nothing is guessed)."""
     scheme = scheme_of(uri)
     if scheme not in _SOURCES:
-        raise ValueError(f"unsupported URI scheme in {str(uri)!r}: use a local path or one of "
-                         + ", ".join(f"{s}://" for s in sorted(_SOURCES) if s != "file"))
+        others = "".join(f", {s}://..." for s in sorted(_SOURCES) if s not in ("file", "s3"))
+        raise ValueError(f"unsupported URI scheme in {str(uri)!r}: use a local path or s3://bucket/key{others}")
     return _SOURCES[scheme]
 
 

@@ -68,6 +68,15 @@ _LAYOUT_HELP = (
 )
 #: Keys per ListObjectsV2 page (the S3 maximum); tests lower it to exercise paging.
 
+def _names_a_source(uri: str) -> bool:
+    """Whether a manifest's uri names an object of a registered non-local source (``s3://...``);
+    anything else is a path, relative to a local manifest's folder unless absolute."""
+    try:
+        return storage.source_for(uri).local_path(uri) is None
+    except ValueError:
+        return False
+
+
 def manifest_schema(with_family: bool = False) -> pa.Schema:
     """``MANIFEST_SCHEMA``, plus ``family`` last when ``with_family``."""
     return MANIFEST_SCHEMA.append(FAMILY_FIELD) if with_family else MANIFEST_SCHEMA
@@ -151,7 +160,7 @@ def read_manifest(uri: str, options: StorageOptions | None = None, *, uris_only:
     local = storage.local_path(uri)
     if local is not None:  # relative paths in a local manifest are relative to its folder
         base = Path(local).parent
-        uris = [u if "://" in u or Path(u).is_absolute() else str(base / u) for u in table.column("uri").to_pylist()]
+        uris = [u if _names_a_source(u) or Path(u).is_absolute() else str(base / u) for u in table.column("uri").to_pylist()]
         table = table.set_column(0, MANIFEST_SCHEMA.field("uri"), pa.array(uris, pa.string()))
     return table
 
