@@ -97,7 +97,7 @@ def test_scan_needs_input_or_manifest(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--model", "m", "--output", "o"])
     assert info.value.code == 2
-    assert "one of the arguments --input --manifest is required" in capsys.readouterr().err
+    assert "one of the arguments --input --manifest --inventory is required" in capsys.readouterr().err
 
 
 def test_every_storage_command_takes_the_one_s3_endpoint_flag():
@@ -448,7 +448,7 @@ def test_every_scan_option_sets_the_spec_field_its_dest_names():
     args.storage_options = StorageOptions(endpoint_url="http://e")
     spec = scan_spec(args)
     assert dataclasses.asdict(spec) == {
-        "model": "m", "output": "o", "input": "i", "manifest": None, "run_id": "r", "incremental": True,
+        "model": "m", "output": "o", "input": "i", "manifest": None, "inventory": None, "run_id": "r", "incremental": True,
         "threshold": 0.3, "pattern": "*.png", "limit": 5, "batch_size": 8, "min_actors": 1, "max_actors": 3,
         "gpus_per_actor": 0.5, "cpus_per_actor": 0.5, "decoder": "pil", "read_block_rows": 7,
         "read_block_bytes": 2 * 2**20, "streams": 4, "read_ahead_bytes": 3 * 2**20, "max_bytes": 2**20,

@@ -42,6 +42,9 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     what = s.add_mutually_exclusive_group(required=True)
     what.add_argument("--input", help="what to scan: an s3://bucket/prefix or a local folder (all files below it)")
     what.add_argument("--manifest", help="or: scan the uris of a manifest (.parquet/.csv, local or s3://)")
+    what.add_argument("--inventory", metavar="MANIFEST_JSON",
+                      help="or: scan the objects of an S3 Inventory report (its manifest.json, s3:// or a local copy; "
+                           "CSV, Parquet or ORC), with no LIST or HEAD call; latest versions only")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
     s.add_argument("--output", required=True,
                    help="score table root (local or s3://); rows go to OUTPUT/dt=YYYY-MM-DD/run_id=ID/")

@@ -39,11 +39,28 @@ def _chunks(rows: Iterator[dict], limit: int | None, chunk: int) -> Iterator[pa.
         yield pa.Table.from_pylist(buf, schema=LISTING_SCHEMA)
 
 
+def _table_chunks(tables: Iterator[pa.Table], limit: int | None, chunk: int) -> Iterator[pa.Table]:
+    left = limit
+    for table in tables:
+        if left is not None:
+            table = table.slice(0, left)
+            left -= table.num_rows
+        for start in range(0, table.num_rows, chunk):
+            yield table.slice(start, chunk)
+        if left == 0:
+            return
+
+
 def iter_listing(spec: ScanSpec, options: StorageOptions, chunk: int = 10_000) -> Iterator[pa.Table]:
     """The objects to scan as Arrow tables of at most ``chunk`` rows (uri, etag, size_bytes,
     last_modified, listing_error), as the listing pages in: the caller decides what to keep."""
-    if (spec.input is None) == (spec.manifest is None):
-        raise ValueError("give exactly one of an input prefix/folder or a manifest")
+    if sum(x is not None for x in (spec.input, spec.manifest, spec.inventory)) != 1:
+        raise ValueError("give exactly one of an input prefix/folder, a manifest or an inventory")
+    if spec.inventory is not None:
+        from ntf_ray.scan.inventory import iter_inventory
+
+        yield from _table_chunks(iter_inventory(spec.inventory, options, pattern=spec.pattern), spec.limit, chunk)
+        return
     if spec.manifest is not None:
         from ntf_ray.training.datasets import read_manifest
 

@@ -39,6 +39,7 @@ class ScanSpec(ActorPool):
     output: str
     input: str | None = None  # s3:// prefix or local folder
     manifest: str | None = None  # or a manifest's uris
+    inventory: str | None = None  # or an S3 Inventory report's manifest.json (no LIST or HEAD call)
     run_id: str | None = None
     incremental: bool = False
     threshold: float | None = None  # default: the artifact's
