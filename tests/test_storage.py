@@ -273,3 +273,67 @@ def test_read_many_mixes_s3_and_local_and_returns_errors_as_values(s3, bucket, t
 def test_read_errors_never_name_the_endpoint():
     exc = ConnectionError('Could not connect to the endpoint URL: "http://minio.internal.example:9000/bucket/key"')
     assert "minio" not in storage.read_error(exc) and "<endpoint>" in storage.read_error(exc)
+
+
+# --- listing a large prefix with several listers ---------------------------------------------
+
+AWKWARD_KEYS = ["top.png", "a/1.png", "a/2.png", "a/b/3.png", "a/b/c/4.png", "a/b/c/d/5.png", "with space/6 7.png",
+                "plus+/8+9.png", "ünï/ß.png", "double//slash.png", "x/", "empty-marker/", "z/" + "*?[.png",
+                "tab\there/t.png"]
+
+
+@pytest.fixture
+def awkward_bucket(s3):
+    client = s3.client()
+    name = s3.create_bucket()
+    for k, key in enumerate(AWKWARD_KEYS):
+        client.put_object(Bucket=name, Key=key, Body=b"" if key == "empty-marker/" else bytes([k]) * (k + 1))
+    for k in range(40):  # enough for several pages in every folder
+        client.put_object(Bucket=name, Key=f"many/{k % 5}/{k:03d}.png", Body=b"x")
+    return name
+
+
+@pytest.mark.parametrize("concurrency", [2, 4, 16])
+def test_fanned_out_listing_lists_what_one_lister_lists(s3, awkward_bucket, monkeypatch, concurrency):
+    from ntf_ray.storage import s3 as s3_source
+
+    monkeypatch.setattr(s3_source, "PAGE_KEYS", 3)  # many pages per lister
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    one = sorted((o["key"], o["etag"], o["size"]) for o in s3_source.list_s3(f"s3://{awkward_bucket}/", options))
+    many = sorted((o["key"], o["etag"], o["size"])
+                  for o in s3_source.list_s3_fanout(f"s3://{awkward_bucket}/", options, concurrency=concurrency))
+    assert many == one and len(one) == len(AWKWARD_KEYS) - 1 + 40  # every object once; the empty marker left out
+    assert {"x/", "double//slash.png", "z/*?[.png", "tab\there/t.png"} <= {k for k, _, _ in one}
+
+
+def test_fanned_out_listing_waits_out_throttling_and_stops_with_its_caller(s3, awkward_bucket, monkeypatch):
+    from ntf_ray.storage import s3 as s3_source
+
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    fs = s3_source.fsspec_filesystem(options)
+    real, calls = fs._call_s3, {"n": 0}
+
+    class SlowDown(OSError):
+        response = {"Error": {"Code": "SlowDown"}}
+
+    async def throttled(op, *args, **kwargs):
+        calls["n"] += 1
+        if op == "list_objects_v2" and calls["n"] % 3 == 1:  # every third request told to slow down
+            raise SlowDown("Please reduce your request rate.")
+        return await real(op, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", throttled)
+    monkeypatch.setattr(s3_source, "PAGE_KEYS", 4)
+    keys = [o["key"] for o in s3_source.list_s3_fanout(f"s3://{awkward_bucket}/", options, concurrency=4)]
+    assert len(keys) == len(set(keys)) == len(AWKWARD_KEYS) - 1 + 40
+    # a caller that stops early: the listers stop too, nothing hangs
+    listing = s3_source.list_s3_fanout(f"s3://{awkward_bucket}/many/", options, concurrency=4)
+    assert len([next(listing) for _ in range(3)]) == 3
+    listing.close()
+
+    async def broken(op, *args, **kwargs):
+        raise PermissionError("AccessDenied")
+
+    monkeypatch.setattr(fs, "_call_s3", broken)
+    with pytest.raises(PermissionError, match="AccessDenied"):
+        list(s3_source.list_s3_fanout(f"s3://{awkward_bucket}/", options, concurrency=4))

@@ -57,6 +57,9 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
                             "in a completed run")
     s.add_argument("--glob", dest="pattern", metavar="GLOB",
                    help="only object names matching this pattern, e.g. '*.jpg' (case-insensitive)")
+    s.add_argument("--list-concurrency", type=positive_count, default=default_of(ScanSpec, "list_concurrency"),
+                   metavar="N", help="listers at once on an S3 prefix, each on its own folders (default 1: one "
+                                     "lister; 8-32 for prefixes of millions of objects)")
     s.add_argument("--threshold", type=threshold, help="decision threshold for is_fake (default: the artifact's)")
     s.add_argument("--batch-size", type=int, help="images per detector call (default 256 on GPUs, 64 on CPUs)")
     s.add_argument("--min-actors", type=int,

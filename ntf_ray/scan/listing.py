@@ -72,7 +72,8 @@ def iter_listing(spec: ScanSpec, options: StorageOptions, chunk: int = 10_000) -
         yield from _chunks(storage.stat_many(unique[: spec.limit] if spec.limit is not None else unique, options),
                            None, chunk)
         return
-    yield from _chunks(storage.list_objects(spec.input, spec.pattern, options), spec.limit, chunk)
+    rows = storage.list_objects(spec.input, spec.pattern, options, concurrency=spec.list_concurrency)
+    yield from _chunks(rows, spec.limit, chunk)
 
 
 def list_objects(spec: ScanSpec, options: StorageOptions) -> pa.Table:

@@ -44,6 +44,7 @@ class ScanSpec(ActorPool):
     incremental: bool = False
     threshold: float | None = None  # default: the artifact's
     pattern: str | None = None  # glob on the object's name, e.g. "*.jpg"
+    list_concurrency: int = 1  # listers at once on a large S3 prefix (split along its folders); 1: one lister
     limit: int | None = None
     decoder: str = "auto"  # auto: nvImageCodec (if installed) or nvJPEG for plain JPEGs on GPU actors, else pil
     read_block_bytes: int = 64 * 1024**2  # a read block holds at most this many listed bytes (and >= 1 object)

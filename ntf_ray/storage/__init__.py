@@ -102,10 +102,15 @@ def local_path(uri: str) -> str | None:
     return source_for(uri).local_path(normalize(uri))
 
 
-def list_objects(prefix: str, pattern: str | None = None, options: StorageOptions | None = None) -> Iterator[Row]:
+def list_objects(prefix: str, pattern: str | None = None, options: StorageOptions | None = None, *,
+                 concurrency: int = 1) -> Iterator[Row]:
     """Listing rows of every object below ``prefix`` (see ``Source.list``)."""
     prefix = normalize(prefix)
-    return source_for(prefix).list(prefix, pattern, options or StorageOptions.resolve())
+    source = source_for(prefix)
+    options = options or StorageOptions.resolve()
+    if concurrency > 1:
+        return source.list(prefix, pattern, options, concurrency=concurrency)
+    return source.list(prefix, pattern, options)  # a source that cannot split its listing need not know
 
 
 def stat_many(uris: list[str], options: StorageOptions | None = None) -> Iterator[Row]:

@@ -84,7 +84,7 @@ class LocalSource(Source):
     def local_path(self, uri: str) -> str | None:
         return self.normalize(uri)
 
-    def list(self, prefix: str, pattern: str | None, options: StorageOptions) -> Iterator[Row]:
+    def list(self, prefix: str, pattern: str | None, options: StorageOptions, *, concurrency: int = 1) -> Iterator[Row]:
         root = prefix
         if not Path(root).is_dir():
             raise FileNotFoundError(f"input folder {root} does not exist")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import unquote_plus, urlparse
 
@@ -87,6 +87,125 @@ def list_s3(uri: str, options: StorageOptions | None = None, *, page_keys: int |
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
+#: S3's answers that mean "slow down": retried after a backoff, however often botocore retried.
+_THROTTLED = ("SlowDown", "503", "RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequests")
+THROTTLE_ATTEMPTS = 8
+
+
+async def _list_page(fs, **kwargs) -> dict:
+    """One ListObjectsV2 page; S3's throttling answered with exponential backoff (0.1 s, doubling)."""
+    for attempt in range(THROTTLE_ATTEMPTS):
+        try:
+            return await fs._call_s3("list_objects_v2", **kwargs)
+        except OSError as exc:
+            if error_code(exc) not in _THROTTLED or attempt == THROTTLE_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(min(0.1 * 2**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+def _objects(page: dict) -> Iterator[dict]:
+    encoded = page.get("EncodingType") == "url"
+    for obj in page.get("Contents", []):
+        key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
+        size = int(obj.get("Size", 0))
+        if key.endswith("/") and size == 0:
+            continue
+        yield {"key": key, "etag": obj.get("ETag", "").strip('"'), "size": size, "last_modified": obj.get("LastModified")}
+
+
+def list_s3_fanout(uri: str, options: StorageOptions | None = None, *, concurrency: int = 16,
+                   page_keys: int | None = None, max_depth: int = 3) -> Iterator[dict]:
+    """``list_s3`` with up to ``concurrency`` listers at once, each on its own part of the prefix.
+
+    The prefix is split along its "folders" (``Delimiter=/``, down to ``max_depth`` levels,
+    until there are at least ``concurrency`` parts); each part is then listed page by page by a
+    lister of its own. Pages arrive in the order they are listed, at most ``2 x concurrency``
+    of them waiting: the caller's pace bounds the memory. Every object is listed once, keys
+    decoded as ``list_s3`` decodes them; a key is never a pattern.
+    """
+    import queue as queue_module
+    import threading
+
+    fs = fsspec_filesystem(options)
+    bucket, prefix = split_s3(uri)
+    page_keys = page_keys or PAGE_KEYS
+    out: queue_module.Queue = queue_module.Queue(maxsize=2 * concurrency)
+    done = object()
+    stop = threading.Event()  # the caller went away: listers stop at their next page
+
+    async def pages(part: str, delimiter: bool) -> AsyncIterator[dict]:
+        kwargs: dict = {"Bucket": bucket, "Prefix": part, "EncodingType": "url", "MaxKeys": page_keys}
+        if delimiter:
+            kwargs["Delimiter"] = "/"
+        while True:
+            page = await _list_page(fs, **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def emit(items) -> None:
+        # in an executor thread: waits while the caller is behind (the bounded window), never the loop
+        while not stop.is_set():
+            try:
+                out.put(items, timeout=0.1)
+                return
+            except queue_module.Full:
+                continue
+        raise asyncio.CancelledError
+
+    async def lister(part: str, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            async for page in pages(part, delimiter=False):
+                items = list(_objects(page))
+                if items:
+                    await asyncio.get_running_loop().run_in_executor(None, emit, items)
+
+    async def run() -> None:
+        try:
+            parts, level = [prefix], 0
+            while len(parts) < concurrency and level < max_depth:
+                deeper: list[str] = []
+                for part in parts:
+                    async for page in pages(part, delimiter=True):
+                        items = list(_objects(page))  # the objects at this level: listed here, once
+                        if items:
+                            await asyncio.get_running_loop().run_in_executor(None, emit, items)
+                        encoded = page.get("EncodingType") == "url"
+                        deeper += [unquote_plus(p["Prefix"]) if encoded else p["Prefix"]
+                                   for p in page.get("CommonPrefixes", [])]
+                if not deeper:
+                    parts = []
+                    break
+                parts, level = deeper, level + 1
+            gate = asyncio.Semaphore(concurrency)
+            await asyncio.gather(*[lister(part, gate) for part in parts])
+            await asyncio.get_running_loop().run_in_executor(None, emit, done)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the caller re-raises it
+            await asyncio.get_running_loop().run_in_executor(None, emit, exc)
+
+    future = asyncio.run_coroutine_threadsafe(run(), fs.loop)
+    try:
+        while True:
+            try:
+                items = out.get(timeout=0.5)
+            except queue_module.Empty:
+                if future.done() and out.empty():  # it ended without a word: say how
+                    raise future.exception() or RuntimeError(f"listing {uri} stopped early") from None
+                continue
+            if items is done:
+                return
+            if isinstance(items, BaseException):
+                raise items
+            yield from items
+    finally:
+        stop.set()
+        future.cancel()
+
+
 async def _get(fs, uri: str, etag: str | None, max_bytes: int | None) -> bytes:
     bucket, key = split_s3(uri)
     kwargs: dict = {}
@@ -126,10 +245,11 @@ class S3Source(Source):
         split_s3(uri)  # a clear error now, not an odd one from the S3 client later
         return uri
 
-    def list(self, prefix: str, pattern: str | None, options: StorageOptions) -> Iterator[Row]:
+    def list(self, prefix: str, pattern: str | None, options: StorageOptions, *, concurrency: int = 1) -> Iterator[Row]:
         folder = _folder(prefix)
         bucket, _ = split_s3(folder)
-        for obj in list_s3(folder, options):
+        objects = list_s3(folder, options) if concurrency <= 1 else list_s3_fanout(folder, options, concurrency=concurrency)
+        for obj in objects:
             if matches(obj["key"].rstrip("/").rsplit("/", 1)[-1], pattern):
                 yield {"uri": f"s3://{bucket}/{obj['key']}", "etag": obj["etag"], "size_bytes": obj["size"],
                        "last_modified": obj["last_modified"]}

@@ -88,9 +88,10 @@ class Source:
         return None
 
     # ---- inputs: what a scan needs
-    def list(self, prefix: str, pattern: str | None, options: StorageOptions) -> Iterator[Row]:
+    def list(self, prefix: str, pattern: str | None, options: StorageOptions, *, concurrency: int = 1) -> Iterator[Row]:
         """Every object below ``prefix`` (a folder-like prefix) whose name matches ``pattern``
-        (``fnmatch``, case-insensitive, on the last part), as listing rows, page by page."""
+        (``fnmatch``, case-insensitive, on the last part), as listing rows, page by page;
+        ``concurrency``: listers at once, where the source can split its listing."""
         raise Unsupported(f"{self.scheme}:// cannot be listed")
 
     def stat_many(self, uris: list[str], options: StorageOptions) -> Iterator[Row]:
