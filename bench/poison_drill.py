@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     import pyarrow.dataset as pads
     from PIL import Image
 
-    from ntf_ray.ray_edge import scan as ray_scan
     from ntf_ray.cli import main as cli
+    from ntf_ray.ray_edge import scan as ray_scan
     from tests.awkward import texture
     from tests.bombs import bmp_absurd_width, bombs
     from tests.conftest import save_random_detector

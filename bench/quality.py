@@ -42,12 +42,12 @@ def run_fold(job: dict) -> list[dict]:
     """Every variant on one (left-out family, seed); returns one result row per variant."""
     import torch
 
+    from ntf_ray.detector.scorer import Scorer
+    from ntf_ray.evaluate.metrics import binary_metrics
+    from ntf_ray.nn.variants import get_variant
     from ntf_ray.training.config import load_config
     from ntf_ray.training.datasets import read_manifest, select
-    from ntf_ray.evaluate.metrics import binary_metrics
     from ntf_ray.training.recipe import seed_everything, train_stage1, train_stage2
-    from ntf_ray.detector.scorer import Scorer
-    from ntf_ray.nn.variants import get_variant
 
     torch.set_num_threads(1)
     table = read_manifest(job["manifest"])
@@ -105,9 +105,9 @@ def summarise(rows: list[dict], variants: list[str], families: list[str]) -> str
 
 
 def main() -> None:
-    from ntf_ray.training.datasets import manifest_table, write_manifest
-    from ntf_ray.synth import ALL_GENERATORS, make_synthetic
     from ntf_ray.nn.variants import VARIANTS
+    from ntf_ray.synth import ALL_GENERATORS, make_synthetic
+    from ntf_ray.training.datasets import manifest_table, write_manifest
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=300, help="real and fake images per family folder (default 300)")

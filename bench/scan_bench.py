@@ -118,11 +118,11 @@ def main() -> None:
     import ray
     import torch
 
-    from ntf_ray.ray_edge import scan as ray_scan
-    from ntf_ray.scan.spec import ScanSpec
-    from ntf_ray.ray_edge import runtime
     from ntf_ray.detector.artifact import save_artifact
     from ntf_ray.nn.model import Detector
+    from ntf_ray.ray_edge import runtime
+    from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.scan.spec import ScanSpec
 
     print(f"host: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"ray {ray.__version__}; backbone {args.backbone} (random weights), 224 px centre crop, batch {args.batch}")

@@ -222,8 +222,8 @@ def ceilings(blobs: list[bytes], model_uri: str, device: str, batch: int, size: 
     """Images/s of each stage alone: decode (torchvision nvJPEG; nvImageCodec if importable), crop, network."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ntf_ray.images.gpu_decode import as_uint8
     from ntf_ray.detector.scorer import Scorer
+    from ntf_ray.images.gpu_decode import as_uint8
 
     chunk = [blobs[i % len(blobs)] for i in range(batch)]
     tensors = [as_uint8(b) for b in chunk]
@@ -338,10 +338,10 @@ def trained_detector(root: Path, device: str, n: int) -> tuple[str, list[bytes]]
     """A tiny detector trained here on synthetic JPEGs (smoke config), and its held-out JPEGs."""
     import dataclasses
 
+    from ntf_ray.synth import make_synthetic
     from ntf_ray.training.config import load_config
     from ntf_ray.training.datasets import manifest_table, read_manifest, select, write_manifest
     from ntf_ray.training.recipe import train_local
-    from ntf_ray.synth import make_synthetic
 
     records = make_synthetic(root / "synth", n_real=n, n_fake=n, size=64, seed=3, image_format="jpeg",
                              jpeg_quality=90)

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import ray
 
-from ntf_ray.ray_edge import train as ray_train
 from ntf_ray.ray_edge import runtime
+from ntf_ray.ray_edge import train as ray_train
+from ntf_ray.synth import make_synthetic
 from ntf_ray.training.config import load_config
 from ntf_ray.training.datasets import manifest_table, write_manifest
-from ntf_ray.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "ntf_ray" / "training" / "configs" / "smoke.yaml"
@@ -110,8 +110,8 @@ def engine_step(stage: int, args) -> float:
     sys.path.insert(0, str(ROOT / "bench"))
     from train_step_bench import batches_stage1, batches_stage2, timed
 
-    from ntf_ray.training.engine import make_optimizer, prepare_stage2, train_stage1_epoch, train_stage2_epoch
     from ntf_ray.nn.model import Stage1Model, Stage2Model, build_encoder
+    from ntf_ray.training.engine import make_optimizer, prepare_stage2, train_stage1_epoch, train_stage2_epoch
 
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from ntf_ray.training.engine import make_optimizer, prepare_stage2, train_stage1_epoch, train_stage2_epoch
 from ntf_ray.nn.losses import trace_loss
 from ntf_ray.nn.model import Stage1Model, Stage2Model, build_encoder
+from ntf_ray.training.engine import make_optimizer, prepare_stage2, train_stage1_epoch, train_stage2_epoch
 
 
 def batches_stage1(n, b, size, device):

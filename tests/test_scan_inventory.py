@@ -179,3 +179,18 @@ def test_moderate_from_an_inventory_scores_the_latest_objects(local_ray, s3, ver
     assert (summary["listed"], summary["scored"], summary["config"]["inventory"]) == (5, 5, manifest)
     assert main([*argv, "--run-id", "i2"]) == 0
     assert "5 listed, 5 skipped as already scored, 0 scored" in capsys.readouterr().out
+
+
+def test_an_empty_data_file_is_no_rows_and_a_bad_value_names_its_file(tmp_path):
+    from ntf_ray.scan.inventory import Inventory, rows_of
+
+    inventory = Inventory("m", "CSV", tuple(FIELDS), ())
+    (tmp_path / "empty.csv.gz").write_bytes(gzip.compress(b""))
+    assert rows_of(inventory, str(tmp_path / "empty.csv.gz"), None, storage.StorageOptions()).num_rows == 0
+    line = '"b","k.png","v","true","false","not-a-size","2026-12-05T01:02:03.456Z","e","STANDARD"\n'
+    (tmp_path / "bad.csv.gz").write_bytes(gzip.compress(line.encode()))
+    with pytest.raises(InventoryError, match="bad.csv.gz is not a readable CSV inventory file"):
+        rows_of(inventory, str(tmp_path / "bad.csv.gz"), None, storage.StorageOptions())
+    (tmp_path / "ok.csv.gz").write_bytes(gzip.compress(line.replace("not-a-size", "12").encode()))
+    (row,) = rows_of(inventory, str(tmp_path / "ok.csv.gz"), None, storage.StorageOptions()).to_pylist()
+    assert row["uri"] == "s3://b/k.png" and row["last_modified"].microsecond == 456000  # milliseconds kept

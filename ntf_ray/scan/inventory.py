@@ -100,6 +100,8 @@ def _table(inventory: Inventory, data: bytes, uri: str) -> pa.Table:
         import pyarrow.csv as pacsv
 
         raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        if not raw.strip():  # a report of an empty bucket
+            return pa.table({c: pa.array([], pa.string()) for c in NEEDED.values()})
         names = [NEEDED.get(f) or OPTIONAL.get(f) or f"_{i}" for i, f in enumerate(inventory.fields)]
         table = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(column_names=names),
                                convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
@@ -126,9 +128,7 @@ def _flag(table: pa.Table, name: str, default: bool) -> pa.Array:
 def _times(column: pa.ChunkedArray) -> pa.Array:
     if pa.types.is_timestamp(column.type):
         return pc.cast(column, pa.timestamp("us", tz="UTC"))
-    text = pc.replace_substring_regex(column.cast(pa.string()), r"Z$", "+00:00")
-    return pc.cast(pc.strptime(pc.utf8_slice_codeunits(text, 0, 19), format="%Y-%m-%dT%H:%M:%S", unit="us"),
-                   pa.timestamp("us", tz="UTC"))
+    return column.cast(pa.string()).cast(pa.timestamp("us", tz="UTC"))  # ISO 8601, "Z" and milliseconds as AWS writes
 
 
 def rows_of(inventory: Inventory, uri: str, md5: str | None, options: StorageOptions, *,
@@ -138,9 +138,14 @@ def rows_of(inventory: Inventory, uri: str, md5: str | None, options: StorageOpt
     if md5 and hashlib.md5(data).hexdigest() != md5.lower():
         raise InventoryError(f"{uri}: its MD5 is not the manifest's (a partial or replaced data file)")
     try:
-        table = _table(inventory, data, uri)
-    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        return _rows(_table(inventory, data, uri), uri, pattern)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, InventoryError):
+            raise
         raise InventoryError(f"{uri} is not a readable {inventory.file_format} inventory file ({exc})") from None
+
+
+def _rows(table: pa.Table, uri: str, pattern: str | None) -> pa.Table:
     missing = [c for c in NEEDED.values() if c not in table.column_names]
     if missing:
         raise InventoryError(f"{uri}: no column {', '.join(missing)}")

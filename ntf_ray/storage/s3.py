@@ -87,6 +87,8 @@ def list_s3(uri: str, options: StorageOptions | None = None, *, page_keys: int |
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
+#: Folders per lister a fanned-out listing splits a prefix into, at most (see ``list_s3_fanout``).
+PARTS_PER_LISTER = 8
 #: S3's answers that mean "slow down": retried after a backoff, however often botocore retried.
 _THROTTLED = ("SlowDown", "503", "RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequests")
 THROTTLE_ATTEMPTS = 8
@@ -118,23 +120,23 @@ def list_s3_fanout(uri: str, options: StorageOptions | None = None, *, concurren
                    page_keys: int | None = None, max_depth: int = 3) -> Iterator[dict]:
     """``list_s3`` with up to ``concurrency`` listers at once, each on its own part of the prefix.
 
-    The prefix is split along its "folders" (``Delimiter=/``, down to ``max_depth`` levels,
-    until there are at least ``concurrency`` parts); each part is then listed page by page by a
-    lister of its own. Pages arrive in the order they are listed, at most ``2 x concurrency``
-    of them waiting: the caller's pace bounds the memory. Every object is listed once, keys
-    decoded as ``list_s3`` decodes them; a key is never a pattern.
+    A plan first (``Delimiter=/`` listings that read only the folder names): the prefix is
+    split along its folders, level by level down to ``max_depth``, while a level holds at most
+    ``PARTS_PER_LISTER x concurrency`` folders (a layout of a million folders of one object
+    each would cost a million requests: it stays with one lister). Then each folder of the last
+    level is listed whole by one of the listers, and each folder it was split from has the
+    objects directly in it listed once (``Delimiter=/``): every object once, keys decoded as
+    ``list_s3`` decodes them, never a pattern. Pages reach the caller as they are listed, at
+    most ``2 x concurrency`` waiting, so its pace bounds the memory. An error stops every
+    lister and reaches the caller; so does the caller going away.
     """
-    import queue as queue_module
-    import threading
-
     fs = fsspec_filesystem(options)
     bucket, prefix = split_s3(uri)
     page_keys = page_keys or PAGE_KEYS
-    out: queue_module.Queue = queue_module.Queue(maxsize=2 * concurrency)
+    cap = PARTS_PER_LISTER * concurrency
     done = object()
-    stop = threading.Event()  # the caller went away: listers stop at their next page
 
-    async def pages(part: str, delimiter: bool) -> AsyncIterator[dict]:
+    async def pages(part: str, *, delimiter: bool) -> AsyncIterator[dict]:
         kwargs: dict = {"Bucket": bucket, "Prefix": part, "EncodingType": "url", "MaxKeys": page_keys}
         if delimiter:
             kwargs["Delimiter"] = "/"
@@ -145,65 +147,82 @@ def list_s3_fanout(uri: str, options: StorageOptions | None = None, *, concurren
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
-    def emit(items) -> None:
-        # in an executor thread: waits while the caller is behind (the bounded window), never the loop
-        while not stop.is_set():
-            try:
-                out.put(items, timeout=0.1)
-                return
-            except queue_module.Full:
-                continue
-        raise asyncio.CancelledError
+    async def folders(part: str, room: int) -> list[str] | None:
+        """The folders directly under ``part``, or None if there are more than ``room``."""
+        found: list[str] = []
+        async for page in pages(part, delimiter=True):
+            encoded = page.get("EncodingType") == "url"
+            found += [unquote_plus(f["Prefix"]) if encoded else f["Prefix"] for f in page.get("CommonPrefixes", [])]
+            if len(found) > room:
+                return None
+        return found
 
-    async def lister(part: str, gate: asyncio.Semaphore) -> None:
-        async with gate:
-            async for page in pages(part, delimiter=False):
-                items = list(_objects(page))
-                if items:
-                    await asyncio.get_running_loop().run_in_executor(None, emit, items)
+    async def plan() -> list[tuple[str, bool]]:
+        """(part, whole) to list: whole parts with everything below them, the others only the
+        objects directly in them."""
+        shallow: list[str] = []
+        level = [prefix]
+        for _ in range(max_depth):
+            if len(level) >= concurrency:
+                break
+            deeper: list[str] = []
+            for part in level:
+                below = await folders(part, cap - len(deeper))
+                if below is None:  # too wide to split further: list this level's parts whole
+                    return [(p, False) for p in shallow] + [(p, True) for p in level]
+                deeper += below
+            if not deeper:
+                break
+            shallow += level
+            level = deeper
+        return [(p, False) for p in shallow] + [(p, True) for p in level]
 
-    async def run() -> None:
+    async def run(out: asyncio.Queue) -> None:
+        work: asyncio.Queue = asyncio.Queue()
+        for item in await plan():
+            work.put_nowait(item)
+
+        async def lister() -> None:
+            while not work.empty():
+                part, whole = work.get_nowait()
+                async for page in pages(part, delimiter=not whole):
+                    items = list(_objects(page))
+                    if items:
+                        await out.put(items)
+
+        tasks = [asyncio.ensure_future(lister()) for _ in range(min(concurrency, work.qsize()) or 1)]
         try:
-            parts, level = [prefix], 0
-            while len(parts) < concurrency and level < max_depth:
-                deeper: list[str] = []
-                for part in parts:
-                    async for page in pages(part, delimiter=True):
-                        items = list(_objects(page))  # the objects at this level: listed here, once
-                        if items:
-                            await asyncio.get_running_loop().run_in_executor(None, emit, items)
-                        encoded = page.get("EncodingType") == "url"
-                        deeper += [unquote_plus(p["Prefix"]) if encoded else p["Prefix"]
-                                   for p in page.get("CommonPrefixes", [])]
-                if not deeper:
-                    parts = []
-                    break
-                parts, level = deeper, level + 1
-            gate = asyncio.Semaphore(concurrency)
-            await asyncio.gather(*[lister(part, gate) for part in parts])
-            await asyncio.get_running_loop().run_in_executor(None, emit, done)
-        except asyncio.CancelledError:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one failed: the others stop too, no request after the caller hears of it
+                task.cancel()
             raise
-        except Exception as exc:  # the caller re-raises it
-            await asyncio.get_running_loop().run_in_executor(None, emit, exc)
 
-    future = asyncio.run_coroutine_threadsafe(run(), fs.loop)
+    async def start() -> tuple[asyncio.Queue, asyncio.Future]:
+        out: asyncio.Queue = asyncio.Queue(maxsize=2 * concurrency)
+
+        async def main() -> None:
+            try:
+                await run(out)
+                await out.put(done)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the caller re-raises it
+                await out.put(exc)
+
+        return out, asyncio.ensure_future(main())
+
+    out, task = asyncio.run_coroutine_threadsafe(start(), fs.loop).result()
     try:
         while True:
-            try:
-                items = out.get(timeout=0.5)
-            except queue_module.Empty:
-                if future.done() and out.empty():  # it ended without a word: say how
-                    raise future.exception() or RuntimeError(f"listing {uri} stopped early") from None
-                continue
+            items = asyncio.run_coroutine_threadsafe(out.get(), fs.loop).result()
             if items is done:
                 return
             if isinstance(items, BaseException):
                 raise items
             yield from items
     finally:
-        stop.set()
-        future.cancel()
+        fs.loop.call_soon_threadsafe(task.cancel)  # the caller went away (or it all ended): listers stop
 
 
 async def _get(fs, uri: str, etag: str | None, max_bytes: int | None) -> bytes:
