@@ -191,11 +191,12 @@ def _build(scores: str, output: str, *, run_id: str | None, top: int, model: str
     import pyarrow.parquet as pq
 
     from ntf_ray.images.decode import decode
+    from ntf_ray.scan.table import SUMMARY
 
     rid, rows_uri = _run(scores, run_id, options)
     fs, path = storage.arrow_filesystem(rows_uri, options)
     table = pq.read_table(path, filesystem=fs)
-    summary_uri = rows_uri.rsplit("/", 1)[0] + "/_summary.json"
+    summary_uri = storage.join(rows_uri.rsplit("/", 1)[0], SUMMARY)
     try:
         summary = json.loads(storage.read_bytes(summary_uri, options))
     except FileNotFoundError:
