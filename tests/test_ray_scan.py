@@ -302,3 +302,31 @@ def test_the_stream_caps_its_read_ahead_and_sizes_its_actors_without_touching_th
                                                                         "device": "cuda"}
     with pytest.raises(ValueError, match="streams"):
         stream(gpus_per_actor=0, streams=0)
+
+
+def _slow_square(x: int) -> int:
+    import random
+    import time
+
+    time.sleep(random.random() * 0.05)
+    if x == 13:
+        raise ValueError("thirteen")
+    return x * x
+
+
+def test_ray_map_keeps_order_bounds_what_runs_and_raises_the_tasks_own_error(local_ray):
+    """How the scan reads an inventory's data files: Ray tasks, results in order, a few at a time."""
+    from ntf_ray.ray_edge.scan import ray_map
+
+    taken = []
+
+    def items():
+        for x in range(12):
+            taken.append(x)
+            yield x
+
+    results = ray_map(_slow_square, items(), in_flight=3)
+    assert next(results) == 0 and len(taken) <= 4  # three started, one more as the first was taken
+    assert list(results) == [x * x for x in range(1, 12)]
+    with pytest.raises(ValueError, match="thirteen"):
+        list(ray_map(_slow_square, range(20), in_flight=4))

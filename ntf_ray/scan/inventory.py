@@ -15,12 +15,13 @@ Each data file's MD5 is checked against the manifest's before a row of it is use
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote_plus
@@ -163,8 +164,21 @@ def _rows(table: pa.Table, uri: str, pattern: str | None) -> pa.Table:
                      "listing_error": pa.nulls(table.num_rows, pa.string())}, schema=LISTING_SCHEMA)
 
 
-def iter_inventory(manifest: str, options: StorageOptions, *, pattern: str | None = None) -> Iterator[pa.Table]:
-    """The listing rows of every data file of an inventory, a file at a time."""
+#: How an inventory's data files are read: ``map_files(read, files)`` yields ``read(file)`` for
+#: each file, in order. The default reads them here, one after the other; the Ray edge passes
+#: one that reads them in Ray tasks, several at once.
+MapFiles = Callable[[Callable[[tuple[str, str | None]], pa.Table], Sequence[tuple[str, str | None]]],
+                    Iterable[pa.Table]]
+
+
+def iter_inventory(manifest: str, options: StorageOptions, *, pattern: str | None = None,
+                   map_files: MapFiles = map) -> Iterator[pa.Table]:
+    """The listing rows of every data file of an inventory, a file at a time, in the manifest's order."""
     inventory = read_inventory(manifest, options)
-    for uri, md5 in inventory.files:
-        yield rows_of(inventory, uri, md5, options, pattern=pattern)
+    yield from map_files(functools.partial(_file_rows, inventory, options, pattern), inventory.files)
+
+
+def _file_rows(inventory: Inventory, options: StorageOptions, pattern: str | None,
+               file: tuple[str, str | None]) -> pa.Table:
+    uri, md5 = file
+    return rows_of(inventory, uri, md5, options, pattern=pattern)

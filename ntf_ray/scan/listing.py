@@ -10,7 +10,7 @@ whose name is not UTF-8, a symbolic link out of the folder, ...) gets a row with
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -51,15 +51,19 @@ def _table_chunks(tables: Iterator[pa.Table], limit: int | None, chunk: int) -> 
             return
 
 
-def iter_listing(spec: ScanSpec, options: StorageOptions, chunk: int = 10_000) -> Iterator[pa.Table]:
+def iter_listing(spec: ScanSpec, options: StorageOptions, chunk: int = 10_000,
+                 map_files: Callable | None = None) -> Iterator[pa.Table]:
     """The objects to scan as Arrow tables of at most ``chunk`` rows (uri, etag, size_bytes,
-    last_modified, listing_error), as the listing pages in: the caller decides what to keep."""
+    last_modified, listing_error), as the listing pages in: the caller decides what to keep.
+    ``map_files``: how an inventory's data files are read (``scan.inventory.MapFiles``).
+    """
     if sum(x is not None for x in (spec.input, spec.manifest, spec.inventory)) != 1:
         raise ValueError("give exactly one of an input prefix/folder, a manifest or an inventory")
     if spec.inventory is not None:
         from ntf_ray.scan.inventory import iter_inventory
 
-        yield from _table_chunks(iter_inventory(spec.inventory, options, pattern=spec.pattern), spec.limit, chunk)
+        tables = iter_inventory(spec.inventory, options, pattern=spec.pattern, map_files=map_files or map)
+        yield from _table_chunks(tables, spec.limit, chunk)
         return
     if spec.manifest is not None:
         from ntf_ray.training.datasets import read_manifest

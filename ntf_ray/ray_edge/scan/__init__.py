@@ -170,7 +170,7 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | No
     out = Listing(blocks=[], suspects=[], listed=0, rows=0)
     seen = found.seen if found is not None and found.seen.num_rows else None
     losses = found.losses if found is not None and found.losses.num_rows else None
-    for chunk in iter_listing(spec, options):
+    for chunk in iter_listing(spec, options, map_files=ray_map):
         out.listed += chunk.num_rows
         if on_chunk is not None:
             on_chunk(chunk.num_rows)
@@ -201,6 +201,40 @@ def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | No
             out.rows += block.num_rows
             out.blocks.append((ray.put(block), block.num_rows))
     return out
+
+
+#: Inventory data files read at once, each in a Ray task of its own (``ray_map``).
+LISTING_TASKS = 8
+
+
+def ray_map(fn: Callable, items, *, in_flight: int = LISTING_TASKS, num_cpus: float = 0.25):
+    """``map(fn, items)`` with each call a Ray task, at most ``in_flight`` of them running or
+    waiting to be taken: results in order, the next task started as the oldest result is
+    taken, so what waits in the object store is bounded. Tasks hold a quarter of a CPU: the
+    listing runs beside the detector actors and read tasks it feeds."""
+    task = _apply.options(num_cpus=num_cpus)
+    items = iter(items)
+    pending = []
+    for item in items:
+        pending.append(task.remote(fn, item))
+        if len(pending) >= in_flight:
+            break
+    while pending:
+        try:
+            result = ray.get(pending.pop(0))
+        except ray.exceptions.RayTaskError as exc:  # the task's own error, as a local call would raise it
+            for ref in pending:
+                ray.cancel(ref)
+            raise exc.cause from None
+        for item in items:
+            pending.append(task.remote(fn, item))
+            break
+        yield result
+
+
+@ray.remote(max_retries=3)
+def _apply(fn: Callable, item):
+    return fn(item)
 
 
 def block_bounds(sizes: np.ndarray | None, rows: int, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
