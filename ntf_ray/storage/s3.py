@@ -64,8 +64,8 @@ def list_s3(uri: str, options: StorageOptions | None = None, *, page_keys: int |
     a time: dicts with ``key`` (decoded), ``etag``, ``size`` and ``last_modified``.
 
     Keys are asked for URL-encoded (XML cannot carry every character a key may hold, such as
-    control characters) and decoded here. An empty ``folder/`` marker is left out; a key ending
-    in ``/`` that holds bytes is an object like any other.
+    control characters) and decoded here (``_objects``). An empty ``folder/`` marker is left
+    out; a key ending in ``/`` that holds bytes is an object like any other.
     """
     from fsspec.asyn import sync
 
@@ -73,15 +73,8 @@ def list_s3(uri: str, options: StorageOptions | None = None, *, page_keys: int |
     bucket, prefix = split_s3(uri)
     kwargs: dict = {"Bucket": bucket, "Prefix": prefix, "EncodingType": "url", "MaxKeys": page_keys or PAGE_KEYS}
     while True:
-        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
-        encoded = page.get("EncodingType") == "url"
-        for obj in page.get("Contents", []):
-            key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
-            size = int(obj.get("Size", 0))
-            if key.endswith("/") and size == 0:
-                continue
-            yield {"key": key, "etag": obj.get("ETag", "").strip('"'), "size": size,
-                   "last_modified": obj.get("LastModified")}
+        page = sync(fs.loop, _list_page, fs, **kwargs)  # S3's throttling waited out, as the fan-out's listers do
+        yield from _objects(page)
         if not page.get("IsTruncated"):
             return
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
@@ -107,6 +100,7 @@ async def _list_page(fs, **kwargs) -> dict:
 
 
 def _objects(page: dict) -> Iterator[dict]:
+    """A ListObjectsV2 page's objects: keys URL-decoded, empty folder markers left out."""
     encoded = page.get("EncodingType") == "url"
     for obj in page.get("Contents", []):
         key = unquote_plus(obj["Key"]) if encoded else obj["Key"]
