@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,17 @@ class Cluster:
     env: dict[str, str]
 
     def submit(self, *entrypoint: str, timeout: int = 720) -> subprocess.CompletedProcess:
-        """``ray job submit --working-dir REPO -- ENTRYPOINT``; waits for the job and returns its output."""
-        return subprocess.run([RAY, "job", "submit", "--address", self.address, "--working-dir", str(REPO), "--",
-                               *entrypoint], env=self.env, capture_output=True, text=True, timeout=timeout)
+        """``ray job submit --working-dir REPO -- ENTRYPOINT``; waits for the job and returns its output.
+
+        A head whose dashboard agent has not registered yet refuses a job with "No available
+        agent to submit job, please try again later" (seen on a loaded machine): tried again then."""
+        for attempt in range(6):
+            done = subprocess.run([RAY, "job", "submit", "--address", self.address, "--working-dir", str(REPO), "--",
+                                   *entrypoint], env=self.env, capture_output=True, text=True, timeout=timeout)
+            if done.returncode == 0 or "No available agent to submit job" not in done.stdout + done.stderr:
+                return done
+            time.sleep(10)
+        return done
 
 
 @pytest.fixture(scope="module")
