@@ -8,14 +8,17 @@ fixed pool of two detector actors could not place the second one again: the node
 for one), while the first run here published every row. Until the scan shrinks its pool when a
 node goes, this stays a drill with a time limit:
 
-    python -m pytest bench/node_drill.py -s --timeout 600 -p no:cacheprovider
+    python bench/node_drill.py            (pytest's options after it; --help lists them)
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow.parquet as pq
 import pytest
@@ -92,3 +95,7 @@ def test_a_worker_node_lost_mid_scan_costs_no_row(cluster, tmp_path):
     assert sorted(uris) == sorted(objects)  # one row per object: none lost, none twice
     assert errors == [] and all(r["score"] is not None for r in rows)  # the lost work redone, not written off
     assert result.summary["scored"] == len(objects)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-s", "-p", "no:cacheprovider", *sys.argv[1:]]))
