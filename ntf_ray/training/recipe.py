@@ -33,7 +33,7 @@ from ntf_ray.training.engine import (
     make_optimizer,
     make_scheduler,
 )
-from ntf_ray.training.stages import STAGE1, STAGE2, build_stage1, build_stage2
+from ntf_ray.training.stages import STAGE1, STAGE2, Stage, build_stage1, build_stage2
 
 log = logging.getLogger(__name__)
 
@@ -70,44 +70,36 @@ def train_stage1(table: pa.Table, cfg: TrainConfig, *, options: StorageOptions |
     if not get_variant(cfg.variant).stage1:
         log.info("variant %s has no stage 1: stage 2 starts from the %s encoder", cfg.variant, cfg.pretrained)
         return None
-    device = resolve_device(cfg.device)
-    model = build_stage1(cfg).to(device)
-    if cfg.epochs_stage1 == 0:
-        return model
-    stage = STAGE1
-    data = TrainingImages(stage.rows(table, cfg), stage.transform(cfg), keys=stage.keys, options=options,
-                          max_pixels=cfg.max_pixels)
-    loader = _loader(data, cfg)
-    optimizer = make_optimizer(stage.trainable(model, cfg), lr=stage.lr(cfg), momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage1, schedule=cfg.schedule, step_size=cfg.step_size,
-                               step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
-    for epoch in range(cfg.epochs_stage1):
-        m = stage.epoch(model, loader, optimizer, cfg, epoch=epoch, device=device, report=report)
-        scheduler.step()
-        log.info("stage 1 epoch %d/%d: loss %.4f hom %.4f het %.4f orth %.4f, hom spread %.3g, %.0f views/s",
-                 epoch + 1, cfg.epochs_stage1, m["loss"], m["hom"], m["het"], m["orth"], m["hom_spread"],
-                 m["views_per_s"])
-    return model
+    model = build_stage1(cfg).to(resolve_device(cfg.device))
+    return _fit(STAGE1, model, table, cfg, options=options, report=report)
 
 
 def train_stage2(table: pa.Table, stage1: Stage1Model | None, cfg: TrainConfig, *,
                  options: StorageOptions | None = None, report: Callable[[dict], None] | None = None) -> Stage2Model:
-    device = resolve_device(cfg.device)
-    model = build_stage2(cfg, stage1).to(device)
-    stage = STAGE2
-    data = TrainingImages(stage.rows(table, cfg), stage.transform(cfg, cfg.seed), keys=stage.keys, options=options,
+    model = build_stage2(cfg, stage1).to(resolve_device(cfg.device))
+    return _fit(STAGE2, model, table, cfg, options=options, report=report)
+
+
+def _fit(stage: Stage, model: torch.nn.Module, table: pa.Table, cfg: TrainConfig, *,
+         options: StorageOptions | None, report: Callable[[dict], None] | None) -> torch.nn.Module:
+    """``stage.epochs(cfg)`` epochs of ``stage`` on ``model``, in this process."""
+    epochs = stage.epochs(cfg)
+    if epochs == 0:
+        return model
+    seed = cfg.seed if stage is STAGE2 else None  # stage 2's draws are seeded; stage 1's come from torch's seed
+    data = TrainingImages(stage.rows(table, cfg), stage.transform(cfg, seed), keys=stage.keys, options=options,
                           max_pixels=cfg.max_pixels)
     loader = _loader(data, cfg)
     optimizer = make_optimizer(stage.trainable(model, cfg), lr=stage.lr(cfg), momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, epochs=cfg.epochs_stage2, schedule=cfg.schedule, step_size=cfg.step_size,
+    scheduler = make_scheduler(optimizer, epochs=epochs, schedule=cfg.schedule, step_size=cfg.step_size,
                                step_gamma=cfg.step_gamma, warmup_epochs=cfg.warmup_epochs)
-    for epoch in range(cfg.epochs_stage2):
+    device = next(model.parameters()).device
+    for epoch in range(epochs):
         m = stage.epoch(model, loader, optimizer, cfg, epoch=epoch, device=device, report=report)
         scheduler.step()
-        log.info("stage 2 epoch %d/%d: loss %.4f scl %.4f ce %.4f, %.0f images/s",
-                 epoch + 1, cfg.epochs_stage2, m["loss"], m["scl"], m["ce"], m["images_per_s"])
+        log.info("stage %d epoch %d/%d: %s", stage.number, epoch + 1, epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float)))
     return model
 
 
