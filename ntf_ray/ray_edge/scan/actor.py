@@ -240,12 +240,13 @@ def plan_actors(pool: ActorPool, *, blocks: int, actors_per_gpu: int = 1) -> Act
     return ActorPlan(min_actors=least, max_actors=most, gpus=gpus, cpus=cpus_per_actor)
 
 
-#: Retries of a read task, and of a detector actor's batch when the actor died on it (Ray's
-#: default retries a batch forever: one file that kills its decoder would hang the run). What
-#: still fails is isolated by re-running it in smaller groups (``ray_scan.isolation``), whose
-#: rounds are not retried by Ray: each smaller round is the retry.
+#: Retries of a read task. A detector actor's batch is never retried by Ray when its actor
+#: dies: Ray would wait for that actor to start again, and an actor whose node went away may
+#: find no room anywhere (the nodes left are full), so the batch, and the run, would wait for
+#: ever. The batch's objects come back without rows instead, and are scored again in smaller
+#: groups by the actors that are alive once the stream ends (``ray_scan.isolation``), which
+#: also keeps one file that kills its decoder from being retried for ever.
 READ_TASK_RETRIES = 2
-ACTOR_TASK_RETRIES = 2
 #: A scan's detector actors per GPU, and batches each scores at once (threads, each with its own
 #: CUDA stream). Measured on an H200 (bench/README.md): decoding and the network share the GPU, and
 #: 4 actors x 2 streams kept it busiest (4,140 images/s against 3,320 for 1 x 2 and 3,510 for 1 x 3).
@@ -323,9 +324,8 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
                                                max_tasks_in_flight_per_actor=1 if isolated else None),
             num_gpus=plan.gpus,
             num_cpus=plan.cpus,
-            max_restarts=-1,  # an actor that died is replaced ...
-            # ... but a batch that kills it is not retried forever
-            max_task_retries=0 if isolated else ACTOR_TASK_RETRIES,
+            max_restarts=-1,  # an actor that died is started again where there is room ...
+            max_task_retries=0,  # ... but its batches are not held for it (READ_TASK_RETRIES)
         )
     ds.set_name(name)
     ds.context.max_errored_blocks = -1
