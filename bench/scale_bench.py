@@ -5,8 +5,10 @@ For each size N: a synthetic S3 Inventory report (a local copy: Parquet data fil
 whose objects live in a bucket on moto's S3 server, of which only the ``--new`` newest exist
 (tiny PNGs: no image is read for an object already scored); a model index holding every other
 object, as ``moderate`` writes it; then ``ntf-ray moderate --inventory`` in a fresh process.
-Printed per size: wall time, time to the first staged row, the driver's peak private memory
-(RssAnon, sampled every 0.1 s), objects scored (must be ``--new``), and the control plane's
+Printed per size: wall time, time to the first staged row (a file of scored rows in the
+attempt's staging folder), the driver's peak private memory (RssAnon, sampled every 0.1 s),
+the object store's peak (what ``/dev/shm`` grew by: Ray's store is a file there), objects
+scored (must be ``--new``), and the control plane's
 seconds per million objects: wall time less that of a run over the ``--new`` objects alone
 (start-up and scoring), per million objects listed.
 
@@ -111,24 +113,29 @@ def model(work: Path) -> tuple[str, str]:
     return str(path), load_artifact(str(path)).model_id
 
 
-def output_with_index(out: Path, n: int, new: int, bucket: str, model_id: str) -> str:
-    """A fresh output folder whose model index holds the ``n - new`` objects already scored."""
+_WRITE_INDEX = """
+import sys, numpy as np, pyarrow as pa
+from ntf_ray.scan.index import KEY_SCHEMA, write_index
+from ntf_ray.storage import StorageOptions
+out, model_id, bucket, old, base = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ids = range(old)
+pairs = pa.table({"uri": [f"s3://{bucket}/obj/{i:010d}.png" for i in ids],
+                  "etag": [__import__("hashlib").md5(str(i).encode()).hexdigest() for i in ids],
+                  "modified": pa.array(np.full(old, base), pa.int64())}, schema=KEY_SCHEMA)
+write_index(out, model_id, pairs, {}, StorageOptions())
+"""
+
+
+def output_with_index(code: Path, out: Path, n: int, new: int, bucket: str, model_id: str) -> str:
+    """A fresh output folder whose model index holds the ``n - new`` objects already scored,
+    written by ``code``'s own ``write_index`` (its layout is the one its ``moderate`` reads)."""
     import shutil
-
-    import numpy as np
-    import pyarrow as pa
-
-    from ntf_ray.scan.index import KEY_SCHEMA, write_index
-    from ntf_ray.storage import StorageOptions
 
     shutil.rmtree(out, ignore_errors=True)
     old = n - new
     if old:
-        pairs = pa.table({"uri": [f"s3://{bucket}/obj/{i:010d}.png" for i in range(old)],
-                          "etag": [_etag(i) for i in range(old)],
-                          "modified": pa.array(np.full(old, int(BASE.timestamp() * 1e6)), pa.int64())},
-                         schema=KEY_SCHEMA)
-        write_index(str(out), model_id, pairs, {}, StorageOptions())
+        subprocess.run([sys.executable, "-c", _WRITE_INDEX, str(out), model_id, bucket, str(old),
+                        str(int(BASE.timestamp() * 1e6))], check=True, cwd=code, env=dict(os.environ, PYTHONPATH=str(code)))
     return str(out)
 
 
@@ -138,9 +145,12 @@ def run(code: Path, manifest: str, model: str, out: str, endpoint: str) -> dict:
                AWS_DEFAULT_REGION="us-east-1")
     cmd = [sys.executable, "-m", "ntf_ray", "moderate", "--inventory", manifest, "--model", model, "--output", out,
            "--s3-endpoint", endpoint, "--cpus-per-actor", "0.5", "--stall-timeout", "0"]
+    import shutil
+
+    shm = shutil.disk_usage("/dev/shm").used  # Ray's object store lives there (a tmpfs: what is touched counts)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, first = 0, None
+    peak, first, store = 0, None, 0
     staging = Path(out) / "_staging"
     while proc.poll() is None:
         try:
@@ -149,7 +159,9 @@ def run(code: Path, manifest: str, model: str, out: str, endpoint: str) -> dict:
                     peak = max(peak, int(line.split()[1]) // 1024)
         except OSError:
             pass
-        if first is None and staging.exists() and any(staging.rglob("*.parquet")):
+        store = max(store, (shutil.disk_usage("/dev/shm").used - shm) // 2**20)
+        if first is None and staging.exists() and any(p.parent.name.startswith("attempt=")
+                                                      for p in staging.rglob("*.parquet")):
             first = time.perf_counter() - start
         time.sleep(0.1)
     wall = time.perf_counter() - start
@@ -157,7 +169,8 @@ def run(code: Path, manifest: str, model: str, out: str, endpoint: str) -> dict:
     if proc.returncode:
         raise RuntimeError(f"moderate failed ({proc.returncode}): {stderr[-2000:]}")
     summary = json.loads(next(Path(out).glob("dt=*/run_id=*/_summary.json")).read_text())
-    return {"wall": wall, "first": first, "peak": peak, "scored": summary["scored"], "listed": summary["listed"]}
+    return {"wall": wall, "first": first, "peak": peak, "store": store, "scored": summary["scored"],
+            "listed": summary["listed"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,18 +203,19 @@ def main(argv: list[str] | None = None) -> None:
             work = args.work or Path(tmp)
             path, model_id = model(work)
             codes = [ROOT, *args.code]
-            print(f"{'code':<28}{'objects':>12}{'wall s':>9}{'first row s':>13}{'driver MiB':>12}{'scored':>9}"
-                  f"{'ctl s/M':>9}")
+            print(f"{'code':<28}{'objects':>12}{'wall s':>9}{'first row s':>13}{'driver MiB':>12}{'store MiB':>11}"
+                  f"{'scored':>9}{'ctl s/M':>9}")
             results = {}
             for n in [args.new, *sizes]:  # first the new objects alone: the time scoring them takes
                 manifest = inventory(work, n, args.new, bucket, uploaded)
                 for code in codes:
-                    out = output_with_index(work / f"out-{code.name}-{n}", n, args.new, bucket, model_id)
+                    out = output_with_index(code, work / f"out-{code.name}-{n}", n, args.new, bucket, model_id)
                     r = results[(code, n)] = run(code, manifest, path, out, endpoint)
                     assert r["scored"] == args.new and r["listed"] == n, r
                     control = (r["wall"] - results[(code, args.new)]["wall"]) / (n / 1e6)
                     print(f"{str(code)[-28:]:<28}{n:>12}{r['wall']:>9.1f}{(r['first'] or float('nan')):>13.1f}"
-                          f"{r['peak']:>12}{r['scored']:>9}{control if n > args.new else float('nan'):>9.1f}",
+                          f"{r['peak']:>12}{r['store']:>11}{r['scored']:>9}"
+                          f"{control if n > args.new else float('nan'):>9.1f}",
                           flush=True)
             small, big = sizes[0], sizes[-1]
             for code in codes:

@@ -66,8 +66,12 @@ if sys.argv[2] == "table":  # the whole listing held as one table, as scans did 
     table = list_objects(spec, storage.StorageOptions())
     listed, blocks = table.num_rows, []
 else:
-    found = ray_scan._listing_blocks(spec, storage.StorageOptions(), None)
-    listed, blocks = found.listed, found.blocks
+    import tempfile
+    from ntf_ray.ray_edge.scan.feed import ListingFeed
+    feed = ListingFeed(spec, storage.StorageOptions(), None, tempfile.mkdtemp()).start()
+    blocks = [ref for window in feed.windows() for ref in window]  # what the scan scores, unscored
+    feed.join()
+    listed = feed.listed
 print(listed, len(blocks), before, mib("RssAnon:"))
 """
 

@@ -9,15 +9,33 @@ The index also keeps how often each object not yet final was lost alone, summed 
 which is what turns ``worker_lost`` into ``poison``, and the version of every run it read, so
 a run replaced or removed since (a re-used run id, by any model) makes the next check read
 every run again instead of trusting what the index says that run held.
+
+The index is partitioned by a hash of the uri and grows by one *generation* per run (the
+final keys of the runs it had not read yet), so a run writes what is new, not everything, and
+what reads it can hold a few partitions each (``Shard``: the scan's index actors, one per few
+million keys, so the index never passes through the driver). Layout, under
+``OUTPUT/_index/model_id=M/``:
+
+- ``index.json``: the layout, the partition count, the runs read (run id -> version), each
+  generation's files and rows, and the losses file. Written last: a generation or losses
+  file it does not name is not part of the index (a run that died while writing it).
+- ``p=NN/GEN-S.parquet``: final keys (``KEY``) whose uri hashes to partition NN.
+- ``losses-GEN.parquet``: ``KEY`` + losses of the objects not final that were lost alone.
+
+Too many generations, or partitions too full, are compacted into one generation on the next
+write.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -63,8 +81,22 @@ def _final_pairs(table: pa.Table, model_id: str) -> pa.Table:
     return _distinct([skip_key(table.filter(pc.fill_null(keep, False)))])
 
 
+LAYOUT = 2
+#: Keys per partition a compaction aims at, keys an index actor holds at most (``Shard``), and
+#: the generations an index keeps before they are compacted into one.
+PARTITION_ROWS = 1_000_000
+SHARD_ROWS = 4_000_000
+MAX_GENERATIONS = 8
+MAX_PARTITIONS = 256
+
+
+def index_root(output: str, model_id: str) -> str:
+    return storage.join(storage.normalize(output), INDEX, f"model_id={model_id}")
+
+
 def index_path(output: str, model_id: str) -> str:
-    return storage.join(storage.normalize(output), INDEX, f"model_id={model_id}", "scored.parquet")
+    """The model's ``index.json`` (what makes the rest of its folder the index)."""
+    return storage.join(index_root(output, model_id), "index.json")
 
 
 @dataclass
@@ -99,30 +131,288 @@ def _not_final(losses: pa.Table, seen: pa.Table) -> pa.Table:
     return seen.join(losses, keys=KEY, join_type="right anti").select(LOSSES_SCHEMA.names)
 
 
-def history(output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None) -> History:
-    """The objects (``KEY``) ``model_id`` has a final row for in a completed run under OUTPUT,
-    the times each other object was lost alone (for ``poison``), and the runs read.
 
-    ``exclude_run``'s own rows never count (re-running a run replaces it). What runs already
-    folded into the model's index (``OUTPUT/_index/``) hold comes from that one file, so the
-    check reads only the runs since the last ``moderate``, not all history; but only while
-    every run the index read is still there as it was read: one published again since (a
-    re-used run id, by this model or another, with ``scan`` or ``moderate``), removed, or
-    about to be replaced (``exclude_run``) makes it read every run again.
+@dataclass
+class Plan:
+    """A model's index as ``index.json`` names it, and the completed runs it has not read."""
+
+    root: str
+    partitions: int
+    generations: list[dict]  # {"name", "files": [p=NN/...], "rows"}, oldest first
+    losses_file: str | None  # relative to root
+    indexed: dict[str, str]  # run id -> version, of the runs the generations hold
+    runs: dict[str, str]  # run id -> version, of every completed run (``exclude_run`` left out)
+    fresh: list[str] = field(default_factory=list)  # folders of the runs not indexed yet
+
+    @property
+    def rows(self) -> int:
+        return sum(int(g["rows"]) for g in self.generations)
+
+    def files_of(self, partitions: set[int]) -> list[str]:
+        return [storage.join(self.root, f) for g in self.generations for f in g["files"]
+                if _partition_of_file(f) in partitions]
+
+    def shards(self, rows_per_shard: int | None = None) -> list[list[int]]:
+        """The partitions each index actor holds: one actor per ``rows_per_shard`` keys."""
+        n = max(1, min(self.partitions, math.ceil(self.rows / (rows_per_shard or SHARD_ROWS))))
+        return [list(range(s, self.partitions, n)) for s in range(n)]
+
+
+def _partition_of_file(name: str) -> int:
+    return int(name.split("/", 1)[0].removeprefix("p="))
+
+
+def plan(output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None) -> Plan:
+    """What the model's index holds, and which completed runs under OUTPUT it has not read.
+
+    The index is trusted only while every run it read is still there as it was read: one
+    published again since (a re-used run id, by this model or another, with ``scan`` or
+    ``moderate``), removed, or about to be replaced (``exclude_run``) makes every run fresh.
     """
     runs = {rid: run for rid, run in runs_by_id(output, options).items() if is_complete(run.names) and rid != exclude_run}
     versions = {rid: run.version or "" for rid, run in runs.items()}
-    seen, losses, indexed = _read_index(output, model_id, options)
-    stale = sorted(r for r, v in indexed.items() if versions.get(r) != v)
-    if stale:
-        log.info("the index of model %s read %d run(s) that changed or went since (%s): reading every run again",
-                 model_id, len(stale), ", ".join(stale[:5]))
-        seen, losses, indexed = None, None, {}
-    fresh = read_runs([runs[r].folder for r in sorted(set(runs) - set(indexed))],
-                       ["uri", "etag", "last_modified", "model_id", "error"], options)
-    pairs = _distinct([t for t in (seen, _final_pairs(fresh, model_id)) if t is not None])
-    lost = sum_losses([losses, _lost_alone(fresh, model_id)])
-    return History(seen=pairs, losses=_not_final(lost, pairs), runs=versions)
+    root = index_root(output, model_id)
+    found = _read_plan(output, model_id, options)
+    if found is not None:
+        stale = sorted(r for r, v in found.indexed.items() if versions.get(r) != v)
+        if stale:
+            log.info("the index of model %s read %d run(s) that changed or went since (%s): reading every run again",
+                     model_id, len(stale), ", ".join(stale[:5]))
+            found = None
+    if found is None:
+        found = Plan(root=root, partitions=1, generations=[], losses_file=None, indexed={}, runs={})
+    found.runs = versions
+    found.fresh = [runs[r].folder for r in sorted(set(runs) - set(found.indexed))]
+    return found
+
+
+def _read_plan(output: str, model_id: str, options: StorageOptions) -> Plan | None:
+    """``index.json``, or None when there is none or it is of an earlier layout (every run is
+    then read once, and the index written anew)."""
+    root = index_root(output, model_id)
+    try:
+        data = json.loads(storage.read_bytes(index_path(output, model_id), options))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or data.get("layout") != LAYOUT:
+        log.info("the index of model %s is of an earlier layout: reading every run once", model_id)
+        return None
+    return Plan(root=root, partitions=int(data["partitions"]), generations=list(data["generations"]),
+                losses_file=data.get("losses"), indexed={str(k): str(v) for k, v in data["runs"].items()}, runs={})
+
+
+# -- hashing: which partition a uri is in, and a fingerprint of a key to look it up by -----------
+
+_BASE = np.uint64(0x100000001B3)
+_POWERS = np.cumprod(np.full(256, _BASE, np.uint64))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit reaches every output bit."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _powers(n: int) -> np.ndarray:
+    global _POWERS
+    if n > len(_POWERS):
+        _POWERS = np.cumprod(np.full(max(n, 2 * len(_POWERS)), _BASE, np.uint64))
+    return _POWERS
+
+
+def string_hash(values: pa.Array | pa.ChunkedArray, *, slice_rows: int = 1 << 18) -> np.ndarray:
+    """A 64-bit hash of each string (its UTF-8 bytes; null hashes as ''), the same in every
+    process and on every machine (Python's ``hash`` is not). Not a secret: what it decides
+    (a partition, a fingerprint that is then checked exactly) never depends on its luck."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], values.type)
+    values = pc.fill_null(values, "").cast(pa.large_string())
+    out = np.empty(len(values), np.uint64)
+    for first in range(0, len(values), slice_rows):
+        part = values.slice(first, slice_rows)
+        n = len(part)
+        offsets = np.frombuffer(part.buffers()[1], np.int64, count=n + 1, offset=part.offset * 8)
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        lengths = np.diff(offsets)
+        h = np.zeros(n, np.uint64)
+        if hi > lo:
+            data = np.frombuffer(part.buffers()[2], np.uint8, count=hi - lo, offset=lo).astype(np.uint64)
+            starts = offsets[:-1] - lo
+            position = np.arange(hi - lo, dtype=np.int64) - np.repeat(starts, lengths)
+            terms = (data + np.uint64(1)) * _powers(int(lengths.max()))[position]
+            filled = lengths > 0
+            h[filled] = np.add.reduceat(terms, starts[filled])
+        out[first:first + n] = _mix(h ^ lengths.astype(np.uint64))
+    return out
+
+
+def partition_of(uris: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
+    """The partition of each uri, 0..partitions-1."""
+    if partitions == 1:
+        return np.zeros(len(uris), np.int64)
+    return (string_hash(uris) % np.uint64(partitions)).astype(np.int64)
+
+
+def fingerprint(keys: pa.Table) -> np.ndarray:
+    """A 64-bit fingerprint of each ``KEY`` row, to find a key among millions by binary search;
+    two keys may share one, so a match is always checked against the key itself."""
+    modified = pc.fill_null(keys.column("modified"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    h = _mix(string_hash(keys.column("uri")) ^ _mix(string_hash(keys.column("etag")) ^ modified.view(np.uint64)))
+    return h
+
+
+class Shard:
+    """The final keys of some of an index's partitions (from its generations, and from the
+    runs it has not read yet), looked up by fingerprint. The driver's ``history`` holds every
+    partition in one; the scan spreads them over index actors (``ray_edge.scan.skip``).
+    """
+
+    def __init__(self, found: Plan, partitions: list[int], model_id: str, options: StorageOptions):
+        self.plan, self.partitions, self.model_id, self.options = found, sorted(partitions), model_id, options
+        mine = set(self.partitions)
+        indexed = _read_keys(found.files_of(mine), options)
+        fresh = read_runs(found.fresh, ["uri", "etag", "last_modified", "model_id", "error"], options)
+        fresh = fresh.filter(pa.array(np.isin(partition_of(fresh.column("uri"), found.partitions), self.partitions)))
+        self.fresh = _final_pairs(fresh, model_id)  # final keys the generations do not hold yet
+        self.fresh_losses = _lost_alone(fresh, model_id)
+        self._index(_distinct([indexed, self.fresh]))
+
+    def _index(self, seen: pa.Table) -> None:
+        fps = fingerprint(seen)
+        order = np.argsort(fps, kind="stable")
+        self.seen, self._fps, self._order = seen.take(pa.array(order)), fps[order], order
+
+    def keys(self) -> pa.Table:
+        """The final keys held, in the order they were read (runs, then rows)."""
+        return self.seen.take(pa.array(np.argsort(self._order))).select(KEY)
+
+    def seen_mask(self, keys: pa.Table) -> np.ndarray:
+        """Which rows of ``keys`` (``KEY``; a null uri or etag matches nothing) are final keys here."""
+        out = np.zeros(keys.num_rows, np.bool_)
+        if not keys.num_rows or not len(self._fps):
+            return out
+        usable = pc.and_(pc.is_valid(keys.column("uri")), pc.is_valid(keys.column("etag")))
+        q = fingerprint(keys)
+        left = np.searchsorted(self._fps, q, "left")
+        right = np.searchsorted(self._fps, q, "right")
+        cand = np.nonzero((right > left) & usable.to_numpy(zero_copy_only=False))[0]
+        if not cand.size:
+            return out
+        counts = right[cand] - left[cand]
+        starts = np.repeat(left[cand], counts)
+        rows = starts + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        asked = keys.select(KEY).cast(KEY_SCHEMA).take(pa.array(cand)).append_column("_row", pa.array(cand, pa.int64()))
+        matched = asked.join(self.seen.take(pa.array(rows)), keys=KEY, join_type="left semi")
+        out[matched.column("_row").to_numpy(zero_copy_only=False)] = True
+        return out
+
+    def not_final(self, losses: pa.Table) -> pa.Table:
+        """``losses`` without the objects that have a final key here."""
+        if not losses.num_rows:
+            return losses
+        return losses.filter(pa.array(~self.seen_mask(losses.select(KEY))))
+
+    def write_generation(self, name: str, runs: list[str], *, compact: bool, partitions: int,
+                         shard: int) -> tuple[list[str], int, pa.Table]:
+        """Write this shard's part of generation ``name``: the final keys of ``runs`` (just
+        published) and of the fresh runs, or, to compact, every key it holds, into files of
+        ``partitions`` partitions (this shard's keys may land in any of them then). Returns
+        the files (relative to the index root), their rows, and the lost-alone rows of ``runs``.
+        """
+        new = read_runs(runs, ["uri", "etag", "last_modified", "model_id", "error"], self.options)
+        new = new.filter(pa.array(np.isin(partition_of(new.column("uri"), self.plan.partitions), self.partitions)))
+        added = _final_pairs(new, self.model_id)
+        keys = _distinct([self.seen, added] if compact else [self.fresh, added])
+        if self.seen.num_rows or added.num_rows:
+            self._index(_distinct([self.seen, added]))
+        place = partition_of(keys.column("uri"), partitions)
+        files, rows = [], 0
+        for p in np.unique(place):
+            part = keys.filter(pa.array(place == p))
+            rel = f"p={int(p):03d}/{name}-{shard}.parquet"
+            _write_parquet(storage.join(self.plan.root, rel), part, self.options)
+            files.append(rel)
+            rows += part.num_rows
+        return files, rows, _lost_alone(new, self.model_id)
+
+
+def _read_keys(files: list[str], options: StorageOptions) -> pa.Table:
+    parts = [pq.read_table(pa.BufferReader(storage.read_bytes(f, options))).select(KEY).cast(KEY_SCHEMA) for f in files]
+    return pa.concat_tables(parts) if parts else KEY_SCHEMA.empty_table()
+
+
+def _write_parquet(uri: str, table: pa.Table, options: StorageOptions) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes(), options)
+
+
+def compaction(found: Plan, new_rows: int) -> int | None:
+    """The partition count to compact into before the next generation, or None to add one."""
+    rows = found.rows + new_rows
+    want = max(1, min(MAX_PARTITIONS, math.ceil(rows / PARTITION_ROWS)))
+    too_full = found.partitions < want and rows > 2 * found.partitions * PARTITION_ROWS
+    if len(found.generations) + 1 > MAX_GENERATIONS or too_full or (found.generations == [] and found.partitions != want):
+        return want
+    return None
+
+
+def commit(found: Plan, generation: dict, losses: pa.Table, runs: dict[str, str], options: StorageOptions,
+           *, partitions: int, replaces: bool) -> None:
+    """Make ``generation`` (and ``losses``) part of the index: ``index.json`` written last.
+    ``replaces``: the generation holds every key (a compaction); the earlier ones go."""
+    losses_file = None
+    if losses.num_rows:
+        losses_file = f"losses-{generation['name']}.parquet"
+        _write_parquet(storage.join(found.root, losses_file), losses.select(LOSSES_SCHEMA.names), options)
+    if replaces:
+        generations = [generation]
+    else:  # a run that added no final key adds no generation (its version is still recorded)
+        generations = [*found.generations, *([generation] if generation["files"] else [])]
+    state = {"layout": LAYOUT, "partitions": partitions, "runs": dict(sorted(runs.items())),
+             "generations": generations, "losses": losses_file}
+    storage.write_bytes(storage.join(found.root, "index.json"), json.dumps(state, indent=1).encode(), options)
+    keep = {f for g in generations for f in g["files"]} | ({losses_file} if losses_file else set())
+    _remove_unnamed(found.root, keep, options)
+
+
+def _remove_unnamed(root: str, keep: set[str], options: StorageOptions) -> None:
+    """Files of the index folder that ``index.json`` does not name: generations compacted away,
+    parts of a write that died, the earlier layout's file."""
+    for rel in storage.list_names(root, options):
+        if rel != "index.json" and rel not in keep:
+            storage.remove(storage.join(root, rel), options)
+
+
+def read_losses(found: Plan, options: StorageOptions) -> pa.Table:
+    if not found.losses_file:
+        return LOSSES_SCHEMA.empty_table()
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(found.root, found.losses_file), options)))
+    return table.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA)
+
+
+def new_generation_name(run_id: str | None) -> str:
+    return f"{run_id or 'index'}-{uuid.uuid4().hex[:8]}"
+
+
+def history(output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None) -> History:
+    """The objects (``KEY``) ``model_id`` has a final row for in a completed run under OUTPUT,
+    the times each other object was lost alone (for ``poison``), and the runs read: every
+    partition of the index in this process (the scan spreads them over index actors).
+
+    ``exclude_run``'s own rows never count (re-running a run replaces it). What runs already
+    folded into the model's index (``OUTPUT/_index/``) hold comes from there, so the check
+    reads only the runs since the last ``moderate`` (see ``plan`` for when it reads them all).
+    """
+    found = plan(output, model_id, options, exclude_run=exclude_run)
+    shard = Shard(found, list(range(found.partitions)), model_id, options)
+    lost = sum_losses([read_losses(found, options), shard.fresh_losses])
+    return History(seen=shard.keys(), losses=shard.not_final(lost), runs=found.runs)
 
 
 def already_scored(output: str, model_id: str, options: StorageOptions, *,
@@ -133,36 +423,23 @@ def already_scored(output: str, model_id: str, options: StorageOptions, *,
     return found.seen, sorted(found.runs)
 
 
-def _read_index(output: str, model_id: str,
-                options: StorageOptions) -> tuple[pa.Table | None, pa.Table | None, dict[str, str]]:
-    """(final keys, losses, run id -> version of the runs folded in) of the model's index. An
-    index from before runs had versions and keys a last-modified time reads as empty: the check
-    then reads every run once, and the index is written anew."""
-    path = index_path(output, model_id)
-    try:
-        data = storage.read_bytes(path, options)
-    except FileNotFoundError:
-        return None, None, {}
-    table = pq.read_table(pa.BufferReader(data))
-    runs = json.loads((table.schema.metadata or {}).get(b"runs", b"[]"))
-    if not isinstance(runs, dict) or not set(LOSSES_SCHEMA.names) <= set(table.column_names):
-        log.info("the index of model %s is of an earlier layout: reading every run once", model_id)
-        return None, None, {}
-    table = table.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA)
-    final = pc.is_null(table["losses"])
-    return (table.filter(final).select(KEY), table.filter(pc.invert(final)), {str(k): str(v) for k, v in runs.items()})
-
-
 def write_index(output: str, model_id: str, pairs: pa.Table, runs: dict[str, str], options: StorageOptions,
                 losses: pa.Table | None = None) -> None:
     """Replace the model's index with ``pairs`` (``KEY``, final) and ``losses`` (not final, lost
-    alone so many times) read from ``runs`` (run id -> version; one whole-file write)."""
+    alone so many times) read from ``runs`` (run id -> version): one generation, in this process."""
     final = _distinct([pairs])
-    final = final.append_column("losses", pa.nulls(final.num_rows, pa.int64()))
-    parts = [final.cast(LOSSES_SCHEMA)]
+    partitions = max(1, min(MAX_PARTITIONS, math.ceil(final.num_rows / PARTITION_ROWS)))
+    found = Plan(root=index_root(output, model_id), partitions=partitions, generations=[], losses_file=None,
+                 indexed={}, runs=runs)
+    name = new_generation_name(None)
+    place = partition_of(final.column("uri"), partitions)
+    files = []
+    for p in np.unique(place):
+        rel = f"p={int(p):03d}/{name}-0.parquet"
+        _write_parquet(storage.join(found.root, rel), final.filter(pa.array(place == p)), options)
+        files.append(rel)
+    kept = LOSSES_SCHEMA.empty_table()
     if losses is not None and losses.num_rows:
-        parts.append(_not_final(sum_losses([losses]), final.select(KEY)))
-    table = pa.concat_tables(parts).replace_schema_metadata({"runs": json.dumps(dict(sorted(runs.items())))})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(index_path(output, model_id), sink.getvalue().to_pybytes(), options)
+        kept = _not_final(sum_losses([losses]), final)
+    commit(found, {"name": name, "files": files, "rows": final.num_rows}, kept, runs, options,
+           partitions=partitions, replaces=True)

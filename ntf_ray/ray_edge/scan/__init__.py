@@ -1,6 +1,8 @@
 """Scan object storage with Ray Data: list, read, decode and score in detector actors, write a score table.
 
-One row per listed object, always: objects that cannot be read or decoded get an error
+The listing is the head of the scan: it runs in a thread while what it has listed is scored,
+in windows that start small and grow (``feed``), so the first rows come within seconds
+whatever the bucket holds. One row per listed object, always: objects that cannot be read or decoded get an error
 row with a short reason, and the run goes on; objects lost with a worker that died are
 scored again in smaller groups until only the one at fault is left (``isolation``). The
 table follows the contract in docs/contracts.md (columns, types, ``OUTPUT/dt=YYYY-MM-DD/run_id=ID/``). A run's rows are
@@ -10,7 +12,8 @@ the new attempt succeeds.
 
 Incremental mode (``ntf-ray moderate``) scores only objects whose (uri, etag, last-modified) has no final
 row from the same model_id in another completed run under OUTPUT (errors such as ``read:``
-are retried), and holds OUTPUT's lease (``lock``) so that two such runs never overlap.
+are retried), and holds OUTPUT's lease (``lock``) so that two such runs never overlap. The
+model's index is held by index actors, not the driver (``skip``).
 """
 
 from __future__ import annotations
@@ -21,22 +24,19 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from ntf_ray import storage
 from ntf_ray.errors import lost_error
 from ntf_ray.ray_edge.scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
-from ntf_ray.ray_edge.scan.isolation import Staged, score_isolating
+from ntf_ray.ray_edge.scan.feed import ListingFeed, block_bounds  # noqa: F401 - block_bounds: part of this package's face
+from ntf_ray.ray_edge.scan.isolation import score_isolating
+from ntf_ray.ray_edge.scan.skip import SkipIndex
 from ntf_ray.ray_edge.scan.telemetry import count_listed
-from ntf_ray.scan.index import KEY, History, history, skip_key, sum_losses, write_index
-from ntf_ray.scan.listing import iter_listing
 from ntf_ray.scan.lock import Watch, attempt, lease, watched
-from ntf_ray.scan.publish import SEQ, publish, run_summary
+from ntf_ray.scan.publish import publish, run_summary
 from ntf_ray.scan.spec import ScanResult, ScanSpec, check_run_id, new_run_id
 from ntf_ray.scan.table import SUCCESS, SUMMARY, run_dirs, run_version
 from ntf_ray.storage import StorageOptions
@@ -68,49 +68,63 @@ def scan(spec: ScanSpec) -> ScanResult:
     guard = lease(output, run_id, options, watch=watch) if spec.incremental else watched(watch)
     # the attempt inside the lease: its staging is gone before the next run may start
     with guard as held, attempt(output, run_id, options) as staged:
-        found = history(output, art.model_id, options, exclude_run=run_id) if spec.incremental else None
-        listing = _listing_blocks(spec, options, found, on_chunk=progress.tick)
-        todo, listed = listing.rows, listing.listed
-        count_listed(todo, art.model_id)
-        log.info("scan %s: %d objects listed in %.1f s, %d to score, %d already scored by model %s", run_id, listed,
-                 time.perf_counter() - start, todo, listed - todo, art.model_id)
+        found = SkipIndex(output, art.model_id, options, exclude_run=run_id) if spec.incremental else None
+        try:
+            result = _scan_listed(spec, options, art.model_id, threshold, run_id, output, staged, found, progress,
+                                  start, held)
+        finally:
+            if found is not None:
+                found.close()
+    return result
 
-        # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
-        earlier = dict(run_dirs(output, options)).get(run_id)
-        day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-        run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
-        prior = listing.prior_losses()
-        alone = np.zeros(todo, np.int16)
-        if todo:
-            progress.scoring(staged, options)
-            alone = score_isolating(
-                listing.blocks, listing.suspects, Staged(staged, todo, options),
-                lambda refs, group: _write_rows(refs, spec, threshold, staged, options, group=group),
-                group=spec.read_block_rows, prior=prior)
-        progress.publishing()
-        if spec.incremental:
-            held.check()
 
-        def lost(seq: np.ndarray) -> list[str]:
-            return [lost_error(int(alone[s]), int(prior[s] + alone[s])) for s in seq]
+def _scan_listed(spec: ScanSpec, options: StorageOptions, model_id: str, threshold: float, run_id: str, output: str,
+                 staged: str, found: SkipIndex | None, progress: _Progress, start: float, held) -> ScanResult:
+    """List, score and publish, inside the scan's lease and attempt."""
+    listing = ListingFeed(spec, options, found, staged, on_chunk=progress.tick, map_files=ray_map).start()
+    try:
+        return _score_and_publish(spec, options, model_id, threshold, run_id, output, staged, found, progress, start,
+                                  held, listing)
+    finally:
+        listing.close()
 
-        tally = publish(staged, run_dir, lambda: (ray.get(ref) for ref, _ in listing.blocks + listing.suspects), todo,
-                        lost, run_id=run_id, model_id=art.model_id, threshold=threshold, options=options,
-                        keep_final=spec.incremental)
-        if tally.rows != todo:  # publish writes one row per listed object by construction
-            raise RuntimeError(f"scan {run_id}: published {tally.rows} rows for {todo} objects")
-        summary = run_summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
-                           model_id=art.model_id, spec=spec, run_id=run_id, threshold=threshold)
-        summary["table"] = run_dir
-        storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2, allow_nan=False).encode(),
-                            options)
-        storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
-        if spec.incremental:
-            # Any model's index that read this run before it was replaced sees the new version
-            # and reads every run again (``index.history``): nothing here has to remove it.
-            write_index(output, art.model_id, pa.concat_tables([found.seen, *tally.final]),
-                        {**found.runs, run_id: run_version(run_dir, options)},
-                        options, losses=sum_losses([found.losses, *tally.losses]))
+
+def _score_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, threshold: float, run_id: str,
+                       output: str, staged: str, found: SkipIndex | None, progress: _Progress, start: float, held,
+                       listing: ListingFeed) -> ScanResult:
+    # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
+    earlier = dict(run_dirs(output, options)).get(run_id)
+    day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
+    progress.scoring(staged, options)
+    alone = score_isolating(listing, staged, options,
+                            lambda blocks, group: _write_rows(blocks, spec, threshold, staged, options, group=group),
+                            group=spec.read_block_rows)
+    todo, listed, prior = listing.rows, listing.listed, listing.prior_losses()
+    count_listed(todo, model_id)
+    log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s (%.1f s)", run_id, listed,
+             todo, listed - todo, model_id, time.perf_counter() - start)
+    progress.publishing()
+    if spec.incremental:
+        held.check()
+
+    def lost(seq: np.ndarray) -> list[str]:
+        return [lost_error(int(alone[s]), int(prior[s] + alone[s])) for s in seq]
+
+    tally = publish(staged, run_dir, listing.tables, todo,
+                    lost, run_id=run_id, model_id=model_id, threshold=threshold, options=options)
+    if tally.rows != todo:  # publish writes one row per listed object by construction
+        raise RuntimeError(f"scan {run_id}: published {tally.rows} rows for {todo} objects")
+    summary = run_summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
+                       model_id=model_id, spec=spec, run_id=run_id, threshold=threshold)
+    summary["table"] = run_dir
+    storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2, allow_nan=False).encode(),
+                        options)
+    storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
+    if found is not None:
+        # Any model's index that read this run before it was replaced sees the new version
+        # and reads every run again (``index.plan``): nothing here has to remove it.
+        found.commit(run_id, run_dir, run_version(run_dir, options), tally.rows)
     return ScanResult(run_id=run_id, run_dir=run_dir, summary=summary)
 
 
@@ -137,70 +151,6 @@ class _Progress:
             return None
         staged = len(storage.list_names(*self._staged)) if self._staged else 0
         return self.listed, staged
-
-
-@dataclass
-class Listing:
-    """The objects a run scores, as read blocks in Ray's object store, numbered 0..rows-1 (``seq``)."""
-
-    blocks: list[tuple[ray.ObjectRef, int]]  # (block, its rows)
-    suspects: list[tuple[ray.ObjectRef, int]]  # objects lost alone in earlier runs: one block each
-    listed: int  # objects listed, the skipped included
-    rows: int  # objects to score
-    prior: dict[int, int] = field(default_factory=dict)  # seq -> times lost alone in earlier runs (suspects only)
-
-    def prior_losses(self) -> np.ndarray:
-        out = np.zeros(self.rows, np.int16)
-        for seq, n in self.prior.items():
-            out[seq] = n
-        return out
-
-
-def _listing_blocks(spec: ScanSpec, options: StorageOptions, found: History | None,
-                    on_chunk: Callable[[int], None] | None = None) -> Listing:
-    """The objects to score as read blocks in Ray's object store, and how many were listed.
-
-    The listing pages in chunk by chunk; each chunk loses what ``found.seen`` holds, is
-    numbered (``seq``) and goes to the object store in blocks of at most ``read_block_rows``
-    objects and ``read_block_bytes`` listed bytes, so the driver holds one chunk at a time,
-    whatever the bucket holds, and a read task's output is about the same size for 20 KB
-    thumbnails and 5 MB photos. Objects ``found.losses`` names (lost alone before) get a
-    block of their own each.
-    """
-    out = Listing(blocks=[], suspects=[], listed=0, rows=0)
-    seen = found.seen if found is not None and found.seen.num_rows else None
-    losses = found.losses if found is not None and found.losses.num_rows else None
-    for chunk in iter_listing(spec, options, map_files=ray_map):
-        out.listed += chunk.num_rows
-        if on_chunk is not None:
-            on_chunk(chunk.num_rows)
-        if seen is not None or losses is not None:
-            columns = chunk.column_names
-            chunk = chunk.append_column("modified", skip_key(chunk).column("modified"))
-        if seen is not None:
-            # "right anti" hashes the chunk, not everything scored so far (1.4 s -> 0.02 s per chunk at 2M);
-            # KEY's etag is never null there, and a chunk's null etag matches no key
-            chunk = seen.join(chunk, keys=KEY, join_type="right anti").select(chunk.column_names)
-        if losses is not None:
-            marked = losses.join(chunk, keys=KEY, join_type="right outer")
-            hit = pc.is_valid(marked["losses"])
-            for row in marked.filter(hit).to_pylist():
-                block = pa.Table.from_pylist([{k: row[k] for k in columns}], schema=chunk.select(columns).schema)
-                out.prior[out.rows] = int(row["losses"])
-                out.suspects.append((ray.put(block.append_column(SEQ, pa.array([out.rows], pa.int64()))), 1))
-                out.rows += 1
-            chunk = marked.filter(pc.invert(hit)).select(chunk.column_names)
-        if seen is not None or losses is not None:
-            chunk = chunk.select(columns)
-        sizes = chunk.column("size_bytes").fill_null(0).to_numpy() if "size_bytes" in chunk.column_names else None
-        if sizes is not None and spec.max_bytes is not None:
-            sizes = np.where(sizes > spec.max_bytes, 0, sizes)  # refused from the listing, never read
-        for start, stop in block_bounds(sizes, chunk.num_rows, spec.read_block_rows, spec.read_block_bytes):
-            block = chunk.slice(start, stop - start)
-            block = block.append_column(SEQ, pa.array(np.arange(out.rows, out.rows + block.num_rows), pa.int64()))
-            out.rows += block.num_rows
-            out.blocks.append((ray.put(block), block.num_rows))
-    return out
 
 
 #: Inventory data files read at once, each in a Ray task of its own (``ray_map``).
@@ -235,21 +185,6 @@ def ray_map(fn: Callable, items, *, in_flight: int = LISTING_TASKS, num_cpus: fl
 @ray.remote(max_retries=3)
 def _apply(fn: Callable, item):
     return fn(item)
-
-
-def block_bounds(sizes: np.ndarray | None, rows: int, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of consecutive blocks of at most ``max_rows`` rows and ``max_bytes``
-    bytes (``sizes`` per row; a row larger than ``max_bytes`` makes a block of its own)."""
-    bounds, start = [], 0
-    while start < rows:
-        stop = min(rows, start + max_rows)
-        if sizes is not None:
-            # rows whose running total stays within max_bytes, and always at least one
-            total = np.cumsum(sizes[start:stop], dtype=np.int64)
-            stop = start + max(1, int(np.searchsorted(total, max_bytes, side="right")))
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, staged: str,

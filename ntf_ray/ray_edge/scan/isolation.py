@@ -3,7 +3,7 @@
 Ray Data drops a block whose task fails for good (the worker died on it, or it kept failing):
 its objects come back without rows, and with them every object batched beside the one at
 fault. So once the scan's stream has ended, the driver finds the objects that have no staged
-row (by their ``seq``) and scores them again in groups ``SPLIT`` times smaller, round after
+row (by their ``seq``; the listing is read back from staging, ``feed``) and scores them again in groups ``SPLIT`` times smaller, round after
 round, down to one object per task. Every object that was only unlucky gets its row in the
 same run; one lost again when scored alone is tried alone at most ``SOLO_ATTEMPTS`` times per
 run, and after ``POISON_AFTER`` such losses, counted across runs, it gets a final ``poison:``
@@ -12,13 +12,13 @@ batched with others: they go straight to the rounds of one.
 
 Python exceptions never get this far: the detector actor splits a batch that raises down to
 the object that raised (``DetectorActor``). The driver holds one bit and one small counter
-per object, and one read block at a time.
+per object, and one listing chunk at a time.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import ray
 
 from ntf_ray.errors import DETECTOR, POISON_AFTER, SOLO_ATTEMPTS, DetectorFault
+from ntf_ray.ray_edge.scan.feed import ListingFeed
 from ntf_ray.scan.publish import SEQ, STAGED_SCHEMA
 from ntf_ray.scan.table import parquet_dataset, parquet_files
 from ntf_ray.storage import StorageOptions
@@ -35,9 +36,8 @@ log = logging.getLogger(__package__)
 #: Each round re-runs what was lost in groups this many times smaller (128 -> 16 -> 2 -> 1).
 SPLIT = 8
 
-Blocks = list[tuple[ray.ObjectRef, int]]
 #: ``write(block refs, group)``: one Ray Data stream of those blocks into the run's staging
-#: folder; ``group`` is None for the first stream, else the rows per block and per task.
+#: folder; ``group`` is None for a window of the listing, else the rows per block and per task.
 Write = Callable[[list[ray.ObjectRef], "int | None"], None]
 
 
@@ -72,37 +72,39 @@ class Staged:
         return rows
 
 
-def regroup(blocks: Blocks, keep: np.ndarray, group: int) -> list[ray.ObjectRef]:
-    """The rows of ``blocks`` whose ``seq`` is in ``keep``, as new blocks of ``group`` rows."""
+def regroup(tables: Iterable[pa.Table], keep: np.ndarray, group: int) -> list[ray.ObjectRef]:
+    """The rows of the listing (``tables``) whose ``seq`` is in ``keep``, as new blocks of ``group`` rows."""
     out = []
-    for ref, _ in blocks:
-        table = ray.get(ref)
+    for table in tables:
         table = table.filter(pa.array(keep[table.column(SEQ).to_numpy(zero_copy_only=False)]))
         for start in range(0, table.num_rows, group):
             out.append(ray.put(table.slice(start, group)))
     return out
 
 
-def score_isolating(blocks: Blocks, suspects: Blocks, staged: Staged, write: Write, *, group: int,
-                    prior: np.ndarray) -> np.ndarray:
-    """Score ``blocks`` (then ``suspects``, alone) until every object has a row or has been
-    lost alone as often as a run allows; returns how many times each ``seq`` was lost alone.
-
-    ``prior``: the times each object was lost alone in earlier runs.
+def score_isolating(listing: ListingFeed, staged: str, options: StorageOptions, write: Write, *,
+                    group: int) -> np.ndarray:
+    """Score the listing as it comes (a stream per window), then what has no row yet
+    (suspects, objects lost alone in earlier runs, only alone), until every object has a row
+    or has been lost alone as often as a run allows; returns how many times each ``seq`` was
+    lost alone.
     """
-    total = len(staged.got)
+    streamed = False
+    for window in listing.windows():
+        write(window, None)
+        streamed = True
+    listing.join()
+    total = listing.rows
+    prior = listing.prior_losses()
+    got = Staged(staged, total, options)
     alone = np.zeros(total, np.int16)
     suspect = np.zeros(total, np.bool_)
-    for ref, _ in suspects:
-        suspect[ray.get(ref).column(SEQ).to_numpy(zero_copy_only=False)] = True
-    if blocks:
-        write([ref for ref, _ in blocks], None)
-        if not staged.refresh():
-            raise RuntimeError("the detectors returned no row at all (see Ray's errors above: a systematic failure, "
-                               "not lost workers); nothing is published")
-    everything = blocks + suspects
+    suspect[listing.suspect_seqs()] = True
+    if streamed and not got.refresh():
+        raise RuntimeError("the detectors returned no row at all (see Ray's errors above: a systematic failure, "
+                           "not lost workers); nothing is published")
     while True:
-        eligible = ~staged.got & (alone < SOLO_ATTEMPTS) & (prior + alone < POISON_AFTER)
+        eligible = ~got.got & (alone < SOLO_ATTEMPTS) & (prior + alone < POISON_AFTER)
         if group > 1 and (eligible & ~suspect).any():
             group = max(1, group // SPLIT)
         else:
@@ -114,7 +116,7 @@ def score_isolating(blocks: Blocks, suspects: Blocks, staged: Staged, write: Wri
             return alone
         log.warning("%d object(s) have no row yet (a worker died or a task failed on their group): scoring them "
                     "again in groups of %d", n, group)
-        write(regroup(everything, eligible, group), group)
-        staged.refresh()
+        write(regroup(listing.tables(), eligible, group), group)
+        got.refresh()
         if group == 1:
-            alone[eligible & ~staged.got] += 1
+            alone[eligible & ~got.got] += 1

@@ -1,0 +1,222 @@
+"""The listing as the head of the scan: objects are scored while the listing goes on.
+
+A thread of the driver pages the listing in chunk by chunk (``scan.listing``; an inventory's
+data files are read in Ray tasks), drops what the model's index holds (its index actors,
+``skip``), numbers the rest (``seq``), writes each chunk to the attempt's staging folder
+(``_listing/``: what publishing and the rounds of ``isolation`` read back) and queues its read
+blocks. The scan scores them in *windows*, one Ray Data stream each: the first as soon as a
+few blocks are listed (so the first rows are scored within seconds, whatever the bucket
+holds), each next one four times larger, up to ``MAX_WINDOW`` blocks. Ray Data's streams take
+their blocks up front (its read operators merge what a source yields into blocks of up to
+128 MiB, which would undo the read blocks' bounds), so a window is the unit; a new stream
+costs the detector actors' start-up, paid a handful of times however large the bucket. At
+most ``MAX_WINDOW`` blocks wait in the queue: Ray's object store holds a bounded window of the
+listing. Objects lost alone in earlier runs (suspects) are never queued: ``isolation`` scores
+them alone once the windows are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from ntf_ray import storage
+from ntf_ray.scan.index import KEY, skip_key
+from ntf_ray.scan.listing import iter_listing
+from ntf_ray.scan.publish import SEQ
+from ntf_ray.scan.spec import ScanSpec
+from ntf_ray.storage import StorageOptions
+
+log = logging.getLogger(__package__)
+
+#: Read blocks in the first window, the most in one window (and queued ahead of the
+#: detectors), and how much larger each window is than the one before.
+FIRST_WINDOW = 8
+MAX_WINDOW = 16384
+GROWTH = 4
+#: How long the first window waits for ``FIRST_WINDOW`` blocks (or the listing's end) once it
+#: has one: a small listing is then scored in one stream, sized for what it holds.
+START_WAIT_S = 2.0
+LISTING = "_listing"
+_END = object()
+
+
+class ListingFeed:
+    """The run's objects to score, listed in a thread while windows of them are scored (see module)."""
+
+    def __init__(self, spec: ScanSpec, options: StorageOptions, found, staged: str,
+                 on_chunk: Callable[[int], None] | None = None, *, map_files: Callable | None = None,
+                 first: int = FIRST_WINDOW, most: int = MAX_WINDOW):
+        self.spec, self.options, self.found, self.staged = spec, options, found, staged
+        self.on_chunk, self.map_files = on_chunk, map_files
+        self.first, self.most = first, most
+        self.listed = 0  # objects listed, the skipped included
+        self.rows = 0  # objects to score
+        self.queued = 0  # blocks queued to be scored
+        self.prior: dict[int, int] = {}  # seq -> times lost alone in earlier runs (suspects only)
+        self.files: list[str] = []
+        self.error: BaseException | None = None
+        self._ended = threading.Event()
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=most)
+        self._thread = threading.Thread(target=self._run, name="scan-listing", daemon=True)
+
+    # -- the driver's side ---------------------------------------------------------------------
+
+    def start(self) -> ListingFeed:
+        self._thread.start()
+        return self
+
+    def windows(self) -> Iterator[list[ray.ObjectRef]]:
+        """The queued blocks in windows: the first once ``first`` blocks are queued (or the
+        listing ended, or ``START_WAIT_S`` passed with one queued), each next ``GROWTH`` times
+        larger, up to ``most``, once that many are queued or the listing ended."""
+        size, wait = self.first, START_WAIT_S
+        while True:
+            head = self._next(None)
+            if head is None:
+                return
+            window = [head]
+            deadline = None if wait is None else time.monotonic() + wait
+            while len(window) < size:
+                item = self._next(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if item is None:  # the listing ended, or the first window waited long enough
+                    break
+                window.append(item)
+            yield window
+            size, wait = min(self.most, size * GROWTH), None
+
+    def _next(self, timeout: float | None) -> ray.ObjectRef | None:
+        """The next queued block, waiting ``timeout`` seconds for it (None: until the listing
+        ends); None when none came in time or the listing has ended."""
+        try:
+            item = self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if item is _END:
+            self._queue.put(_END)  # for the next taker
+            return None
+        return item
+
+    def join(self) -> None:
+        """Wait for the listing thread; raise what stopped it."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop listing (the run is over, or failed): the thread ends at its next block."""
+        self._stop.set()
+        while True:  # what waits in the queue is let go
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=60)
+
+    def suspect_seqs(self) -> np.ndarray:
+        return np.fromiter(self.prior, np.int64, len(self.prior))
+
+    def prior_losses(self) -> np.ndarray:
+        out = np.zeros(self.rows, np.int16)
+        for seq, n in self.prior.items():
+            out[seq] = n
+        return out
+
+    def tables(self) -> Iterator[pa.Table]:
+        """The listed objects to score, read back from staging, each row with its ``seq``."""
+        for f in self.files:
+            yield pq.read_table(pa.BufferReader(storage.read_bytes(f, self.options)))
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._list()
+        except BaseException as exc:  # noqa: BLE001 - raised in the driver by ``join``
+            self.error = exc
+        finally:
+            self._ended.set()
+            self._put(_END)
+
+    def _put(self, item) -> bool:
+        """Queue ``item``, waiting while ``most`` blocks wait; False once the run stopped."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _list(self) -> None:
+        spec, found = self.spec, self.found
+        seen = found if found is not None and (found.found.rows or found.fresh_rows) else None
+        losses = found.losses if found is not None and found.losses.num_rows else None
+        for chunk in iter_listing(spec, self.options, map_files=self.map_files):
+            if self._stop.is_set():
+                return
+            self.listed += chunk.num_rows
+            if self.on_chunk is not None:
+                self.on_chunk(chunk.num_rows)
+            columns = chunk.column_names
+            suspects = None
+            if seen is not None:  # a chunk's null etag matches no key
+                keys = pa.table({"uri": chunk["uri"], "etag": chunk["etag"], "modified": skip_key(chunk)["modified"]})
+                chunk = chunk.filter(pa.array(~seen.seen_mask(keys)))
+            if losses is not None:
+                keyed = chunk.append_column("modified", skip_key(chunk).column("modified"))
+                marked = losses.join(keyed, keys=KEY, join_type="right outer")
+                hit = pc.is_valid(marked["losses"])
+                suspects = marked.filter(hit)
+                chunk = marked.filter(pc.invert(hit)).select(columns)
+            if suspects is not None and suspects.num_rows:
+                for n in suspects.column("losses").to_pylist():
+                    self.prior[self.rows] = int(n)
+                    self.rows += 1
+                seq = pa.array(np.arange(self.rows - suspects.num_rows, self.rows), pa.int64())
+                self._write(suspects.select(columns).append_column(SEQ, seq))
+            first = self.rows
+            chunk = chunk.append_column(SEQ, pa.array(np.arange(first, first + chunk.num_rows), pa.int64()))
+            self.rows += chunk.num_rows
+            if not chunk.num_rows:
+                continue
+            self._write(chunk)
+            sizes = chunk.column("size_bytes").fill_null(0).to_numpy() if "size_bytes" in columns else None
+            if sizes is not None and spec.max_bytes is not None:
+                sizes = np.where(sizes > spec.max_bytes, 0, sizes)  # refused from the listing, never read
+            for start, stop in block_bounds(sizes, chunk.num_rows, spec.read_block_rows, spec.read_block_bytes):
+                if not self._put(ray.put(chunk.slice(start, stop - start))):
+                    return
+                self.queued += 1
+
+    def _write(self, table: pa.Table) -> None:
+        path = storage.join(self.staged, LISTING, f"{len(self.files):06d}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(path, sink.getvalue().to_pybytes(), self.options)
+        self.files.append(path)
+
+
+def block_bounds(sizes: np.ndarray | None, rows: int, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of consecutive blocks of at most ``max_rows`` rows and ``max_bytes``
+    bytes (``sizes`` per row; a row larger than ``max_bytes`` makes a block of its own)."""
+    bounds, start = [], 0
+    while start < rows:
+        stop = min(rows, start + max_rows)
+        if sizes is not None:
+            # rows whose running total stays within max_bytes, and always at least one
+            total = np.cumsum(sizes[start:stop], dtype=np.int64)
+            stop = start + max(1, int(np.searchsorted(total, max_bytes, side="right")))
+        bounds.append((start, stop))
+        start = stop
+    return bounds

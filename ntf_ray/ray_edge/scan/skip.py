@@ -1,0 +1,113 @@
+"""``moderate``'s already-scored check, with the model's index held by index actors, not the driver.
+
+The index (``ntf_ray.scan.index``) is partitioned by a hash of the uri; each index actor
+holds a few partitions (``Plan.shards``: one actor per few million keys), read from storage
+in the actor, together with the runs the index has not read yet. The driver sends each
+listing chunk's keys to the actors that hold their partitions and keeps the rows none of
+them has seen; once the run is published, each actor writes its part of the index's next
+generation (the run's final keys and the fresh runs'), and the driver writes ``index.json``
+from their file names and counts. What the driver holds: one listing chunk, and the losses
+(objects lost alone in earlier runs, a handful).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from ntf_ray import storage
+from ntf_ray.scan.index import (
+    KEY,
+    Plan,
+    Shard,
+    commit,
+    compaction,
+    new_generation_name,
+    partition_of,
+    plan,
+    read_losses,
+    sum_losses,
+)
+from ntf_ray.storage import StorageOptions
+
+log = logging.getLogger(__package__)
+
+
+class _IndexShard:
+    """One index actor: ``Shard`` of some partitions (see ``SkipIndex``)."""
+
+    def __init__(self, found: Plan, partitions: list[int], model_id: str, options: StorageOptions, sources: list):
+        for source in sources:  # sources registered in the driver (tests, plug-ins)
+            storage.register(source)
+        self.shard = Shard(found, partitions, model_id, options)
+
+    def fresh(self) -> tuple[pa.Table, int]:
+        return self.shard.fresh_losses, self.shard.fresh.num_rows
+
+    def seen_mask(self, keys: pa.Table) -> np.ndarray:
+        return self.shard.seen_mask(keys)
+
+    def not_final(self, losses: pa.Table) -> pa.Table:
+        return self.shard.not_final(losses)
+
+    def write_generation(self, name: str, runs: list[str], compact: bool, partitions: int,
+                         shard: int) -> tuple[list[str], int, pa.Table]:
+        return self.shard.write_generation(name, runs, compact=compact, partitions=partitions, shard=shard)
+
+
+class SkipIndex:
+    """A model's index under OUTPUT, spread over index actors for one ``moderate`` run."""
+
+    def __init__(self, output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None):
+        self.options = options
+        self.found = plan(output, model_id, options, exclude_run=exclude_run)
+        self.shards = self.found.shards()
+        actor = ray.remote(_IndexShard).options(num_cpus=0, max_restarts=3, max_task_retries=3)
+        self.actors = [actor.remote(self.found, parts, model_id, options, storage.sources()) for parts in self.shards]
+        fresh = ray.get([a.fresh.remote() for a in self.actors])
+        self.fresh_rows = sum(n for _, n in fresh)
+        losses = sum_losses([read_losses(self.found, options), *(t for t, _ in fresh)])
+        for a in self.actors:
+            losses = ray.get(a.not_final.remote(losses))
+        self.losses = losses
+        log.info("index of model %s: %d keys in %d partition(s) over %d index actor(s), %d run(s) not read before",
+                 model_id, self.found.rows, self.found.partitions, len(self.actors), len(self.found.fresh))
+
+    def seen_mask(self, keys: pa.Table) -> np.ndarray:
+        """Which rows of ``keys`` (``KEY``) the model has a final row for."""
+        if len(self.actors) == 1:
+            return ray.get(self.actors[0].seen_mask.remote(keys.select(KEY)))
+        owner = partition_of(keys.column("uri"), self.found.partitions) % len(self.actors)
+        asked = {s: np.nonzero(owner == s)[0] for s in range(len(self.actors))}
+        refs = {s: self.actors[s].seen_mask.remote(keys.select(KEY).take(pa.array(rows)))
+                for s, rows in asked.items() if rows.size}
+        out = np.zeros(keys.num_rows, np.bool_)
+        for s, ref in refs.items():
+            out[asked[s]] = ray.get(ref)
+        return out
+
+    def commit(self, run_id: str, run_dir: str, version: str, new_rows: int) -> None:
+        """Fold the published run (and the runs the index had not read) into the index."""
+        partitions = compaction(self.found, self.fresh_rows + new_rows)
+        compact = partitions is not None
+        partitions = partitions or self.found.partitions
+        name = new_generation_name(run_id)
+        written = ray.get([a.write_generation.remote(name, [run_dir], compact, partitions, s)
+                           for s, a in enumerate(self.actors)])
+        files = sorted(f for fs, _, _ in written for f in fs)
+        rows = sum(n for _, n, _ in written)
+        losses = sum_losses([self.losses, *(lost for _, _, lost in written)])
+        for a in self.actors:  # what became final in this run is no longer a loss
+            losses = ray.get(a.not_final.remote(losses))
+        commit(self.found, {"name": name, "files": files, "rows": rows}, losses,
+               {**self.found.runs, run_id: version}, self.options, partitions=partitions, replaces=compact)
+        if compact:
+            log.info("index compacted: %d keys in %d partition(s)", rows, partitions)
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,109 @@
+"""The listing as the head of the scan (``ray_edge.scan.feed``): windows that start small and
+grow, a bounded queue, every listed object once in the staged listing, suspects kept out of
+the windows, and a listing that fails raising in the driver."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from ntf_ray import storage
+from ntf_ray.ray_edge.scan import feed as feed_module
+from ntf_ray.ray_edge.scan.feed import ListingFeed
+from ntf_ray.scan.index import LOSSES_SCHEMA
+from ntf_ray.scan.publish import SEQ
+from ntf_ray.scan.spec import ScanSpec
+
+pytestmark = pytest.mark.timeout(120)
+OPTS = storage.StorageOptions()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _folder(tmp_path, n: int) -> str:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(n):
+        (src / f"{i:04d}.png").write_bytes(b"x" * (i % 7 + 1))
+    return str(src)
+
+
+def _rows(refs) -> list[int]:
+    return [s for ref in refs for s in ray.get(ref).column(SEQ).to_pylist()]
+
+
+def test_windows_start_small_grow_and_cover_every_object_once(ray_session, tmp_path):
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 300), read_block_rows=4)
+    listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged")).start()
+    windows = list(listing.windows())
+    listing.join()
+    assert [len(w) for w in windows] == [8, 32, 35]  # 75 blocks of 4: 8, then 4 times more, then the rest
+    seqs = [s for w in windows for s in _rows(w)]
+    assert sorted(seqs) == list(range(300)) and listing.rows == listing.listed == 300
+    staged = pa.concat_tables(listing.tables())  # what publishing and the rounds of isolation read back
+    assert sorted(staged.column(SEQ).to_pylist()) == list(range(300))
+    assert staged.column("uri").to_pylist() == sorted(staged.column("uri").to_pylist())
+
+
+def test_the_listing_waits_while_its_window_is_full(ray_session, tmp_path):
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 200), read_block_rows=2)
+    listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged"), first=2, most=5).start()
+    time.sleep(1.0)
+    assert listing.queued == 5 and listing._thread.is_alive()  # 100 blocks listed, 5 let into the queue
+    sizes = [len(w) for w in listing.windows()]
+    listing.join()
+    assert sizes[0] == 2 and max(sizes) == 5 and sum(sizes) == 100
+
+
+def test_suspects_stay_out_of_the_windows(ray_session, tmp_path):
+    src = _folder(tmp_path, 20)
+    spec = ScanSpec(model="-", output="-", input=src, read_block_rows=4)
+    from ntf_ray.scan.index import skip_key
+    from ntf_ray.scan.listing import list_objects
+
+    rows = list_objects(spec, OPTS)
+    key = skip_key(rows.filter(pa.compute.ends_with(rows["uri"], "/0005.png"))).to_pylist()[0]
+    suspect = key["uri"]
+    found = SimpleNamespace(found=SimpleNamespace(rows=0), fresh_rows=0,
+                            losses=pa.Table.from_pylist([{**key, "losses": 2}], schema=LOSSES_SCHEMA))
+    listing = ListingFeed(spec, OPTS, found, str(tmp_path / "staged")).start()
+    queued = [s for w in listing.windows() for s in _rows(w)]
+    listing.join()
+    (seq,) = listing.suspect_seqs().tolist()
+    assert seq not in queued and sorted([*queued, seq]) == list(range(20))
+    assert listing.prior_losses()[seq] == 2 and int(np.count_nonzero(listing.prior_losses())) == 1
+    uris = {r[SEQ]: r["uri"] for t in listing.tables() for r in t.to_pylist()}
+    assert uris[seq] == suspect
+
+
+def test_a_listing_that_fails_midway_raises_in_the_driver_after_what_it_queued(ray_session, tmp_path, monkeypatch):
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 10), read_block_rows=4)
+    real = feed_module.iter_listing
+
+    def failing(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        raise OSError("the listing broke")
+
+    monkeypatch.setattr(feed_module, "iter_listing", failing)
+    listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged")).start()
+    assert sum(len(w) for w in listing.windows()) == 3  # what was listed is still scored ...
+    with pytest.raises(OSError, match="the listing broke"):  # ... and the run then fails
+        listing.join()
+
+
+def test_closing_a_feed_whose_windows_were_never_taken_ends_its_thread(ray_session, tmp_path):
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 100), read_block_rows=1)
+    listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged"), most=3).start()
+    time.sleep(0.5)
+    listing.close()
+    assert not listing._thread.is_alive()
