@@ -74,8 +74,7 @@ def test_suspects_stay_out_of_the_windows(ray_session, tmp_path):
     rows = list_objects(spec, OPTS)
     key = skip_key(rows.filter(pa.compute.ends_with(rows["uri"], "/0005.png"))).to_pylist()[0]
     suspect = key["uri"]
-    found = SimpleNamespace(found=SimpleNamespace(rows=0), fresh_rows=0,
-                            losses=pa.Table.from_pylist([{**key, "losses": 2}], schema=LOSSES_SCHEMA))
+    found = SimpleNamespace(unseen=None, losses=pa.Table.from_pylist([{**key, "losses": 2}], schema=LOSSES_SCHEMA))
     listing = ListingFeed(spec, OPTS, found, str(tmp_path / "staged")).start()
     queued = [s for w in listing.windows() for s in _rows(w)]
     listing.join()
@@ -88,13 +87,13 @@ def test_suspects_stay_out_of_the_windows(ray_session, tmp_path):
 
 def test_a_listing_that_fails_midway_raises_in_the_driver_after_what_it_queued(ray_session, tmp_path, monkeypatch):
     spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 10), read_block_rows=4)
-    real = feed_module.iter_listing
+    real = feed_module.iter_kept
 
     def failing(*args, **kwargs):
         yield from real(*args, **kwargs)
         raise OSError("the listing broke")
 
-    monkeypatch.setattr(feed_module, "iter_listing", failing)
+    monkeypatch.setattr(feed_module, "iter_kept", failing)
     listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged")).start()
     assert sum(len(w) for w in listing.windows()) == 3  # what was listed is still scored ...
     with pytest.raises(OSError, match="the listing broke"):  # ... and the run then fails

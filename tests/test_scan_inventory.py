@@ -194,3 +194,35 @@ def test_an_empty_data_file_is_no_rows_and_a_bad_value_names_its_file(tmp_path):
     (tmp_path / "ok.csv.gz").write_bytes(gzip.compress(line.replace("not-a-size", "12").encode()))
     (row,) = rows_of(inventory, str(tmp_path / "ok.csv.gz"), None, storage.StorageOptions()).to_pylist()
     assert row["uri"] == "s3://b/k.png" and row["last_modified"].microsecond == 456000  # milliseconds kept
+
+
+def test_what_the_index_holds_stays_in_the_task_that_read_its_data_file(local_ray, s3, versioned, tmp_path):
+    """``moderate`` from an inventory: the rows the model's index holds are dropped in the Ray
+    task that read the data file (by the index actors), so only the rest reach the driver."""
+    from ntf_ray.ray_edge.scan import ray_map
+    from ntf_ray.ray_edge.scan.skip import SkipIndex
+    from ntf_ray.scan import index
+    from ntf_ray.scan.listing import iter_kept
+
+    name, client = versioned
+    options = storage.StorageOptions(endpoint_url=s3.endpoint_url)
+    spec = ScanSpec(model="-", output="-", inventory=_report(client, name, s3.create_bucket(), "Parquet", parts=2))
+    everything = list_objects(spec, options)
+    out = str(tmp_path / "scores")
+    index.write_index(out, "m1", index.skip_key(everything.slice(2)), {}, storage.StorageOptions())
+    returned: list[int] = []
+
+    def recording(fn, items):
+        for listed, table in ray_map(fn, items):
+            returned.append(table.num_rows)
+            yield listed, table
+
+    skip = SkipIndex(out, "m1", storage.StorageOptions())
+    try:
+        kept = list(iter_kept(spec, options, keep=skip.unseen, map_files=recording))
+    finally:
+        skip.close()
+    assert sum(listed for listed, _ in kept) == everything.num_rows == len(KEYS) - 1
+    assert sorted(u for _, t in kept for u in t.column("uri").to_pylist()) == sorted(
+        everything.column("uri").to_pylist()[:2])
+    assert sum(returned) == 2 and len(returned) == 2  # two data files; what the index holds never left them

@@ -172,13 +172,16 @@ MapFiles = Callable[[Callable[[tuple[str, str | None]], pa.Table], Sequence[tupl
 
 
 def iter_inventory(manifest: str, options: StorageOptions, *, pattern: str | None = None,
-                   map_files: MapFiles = map) -> Iterator[pa.Table]:
-    """The listing rows of every data file of an inventory, a file at a time, in the manifest's order."""
+                   map_files: MapFiles = map, keep: Callable[[pa.Table], pa.Table] | None = None,
+                   ) -> Iterator[tuple[int, pa.Table]]:
+    """(rows listed, the rows ``keep`` kept of them) of every data file of an inventory, a
+    file at a time, in the manifest's order; ``keep`` runs where the file is read."""
     inventory = read_inventory(manifest, options)
-    yield from map_files(functools.partial(_file_rows, inventory, options, pattern), inventory.files)
+    yield from map_files(functools.partial(_file_rows, inventory, options, pattern, keep), inventory.files)
 
 
 def _file_rows(inventory: Inventory, options: StorageOptions, pattern: str | None,
-               file: tuple[str, str | None]) -> pa.Table:
+               keep: Callable[[pa.Table], pa.Table] | None, file: tuple[str, str | None]) -> tuple[int, pa.Table]:
     uri, md5 = file
-    return rows_of(inventory, uri, md5, options, pattern=pattern)
+    rows = rows_of(inventory, uri, md5, options, pattern=pattern)
+    return rows.num_rows, (rows if keep is None else keep(rows))

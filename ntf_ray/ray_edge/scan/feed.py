@@ -1,8 +1,9 @@
 """The listing as the head of the scan: objects are scored while the listing goes on.
 
 A thread of the driver pages the listing in chunk by chunk (``scan.listing``; an inventory's
-data files are read in Ray tasks), drops what the model's index holds (its index actors,
-``skip``), numbers the rest (``seq``), writes each chunk to the attempt's staging folder
+data files, and a manifest's HEADs, in Ray tasks), drops what the model's index holds (its
+index actors, ``skip``; an inventory's rows already in the task that read them, so that they
+never reach the driver), numbers the rest (``seq``), writes each chunk to the attempt's staging folder
 (``_listing/``: what publishing and the rounds of ``isolation`` read back) and queues its read
 blocks. The scan scores them in *windows*, one Ray Data stream each: the first as soon as a
 few blocks are listed (so the first rows are scored within seconds, whatever the bucket
@@ -31,7 +32,7 @@ import ray
 
 from ntf_ray import storage
 from ntf_ray.scan.index import KEY, skip_key
-from ntf_ray.scan.listing import iter_listing
+from ntf_ray.scan.listing import iter_kept
 from ntf_ray.scan.publish import SEQ
 from ntf_ray.scan.spec import ScanSpec
 from ntf_ray.storage import StorageOptions
@@ -160,19 +161,16 @@ class ListingFeed:
 
     def _list(self) -> None:
         spec, found = self.spec, self.found
-        seen = found if found is not None and (found.found.rows or found.fresh_rows) else None
+        keep = found.unseen if found is not None else None  # in the inventory's tasks, or here
         losses = found.losses if found is not None and found.losses.num_rows else None
-        for chunk in iter_listing(spec, self.options, map_files=self.map_files):
+        for listed, chunk in iter_kept(spec, self.options, keep=keep, map_files=self.map_files):
             if self._stop.is_set():
                 return
-            self.listed += chunk.num_rows
+            self.listed += listed
             if self.on_chunk is not None:
-                self.on_chunk(chunk.num_rows)
+                self.on_chunk(listed)
             columns = chunk.column_names
             suspects = None
-            if seen is not None:  # a chunk's null etag matches no key
-                keys = pa.table({"uri": chunk["uri"], "etag": chunk["etag"], "modified": skip_key(chunk)["modified"]})
-                chunk = chunk.filter(pa.array(~seen.seen_mask(keys)))
             if losses is not None:
                 keyed = chunk.append_column("modified", skip_key(chunk).column("modified"))
                 marked = losses.join(keyed, keys=KEY, join_type="right outer")

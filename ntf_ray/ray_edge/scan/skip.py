@@ -29,6 +29,7 @@ from ntf_ray.scan.index import (
     partition_of,
     plan,
     read_losses,
+    skip_key,
     sum_losses,
 )
 from ntf_ray.storage import StorageOptions
@@ -58,6 +59,41 @@ class _IndexShard:
         return self.shard.write_generation(name, runs, compact=compact, partitions=partitions, shard=shard)
 
 
+class Unseen:
+    """``keep(rows)``: the listing rows whose key no index actor holds (a null etag is never
+    held). Holds the actors' handles only, so that a Ray task reading an inventory file can
+    keep its rows before they travel."""
+
+    #: Keys asked of an actor in one call.
+    ASK_ROWS = 100_000
+
+    def __init__(self, actors: list, partitions: int, *, empty: bool = False):
+        self.actors, self.partitions, self.empty = actors, partitions, empty
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        if self.empty or not rows.num_rows:
+            return rows
+        keys = pa.table({"uri": rows["uri"], "etag": rows["etag"], "modified": skip_key(rows)["modified"]})
+        return rows.filter(pa.array(~self.seen_mask(keys)))
+
+    def seen_mask(self, keys: pa.Table) -> np.ndarray:
+        out = np.zeros(keys.num_rows, np.bool_)
+        if self.empty or not keys.num_rows:
+            return out
+        keys = keys.select(KEY)
+        n = len(self.actors)
+        owner = np.zeros(keys.num_rows, np.int64) if n == 1 else partition_of(keys["uri"], self.partitions) % n
+        asked = []
+        for s in range(n):
+            rows = np.nonzero(owner == s)[0]
+            for start in range(0, rows.size, self.ASK_ROWS):
+                part = rows[start:start + self.ASK_ROWS]
+                asked.append((part, self.actors[s].seen_mask.remote(keys.take(pa.array(part)))))
+        for part, ref in asked:
+            out[part] = ray.get(ref)
+        return out
+
+
 class SkipIndex:
     """A model's index under OUTPUT, spread over index actors for one ``moderate`` run."""
 
@@ -78,16 +114,12 @@ class SkipIndex:
 
     def seen_mask(self, keys: pa.Table) -> np.ndarray:
         """Which rows of ``keys`` (``KEY``) the model has a final row for."""
-        if len(self.actors) == 1:
-            return ray.get(self.actors[0].seen_mask.remote(keys.select(KEY)))
-        owner = partition_of(keys.column("uri"), self.found.partitions) % len(self.actors)
-        asked = {s: np.nonzero(owner == s)[0] for s in range(len(self.actors))}
-        refs = {s: self.actors[s].seen_mask.remote(keys.select(KEY).take(pa.array(rows)))
-                for s, rows in asked.items() if rows.size}
-        out = np.zeros(keys.num_rows, np.bool_)
-        for s, ref in refs.items():
-            out[asked[s]] = ray.get(ref)
-        return out
+        return self.unseen.seen_mask(keys)
+
+    @property
+    def unseen(self) -> Unseen:
+        """What keeps the listing rows not scored yet: it can be sent to Ray tasks (``listing.Keep``)."""
+        return Unseen(self.actors, self.found.partitions, empty=not (self.found.rows or self.fresh_rows))
 
     def commit(self, run_id: str, run_dir: str, version: str, new_rows: int) -> None:
         """Fold the published run (and the runs the index had not read) into the index."""
