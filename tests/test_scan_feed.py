@@ -47,7 +47,11 @@ def test_windows_start_small_grow_and_cover_every_object_once(ray_session, tmp_p
     listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged")).start()
     windows = list(listing.windows())
     listing.join()
-    assert [len(w) for w in windows] == [8, 32, 35]  # 75 blocks of 4: 8, then 4 times more, then the rest
+    sizes, want, left = [len(w) for w in windows], feed_module.FIRST_WINDOW, 75  # 75 blocks of 4 objects
+    for size in sizes:  # each window at least as large as its turn asks (8, then 4 times more each time) ...
+        assert min(want, left) <= size <= feed_module.MAX_WINDOW
+        want, left = want * feed_module.GROWTH, left - size
+    assert left == 0  # ... and every block in one of them
     seqs = [s for w in windows for s in _rows(w)]
     assert sorted(seqs) == list(range(300)) and listing.rows == listing.listed == 300
     staged = pa.concat_tables(listing.tables())  # what publishing and the rounds of isolation read back
@@ -62,7 +66,7 @@ def test_the_listing_waits_while_its_window_is_full(ray_session, tmp_path):
     assert listing.queued == 5 and listing._thread.is_alive()  # 100 blocks listed, 5 let into the queue
     sizes = [len(w) for w in listing.windows()]
     listing.join()
-    assert sizes[0] == 2 and max(sizes) == 5 and sum(sizes) == 100
+    assert sizes[0] == 5 and max(sizes) == 5 and sum(sizes) == 100  # what was queued, never more than 5
 
 
 def test_suspects_stay_out_of_the_windows(ray_session, tmp_path):

@@ -303,12 +303,21 @@ class Shard:
         cand = np.nonzero((right > left) & usable.to_numpy(zero_copy_only=False))[0]
         if not cand.size:
             return out
+        keys = keys.select(KEY).cast(KEY_SCHEMA)
         counts = right[cand] - left[cand]
-        starts = np.repeat(left[cand], counts)
-        rows = starts + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-        asked = keys.select(KEY).cast(KEY_SCHEMA).take(pa.array(cand)).append_column("_row", pa.array(cand, pa.int64()))
-        matched = asked.join(self.seen.take(pa.array(rows)), keys=KEY, join_type="left semi")
-        out[matched.column("_row").to_numpy(zero_copy_only=False)] = True
+        one = counts == 1  # the usual case: the key held under that fingerprint, compared field by field
+        if one.any():
+            asked, held = keys.take(pa.array(cand[one])), self.seen.take(pa.array(left[cand[one]]))
+            same = pc.and_(pc.and_(pc.equal(asked["uri"], held["uri"]), pc.equal(asked["etag"], held["etag"])),
+                           pc.equal(asked["modified"], held["modified"]))
+            out[cand[one][same.to_numpy(zero_copy_only=False)]] = True
+        if (~one).any():  # several keys share the fingerprint: a join on those few
+            cand, counts = cand[~one], counts[~one]
+            starts = np.repeat(left[cand], counts)
+            rows = starts + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+            asked = keys.take(pa.array(cand)).append_column("_row", pa.array(cand, pa.int64()))
+            matched = asked.join(self.seen.take(pa.array(rows)), keys=KEY, join_type="left semi")
+            out[matched.column("_row").to_numpy(zero_copy_only=False)] = True
         return out
 
     def not_final(self, losses: pa.Table) -> pa.Table:

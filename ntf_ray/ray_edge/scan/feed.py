@@ -79,14 +79,20 @@ class ListingFeed:
 
     def windows(self) -> Iterator[list[ray.ObjectRef]]:
         """The queued blocks in windows: the first once ``first`` blocks are queued (or the
-        listing ended, or ``START_WAIT_S`` passed with one queued), each next ``GROWTH`` times
-        larger, up to ``most``, once that many are queued or the listing ended."""
+        listing ended, or ``START_WAIT_S`` passed with one queued), each next once ``GROWTH``
+        times more are queued than the one before held (up to ``most``), or the listing ended;
+        each takes whatever is queued then, up to ``most``."""
         size, wait = self.first, START_WAIT_S
         while True:
             head = self._next(None)
             if head is None:
                 return
             window = [head]
+            while len(window) < self.most:  # whatever is queued already goes in: fewer streams
+                item = self._next(0.0)
+                if item is None:
+                    break
+                window.append(item)
             deadline = None if wait is None else time.monotonic() + wait
             while len(window) < size:
                 item = self._next(None if deadline is None else max(0.0, deadline - time.monotonic()))
