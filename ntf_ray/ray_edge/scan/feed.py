@@ -44,8 +44,8 @@ log = logging.getLogger(__package__)
 FIRST_WINDOW = 8
 MAX_WINDOW = 16384
 GROWTH = 4
-#: How long the first window waits for ``FIRST_WINDOW`` blocks (or the listing's end) once it
-#: has one: a small listing is then scored in one stream, sized for what it holds.
+#: How long the first window takes blocks once it has one (less when the listing ends first):
+#: a small listing is scored in one stream, sized for what it holds.
 START_WAIT_S = 2.0
 LISTING = "_listing"
 _END = object()
@@ -78,10 +78,10 @@ class ListingFeed:
         return self
 
     def windows(self) -> Iterator[list[ray.ObjectRef]]:
-        """The queued blocks in windows: the first once ``first`` blocks are queued (or the
-        listing ended, or ``START_WAIT_S`` passed with one queued), each next once ``GROWTH``
-        times more are queued than the one before held (up to ``most``), or the listing ended;
-        each takes whatever is queued then, up to ``most``."""
+        """The queued blocks in windows: the first holds what is queued ``START_WAIT_S`` after
+        the first block (or when the listing ended), each next one waits for ``GROWTH`` times
+        ``first``, then times more (up to ``most``), or the listing's end; each takes whatever
+        is queued then, up to ``most``."""
         size, wait = self.first, START_WAIT_S
         while True:
             head = self._next(None)
@@ -94,7 +94,9 @@ class ListingFeed:
                     break
                 window.append(item)
             deadline = None if wait is None else time.monotonic() + wait
-            while len(window) < size:
+            # the first window takes what comes in its first seconds (all of a small listing);
+            # each next one waits for its size
+            while len(window) < (self.most if deadline is not None else size):
                 item = self._next(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 if item is None:  # the listing ended, or the first window waited long enough
                     break
