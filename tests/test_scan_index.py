@@ -213,3 +213,42 @@ def test_the_index_actors_answer_as_the_simple_check_and_fold_a_run_in(local_ray
     assert sorted(indexed.seen.to_pylist(), key=str) == sorted(full.seen.to_pylist(), key=str)
     assert {"new", "k", "fresh-1"} <= set(indexed.seen.column("uri").to_pylist())
     assert indexed.losses.num_rows == full.losses.num_rows == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "losses"])
+def test_an_index_file_that_does_not_read_makes_the_check_read_every_run(tmp_path, damage):
+    from ntf_ray.errors import lost_error
+
+    _run(tmp_path, "r1", ["a", "b", "k"], [None, None, lost_error(1, 1)])
+    _fold(tmp_path, "r1")
+    root = tmp_path / table.INDEX / "model_id=m1"
+    (part,) = root.glob("p=*/*.parquet")
+    if damage == "missing":
+        part.unlink()
+    elif damage == "truncated":
+        part.write_bytes(part.read_bytes()[:20])
+    else:
+        (losses,) = root.glob("losses-*.parquet")
+        losses.write_bytes(b"not parquet")
+    found = index.history(str(tmp_path), "m1", OPTS)  # not an error that stops every later moderate
+    assert sorted(found.seen.column("uri").to_pylist()) == ["a", "b"] and list(found.runs) == ["r1"]
+    assert [(r["uri"], r["losses"]) for r in found.losses.to_pylist()] == [("k", 1)]
+
+
+@pytest.mark.timeout(300)
+def test_the_index_actors_read_every_run_when_a_file_of_the_index_does_not_read(local_ray, tmp_path):
+    from ntf_ray.ray_edge.scan.skip import SkipIndex
+
+    _run(tmp_path, "r1", ["a", "b"])
+    _fold(tmp_path, "r1")
+    (part,) = (tmp_path / table.INDEX / "model_id=m1").glob("p=*/*.parquet")
+    part.unlink()
+    skip = SkipIndex(str(tmp_path), "m1", OPTS, exclude_run="r2")
+    try:
+        assert skip.found.fresh and not skip.found.generations  # every run read again, nothing of the index
+        asked = pa.table({"uri": ["a", "b", "c"], "etag": ["e-a", "e-b", "e-c"], "modified": [-1, -1, -1]},
+                         schema=KEY_SCHEMA)
+        assert skip.seen_mask(asked).tolist() == [True, True, False]
+    finally:
+        skip.close()
+    assert not skip.actors

@@ -162,17 +162,23 @@ def _partition_of_file(name: str) -> int:
     return int(name.split("/", 1)[0].removeprefix("p="))
 
 
-def plan(output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None) -> Plan:
+class IndexUnreadable(OSError):
+    """A file ``index.json`` names is missing or does not read: the index is not trusted."""
+
+
+def plan(output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None,
+         trust: bool = True) -> Plan:
     """What the model's index holds, and which completed runs under OUTPUT it has not read.
 
     The index is trusted only while every run it read is still there as it was read: one
     published again since (a re-used run id, by this model or another, with ``scan`` or
-    ``moderate``), removed, or about to be replaced (``exclude_run``) makes every run fresh.
+    ``moderate``), removed, or about to be replaced (``exclude_run``) makes every run fresh,
+    as ``trust=False`` does (a file of the index that does not read, ``IndexUnreadable``).
     """
     runs = {rid: run for rid, run in runs_by_id(output, options).items() if is_complete(run.names) and rid != exclude_run}
     versions = {rid: run.version or "" for rid, run in runs.items()}
     root = index_root(output, model_id)
-    found = _read_plan(output, model_id, options)
+    found = _read_plan(output, model_id, options) if trust else None
     if found is not None:
         stale = sorted(r for r, v in found.indexed.items() if versions.get(r) != v)
         if stale:
@@ -275,7 +281,11 @@ class Shard:
     def __init__(self, found: Plan, partitions: list[int], model_id: str, options: StorageOptions):
         self.plan, self.partitions, self.model_id, self.options = found, sorted(partitions), model_id, options
         mine = set(self.partitions)
-        indexed = _read_keys(found.files_of(mine), options)
+        try:
+            indexed = _read_keys(found.files_of(mine), options)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise IndexUnreadable(f"a file of the index of model {model_id} does not read "
+                                  f"({type(exc).__name__})") from exc
         fresh = read_runs(found.fresh, ["uri", "etag", "last_modified", "model_id", "error"], options)
         fresh = fresh.filter(pa.array(np.isin(partition_of(fresh.column("uri"), found.partitions), self.partitions)))
         self.fresh = _final_pairs(fresh, model_id)  # final keys the generations do not hold yet
@@ -401,8 +411,11 @@ def _remove_unnamed(root: str, keep: set[str], options: StorageOptions) -> None:
 def read_losses(found: Plan, options: StorageOptions) -> pa.Table:
     if not found.losses_file:
         return LOSSES_SCHEMA.empty_table()
-    table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(found.root, found.losses_file), options)))
-    return table.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA)
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(found.root, found.losses_file), options)))
+        return table.select(LOSSES_SCHEMA.names).cast(LOSSES_SCHEMA)
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise IndexUnreadable(f"the losses file of an index does not read ({type(exc).__name__})") from exc
 
 
 def new_generation_name(run_id: str | None) -> str:
@@ -419,8 +432,14 @@ def history(output: str, model_id: str, options: StorageOptions, *, exclude_run:
     reads only the runs since the last ``moderate`` (see ``plan`` for when it reads them all).
     """
     found = plan(output, model_id, options, exclude_run=exclude_run)
-    shard = Shard(found, list(range(found.partitions)), model_id, options)
-    lost = sum_losses([read_losses(found, options), shard.fresh_losses])
+    try:
+        shard = Shard(found, list(range(found.partitions)), model_id, options)
+        indexed_losses = read_losses(found, options)
+    except IndexUnreadable as exc:
+        log.warning("%s: reading every run again", exc)
+        found = plan(output, model_id, options, exclude_run=exclude_run, trust=False)
+        shard, indexed_losses = Shard(found, list(range(found.partitions)), model_id, options), read_losses(found, options)
+    lost = sum_losses([indexed_losses, shard.fresh_losses])
     return History(seen=shard.keys(), losses=shard.not_final(lost), runs=found.runs)
 
 

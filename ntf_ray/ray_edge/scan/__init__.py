@@ -200,7 +200,7 @@ def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, s
         blocks, DetectorActor,
         {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": pool.batch_size,
          "decoder": spec.decoder, "max_pixels": spec.max_pixels},
-        pool=pool, endpoint=endpoint, max_bytes=spec.max_bytes, isolated=group is not None,
+        pool=pool, endpoint=endpoint, max_bytes=spec.max_bytes, isolated=group is not None, actor_retries=0,
         streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU, read_ahead_bytes=spec.read_ahead_bytes,
     )
     fs, path = storage.arrow_filesystem(staged, options)

@@ -240,13 +240,16 @@ def plan_actors(pool: ActorPool, *, blocks: int, actors_per_gpu: int = 1) -> Act
     return ActorPlan(min_actors=least, max_actors=most, gpus=gpus, cpus=cpus_per_actor)
 
 
-#: Retries of a read task. A detector actor's batch is never retried by Ray when its actor
-#: dies: Ray would wait for that actor to start again, and an actor whose node went away may
-#: find no room anywhere (the nodes left are full), so the batch, and the run, would wait for
-#: ever. The batch's objects come back without rows instead, and are scored again in smaller
-#: groups by the actors that are alive once the stream ends (``ray_scan.isolation``), which
-#: also keeps one file that kills its decoder from being retried for ever.
+#: Retries of a read task, and of a detector actor's batch when its actor died, for streams
+#: that have no rounds of their own (the evaluation). The scan never has Ray retry a batch
+#: (``actor_retries=0``): Ray would wait for that actor to start again, and an actor whose
+#: node went away may find no room anywhere (the nodes left are full), so the batch, and the
+#: run, would wait for ever. The batch's objects come back without rows instead, and are
+#: scored again in smaller groups by the actors that are alive once the stream ends
+#: (``ray_scan.isolation``), which also keeps one file that kills its decoder from being
+#: retried for ever.
 READ_TASK_RETRIES = 2
+ACTOR_TASK_RETRIES = 2
 #: A scan's detector actors per GPU, and batches each scores at once (threads, each with its own
 #: CUDA stream). Measured on an H200 (bench/README.md): decoding and the network share the GPU, and
 #: 4 actors x 2 streams kept it busiest (4,140 images/s against 3,320 for 1 x 2 and 3,510 for 1 x 3).
@@ -261,7 +264,7 @@ GPU_BATCH, CPU_BATCH = 256, 64
 def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor_kwargs: dict, *, pool: ActorPool,
                   endpoint: str | None, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
                   read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES, name: str = "scan",
-                  isolated: bool = False) -> ray.data.Dataset:
+                  isolated: bool = False, actor_retries: int = ACTOR_TASK_RETRIES) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
     ``rows`` is a table (cut into blocks of ``pool.read_block_rows``) or the refs of tables
@@ -281,6 +284,8 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
     ``name``: what Ray Data's progress bar and logs call the stream. ``isolated``: each actor
     holds one batch at a time, none queued or beside it, and a batch whose actor died is not
     retried (a round of ``ray_scan.isolation``: a loss then belongs to that batch alone).
+    ``actor_retries``: how often Ray runs a batch again on its actor once that actor has
+    started again after dying (see ``ACTOR_TASK_RETRIES``; 0 in the scan).
     """
     from ntf_ray.scan.reading import DEFAULT_MAX_BYTES, read_objects
 
@@ -325,7 +330,7 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
             num_gpus=plan.gpus,
             num_cpus=plan.cpus,
             max_restarts=-1,  # an actor that died is started again where there is room ...
-            max_task_retries=0,  # ... but its batches are not held for it (READ_TASK_RETRIES)
+            max_task_retries=0 if isolated else actor_retries,  # ... its batches wait for it, or not (the scan)
         )
     ds.set_name(name)
     ds.context.max_errored_blocks = -1

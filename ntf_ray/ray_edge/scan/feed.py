@@ -49,6 +49,11 @@ GROWTH = 4
 START_WAIT_S = 2.0
 LISTING = "_listing"
 _END = object()
+POLL_S = 0.5
+
+
+class _Stopped(Exception):
+    """The run stopped the listing."""
 
 
 class ListingFeed:
@@ -107,10 +112,15 @@ class ListingFeed:
     def _next(self, timeout: float | None) -> ray.ObjectRef | None:
         """The next queued block, waiting ``timeout`` seconds for it (None: until the listing
         ends); None when none came in time or the listing has ended."""
-        try:
-            item = self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
-        except queue.Empty:
-            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # short waits: the run's watchdog can stop a driver only between them
+            left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                break
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
         if item is _END:
             self._queue.put(_END)  # for the next taker
             return None
@@ -118,7 +128,8 @@ class ListingFeed:
 
     def join(self) -> None:
         """Wait for the listing thread; raise what stopped it."""
-        self._thread.join()
+        while self._thread.is_alive():  # short waits, as in ``_next``
+            self._thread.join(timeout=POLL_S)
         if self.error is not None:
             raise self.error
 
@@ -151,6 +162,8 @@ class ListingFeed:
     def _run(self) -> None:
         try:
             self._list()
+        except _Stopped:
+            pass
         except BaseException as exc:  # noqa: BLE001 - raised in the driver by ``join``
             self.error = exc
         finally:
@@ -206,6 +219,8 @@ class ListingFeed:
                 self.queued += 1
 
     def _write(self, table: pa.Table) -> None:
+        if self._stop.is_set():  # the run is over: its staging may be gone
+            raise _Stopped
         path = storage.join(self.staged, LISTING, f"{len(self.files):06d}.parquet")
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

@@ -21,6 +21,8 @@ import ray
 from ntf_ray import storage
 from ntf_ray.scan.index import (
     KEY,
+    LOSSES_SCHEMA,
+    IndexUnreadable,
     Plan,
     Shard,
     commit,
@@ -43,10 +45,15 @@ class _IndexShard:
     def __init__(self, found: Plan, partitions: list[int], model_id: str, options: StorageOptions, sources: list):
         for source in sources:  # sources registered in the driver (tests, plug-ins)
             storage.register(source)
-        self.shard = Shard(found, partitions, model_id, options)
+        try:
+            self.shard, self.unreadable = Shard(found, partitions, model_id, options), None
+        except IndexUnreadable as exc:  # told to the driver, which reads every run instead
+            self.shard, self.unreadable = None, str(exc)
 
-    def fresh(self) -> tuple[pa.Table, int]:
-        return self.shard.fresh_losses, self.shard.fresh.num_rows
+    def fresh(self) -> tuple[pa.Table, int, str | None]:
+        if self.shard is None:
+            return LOSSES_SCHEMA.empty_table(), 0, self.unreadable
+        return self.shard.fresh_losses, self.shard.fresh.num_rows, None
 
     def seen_mask(self, keys: pa.Table) -> np.ndarray:
         return self.shard.seen_mask(keys)
@@ -98,19 +105,40 @@ class SkipIndex:
     """A model's index under OUTPUT, spread over index actors for one ``moderate`` run."""
 
     def __init__(self, output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None):
-        self.options = options
-        self.found = plan(output, model_id, options, exclude_run=exclude_run)
+        self.options, self.actors = options, []
+        try:
+            unreadable = self._open(output, model_id, exclude_run, trust=True)
+            if unreadable:
+                log.warning("%s: reading every run again", unreadable)
+                self.close()
+                self._open(output, model_id, exclude_run, trust=False)
+        except BaseException:
+            self.close()  # no index actor outlives a run that could not start
+            raise
+        log.info("index of model %s: %d keys in %d partition(s) over %d index actor(s), %d run(s) not read before",
+                 model_id, self.found.rows, self.found.partitions, len(self.actors), len(self.found.fresh))
+
+    def _open(self, output: str, model_id: str, exclude_run: str | None, *, trust: bool) -> str | None:
+        """Start the index actors; what stops them reading the index (None: nothing)."""
+        self.found = plan(output, model_id, self.options, exclude_run=exclude_run, trust=trust)
         self.shards = self.found.shards()
         actor = ray.remote(_IndexShard).options(num_cpus=0, max_restarts=3, max_task_retries=3)
-        self.actors = [actor.remote(self.found, parts, model_id, options, storage.sources()) for parts in self.shards]
+        self.actors = [actor.remote(self.found, parts, model_id, self.options, storage.sources())
+                       for parts in self.shards]
         fresh = ray.get([a.fresh.remote() for a in self.actors])
-        self.fresh_rows = sum(n for _, n in fresh)
-        losses = sum_losses([read_losses(self.found, options), *(t for t, _ in fresh)])
+        unreadable = next((u for _, _, u in fresh if u), None)
+        if unreadable:
+            return unreadable
+        self.fresh_rows = sum(n for _, n, _ in fresh)
+        try:
+            indexed = read_losses(self.found, self.options)
+        except IndexUnreadable as exc:
+            return str(exc)
+        losses = sum_losses([indexed, *(t for t, _, _ in fresh)])
         for a in self.actors:
             losses = ray.get(a.not_final.remote(losses))
         self.losses = losses
-        log.info("index of model %s: %d keys in %d partition(s) over %d index actor(s), %d run(s) not read before",
-                 model_id, self.found.rows, self.found.partitions, len(self.actors), len(self.found.fresh))
+        return None
 
     def seen_mask(self, keys: pa.Table) -> np.ndarray:
         """Which rows of ``keys`` (``KEY``) the model has a final row for."""
