@@ -28,12 +28,12 @@ from ntf_ray.scan.index import (
     commit,
     compaction,
     new_generation_name,
-    partition_of,
     plan,
     read_losses,
     skip_key,
     sum_losses,
 )
+from ntf_ray.scan.keyhash import partition_of
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__package__)
