@@ -164,7 +164,10 @@ class _Crops(torch.utils.data.Dataset):
 
 def _draws(workers: int, loader_seed: int) -> list[torch.Tensor]:
     t = Stage2Transform(32, 8, blur_prob=0.5, jpeg_prob=0.5, seed=7)
-    loader = torch.utils.data.DataLoader(_Crops(t), batch_size=4, num_workers=workers,
+    # Spawned workers: forking the test process, which by now holds the threads of Ray's driver and
+    # of the S3 server, can hand a worker a heap another thread was changing ("double free" in CI).
+    context = "spawn" if workers else None
+    loader = torch.utils.data.DataLoader(_Crops(t), batch_size=4, num_workers=workers, multiprocessing_context=context,
                                          generator=torch.Generator().manual_seed(loader_seed))
     return [row for batch in loader for row in batch]
 
