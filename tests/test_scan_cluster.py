@@ -19,7 +19,6 @@ from ntf_ray import storage
 from ntf_ray.scan.spec import ScanSpec
 from ntf_ray.scan.table import completed_runs
 from ntf_ray.synth import make_synthetic
-
 from tests.conftest import save_random_detector
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

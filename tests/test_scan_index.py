@@ -4,6 +4,7 @@ every run (pyarrow's join over all keys)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -11,26 +12,57 @@ import pyarrow as pa
 import pytest
 
 from ntf_ray import storage
-from ntf_ray.scan import index, publish, table
+from ntf_ray.scan import index, keyhash, publish, table
 from ntf_ray.scan.index import KEY, KEY_SCHEMA
 
 OPTS = storage.StorageOptions()
 
 
-def _reference_hash(text: str | None) -> int:
-    """``index.string_hash`` written out one string at a time."""
-    data = (text or "").encode()
-    mask = (1 << 64) - 1
-    h, power = 0, 1
-    for byte in data:
-        power = power * 0x100000001B3 & mask
-        h = (h + (byte + 1) * power) & mask
-    x = h ^ len(data)
+KEY_16 = "0123456789abcdef"
+_MASK = (1 << 64) - 1
+
+
+def _siphash24(key: bytes, data: bytes) -> int:
+    """SipHash-2-4 as its paper writes it (Aumasson and Bernstein, 2012), one message at a time."""
+    def rotl(x, b):
+        return ((x << b) | (x >> (64 - b))) & _MASK
+
+    def rounds(v, n):
+        v0, v1, v2, v3 = v
+        for _ in range(n):
+            v0 = (v0 + v1) & _MASK; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32)  # noqa: E702
+            v2 = (v2 + v3) & _MASK; v3 = rotl(v3, 16); v3 ^= v2  # noqa: E702
+            v0 = (v0 + v3) & _MASK; v3 = rotl(v3, 21); v3 ^= v0  # noqa: E702
+            v2 = (v2 + v1) & _MASK; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32)  # noqa: E702
+        return [v0, v1, v2, v3]
+
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    v = [k0 ^ 0x736F6D6570736575, k1 ^ 0x646F72616E646F6D, k0 ^ 0x6C7967656E657261, k1 ^ 0x7465646279746573]
+    tail = len(data) % 8
+    words = [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data) - tail, 8)]
+    words.append(int.from_bytes(data[len(data) - tail:], "little") | (len(data) & 0xFF) << 56)
+    for m in words:
+        v[3] ^= m
+        v = rounds(v, 2)
+        v[0] ^= m
+    v[2] ^= 0xFF
+    v = rounds(v, 4)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+def _reference_hash(text: str | None, key: str = KEY_16) -> int:
+    """``keyhash.string_hash`` written out one string at a time: SipHash-2-4, then splitmix64's finaliser."""
+    x = _siphash24(key.encode(), (text or "").encode())
     x ^= x >> 30
-    x = x * 0xBF58476D1CE4E5B9 & mask
+    x = x * 0xBF58476D1CE4E5B9 & _MASK
     x ^= x >> 27
-    x = x * 0x94D049BB133111EB & mask
+    x = x * 0x94D049BB133111EB & _MASK
     return x ^ (x >> 31)
+
+
+def test_the_reference_siphash_is_the_papers():
+    # the paper's test vector: key 00..0f, message 00..0e
+    assert _siphash24(bytes(range(16)), bytes(range(15))) == 0xA129CA6149BE45E5
 
 
 def test_the_hash_is_the_written_out_one_on_awkward_strings_slices_and_chunks():
@@ -39,15 +71,36 @@ def test_the_hash_is_the_written_out_one_on_awkward_strings_slices_and_chunks():
     words += ["".join(rng.choice("ab/é.名\x00") for _ in range(rng.randrange(0, 30))) for _ in range(300)]
     expected = np.array([_reference_hash(w) for w in words], np.uint64)
     arr = pa.array(words, pa.string())
-    assert np.array_equal(index.string_hash(arr), expected)
-    assert np.array_equal(index.string_hash(arr, slice_rows=7), expected)  # slices of the work
-    assert np.array_equal(index.string_hash(arr.slice(5, 100)), expected[5:105])  # an offset array
+    assert np.array_equal(keyhash.string_hash(arr, KEY_16), expected)
+    assert np.array_equal(keyhash.string_hash(arr, KEY_16, slice_rows=7), expected)  # slices of the work
+    assert np.array_equal(keyhash.string_hash(arr.slice(5, 100), KEY_16), expected[5:105])  # an offset array
     chunked = pa.chunked_array([arr.slice(0, 50), arr.slice(50)])
-    assert np.array_equal(index.string_hash(chunked), expected)
-    assert np.array_equal(index.string_hash(arr.cast(pa.large_string())), expected)
-    assert index.string_hash(pa.array([], pa.string())).shape == (0,)
-    parts = index.partition_of(arr, 7)
+    assert np.array_equal(keyhash.string_hash(chunked, KEY_16), expected)
+    assert np.array_equal(keyhash.string_hash(arr.cast(pa.large_string()), KEY_16), expected)
+    assert keyhash.string_hash(pa.array([], pa.string()), KEY_16).shape == (0,)
+    other = keyhash.string_hash(arr, "fedcba9876543210")  # another index's key: other hashes
+    assert np.array_equal(other, np.array([_reference_hash(w, "fedcba9876543210") for w in words], np.uint64))
+    assert (other != expected).mean() > 0.99
+    parts = keyhash.partition_of(arr, 7, KEY_16)
     assert parts.min() >= 0 and parts.max() < 7 and len(set(parts.tolist())) == 7
+    assert np.array_equal(parts, keyhash.partition_of_hash(expected, 7))
+    with pytest.raises(ValueError):
+        keyhash.string_hash(arr, "short")
+
+
+def test_an_index_whose_hash_check_fails_is_read_as_an_earlier_layout(tmp_path):
+    _run(tmp_path, "r1", ["a", "b"])
+    _fold(tmp_path, "r1")
+    assert index.plan(str(tmp_path), "m1", OPTS).indexed == {"r1": index.plan(str(tmp_path), "m1", OPTS).runs["r1"]}
+    path = index.index_path(str(tmp_path), "m1")
+    state = json.loads(storage.read_bytes(path))
+    for broken in ({"hash_check": "0" * 16}, {"hash_key": "short"}, {"hash_key": None}):
+        storage.write_bytes(path, json.dumps({**state, **broken}).encode())
+        found = index.plan(str(tmp_path), "m1", OPTS)
+        assert found.indexed == {} and found.fresh  # every run is read again, under a new key
+        assert found.hash_key != state["hash_key"]
+        seen = index.history(str(tmp_path), "m1", OPTS).seen
+        assert sorted(seen.column("uri").to_pylist()) == ["a", "b"]
 
 
 def _keys(n: int, seed: int, etags: int = 3) -> pa.Table:
@@ -71,7 +124,9 @@ def _reference_seen(seen: pa.Table, keys: pa.Table) -> np.ndarray:
 
 def _shard_of(seen: pa.Table) -> index.Shard:
     shard = index.Shard.__new__(index.Shard)
-    shard._index(seen)
+    shard.plan = index.Plan(root="", hash_key=KEY_16, partitions=1, generations=[], losses_file=None, indexed={},
+                            runs={})
+    shard._index(shard._with_fp(seen))
     return shard
 
 
@@ -79,7 +134,7 @@ def _shard_of(seen: pa.Table) -> index.Shard:
 def test_the_lookup_finds_exactly_the_keys_held_even_when_fingerprints_collide(collide, monkeypatch):
     if collide:  # 3 fingerprints for thousands of keys: every match must be checked against the key
         real = index.fingerprint
-        monkeypatch.setattr(index, "fingerprint", lambda keys: real(keys) % np.uint64(3))
+        monkeypatch.setattr(index, "fingerprint", lambda keys, key, **kw: real(keys, key, **kw) % np.uint64(3))
     seen = _keys(3000, seed=1).group_by(KEY).aggregate([]).select(KEY)
     asked = pa.concat_tables([_keys(2000, seed=2), seen.slice(0, 500)])
     nulls = pa.table({"uri": ["s3://b/1.png", None], "etag": [None, "e1"], "modified": [0, 0]}, schema=KEY_SCHEMA)

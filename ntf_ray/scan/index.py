@@ -16,10 +16,11 @@ what reads it can hold a few partitions each (``Shard``: the scan's index actors
 million keys, so the index never passes through the driver). Layout, under
 ``OUTPUT/_index/model_id=M/``:
 
-- ``index.json``: the layout, the partition count, the runs read (run id -> version), each
-  generation's files and rows, and the losses file. Written last: a generation or losses
+- ``index.json``: the layout, the hash key (``keyhash``), the partition count, the runs
+  read (run id -> version), each generation's files and rows, and the losses file. Written last: a generation or losses
   file it does not name is not part of the index (a run that died while writing it).
-- ``p=NN/GEN-S.parquet``: final keys (``KEY``) whose uri hashes to partition NN.
+- ``p=NN/GEN-S.parquet``: final keys (``KEY``) whose uri hashes to partition NN, each with its
+  fingerprint (``FP``), sorted by it: an index actor reads them, it computes nothing.
 - ``losses-GEN.parquet``: ``KEY`` + losses of the objects not final that were lost alone.
 
 Too many generations, or partitions too full, are compacted into one generation on the next
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 
 from ntf_ray import storage
 from ntf_ray.errors import LOST_ALONE_PATTERN, RETRIED_ERRORS
-from ntf_ray.scan.keyhash import fingerprint, partition_of, string_hash  # noqa: F401 - string_hash: the index's hash
+from ntf_ray.scan.keyhash import check_value, fingerprint, new_key, partition_of
 from ntf_ray.scan.table import INDEX, is_complete, read_runs, runs_by_id
 from ntf_ray.storage import StorageOptions
 
@@ -57,6 +58,8 @@ log = logging.getLogger(__package__)
 KEY = ["uri", "etag", "modified"]
 KEY_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("modified", pa.int64())])
 LOSSES_SCHEMA = KEY_SCHEMA.append(pa.field("losses", pa.int64()))
+#: The column of an index file that holds each key's fingerprint.
+FP = "fp"
 
 
 def skip_key(rows: pa.Table | pa.RecordBatch) -> pa.Table:
@@ -82,7 +85,7 @@ def _final_pairs(table: pa.Table, model_id: str) -> pa.Table:
     return _distinct([skip_key(table.filter(pc.fill_null(keep, False)))])
 
 
-LAYOUT = 2
+LAYOUT = 3
 #: Keys per partition a compaction aims at, keys an index actor holds at most (``Shard``), and
 #: the generations an index keeps before they are compacted into one.
 PARTITION_ROWS = 1_000_000
@@ -138,6 +141,7 @@ class Plan:
     """A model's index as ``index.json`` names it, and the completed runs it has not read."""
 
     root: str
+    hash_key: str  # the key of the index's hashes (``keyhash``); a new index draws one
     partitions: int
     generations: list[dict]  # {"name", "files": [p=NN/...], "rows"}, oldest first
     losses_file: str | None  # relative to root
@@ -187,7 +191,8 @@ def plan(output: str, model_id: str, options: StorageOptions, *, exclude_run: st
                      model_id, len(stale), ", ".join(stale[:5]))
             found = None
     if found is None:
-        found = Plan(root=root, partitions=1, generations=[], losses_file=None, indexed={}, runs={})
+        found = Plan(root=root, hash_key=new_key(), partitions=1, generations=[], losses_file=None, indexed={},
+                     runs={})
     found.runs = versions
     found.fresh = [runs[r].folder for r in sorted(set(runs) - set(found.indexed))]
     return found
@@ -203,10 +208,15 @@ def _read_plan(output: str, model_id: str, options: StorageOptions) -> Plan | No
         return None
     except ValueError:
         data = None
-    if not isinstance(data, dict) or data.get("layout") != LAYOUT:
+    key = data.get("hash_key") if isinstance(data, dict) else None
+    try:
+        same_hash = data.get("hash_check") == check_value(key)
+    except (ValueError, AttributeError):
+        same_hash = False
+    if not isinstance(data, dict) or data.get("layout") != LAYOUT or not same_hash:
         log.info("the index of model %s is of an earlier layout: reading every run once", model_id)
         return None
-    return Plan(root=root, partitions=int(data["partitions"]), generations=list(data["generations"]),
+    return Plan(root=root, hash_key=key, partitions=int(data["partitions"]), generations=list(data["generations"]),
                 losses_file=data.get("losses"), indexed={str(k): str(v) for k, v in data["runs"].items()}, runs={})
 
 
@@ -221,31 +231,51 @@ class Shard:
         mine = set(self.partitions)
         try:
             indexed = _read_keys(found.files_of(mine), options)
-        except (OSError, pa.ArrowInvalid) as exc:
+        except (OSError, pa.ArrowInvalid, KeyError) as exc:
             raise IndexUnreadable(f"a file of the index of model {model_id} does not read "
                                   f"({type(exc).__name__})") from exc
         fresh = read_runs(found.fresh, ["uri", "etag", "last_modified", "model_id", "error"], options)
-        fresh = fresh.filter(pa.array(np.isin(partition_of(fresh.column("uri"), found.partitions), self.partitions)))
-        self.fresh = _final_pairs(fresh, model_id)  # final keys the generations do not hold yet
+        fresh = fresh.filter(pa.array(np.isin(self._partition(fresh.column("uri"), found.partitions), self.partitions)))
+        self.fresh = self._with_fp(_final_pairs(fresh, model_id))  # final keys the generations do not hold yet
         self.fresh_losses = _lost_alone(fresh, model_id)
-        self._index(_distinct([indexed, self.fresh]))
+        self._index(pa.concat_tables([indexed, self.fresh]))
+
+    def _partition(self, uris: pa.ChunkedArray, partitions: int) -> np.ndarray:
+        return partition_of(uris, partitions, self.plan.hash_key)
+
+    def _with_fp(self, keys: pa.Table) -> pa.Table:
+        """``keys`` (``KEY``) with their fingerprints (``FP``)."""
+        keys = keys.select(KEY).cast(KEY_SCHEMA)
+        return keys.append_column(FP, pa.array(fingerprint(keys, self.plan.hash_key), pa.uint64()))
 
     def _index(self, seen: pa.Table) -> None:
-        fps = fingerprint(seen)
-        order = np.argsort(fps, kind="stable")
-        self.seen, self._fps, self._order = seen.take(pa.array(order)), fps[order], order
+        """Hold ``seen`` (``KEY`` + ``FP``) sorted by fingerprint, each key once."""
+        fps = seen.column(FP).to_numpy()
+        order = np.argsort(fps, kind="stable")  # files are sorted already: merging runs is cheap
+        fps, seen = fps[order], seen.take(pa.array(order))
+        again = np.nonzero(fps[1:] == fps[:-1])[0] + 1  # the same fingerprint as the row before
+        if again.size:  # a key held twice (in two generations) is held once
+            now, before = seen.take(pa.array(again)), seen.take(pa.array(again - 1))
+            same = pc.fill_null(pc.and_(pc.and_(pc.equal(now["uri"], before["uri"]),
+                                                pc.equal(now["etag"], before["etag"])),
+                                        pc.equal(now["modified"], before["modified"])), False)
+            keep = np.ones(len(fps), np.bool_)
+            keep[again[same.to_numpy(zero_copy_only=False)]] = False
+            fps, seen, order = fps[keep], seen.filter(pa.array(keep)), order[keep]
+        self.seen, self._fps, self._order = seen, fps, order
 
     def keys(self) -> pa.Table:
         """The final keys held, in the order they were read (runs, then rows)."""
         return self.seen.take(pa.array(np.argsort(self._order))).select(KEY)
 
-    def seen_mask(self, keys: pa.Table) -> np.ndarray:
-        """Which rows of ``keys`` (``KEY``; a null uri or etag matches nothing) are final keys here."""
+    def seen_mask(self, keys: pa.Table, fps: np.ndarray | None = None) -> np.ndarray:
+        """Which rows of ``keys`` (``KEY``; a null uri or etag matches nothing) are final keys
+        here; ``fps``: their fingerprints, when the caller has them."""
         out = np.zeros(keys.num_rows, np.bool_)
         if not keys.num_rows or not len(self._fps):
             return out
         usable = pc.and_(pc.is_valid(keys.column("uri")), pc.is_valid(keys.column("etag")))
-        q = fingerprint(keys)
+        q = fingerprint(keys, self.plan.hash_key) if fps is None else fps
         left = np.searchsorted(self._fps, q, "left")
         right = np.searchsorted(self._fps, q, "right")
         cand = np.nonzero((right > left) & usable.to_numpy(zero_copy_only=False))[0]
@@ -264,7 +294,7 @@ class Shard:
             starts = np.repeat(left[cand], counts)
             rows = starts + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
             asked = keys.take(pa.array(cand)).append_column("_row", pa.array(cand, pa.int64()))
-            matched = asked.join(self.seen.take(pa.array(rows)), keys=KEY, join_type="left semi")
+            matched = asked.join(self.seen.take(pa.array(rows)).select(KEY), keys=KEY, join_type="left semi")
             out[matched.column("_row").to_numpy(zero_copy_only=False)] = True
         return out
 
@@ -282,25 +312,32 @@ class Shard:
         the files (relative to the index root), their rows, and the lost-alone rows of ``runs``.
         """
         new = read_runs(runs, ["uri", "etag", "last_modified", "model_id", "error"], self.options)
-        new = new.filter(pa.array(np.isin(partition_of(new.column("uri"), self.plan.partitions), self.partitions)))
-        added = _final_pairs(new, self.model_id)
-        keys = _distinct([self.seen, added] if compact else [self.fresh, added])
-        if self.seen.num_rows or added.num_rows:
-            self._index(_distinct([self.seen, added]))
-        place = partition_of(keys.column("uri"), partitions)
+        new = new.filter(pa.array(np.isin(self._partition(new.column("uri"), self.plan.partitions), self.partitions)))
+        added = self._with_fp(_final_pairs(new, self.model_id))
+        self._index(pa.concat_tables([self.seen, added]))
+        # what the generations do not hold (the fresh runs' keys and this run's), or all, each once
+        keys = self.seen if compact else pa.concat_tables([self.fresh, added]).group_by([*KEY, FP]).aggregate([])
+        place = self._partition(keys.column("uri"), partitions)
         files, rows = [], 0
         for p in np.unique(place):
             part = keys.filter(pa.array(place == p))
             rel = f"p={int(p):03d}/{name}-{shard}.parquet"
-            _write_parquet(storage.join(self.plan.root, rel), part, self.options)
+            _write_parquet(storage.join(self.plan.root, rel), _sorted(part), self.options)
             files.append(rel)
             rows += part.num_rows
         return files, rows, _lost_alone(new, self.model_id)
 
 
+def _sorted(keys: pa.Table) -> pa.Table:
+    """``keys`` (``KEY`` + ``FP``) by fingerprint, as index files hold them."""
+    return keys.take(pa.array(np.argsort(keys.column(FP).to_numpy(), kind="stable")))
+
+
 def _read_keys(files: list[str], options: StorageOptions) -> pa.Table:
-    parts = [pq.read_table(pa.BufferReader(storage.read_bytes(f, options))).select(KEY).cast(KEY_SCHEMA) for f in files]
-    return pa.concat_tables(parts) if parts else KEY_SCHEMA.empty_table()
+    schema = KEY_SCHEMA.append(pa.field(FP, pa.uint64()))
+    parts = [pq.read_table(pa.BufferReader(storage.read_bytes(f, options))).select(schema.names).cast(schema)
+             for f in files]
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def _write_parquet(uri: str, table: pa.Table, options: StorageOptions) -> None:
@@ -331,7 +368,8 @@ def commit(found: Plan, generation: dict, losses: pa.Table, runs: dict[str, str]
         generations = [generation]
     else:  # a run that added no final key adds no generation (its version is still recorded)
         generations = [*found.generations, *([generation] if generation["files"] else [])]
-    state = {"layout": LAYOUT, "partitions": partitions, "runs": dict(sorted(runs.items())),
+    state = {"layout": LAYOUT, "hash_key": found.hash_key, "hash_check": check_value(found.hash_key),
+             "partitions": partitions, "runs": dict(sorted(runs.items())),
              "generations": generations, "losses": losses_file}
     storage.write_bytes(storage.join(found.root, "index.json"), json.dumps(state, indent=1).encode(), options)
     keep = {f for g in generations for f in g["files"]} | ({losses_file} if losses_file else set())
@@ -395,17 +433,18 @@ def write_index(output: str, model_id: str, pairs: pa.Table, runs: dict[str, str
     alone so many times) read from ``runs`` (run id -> version): one generation, in this process."""
     final = _distinct([pairs])
     partitions = max(1, min(MAX_PARTITIONS, math.ceil(final.num_rows / PARTITION_ROWS)))
-    found = Plan(root=index_root(output, model_id), partitions=partitions, generations=[], losses_file=None,
-                 indexed={}, runs=runs)
+    found = Plan(root=index_root(output, model_id), hash_key=new_key(), partitions=partitions, generations=[],
+                 losses_file=None, indexed={}, runs=runs)
+    final = final.append_column(FP, pa.array(fingerprint(final, found.hash_key), pa.uint64()))
     name = new_generation_name(None)
-    place = partition_of(final.column("uri"), partitions)
+    place = partition_of(final.column("uri"), partitions, found.hash_key)
     files = []
     for p in np.unique(place):
         rel = f"p={int(p):03d}/{name}-0.parquet"
-        _write_parquet(storage.join(found.root, rel), final.filter(pa.array(place == p)), options)
+        _write_parquet(storage.join(found.root, rel), _sorted(final.filter(pa.array(place == p))), options)
         files.append(rel)
     kept = LOSSES_SCHEMA.empty_table()
     if losses is not None and losses.num_rows:
-        kept = _not_final(sum_losses([losses]), final)
+        kept = _not_final(sum_losses([losses]), final.select(KEY))
     commit(found, {"name": name, "files": files, "rows": final.num_rows}, kept, runs, options,
            partitions=partitions, replaces=True)

@@ -1,17 +1,37 @@
 """The skip index's hashes: which partition a uri is in, and a fingerprint of a key
-(uri, etag, last-modified) to find it among millions by binary search. Both are the same in
-every process and on every machine, and are written into the index's layout, so they must
-not change without a new ``index.LAYOUT``.
+(uri, etag, last-modified) to find it among millions by binary search.
+
+SipHash-2-4 of each string's UTF-8 bytes (pandas' ``hash_array``, in C) under the index's own
+random key (``new_key``, kept in ``index.json``), then splitmix64's finaliser. Keyed, so an
+upload cannot be named to share a fingerprint with others (which could only slow the check:
+every match is checked against the key itself). The same in every process and on every
+machine, and written into the index's layout: ``check_value`` is kept beside the key, so a
+library that hashed differently makes the index read as of an earlier layout, never wrong.
 """
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_BASE = np.uint64(0x100000001B3)
-_POWERS = np.cumprod(np.full(256, _BASE, np.uint64))
+#: Strings hashed at once (their Python copies are what a slice costs).
+SLICE_ROWS = 1 << 18
+_CHECK_TEXT = "ntf-ray skip index"
+
+
+def new_key() -> str:
+    """A fresh key for an index: 16 characters, 64 random bits."""
+    return secrets.token_hex(8)
+
+
+def _checked(key: str) -> str:
+    if not isinstance(key, str) or len(key.encode()) != 16:
+        raise ValueError("an index hash key is 16 bytes")
+    return key
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -23,49 +43,40 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _powers(n: int) -> np.ndarray:
-    global _POWERS
-    if n > len(_POWERS):
-        _POWERS = np.cumprod(np.full(max(n, 2 * len(_POWERS)), _BASE, np.uint64))
-    return _POWERS
-
-
-def string_hash(values: pa.Array | pa.ChunkedArray, *, slice_rows: int = 1 << 18) -> np.ndarray:
-    """A 64-bit hash of each string (its UTF-8 bytes; null hashes as ''), the same in every
-    process and on every machine (Python's ``hash`` is not). Not a secret: what it decides
-    (a partition, a fingerprint that is then checked exactly) never depends on its luck."""
+def string_hash(values: pa.Array | pa.ChunkedArray, key: str, *, slice_rows: int = SLICE_ROWS) -> np.ndarray:
+    """A 64-bit keyed hash of each string (its UTF-8 bytes; null hashes as '')."""
+    key = _checked(key)
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks else pa.array([], values.type)
-    values = pc.fill_null(values, "").cast(pa.large_string())
+    values = pc.fill_null(values, "")
     out = np.empty(len(values), np.uint64)
     for first in range(0, len(values), slice_rows):
-        part = values.slice(first, slice_rows)
-        n = len(part)
-        offsets = np.frombuffer(part.buffers()[1], np.int64, count=n + 1, offset=part.offset * 8)
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        lengths = np.diff(offsets)
-        h = np.zeros(n, np.uint64)
-        if hi > lo:
-            data = np.frombuffer(part.buffers()[2], np.uint8, count=hi - lo, offset=lo).astype(np.uint64)
-            starts = offsets[:-1] - lo
-            position = np.arange(hi - lo, dtype=np.int64) - np.repeat(starts, lengths)
-            terms = (data + np.uint64(1)) * _powers(int(lengths.max()))[position]
-            filled = lengths > 0
-            h[filled] = np.add.reduceat(terms, starts[filled])
-        out[first:first + n] = _mix(h ^ lengths.astype(np.uint64))
+        part = values.slice(first, slice_rows).to_numpy(zero_copy_only=False)
+        out[first:first + len(part)] = pd.util.hash_array(part, hash_key=key, categorize=False)
     return out
 
 
-def partition_of(uris: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
+def check_value(key: str) -> str:
+    """What ``string_hash`` gives a fixed text under ``key``, kept in ``index.json``."""
+    return f"{int(string_hash(pa.array([_CHECK_TEXT]), key)[0]):016x}"
+
+
+def partition_of(uris: pa.Array | pa.ChunkedArray, partitions: int, key: str) -> np.ndarray:
     """The partition of each uri, 0..partitions-1."""
     if partitions == 1:
         return np.zeros(len(uris), np.int64)
-    return (string_hash(uris) % np.uint64(partitions)).astype(np.int64)
+    return partition_of_hash(string_hash(uris, key), partitions)
 
 
-def fingerprint(keys: pa.Table) -> np.ndarray:
-    """A 64-bit fingerprint of each ``KEY`` row, to find a key among millions by binary search;
-    two keys may share one, so a match is always checked against the key itself."""
+def partition_of_hash(uri_hash: np.ndarray, partitions: int) -> np.ndarray:
+    """``partition_of`` from the uris' ``string_hash``."""
+    return (uri_hash % np.uint64(partitions)).astype(np.int64)
+
+
+def fingerprint(keys: pa.Table, key: str, *, uri_hash: np.ndarray | None = None) -> np.ndarray:
+    """A 64-bit fingerprint of each ``KEY`` row (``uri_hash``: its uris' ``string_hash``, when
+    already at hand); two keys may share one, so a match is always checked against the key."""
     modified = pc.fill_null(keys.column("modified"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    h = _mix(string_hash(keys.column("uri")) ^ _mix(string_hash(keys.column("etag")) ^ modified.view(np.uint64)))
-    return h
+    if uri_hash is None:
+        uri_hash = string_hash(keys.column("uri"), key)
+    return _mix(uri_hash ^ _mix(string_hash(keys.column("etag"), key) ^ modified.view(np.uint64)))

@@ -33,7 +33,7 @@ from ntf_ray.scan.index import (
     skip_key,
     sum_losses,
 )
-from ntf_ray.scan.keyhash import partition_of
+from ntf_ray.scan.keyhash import fingerprint, partition_of_hash, string_hash
 from ntf_ray.storage import StorageOptions
 
 log = logging.getLogger(__package__)
@@ -55,8 +55,8 @@ class _IndexShard:
             return LOSSES_SCHEMA.empty_table(), 0, self.unreadable
         return self.shard.fresh_losses, self.shard.fresh.num_rows, None
 
-    def seen_mask(self, keys: pa.Table) -> np.ndarray:
-        return self.shard.seen_mask(keys)
+    def seen_mask(self, keys: pa.Table, fps: np.ndarray) -> np.ndarray:
+        return self.shard.seen_mask(keys, fps)
 
     def not_final(self, losses: pa.Table) -> pa.Table:
         return self.shard.not_final(losses)
@@ -68,14 +68,15 @@ class _IndexShard:
 
 class Unseen:
     """``keep(rows)``: the listing rows whose key no index actor holds (a null etag is never
-    held). Holds the actors' handles only, so that a Ray task reading an inventory file can
-    keep its rows before they travel."""
+    held). Holds the actors' handles and the index's hash key only, so that a Ray task reading
+    an inventory file can keep its rows before they travel; the task hashes each key once (its
+    partition, hence its actor, and its fingerprint), the actors only look them up."""
 
     #: Keys asked of an actor in one call.
     ASK_ROWS = 100_000
 
-    def __init__(self, actors: list, partitions: int, *, empty: bool = False):
-        self.actors, self.partitions, self.empty = actors, partitions, empty
+    def __init__(self, actors: list, partitions: int, hash_key: str, *, empty: bool = False):
+        self.actors, self.partitions, self.hash_key, self.empty = actors, partitions, hash_key, empty
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         if self.empty or not rows.num_rows:
@@ -89,13 +90,15 @@ class Unseen:
             return out
         keys = keys.select(KEY)
         n = len(self.actors)
-        owner = np.zeros(keys.num_rows, np.int64) if n == 1 else partition_of(keys["uri"], self.partitions) % n
+        uri_hash = string_hash(keys.column("uri"), self.hash_key)
+        fps = fingerprint(keys, self.hash_key, uri_hash=uri_hash)
+        owner = partition_of_hash(uri_hash, self.partitions) % n
         asked = []
         for s in range(n):
             rows = np.nonzero(owner == s)[0]
             for start in range(0, rows.size, self.ASK_ROWS):
                 part = rows[start:start + self.ASK_ROWS]
-                asked.append((part, self.actors[s].seen_mask.remote(keys.take(pa.array(part)))))
+                asked.append((part, self.actors[s].seen_mask.remote(keys.take(pa.array(part)), fps[part])))
         for part, ref in asked:
             out[part] = ray.get(ref)
         return out
@@ -147,7 +150,8 @@ class SkipIndex:
     @property
     def unseen(self) -> Unseen:
         """What keeps the listing rows not scored yet: it can be sent to Ray tasks (``listing.Keep``)."""
-        return Unseen(self.actors, self.found.partitions, empty=not (self.found.rows or self.fresh_rows))
+        return Unseen(self.actors, self.found.partitions, self.found.hash_key,
+                      empty=not (self.found.rows or self.fresh_rows))
 
     def commit(self, run_id: str, run_dir: str, version: str, new_rows: int) -> None:
         """Fold the published run (and the runs the index had not read) into the index."""
