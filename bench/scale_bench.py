@@ -139,7 +139,7 @@ def output_with_index(code: Path, out: Path, n: int, new: int, bucket: str, mode
     return str(out)
 
 
-def run(code: Path, manifest: str, model: str, out: str, endpoint: str) -> dict:
+def run(code: Path, manifest: str, model: str, out: str, endpoint: str, log: Path | None = None) -> dict:
     """``ntf-ray moderate`` of ``code`` in a process of its own: wall time, first staged row, RssAnon peak."""
     env = dict(os.environ, PYTHONPATH=str(code), AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                AWS_DEFAULT_REGION="us-east-1")
@@ -166,6 +166,8 @@ def run(code: Path, manifest: str, model: str, out: str, endpoint: str) -> dict:
         time.sleep(0.1)
     wall = time.perf_counter() - start
     stdout, stderr = proc.communicate()
+    if log is not None:
+        log.write_text(stderr)
     if proc.returncode:
         raise RuntimeError(f"moderate failed ({proc.returncode}): {stderr[-2000:]}")
     summary = json.loads(next(Path(out).glob("dt=*/run_id=*/_summary.json")).read_text())
@@ -179,7 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new", type=int, default=10_000, help="objects not yet scored (default 10000)")
     p.add_argument("--code", type=Path, nargs="*", default=[], help="other checkouts to run beside this one")
     p.add_argument("--work", type=Path, help="folder for the data (default: a temporary one)")
+    p.add_argument("--logs", type=Path, help="folder to keep each run's log in (CODE-N.log)")
     args = p.parse_args(argv)
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
 
     import boto3
 
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                 manifest = inventory(work, n, args.new, bucket, uploaded)
                 for code in codes:
                     out = output_with_index(code, work / f"out-{code.name}-{n}", n, args.new, bucket, model_id)
-                    r = results[(code, n)] = run(code, manifest, path, out, endpoint)
+                    log = args.logs / f"{code.name}-{n}.log" if args.logs else None
+                    r = results[(code, n)] = run(code, manifest, path, out, endpoint, log)
                     assert r["scored"] == args.new and r["listed"] == n, r
                     control = (r["wall"] - results[(code, args.new)]["wall"]) / (n / 1e6)
                     print(f"{str(code)[-28:]:<28}{n:>12}{r['wall']:>9.1f}{(r['first'] or float('nan')):>13.1f}"

@@ -330,3 +330,18 @@ def test_ray_map_keeps_order_bounds_what_runs_and_raises_the_tasks_own_error(loc
     assert list(results) == [x * x for x in range(1, 12)]
     with pytest.raises(ValueError, match="thirteen"):
         list(ray_map(_slow_square, range(20), in_flight=4))
+
+
+def test_the_rows_are_published_by_a_ray_task_not_the_driver(local_ray, s3, scan_bucket, monkeypatch):
+    from ntf_ray.scan import publish
+
+    def in_the_driver(*args, **kwargs):
+        raise AssertionError("the driver wrote the run's rows")
+
+    monkeypatch.setattr(publish, "write_whole", in_the_driver)  # this process only: Ray's workers are others
+    b = scan_bucket
+    out = f"{b['bucket']}/scores-published-in-a-task"
+    assert main(["scan", "--input", f"{b['prefix']}/synth", "--model", b["model"], "--output", out,
+                 "--run-id", "in-a-task", "--s3-endpoint", s3.endpoint_url]) == 0
+    table = _table(out, s3)
+    assert table.num_rows == 200 and table.column("uri").unique().to_pylist() == table.column("uri").to_pylist()

@@ -38,7 +38,7 @@ def _publish(out, run_id: str, staged_tables: list[pa.Table], listing: pa.Table)
         storage.write_bytes(f"{staged}/part-{i}.parquet", _parquet(t))
     run_dir = f"{out}/dt=2026-01-01/run_id={run_id}"
     tally = publish.publish(staged, run_dir, lambda: [listing], listing.num_rows, "worker_lost: test", run_id=run_id,
-                          model_id="m1", threshold=0.5, options=storage.StorageOptions(), keep_final=True)
+                          model_id="m1", threshold=0.5, options=storage.StorageOptions())
     (out / "dt=2026-01-01" / f"run_id={run_id}" / table.SUCCESS).write_bytes(b"")
     return tally
 
@@ -63,7 +63,8 @@ def test_a_run_is_published_as_one_file_with_one_row_per_listed_object(tmp_path)
     assert published.schema.equals(table.FILE_SCHEMA)  # seq stays in the staging files
     assert (tally.rows, tally.scored, tally.errors_by_kind) == (3, 0, {"worker_lost": 1})
     # what the index keeps: final outcomes only (a lost object is scored again)
-    assert sorted(pa.concat_tables(tally.final).column("uri").to_pylist()) == ["a", "b"]
+    final = index._final_pairs(published, "m1")
+    assert sorted(final.column("uri").to_pylist()) == ["a", "b"]
     # the staging folder is under a name every reader skips
     assert table.run_dirs(str(tmp_path), storage.StorageOptions()) == [("r1", str(run_dir))]
 

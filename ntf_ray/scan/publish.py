@@ -17,9 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ntf_ray import storage
-from ntf_ray.errors import is_retried, lost_alone
 from ntf_ray.errors import kind as error_kind
-from ntf_ray.scan.index import skip_key
 from ntf_ray.scan.table import FILE_SCHEMA, ROWS, STAGING, parquet_dataset, parquet_files
 from ntf_ray.storage import StorageOptions
 
@@ -51,32 +49,21 @@ class Tally:
     flagged: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(10, np.int64))
-    final: list[pa.Table] = field(default_factory=list)  # KEY of final outcomes, when kept
-    losses: list[pa.Table] = field(default_factory=list)  # KEY + losses of objects lost alone, when kept
 
-    def add(self, batch: pa.RecordBatch, keep_final: bool) -> None:
+    def add(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
         scores = batch.column("score").drop_null().to_numpy(zero_copy_only=False)
         self.scored += len(scores)
         self.histogram += np.histogram(scores, bins=10, range=(0.0, 1.0))[0]
         self.flagged += int(pc.sum(pc.fill_null(batch.column("is_fake"), False)).as_py() or 0)
-        errors = batch.column("error").to_pylist()
-        for e in errors:
-            if e is not None:
-                kind = error_kind(e)
-                self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
-        if keep_final:
-            final = pa.array([not is_retried(e) for e in errors], pa.bool_())
-            self.final.append(skip_key(batch.filter(final)))
-            alone = [lost_alone(e) for e in errors]
-            if any(alone):
-                lost = skip_key(batch).append_column("losses", pa.array(alone, pa.int64()))
-                self.losses.append(lost.filter(pc.greater(lost["losses"], 0)))
+        for e in batch.column("error").drop_null().to_pylist():
+            kind = error_kind(e)
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
 
 
 def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]], total: int,
             lost_error: str | Callable[[np.ndarray], list[str]], *,
-            run_id: str, model_id: str, threshold: float, options: StorageOptions, keep_final: bool = False) -> Tally:
+            run_id: str, model_id: str, threshold: float, options: StorageOptions) -> Tally:
     """Write the run's rows as ``run_dir/scores.parquet`` in one piece, and count them.
 
     ``listing()`` gives the run's listing again, in chunks, each row with its ``seq``
@@ -105,7 +92,7 @@ def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]]
             got[seq[keep]] = True
             if keep.any():
                 part = batch.filter(pa.array(keep)).select(FILE_SCHEMA.names)
-                tally.add(part, keep_final)
+                tally.add(part)
                 yield part
         for chunk in listing():
             lost = chunk.filter(pa.array(~got[chunk.column(SEQ).to_numpy(zero_copy_only=False)]))
@@ -113,7 +100,7 @@ def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]]
                 error = (lost_error if isinstance(lost_error, str)
                          else lost_error(lost.column(SEQ).to_numpy(zero_copy_only=False)))
                 for part in lost_rows(lost, error, run_id=run_id, model_id=model_id, threshold=threshold).to_batches():
-                    tally.add(part, keep_final)
+                    tally.add(part)
                     yield part
 
     target = storage.join(run_dir, ROWS)

@@ -31,12 +31,12 @@ import ray
 from ntf_ray import storage
 from ntf_ray.errors import lost_error
 from ntf_ray.ray_edge.scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
-from ntf_ray.ray_edge.scan.feed import ListingFeed, block_bounds  # noqa: F401 - block_bounds: part of this package's face
+from ntf_ray.ray_edge.scan.feed import ListingFeed, block_bounds, read_listing  # noqa: F401 - block_bounds: part of this package's face
 from ntf_ray.ray_edge.scan.isolation import score_isolating
 from ntf_ray.ray_edge.scan.skip import SkipIndex
 from ntf_ray.ray_edge.scan.telemetry import count_listed
 from ntf_ray.scan.lock import Watch, attempt, lease, watched
-from ntf_ray.scan.publish import publish, run_summary
+from ntf_ray.scan.publish import Tally, publish, run_summary
 from ntf_ray.scan.spec import ScanResult, ScanSpec, check_run_id, new_run_id
 from ntf_ray.scan.table import SUCCESS, SUMMARY, run_dirs, run_version
 from ntf_ray.storage import StorageOptions
@@ -108,11 +108,10 @@ def _score_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, t
     if spec.incremental:
         held.check()
 
-    def lost(seq: np.ndarray) -> list[str]:
-        return [lost_error(int(alone[s]), int(prior[s] + alone[s])) for s in seq]
-
-    tally = publish(staged, run_dir, listing.tables, todo,
-                    lost, run_id=run_id, model_id=model_id, threshold=threshold, options=options)
+    # in a task: the rows never pass through the driver, which gets the totals
+    tally = ray.get(_publish.options(num_cpus=PUBLISH_CPUS).remote(
+        staged, run_dir, listing.files, todo, alone, prior, storage.sources(),
+        run_id=run_id, model_id=model_id, threshold=threshold, options=options))
     if tally.rows != todo:  # publish writes one row per listed object by construction
         raise RuntimeError(f"scan {run_id}: published {tally.rows} rows for {todo} objects")
     summary = run_summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
@@ -185,6 +184,25 @@ def ray_map(fn: Callable, items, *, in_flight: int = LISTING_TASKS, num_cpus: fl
 @ray.remote(max_retries=3)
 def _apply(fn: Callable, item):
     return fn(item)
+
+
+#: The share of a CPU the publishing task holds (the detectors and the listing's tasks are done by then).
+PUBLISH_CPUS = 0.25
+
+
+@ray.remote(max_retries=1)  # on a worker lost mid-way, written again whole: the file is moved into place in one step
+def _publish(staged: str, run_dir: str, listed: list[str], total: int, alone: np.ndarray, prior: np.ndarray,
+             sources: list, **kw) -> Tally:
+    """``publish`` the run from its staging folder: the staged rows, deduplicated by ``seq``,
+    and an error row for each listed object (``listed``: the listing's staged chunks) without
+    one, ``lost_error`` of the times it was lost alone (``alone``, and ``prior`` in earlier runs)."""
+    for source in sources:  # sources registered in the driver (tests, plug-ins)
+        storage.register(source)
+
+    def lost(seq: np.ndarray) -> list[str]:
+        return [lost_error(int(alone[s]), int(prior[s] + alone[s])) for s in seq]
+
+    return publish(staged, run_dir, lambda: read_listing(listed, kw["options"]), total, lost, **kw)
 
 
 def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, staged: str,

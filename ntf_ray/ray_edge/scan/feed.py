@@ -154,8 +154,7 @@ class ListingFeed:
 
     def tables(self) -> Iterator[pa.Table]:
         """The listed objects to score, read back from staging, each row with its ``seq``."""
-        for f in self.files:
-            yield pq.read_table(pa.BufferReader(storage.read_bytes(f, self.options)))
+        return read_listing(self.files, self.options)
 
     # -- the thread ----------------------------------------------------------------------------
 
@@ -226,6 +225,12 @@ class ListingFeed:
         pq.write_table(table, sink)
         storage.write_bytes(path, sink.getvalue().to_pybytes(), self.options)
         self.files.append(path)
+
+
+def read_listing(files: list[str], options: StorageOptions) -> Iterator[pa.Table]:
+    """The chunks a listing wrote to staging (``ListingFeed.files``), in order."""
+    for f in files:
+        yield pq.read_table(pa.BufferReader(storage.read_bytes(f, options)))
 
 
 def block_bounds(sizes: np.ndarray | None, rows: int, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
