@@ -226,3 +226,50 @@ def test_what_the_index_holds_stays_in_the_task_that_read_its_data_file(local_ra
     assert sorted(u for _, t in kept for u in t.column("uri").to_pylist()) == sorted(
         everything.column("uri").to_pylist()[:2])
     assert sum(returned) == 2 and len(returned) == 2  # two data files; what the index holds never left them
+
+
+def _reference_rows(table: pa.Table, pattern: str | None) -> list[dict]:
+    """``inventory._rows`` as it read a data file before, a row at a time in Python."""
+    import re
+
+    import pyarrow.compute as pc
+
+    from ntf_ray.scan.inventory import _flag, _times
+    from ntf_ray.storage.source import matches
+
+    table = table.filter(pc.and_(pc.invert(_flag(table, "is_delete_marker", False)), _flag(table, "is_latest", True)))
+    keys = table.column("key").to_pylist()
+    sizes = pc.cast(table.column("size"), pa.int64()).fill_null(0).to_pylist() if table.num_rows else []
+    wanted = [i for i, (k, n) in enumerate(zip(keys, sizes))
+              if not (k.endswith("/") and n == 0) and matches(k.rstrip("/").rsplit("/", 1)[-1], pattern)]
+    table = table.take(pa.array(wanted, pa.int64()))
+    uris = [f"s3://{b}/{k}" for b, k in zip(table.column("bucket").to_pylist(), table.column("key").to_pylist())]
+    etags = [re.sub(r'^"|"$', "", e) if e else None for e in table.column("e_tag").cast(pa.string()).to_pylist()]
+    times = _times(table.column("last_modified_date")).to_pylist()
+    sizes = pc.cast(table.column("size"), pa.int64()).to_pylist()
+    return [{"uri": u, "etag": e, "size_bytes": n, "last_modified": t, "listing_error": None}
+            for u, e, n, t in zip(uris, etags, sizes, times)]
+
+
+@pytest.mark.parametrize("pattern", [None, "*.png", "A*"])
+def test_a_data_file_is_read_column_at_a_time_as_it_was_row_at_a_time(pattern):
+    from ntf_ray.scan.inventory import _rows
+
+    rng = np.random.default_rng(11)
+    parts = ["a", "b/", "ü", "x y", "%2F", "+", ".png", ".PNG", "/", "\"", "名"]
+    n = 3000
+    keys = ["".join(rng.choice(parts, rng.integers(1, 6))) for _ in range(n)]
+    etags = [rng.choice(['"abc"', "abc", '""', "", None, '"a"b"', '"', 'x"']) for _ in range(n)]
+    table = pa.table({
+        "bucket": ["bk"] * n, "key": keys,
+        "size": pa.array([None if i % 97 == 0 else int(rng.integers(0, 3)) for i in range(n)], pa.int64()),
+        "last_modified_date": pa.array([f"2026-0{1 + i % 9}-05T01:02:03.{i % 1000:03d}Z" for i in range(n)]),
+        "e_tag": pa.array(etags, pa.string()),
+        "is_latest": pa.array([None if i % 13 == 0 else bool(i % 5) for i in range(n)], pa.bool_()),
+        "is_delete_marker": pa.array(["true" if i % 7 == 0 else ("FALSE" if i % 2 else None) for i in range(n)]),
+    })
+    got = _rows(table, "data.parquet", pattern)
+    want = _reference_rows(table, pattern)
+    assert len(want) > 100 and got.to_pylist() == want
+    with pytest.raises(InventoryError, match="without a bucket or a key"):
+        _rows(table.set_column(1, "key", pa.array(keys[:1] + [None] + keys[2:], pa.string())), "data.parquet", pattern)

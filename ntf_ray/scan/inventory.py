@@ -20,7 +20,6 @@ import gzip
 import hashlib
 import io
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -106,8 +105,14 @@ def _table(inventory: Inventory, data: bytes, uri: str) -> pa.Table:
         names = [NEEDED.get(f) or OPTIONAL.get(f) or f"_{i}" for i, f in enumerate(inventory.fields)]
         table = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(column_names=names),
                                convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
-        keys = [unquote_plus(k) for k in table.column("key").to_pylist()]  # AWS URL-encodes CSV keys
-        return table.set_column(table.column_names.index("key"), "key", pa.array(keys, pa.string()))
+        key = table.column("key").combine_chunks()
+        encoded = pc.fill_null(pc.match_substring_regex(key, "[%+]"), False)  # AWS URL-encodes CSV keys
+        if pc.any(encoded).as_py():
+            keys = key.to_pylist()
+            for i in pc.indices_nonzero(encoded).to_pylist():
+                keys[i] = unquote_plus(keys[i])
+            key = pa.array(keys, pa.string())
+        return table.set_column(table.column_names.index("key"), "key", key)
     if inventory.file_format == "Parquet":
         import pyarrow.parquet as pq
 
@@ -147,18 +152,29 @@ def rows_of(inventory: Inventory, uri: str, md5: str | None, options: StorageOpt
 
 
 def _rows(table: pa.Table, uri: str, pattern: str | None) -> pa.Table:
+    """The listing rows of a data file's table: the latest versions that are not delete
+    markers, folder markers (a key ending in ``/`` of size 0) left out, names matching
+    ``pattern``. Column at a time: a data file holds millions of rows."""
     missing = [c for c in NEEDED.values() if c not in table.column_names]
     if missing:
         raise InventoryError(f"{uri}: no column {', '.join(missing)}")
     table = table.filter(pc.and_(pc.invert(_flag(table, "is_delete_marker", False)), _flag(table, "is_latest", True)))
-    keys = table.column("key").to_pylist()
-    sizes = pc.cast(table.column("size"), pa.int64()).fill_null(0).to_pylist() if table.num_rows else []
-    wanted = [i for i, (k, n) in enumerate(zip(keys, sizes))
-              if not (k.endswith("/") and n == 0) and matches(k.rstrip("/").rsplit("/", 1)[-1], pattern)]
-    table = table.take(pa.array(wanted, pa.int64()))
-    uris = [f"s3://{b}/{k}" for b, k in zip(table.column("bucket").to_pylist(), table.column("key").to_pylist())]
-    etags = [re.sub(r'^"|"$', "", e) if e else None for e in table.column("e_tag").cast(pa.string()).to_pylist()]
-    return pa.table({"uri": pa.array(uris, pa.string()), "etag": pa.array(etags, pa.string()),
+    bucket, key = table.column("bucket").cast(pa.string()), table.column("key").cast(pa.string())
+    if bucket.null_count or key.null_count:
+        raise InventoryError(f"{uri}: a row without a bucket or a key")
+    sizes = pc.cast(table.column("size"), pa.int64())
+    folder = pc.and_(pc.ends_with(key, "/"), pc.equal(pc.fill_null(sizes, 0), 0))
+    wanted = pc.invert(folder)
+    if pattern is not None:  # the name: the key's last part (a trailing "/" left out)
+        names = pc.utf8_rtrim(key, "/").to_pylist()
+        wanted = pc.and_(wanted, pa.array([matches(n.rsplit("/", 1)[-1], pattern) for n in names], pa.bool_()))
+    table = table.filter(wanted)
+    key, bucket = table.column("key").cast(pa.string()), table.column("bucket").cast(pa.string())
+    uris = pc.binary_join_element_wise("s3:/", bucket, key, "/")
+    etag = table.column("e_tag").cast(pa.string())
+    etag = pc.if_else(pc.fill_null(pc.equal(etag, ""), True), pa.scalar(None, pa.string()),
+                      pc.replace_substring_regex(etag, pattern='^"|"$', replacement=""))
+    return pa.table({"uri": uris, "etag": etag,
                      "size_bytes": pc.cast(table.column("size"), pa.int64()),
                      "last_modified": _times(table.column("last_modified_date")),
                      "listing_error": pa.nulls(table.num_rows, pa.string())}, schema=LISTING_SCHEMA)
