@@ -78,7 +78,8 @@ def test_suspects_stay_out_of_the_windows(ray_session, tmp_path):
     rows = list_objects(spec, OPTS)
     key = skip_key(rows.filter(pa.compute.ends_with(rows["uri"], "/0005.png"))).to_pylist()[0]
     suspect = key["uri"]
-    found = SimpleNamespace(unseen=None, losses=pa.Table.from_pylist([{**key, "losses": 2}], schema=LOSSES_SCHEMA))
+    found = SimpleNamespace(unseen=None, losses=pa.Table.from_pylist([{**key, "losses": 2}], schema=LOSSES_SCHEMA),
+                            settle=lambda: False)
     listing = ListingFeed(spec, OPTS, found, str(tmp_path / "staged")).start()
     queued = [s for w in listing.windows() for s in _rows(w)]
     listing.join()
@@ -110,3 +111,37 @@ def test_closing_a_feed_whose_windows_were_never_taken_ends_its_thread(ray_sessi
     time.sleep(0.5)
     listing.close()
     assert not listing._thread.is_alive()
+
+
+class _Reopened:
+    """A model's index whose first actors found a file that did not read (``SkipIndex.settle``
+    starts others that read every run): what the first ones kept must not count."""
+
+    def __init__(self):
+        self.settled, self.losses = False, LOSSES_SCHEMA.empty_table()
+
+    @property
+    def unseen(self):
+        if not self.settled:
+            return lambda rows: rows  # the first actors: an unread index holds nothing
+        return lambda rows: rows.filter(pa.compute.match_substring_regex(rows["uri"], "[13579][.]png$"))
+
+    def settle(self) -> bool:
+        first, self.settled = not self.settled, True
+        return first
+
+
+def test_a_listing_is_listed_again_when_the_index_actors_had_to_start_again(ray_session, tmp_path):
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 40), read_block_rows=4)
+    monkey_chunk = 10  # several chunks: the first is listed before the index settles
+    real = feed_module.iter_kept
+    feed_module.iter_kept = lambda *a, **kw: real(*a, chunk=monkey_chunk, **kw)
+    try:
+        listing = ListingFeed(spec, OPTS, _Reopened(), str(tmp_path / "staged")).start()
+        queued = [s for w in listing.windows() for s in _rows(w)]
+        listing.join()
+    finally:
+        feed_module.iter_kept = real
+    assert listing.listed == 40 and listing.rows == 20 and sorted(queued) == list(range(20))
+    uris = [u for t in listing.tables() for u in t.column("uri").to_pylist()]
+    assert len(uris) == 20 and all(u[-5] in "13579" for u in uris)

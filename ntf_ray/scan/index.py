@@ -249,24 +249,33 @@ class Shard:
         return keys.append_column(FP, pa.array(fingerprint(keys, self.plan.hash_key), pa.uint64()))
 
     def _index(self, seen: pa.Table) -> None:
-        """Hold ``seen`` (``KEY`` + ``FP``) sorted by fingerprint, each key once."""
+        """Hold ``seen`` (``KEY`` + ``FP``) as read, its fingerprints sorted with the row of
+        each (the table itself is not reordered: millions of strings), each key once."""
         fps = seen.column(FP).to_numpy()
         order = np.argsort(fps, kind="stable")  # files are sorted already: merging runs is cheap
-        fps, seen = fps[order], seen.take(pa.array(order))
+        fps = fps[order]
         again = np.nonzero(fps[1:] == fps[:-1])[0] + 1  # the same fingerprint as the row before
         if again.size:  # a key held twice (in two generations) is held once
-            now, before = seen.take(pa.array(again)), seen.take(pa.array(again - 1))
+            now, before = seen.take(pa.array(order[again])), seen.take(pa.array(order[again - 1]))
             same = pc.fill_null(pc.and_(pc.and_(pc.equal(now["uri"], before["uri"]),
                                                 pc.equal(now["etag"], before["etag"])),
                                         pc.equal(now["modified"], before["modified"])), False)
             keep = np.ones(len(fps), np.bool_)
             keep[again[same.to_numpy(zero_copy_only=False)]] = False
-            fps, seen, order = fps[keep], seen.filter(pa.array(keep)), order[keep]
-        self.seen, self._fps, self._order = seen, fps, order
+            fps, order = fps[keep], order[keep]
+        self._table, self._fps, self._order = seen, fps, order
+
+    def _held(self, at: np.ndarray) -> pa.Table:
+        """The rows held at places ``at`` of the sorted fingerprints."""
+        return self._table.take(pa.array(self._order[at]))
+
+    def rows(self) -> pa.Table:
+        """The final keys held (``KEY`` + ``FP``), each once, in the order they were read (runs, then rows)."""
+        return self._table.take(pa.array(np.sort(self._order)))
 
     def keys(self) -> pa.Table:
-        """The final keys held, in the order they were read (runs, then rows)."""
-        return self.seen.take(pa.array(np.argsort(self._order))).select(KEY)
+        """The final keys held, in the order they were read."""
+        return self.rows().select(KEY)
 
     def seen_mask(self, keys: pa.Table, fps: np.ndarray | None = None) -> np.ndarray:
         """Which rows of ``keys`` (``KEY``; a null uri or etag matches nothing) are final keys
@@ -288,7 +297,7 @@ class Shard:
         counts = right[cand] - left[cand]
         one = counts == 1  # the usual case: the key held under that fingerprint, compared field by field
         if one.any():
-            asked, held = keys.take(pa.array(cand[one])), self.seen.take(pa.array(left[cand[one]]))
+            asked, held = keys.take(pa.array(cand[one])), self._held(left[cand[one]])
             same = pc.and_(pc.and_(pc.equal(asked["uri"], held["uri"]), pc.equal(asked["etag"], held["etag"])),
                            pc.equal(asked["modified"], held["modified"]))
             out[cand[one][same.to_numpy(zero_copy_only=False)]] = True
@@ -297,7 +306,7 @@ class Shard:
             starts = np.repeat(left[cand], counts)
             rows = starts + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
             asked = keys.take(pa.array(cand)).append_column("_row", pa.array(cand, pa.int64()))
-            matched = asked.join(self.seen.take(pa.array(rows)).select(KEY), keys=KEY, join_type="left semi")
+            matched = asked.join(self._held(rows).select(KEY), keys=KEY, join_type="left semi")
             out[matched.column("_row").to_numpy(zero_copy_only=False)] = True
         return out
 
@@ -317,9 +326,9 @@ class Shard:
         new = read_runs(runs, ["uri", "etag", "last_modified", "model_id", "error"], self.options)
         new = new.filter(pa.array(np.isin(self._partition(new.column("uri"), self.plan.partitions), self.partitions)))
         added = self._with_fp(_final_pairs(new, self.model_id))
-        self._index(pa.concat_tables([self.seen, added]))
+        self._index(pa.concat_tables([self.rows(), added]))
         # what the generations do not hold (the fresh runs' keys and this run's), or all, each once
-        keys = self.seen if compact else pa.concat_tables([self.fresh, added]).group_by([*KEY, FP]).aggregate([])
+        keys = self.rows() if compact else pa.concat_tables([self.fresh, added]).group_by([*KEY, FP]).aggregate([])
         place = self._partition(keys.column("uri"), partitions)
         files, rows = [], 0
         for p in np.unique(place):

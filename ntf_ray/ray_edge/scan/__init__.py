@@ -152,15 +152,20 @@ class _Progress:
         return self.listed, staged
 
 
-#: Inventory data files read at once, each in a Ray task of its own (``ray_map``).
+#: Inventory data files read at once, each in a Ray task of its own (``ray_map``), at most:
+#: never more than the cluster's CPUs (each task's worker is a process that imports the
+#: listing's libraries; on a small machine more of them only share the same cores).
 LISTING_TASKS = 8
 
 
-def ray_map(fn: Callable, items, *, in_flight: int = LISTING_TASKS, num_cpus: float = 0.25):
+def ray_map(fn: Callable, items, *, in_flight: int | None = None, num_cpus: float = 0.25):
     """``map(fn, items)`` with each call a Ray task, at most ``in_flight`` of them running or
-    waiting to be taken: results in order, the next task started as the oldest result is
-    taken, so what waits in the object store is bounded. Tasks hold a quarter of a CPU: the
-    listing runs beside the detector actors and read tasks it feeds."""
+    waiting to be taken (default: ``LISTING_TASKS``, or the cluster's CPUs if fewer): results
+    in order, the next task started as the oldest result is taken, so what waits in the
+    object store is bounded. Tasks hold a quarter of a CPU: the listing runs beside the
+    detector actors and read tasks it feeds."""
+    if in_flight is None:
+        in_flight = max(1, min(LISTING_TASKS, int(ray.cluster_resources().get("CPU", 1))))
     task = _apply.options(num_cpus=num_cpus)
     items = iter(items)
     pending = []

@@ -18,6 +18,7 @@ them alone once the windows are done.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -181,9 +182,16 @@ class ListingFeed:
 
     def _list(self) -> None:
         spec, found = self.spec, self.found
-        keep = found.unseen if found is not None else None  # in the inventory's tasks, or here
+        chunks = self._chunks()
+        if found is not None:
+            first = next(chunks, None)  # its tasks read and hash while the index actors load
+            if found.settle():  # an index file did not read: listed again, against every run
+                chunks.close()
+                chunks = self._chunks()
+            elif first is not None:
+                chunks = itertools.chain([first], chunks)
         losses = found.losses if found is not None and found.losses.num_rows else None
-        for listed, chunk in iter_kept(spec, self.options, keep=keep, map_files=self.map_files):
+        for listed, chunk in chunks:
             if self._stop.is_set():
                 return
             self.listed += listed
@@ -216,6 +224,10 @@ class ListingFeed:
                 if not self._put(ray.put(chunk.slice(start, stop - start))):
                     return
                 self.queued += 1
+
+    def _chunks(self) -> Iterator[tuple[int, pa.Table]]:
+        keep = self.found.unseen if self.found is not None else None  # in the inventory's tasks, or here
+        return iter_kept(self.spec, self.options, keep=keep, map_files=self.map_files)
 
     def _write(self, table: pa.Table) -> None:
         if self._stop.is_set():  # the run is over: its staging may be gone

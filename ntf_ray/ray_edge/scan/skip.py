@@ -56,6 +56,8 @@ class _IndexShard:
         return self.shard.fresh_losses, self.shard.fresh.num_rows, None
 
     def seen_mask(self, keys: pa.Table, fps: np.ndarray) -> np.ndarray:
+        if self.shard is None:  # the index did not read: the driver starts others (``SkipIndex.settle``)
+            return np.zeros(keys.num_rows, np.bool_)
         return self.shard.seen_mask(keys, fps)
 
     def not_final(self, losses: pa.Table) -> pa.Table:
@@ -105,29 +107,58 @@ class Unseen:
 
 
 class SkipIndex:
-    """A model's index under OUTPUT, spread over index actors for one ``moderate`` run."""
+    """A model's index under OUTPUT, spread over index actors for one ``moderate`` run.
+
+    The actors load while the listing starts (its first tasks read and hash their data files
+    meanwhile; their lookups wait for the actors): ``settle`` waits for them, once the first
+    chunk of the listing is in. An index file that does not read makes ``settle`` start new
+    actors that read every run instead, and say so: what was listed with the first ones is
+    listed again.
+    """
 
     def __init__(self, output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None):
-        self.options, self.actors = options, []
+        self.options, self.actors, self.model_id = options, [], model_id
+        self._where = (output, exclude_run)
+        self._settled = False
+        self._start(trust=True)
+
+    def _start(self, *, trust: bool) -> None:
+        """Start the index actors (they read their partitions in the background)."""
+        output, exclude_run = self._where
         try:
-            unreadable = self._open(output, model_id, exclude_run, trust=True)
-            if unreadable:
-                log.warning("%s: reading every run again", unreadable)
-                self.close()
-                self._open(output, model_id, exclude_run, trust=False)
+            self.found = plan(output, self.model_id, self.options, exclude_run=exclude_run, trust=trust)
+            self.shards = self.found.shards()
+            actor = ray.remote(_IndexShard).options(num_cpus=0, max_restarts=3, max_task_retries=3)
+            self.actors = [actor.remote(self.found, parts, self.model_id, self.options, storage.sources())
+                           for parts in self.shards]
         except BaseException:
             self.close()  # no index actor outlives a run that could not start
             raise
-        log.info("index of model %s: %d keys in %d partition(s) over %d index actor(s), %d run(s) not read before",
-                 model_id, self.found.rows, self.found.partitions, len(self.actors), len(self.found.fresh))
 
-    def _open(self, output: str, model_id: str, exclude_run: str | None, *, trust: bool) -> str | None:
-        """Start the index actors; what stops them reading the index (None: nothing)."""
-        self.found = plan(output, model_id, self.options, exclude_run=exclude_run, trust=trust)
-        self.shards = self.found.shards()
-        actor = ray.remote(_IndexShard).options(num_cpus=0, max_restarts=3, max_task_retries=3)
-        self.actors = [actor.remote(self.found, parts, model_id, self.options, storage.sources())
-                       for parts in self.shards]
+    def settle(self) -> bool:
+        """Wait for the index actors; True when they had to be started again (an index file
+        did not read: every run is read instead, and what the first ones answered is void)."""
+        if self._settled:
+            return False
+        restarted = False
+        try:
+            unreadable = self._loaded()
+            if unreadable:
+                log.warning("%s: reading every run again", unreadable)
+                self.close()
+                self._start(trust=False)
+                restarted = True
+                self._loaded()
+        except BaseException:
+            self.close()
+            raise
+        self._settled = True
+        log.info("index of model %s: %d keys in %d partition(s) over %d index actor(s), %d run(s) not read before",
+                 self.model_id, self.found.rows, self.found.partitions, len(self.actors), len(self.found.fresh))
+        return restarted
+
+    def _loaded(self) -> str | None:
+        """Wait for the actors to read the index; what stops them (None: nothing)."""
         fresh = ray.get([a.fresh.remote() for a in self.actors])
         unreadable = next((u for _, _, u in fresh if u), None)
         if unreadable:
@@ -145,16 +176,18 @@ class SkipIndex:
 
     def seen_mask(self, keys: pa.Table) -> np.ndarray:
         """Which rows of ``keys`` (``KEY``) the model has a final row for."""
+        self.settle()
         return self.unseen.seen_mask(keys)
 
     @property
     def unseen(self) -> Unseen:
         """What keeps the listing rows not scored yet: it can be sent to Ray tasks (``listing.Keep``)."""
         return Unseen(self.actors, self.found.partitions, self.found.hash_key,
-                      empty=not (self.found.rows or self.fresh_rows))
+                      empty=not (self.found.rows or self.found.fresh))
 
     def commit(self, run_id: str, run_dir: str, version: str, new_rows: int) -> None:
         """Fold the published run (and the runs the index had not read) into the index."""
+        self.settle()
         partitions = compaction(self.found, self.fresh_rows + new_rows)
         compact = partitions is not None
         partitions = partitions or self.found.partitions
