@@ -144,6 +144,11 @@ def test_the_lookup_finds_exactly_the_keys_held_even_when_fingerprints_collide(c
     assert want.sum() >= 500 and np.array_equal(got, want)
     assert not got[-2:].any()  # a null etag or uri is never "already scored"
     assert not _shard_of(KEY_SCHEMA.empty_table()).seen_mask(asked).any()
+    # keys held twice (two generations), between others of the same fingerprint: each held once
+    twice = _shard_of(pa.concat_tables([seen, seen.slice(0, 700), seen.slice(300, 900)]))
+    assert sorted(twice.keys().to_pylist(), key=str) == sorted(seen.to_pylist(), key=str)
+    assert twice.keys().to_pylist()[:50] == seen.slice(0, 50).to_pylist()  # in the order first read
+    assert np.array_equal(twice.seen_mask(asked), want)
 
 
 def _run(out, run_id: str, uris: list[str], errors: list[str | None] | None = None) -> None:

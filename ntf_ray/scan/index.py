@@ -20,7 +20,8 @@ million keys, so the index never passes through the driver). Layout, under
   read (run id -> version), each generation's files and rows, and the losses file. Written last: a generation or losses
   file it does not name is not part of the index (a run that died while writing it).
 - ``p=NN/GEN-S.parquet``: final keys (``KEY``) whose uri hashes to partition NN, each with its
-  fingerprint (``FP``), sorted by it: an index actor reads them, it computes nothing.
+  fingerprint (``FP``), sorted by it: an index actor reads them and merges the sorted runs
+  (it fingerprints only the keys of runs the index has not read yet).
 - ``losses-GEN.parquet``: ``KEY`` + losses of the objects not final that were lost alone.
 
 Too many generations, or partitions too full, are compacted into one generation on the next
@@ -255,13 +256,14 @@ class Shard:
         order = np.argsort(fps, kind="stable")  # files are sorted already: merging runs is cheap
         fps = fps[order]
         again = np.nonzero(fps[1:] == fps[:-1])[0] + 1  # the same fingerprint as the row before
-        if again.size:  # a key held twice (in two generations) is held once
-            now, before = seen.take(pa.array(order[again])), seen.take(pa.array(order[again - 1]))
-            same = pc.fill_null(pc.and_(pc.and_(pc.equal(now["uri"], before["uri"]),
-                                                pc.equal(now["etag"], before["etag"])),
-                                        pc.equal(now["modified"], before["modified"])), False)
-            keep = np.ones(len(fps), np.bool_)
-            keep[again[same.to_numpy(zero_copy_only=False)]] = False
+        if again.size:  # a key held twice (in two generations) is held once: the first read
+            shared = np.zeros(len(fps), np.bool_)
+            shared[again] = shared[again - 1] = True
+            at = np.nonzero(shared)[0]  # the rows of fingerprints held more than once, a few
+            first = (seen.select(KEY).take(pa.array(order[at])).append_column("_at", pa.array(at, pa.int64()))
+                     .group_by(KEY, use_threads=False).aggregate([("_at", "min")]))
+            keep = ~shared
+            keep[first.column("_at_min").to_numpy()] = True
             fps, order = fps[keep], order[keep]
         self._table, self._fps, self._order = seen, fps, order
 

@@ -46,13 +46,15 @@ def _mix(x: np.ndarray) -> np.ndarray:
 def string_hash(values: pa.Array | pa.ChunkedArray, key: str, *, slice_rows: int = SLICE_ROWS) -> np.ndarray:
     """A 64-bit keyed hash of each string (its UTF-8 bytes; null hashes as '')."""
     key = _checked(key)
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks() if values.num_chunks else pa.array([], values.type)
-    values = pc.fill_null(values, "")
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
     out = np.empty(len(values), np.uint64)
-    for first in range(0, len(values), slice_rows):
-        part = values.slice(first, slice_rows).to_numpy(zero_copy_only=False)
-        out[first:first + len(part)] = pd.util.hash_array(part, hash_key=key, categorize=False)
+    done = 0
+    for chunk in chunks:  # a chunk at a time: their strings together may pass 2 GiB
+        chunk = pc.fill_null(chunk, "")
+        for first in range(0, len(chunk), slice_rows):
+            part = chunk.slice(first, slice_rows).to_numpy(zero_copy_only=False)
+            out[done:done + len(part)] = pd.util.hash_array(part, hash_key=key, categorize=False)
+            done += len(part)
     return out
 
 

@@ -109,9 +109,14 @@ def _score_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, t
         held.check()
 
     # in a task: the rows never pass through the driver, which gets the totals
-    tally = ray.get(_publish.options(num_cpus=PUBLISH_CPUS).remote(
+    publishing = _publish.options(num_cpus=PUBLISH_CPUS).remote(
         staged, run_dir, listing.files, todo, alone, prior, storage.sources(),
-        run_id=run_id, model_id=model_id, threshold=threshold, options=options))
+        run_id=run_id, model_id=model_id, threshold=threshold, options=options)
+    try:
+        tally = ray.get(publishing)
+    except BaseException:  # the driver stops (a signal, an error): the task must not publish after it
+        ray.cancel(publishing, force=True)
+        raise
     if tally.rows != todo:  # publish writes one row per listed object by construction
         raise RuntimeError(f"scan {run_id}: published {tally.rows} rows for {todo} objects")
     summary = run_summary(tally, listed=listed, skipped=listed - todo, seconds=time.perf_counter() - start,
@@ -169,21 +174,23 @@ def ray_map(fn: Callable, items, *, in_flight: int | None = None, num_cpus: floa
     task = _apply.options(num_cpus=num_cpus)
     items = iter(items)
     pending = []
-    for item in items:
-        pending.append(task.remote(fn, item))
-        if len(pending) >= in_flight:
-            break
-    while pending:
-        try:
-            result = ray.get(pending.pop(0))
-        except ray.exceptions.RayTaskError as exc:  # the task's own error, as a local call would raise it
-            for ref in pending:
-                ray.cancel(ref)
-            raise exc.cause from None
+    try:
         for item in items:
             pending.append(task.remote(fn, item))
-            break
-        yield result
+            if len(pending) >= in_flight:
+                break
+        while pending:
+            try:
+                result = ray.get(pending.pop(0))
+            except ray.exceptions.RayTaskError as exc:  # the task's own error, as a local call would raise it
+                raise exc.cause from None
+            for item in items:
+                pending.append(task.remote(fn, item))
+                break
+            yield result
+    finally:  # failed, or closed before the end (a listing stopped or started again): nothing left running
+        for ref in pending:
+            ray.cancel(ref)
 
 
 @ray.remote(max_retries=3)

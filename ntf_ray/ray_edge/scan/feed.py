@@ -185,7 +185,10 @@ class ListingFeed:
         chunks = self._chunks()
         if found is not None:
             first = next(chunks, None)  # its tasks read and hash while the index actors load
-            if found.settle():  # an index file did not read: listed again, against every run
+            restarted = found.settle()
+            if self._stop.is_set():
+                return
+            if restarted:  # an index file did not read: listed again, against every run
                 chunks.close()
                 chunks = self._chunks()
             elif first is not None:

@@ -13,6 +13,7 @@ from their file names and counts. What the driver holds: one listing chunk, and 
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -78,6 +79,8 @@ class Unseen:
     ASK_ROWS = 100_000
 
     def __init__(self, actors: list, partitions: int, hash_key: str, *, empty: bool = False):
+        if not actors and not empty:
+            raise RuntimeError("no index actor to ask (the run's index was closed)")
         self.actors, self.partitions, self.hash_key, self.empty = actors, partitions, hash_key, empty
 
     def __call__(self, rows: pa.Table) -> pa.Table:
@@ -119,7 +122,8 @@ class SkipIndex:
     def __init__(self, output: str, model_id: str, options: StorageOptions, *, exclude_run: str | None = None):
         self.options, self.actors, self.model_id = options, [], model_id
         self._where = (output, exclude_run)
-        self._settled = False
+        self._settled = self._closed = False
+        self._lock = threading.Lock()  # ``settle`` runs in the listing's thread, ``close`` in the driver's
         self._start(trust=True)
 
     def _start(self, *, trust: bool) -> None:
@@ -129,8 +133,11 @@ class SkipIndex:
             self.found = plan(output, self.model_id, self.options, exclude_run=exclude_run, trust=trust)
             self.shards = self.found.shards()
             actor = ray.remote(_IndexShard).options(num_cpus=0, max_restarts=3, max_task_retries=3)
-            self.actors = [actor.remote(self.found, parts, self.model_id, self.options, storage.sources())
-                           for parts in self.shards]
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the run ended while its index actors were starting")
+                self.actors = [actor.remote(self.found, parts, self.model_id, self.options, storage.sources())
+                               for parts in self.shards]
         except BaseException:
             self.close()  # no index actor outlives a run that could not start
             raise
@@ -145,7 +152,7 @@ class SkipIndex:
             unreadable = self._loaded()
             if unreadable:
                 log.warning("%s: reading every run again", unreadable)
-                self.close()
+                self._kill()
                 self._start(trust=False)
                 restarted = True
                 self._loaded()
@@ -204,7 +211,14 @@ class SkipIndex:
         if compact:
             log.info("index compacted: %d keys in %d partition(s)", rows, partitions)
 
-    def close(self) -> None:
-        for a in self.actors:
+    def _kill(self) -> None:
+        with self._lock:
+            actors, self.actors = self.actors, []
+        for a in actors:
             ray.kill(a)
-        self.actors = []
+
+    def close(self) -> None:
+        """Kill the index actors; none start after this."""
+        with self._lock:
+            self._closed = True
+        self._kill()
