@@ -114,6 +114,8 @@ def _score_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, t
         run_id=run_id, model_id=model_id, threshold=threshold, options=options)
     try:
         tally = ray.get(publishing)
+    except ray.exceptions.RayTaskError as exc:  # the task's own error, as publishing in the driver raised it
+        raise exc.cause from None
     except BaseException:  # the driver stops (a signal, an error): the task must not publish after it
         ray.cancel(publishing, force=True)
         raise
