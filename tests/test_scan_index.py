@@ -149,6 +149,9 @@ def test_the_lookup_finds_exactly_the_keys_held_even_when_fingerprints_collide(c
     assert sorted(twice.keys().to_pylist(), key=str) == sorted(seen.to_pylist(), key=str)
     assert twice.keys().to_pylist()[:50] == seen.slice(0, 50).to_pylist()  # in the order first read
     assert np.array_equal(twice.seen_mask(asked), want)
+    # held in many chunks (an index of many files): looked up chunk by chunk, the same answer
+    chunked = _shard_of(pa.concat_tables([seen.slice(i, 431) for i in range(0, seen.num_rows, 431)]))
+    assert len(chunked._batches) > 5 and np.array_equal(chunked.seen_mask(asked), want)
 
 
 def _run(out, run_id: str, uris: list[str], errors: list[str | None] | None = None) -> None:

@@ -93,7 +93,7 @@ class Unseen:
         out = np.zeros(keys.num_rows, np.bool_)
         if self.empty or not keys.num_rows:
             return out
-        keys = keys.select(KEY)
+        keys = keys.select(KEY).combine_chunks()  # one chunk: each actor's take below gathers only its rows
         n = len(self.actors)
         uri_hash = string_hash(keys.column("uri"), self.hash_key)
         fps = fingerprint(keys, self.hash_key, uri_hash=uri_hash)
