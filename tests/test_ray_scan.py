@@ -332,6 +332,26 @@ def test_ray_map_keeps_order_bounds_what_runs_and_raises_the_tasks_own_error(loc
         list(ray_map(_slow_square, range(20), in_flight=4))
 
 
+def test_the_listing_runs_no_more_tasks_at_once_than_the_machine_has_cores(local_ray, monkeypatch):
+    """A local Ray counts more CPUs than cores (``init_local_ray``): the listing's tasks are
+    as many as the cores, not the CPUs; on a cluster, its CPUs (4 here)."""
+    from ntf_ray.ray_edge import runtime
+    from ntf_ray.ray_edge.scan import ray_map
+
+    for cores, want in [(2, 2), (None, 4)]:
+        monkeypatch.setattr(runtime, "_local_cores", cores)
+        taken = []
+
+        def items():
+            for x in range(10):
+                taken.append(x)
+                yield x
+
+        results = ray_map(_slow_square, items())
+        assert next(results) == 0 and len(taken) == want + 1, (cores, taken)  # one more as the first was taken
+        assert list(results) == [x * x for x in range(1, 10)]
+
+
 def test_the_rows_are_published_by_a_ray_task_not_the_driver(local_ray, s3, scan_bucket, monkeypatch):
     from ntf_ray.scan import publish
 

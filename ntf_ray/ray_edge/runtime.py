@@ -11,6 +11,9 @@ import ray
 
 from ntf_ray.ray_edge import console
 
+#: The cores of the local Ray this process started (None: it started none).
+_local_cores: int | None = None
+
 
 def init_local_ray(num_cpus: int | None = None) -> None:
     """Start a local Ray unless one is configured (RAY_ADDRESS / already initialised).
@@ -31,4 +34,13 @@ def init_local_ray(num_cpus: int | None = None) -> None:
         # address="local": a new local Ray even when `ray start` left a cluster on this machine
         # (use RAY_ADDRESS to run on that one).
         ray.init(address="local", num_cpus=num_cpus or max(4, 2 * cores), include_dashboard=False)
+        global _local_cores
+        _local_cores = cores
     console.attach_worker_logs()  # a command's session sends its workers' output to its log file
+
+
+def cluster_cores() -> int:
+    """The cores Ray's CPUs stand for: this machine's for the local Ray started here (which
+    counts more CPUs than it has cores, see ``init_local_ray``), else the cluster's CPUs."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(cpus, _local_cores) if _local_cores else cpus)

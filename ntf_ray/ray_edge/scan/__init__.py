@@ -30,6 +30,7 @@ import ray
 
 from ntf_ray import storage
 from ntf_ray.errors import lost_error
+from ntf_ray.ray_edge.runtime import cluster_cores
 from ntf_ray.ray_edge.scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
 from ntf_ray.ray_edge.scan.feed import ListingFeed, block_bounds, read_listing  # noqa: F401 - block_bounds: part of this package's face
 from ntf_ray.ray_edge.scan.isolation import score_isolating
@@ -160,19 +161,20 @@ class _Progress:
 
 
 #: Inventory data files read at once, each in a Ray task of its own (``ray_map``), at most:
-#: never more than the cluster's CPUs (each task's worker is a process that imports the
-#: listing's libraries; on a small machine more of them only share the same cores).
+#: never more than the cluster's cores (each task's worker is a process that imports the
+#: listing's libraries; on a small machine more of them only share the same cores, and the
+#: first file, the one the listing waits for, comes later).
 LISTING_TASKS = 8
 
 
 def ray_map(fn: Callable, items, *, in_flight: int | None = None, num_cpus: float = 0.25):
     """``map(fn, items)`` with each call a Ray task, at most ``in_flight`` of them running or
-    waiting to be taken (default: ``LISTING_TASKS``, or the cluster's CPUs if fewer): results
+    waiting to be taken (default: ``LISTING_TASKS``, or the cluster's cores if fewer): results
     in order, the next task started as the oldest result is taken, so what waits in the
     object store is bounded. Tasks hold a quarter of a CPU: the listing runs beside the
     detector actors and read tasks it feeds."""
     if in_flight is None:
-        in_flight = max(1, min(LISTING_TASKS, int(ray.cluster_resources().get("CPU", 1))))
+        in_flight = min(LISTING_TASKS, cluster_cores())
     task = _apply.options(num_cpus=num_cpus)
     items = iter(items)
     pending = []
