@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote_plus
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -124,7 +125,7 @@ def _table(inventory: Inventory, data: bytes, uri: str) -> pa.Table:
 
 def _flag(table: pa.Table, name: str, default: bool) -> pa.Array:
     if name not in table.column_names:
-        return pa.array([default] * table.num_rows, pa.bool_())
+        return pa.array(np.full(table.num_rows, default), pa.bool_())
     column = table.column(name)
     if pa.types.is_boolean(column.type):
         return pc.fill_null(column, default)
@@ -158,7 +159,7 @@ def _rows(table: pa.Table, uri: str, pattern: str | None) -> pa.Table:
     missing = [c for c in NEEDED.values() if c not in table.column_names]
     if missing:
         raise InventoryError(f"{uri}: no column {', '.join(missing)}")
-    table = table.filter(pc.and_(pc.invert(_flag(table, "is_delete_marker", False)), _flag(table, "is_latest", True)))
+    table = _filtered(table, pc.and_(pc.invert(_flag(table, "is_delete_marker", False)), _flag(table, "is_latest", True)))
     bucket, key = table.column("bucket").cast(pa.string()), table.column("key").cast(pa.string())
     if bucket.null_count or key.null_count:
         raise InventoryError(f"{uri}: a row without a bucket or a key")
@@ -168,16 +169,23 @@ def _rows(table: pa.Table, uri: str, pattern: str | None) -> pa.Table:
     if pattern is not None:  # the name: the key's last part (a trailing "/" left out)
         names = pc.utf8_rtrim(key, "/").to_pylist()
         wanted = pc.and_(wanted, pa.array([matches(n.rsplit("/", 1)[-1], pattern) for n in names], pa.bool_()))
-    table = table.filter(wanted)
+    table = _filtered(table, wanted)
     key, bucket = table.column("key").cast(pa.string()), table.column("bucket").cast(pa.string())
     uris = pc.binary_join_element_wise("s3:/", bucket, key, "/")
     etag = table.column("e_tag").cast(pa.string())
-    etag = pc.if_else(pc.fill_null(pc.equal(etag, ""), True), pa.scalar(None, pa.string()),
-                      pc.replace_substring_regex(etag, pattern='^"|"$', replacement=""))
+    empty = pc.fill_null(pc.equal(etag, ""), True)
+    if pc.any(pc.or_(pc.starts_with(etag, '"'), pc.ends_with(etag, '"'))).as_py():  # quoted, as CSV reports may
+        etag = pc.replace_substring_regex(etag, pattern='^"|"$', replacement="")
+    etag = pc.if_else(empty, pa.scalar(None, pa.string()), etag)
     return pa.table({"uri": uris, "etag": etag,
                      "size_bytes": pc.cast(table.column("size"), pa.int64()),
                      "last_modified": _times(table.column("last_modified_date")),
                      "listing_error": pa.nulls(table.num_rows, pa.string())}, schema=LISTING_SCHEMA)
+
+
+def _filtered(table: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
+    """``table.filter(mask)`` (a null drops the row), with no copy when every row stays."""
+    return table if pc.all(pc.fill_null(mask, False)).as_py() else table.filter(mask)
 
 
 #: How an inventory's data files are read: ``map_files(read, files)`` yields ``read(file)`` for
