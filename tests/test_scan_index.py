@@ -278,7 +278,7 @@ def test_the_index_actors_answer_as_the_simple_check_and_fold_a_run_in(local_ray
     assert indexed.losses.num_rows == full.losses.num_rows == 0
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "losses"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "no fingerprints", "losses"])
 def test_an_index_file_that_does_not_read_makes_the_check_read_every_run(tmp_path, damage):
     from ntf_ray.errors import lost_error
 
@@ -290,6 +290,10 @@ def test_an_index_file_that_does_not_read_makes_the_check_read_every_run(tmp_pat
         part.unlink()
     elif damage == "truncated":
         part.write_bytes(part.read_bytes()[:20])
+    elif damage == "no fingerprints":  # a file of another writer, without the fingerprint column
+        import pyarrow.parquet as pq
+
+        pq.write_table(pq.read_table(part).drop_columns([index.FP]), part)
     else:
         (losses,) = root.glob("losses-*.parquet")
         losses.write_bytes(b"not parquet")

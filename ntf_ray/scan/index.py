@@ -366,7 +366,9 @@ def _sorted(keys: pa.Table) -> pa.Table:
 
 def _read_keys(files: list[str], options: StorageOptions) -> pa.Table:
     schema = KEY_SCHEMA.append(pa.field(FP, pa.uint64()))
-    parts = [pq.ParquetFile(pa.BufferReader(storage.read_bytes(f, options))).read(schema.names).cast(schema)
+    # ParquetFile reads a chunk per row group (read_table: one per 128K rows); a missing column is a KeyError
+    parts = [pq.ParquetFile(pa.BufferReader(storage.read_bytes(f, options))).read(schema.names)
+             .select(schema.names).cast(schema)
              for f in files]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
