@@ -7,7 +7,9 @@ with pyarrow, which does not read it from the environment.
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -20,6 +22,31 @@ import pytest
 FAKE_ACCESS_KEY_ID = "testing"
 FAKE_SECRET_ACCESS_KEY = "testing-secret-value-123"
 FAKE_REGION = "us-east-1"
+
+
+#: The test session's exit status, once it has ended (``pytest_sessionfinish``).
+_session_status: int | None = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _session_status
+    _session_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process with the session's status, without the interpreter's teardown.
+
+    Every test has run and the report is out by now. What is left is the teardown of the
+    native libraries a thousand tests loaded in one process (pyarrow's S3 client, Ray's core
+    worker, torch), which can crash at exit now and then (apache/arrow#38352): one did, after
+    a fully green run (1503 passed), and turned it red.
+    """
+    if _session_status is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_session_status)
 
 
 def _free_port() -> int:
