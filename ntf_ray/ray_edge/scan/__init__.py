@@ -192,9 +192,11 @@ def ray_map(fn: Callable, items, *, in_flight: int | None = None, num_cpus: floa
                 pending.append(task.remote(fn, item))
                 break
             yield result
-    finally:  # failed, or closed before the end (a listing stopped or started again): nothing left running
-        for ref in pending:
-            ray.cancel(ref)
+    finally:  # failed, or closed before the end (a listing stopped or started again)
+        # The tasks still out finish their item, and their results are let go with ``pending``.
+        # Not ray.cancel: in Ray 2.60 a cancel that meets the task's reply on the way aborts
+        # the driver ("Tried to complete task that was not pending", ray-project/ray#54846).
+        pending.clear()
 
 
 @ray.remote(max_retries=3)
