@@ -7,6 +7,7 @@ random initialisation: these tests are about rows, not accuracy.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -365,3 +366,41 @@ def test_the_rows_are_published_by_a_ray_task_not_the_driver(local_ray, s3, scan
                  "--run-id", "in-a-task", "--s3-endpoint", s3.endpoint_url]) == 0
     table = _table(out, s3)
     assert table.num_rows == 200 and table.column("uri").unique().to_pylist() == table.column("uri").to_pylist()
+
+
+def test_a_scan_whose_detectors_start_before_its_listing_gives_the_rows_of_one_that_waits(local_ray, s3, scan_bucket,
+                                                                                           monkeypatch):
+    """A listing still going after ``START_WAIT_S`` is scored in a live first window (its stream,
+    detectors included, started before the blocks are listed), then in the usual windows."""
+    from ntf_ray.ray_edge.scan import feed
+
+    b = scan_bucket
+    args = ["--input", f"{b['prefix']}/synth", "--model", b["model"], "--s3-endpoint", s3.endpoint_url,
+            "--read-block-rows", "16"]  # 200 objects: 13 blocks
+    monkeypatch.setattr(feed, "LIVE_BLOCKS", 0)  # no live window, whatever the listing's pace
+    assert main(["scan", *args, "--output", f"{b['bucket']}/scores-waited", "--run-id", "waited"]) == 0
+
+    opened, real_open, real_list = threading.Event(), feed.ListingFeed._open_live, feed.iter_kept
+
+    def open_live(self):
+        window = real_open(self)
+        opened.set()
+        return window
+
+    def listed_after_the_window_opened(*args, **kwargs):
+        assert opened.wait(60), "no live window while the listing had listed nothing"
+        yield from real_list(*args, **kwargs)
+
+    monkeypatch.setattr(feed, "LIVE_BLOCKS", 3)  # then the windows after it
+    monkeypatch.setattr(feed, "START_WAIT_S", 0.2)
+    monkeypatch.setattr(feed.ListingFeed, "_open_live", open_live)
+    monkeypatch.setattr(feed, "iter_kept", listed_after_the_window_opened)
+    assert main(["scan", *args, "--output", f"{b['bucket']}/scores-live", "--run-id", "live"]) == 0
+
+    waited, live = _table(f"{b['bucket']}/scores-waited", s3), _table(f"{b['bucket']}/scores-live", s3)
+    assert live.num_rows == 200 and len(set(live.column("uri").to_pylist())) == 200
+    by_uri = {r["uri"]: r for r in waited.to_pylist()}
+    for row in live.to_pylist():  # the same objects, scored alike (batched otherwise: float noise only)
+        other = by_uri[row["uri"]]
+        assert (row["etag"], row["is_fake"], row["error"]) == (other["etag"], other["is_fake"], other["error"])
+        assert row["score"] == pytest.approx(other["score"], abs=1e-5)

@@ -1,9 +1,11 @@
 """The listing as the head of the scan (``ray_edge.scan.feed``): windows that start small and
 grow, a bounded queue, every listed object once in the staged listing, suspects kept out of
-the windows, and a listing that fails raising in the driver."""
+the windows, a listing that fails raising in the driver, and a live first window whose stream
+starts before its blocks are listed."""
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ import ray
 
 from ntf_ray import storage
 from ntf_ray.ray_edge.scan import feed as feed_module
-from ntf_ray.ray_edge.scan.feed import ListingFeed
+from ntf_ray.ray_edge.scan.feed import ListingFeed, LiveWindow
 from ntf_ray.scan.index import LOSSES_SCHEMA
 from ntf_ray.scan.publish import SEQ
 from ntf_ray.scan.spec import ScanSpec
@@ -88,6 +90,68 @@ def test_suspects_stay_out_of_the_windows(ray_session, tmp_path):
     assert listing.prior_losses()[seq] == 2 and int(np.count_nonzero(listing.prior_losses())) == 1
     uris = {r[SEQ]: r["uri"] for t in listing.tables() for r in t.to_pylist()}
     assert uris[seq] == suspect
+
+
+def _held_listing(monkeypatch) -> threading.Event:
+    """The listing lists nothing until the returned event is set."""
+    gate, real = threading.Event(), feed_module.iter_kept
+
+    def held(*args, **kwargs):
+        assert gate.wait(60), "the test never let the listing go"
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(feed_module, "iter_kept", held)
+    monkeypatch.setattr(feed_module, "START_WAIT_S", 0.2)
+    return gate
+
+
+def _live_rows(window: LiveWindow) -> list[int]:
+    """The seqs a live window's stream gives, as a scan's detectors would get them."""
+    return [s for batch in window.dataset().iter_batches(batch_format="pyarrow", batch_size=None)
+            for s in batch.column(SEQ).to_pylist()]
+
+
+def test_a_listing_still_going_gets_a_live_window_before_its_first_block(ray_session, tmp_path, monkeypatch):
+    gate = _held_listing(monkeypatch)
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 40), read_block_rows=4)  # 10 blocks
+    listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged"), live=3).start()
+    windows = listing.windows()
+    live = next(windows)  # its stream can start (and its detectors with it) while nothing is listed yet
+    assert isinstance(live, LiveWindow) and listing.queued == 0 and len(live) == 0
+    gate.set()
+    got = _live_rows(live)
+    rest = [_rows(w) for w in windows]
+    listing.join()
+    assert len(live) == 3 and sorted(got) == list(range(12))  # the first 3 blocks, each once
+    assert sorted(s for w in rest for s in w) == list(range(12, 40))  # the others in the windows after it
+    assert len(rest[0]) >= min(28, 4 * 3 * feed_module.GROWTH)  # the next window starts GROWTH times larger
+
+
+def test_a_live_window_whose_listing_ends_first_ends_with_what_it_got(ray_session, tmp_path, monkeypatch):
+    gate = _held_listing(monkeypatch)
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 8), read_block_rows=4)  # 2 blocks
+    listing = ListingFeed(spec, OPTS, None, str(tmp_path / "staged"), live=5).start()
+    windows = listing.windows()
+    live = next(windows)
+    gate.set()
+    got = _live_rows(live)  # 3 of its 5 tokens get nothing, and the stream ends
+    assert sorted(got) == list(range(8)) and len(live) == 2
+    assert list(windows) == []
+    listing.join()
+
+
+def test_a_live_window_of_a_listing_that_lists_nothing_scores_nothing(ray_session, tmp_path, monkeypatch):
+    gate = _held_listing(monkeypatch)
+    spec = ScanSpec(model="-", output="-", input=_folder(tmp_path, 8), read_block_rows=4)
+    everything_seen = SimpleNamespace(unseen=lambda rows: rows.slice(0, 0), losses=LOSSES_SCHEMA.empty_table(),
+                                      settle=lambda: False)
+    listing = ListingFeed(spec, OPTS, everything_seen, str(tmp_path / "staged"), live=4).start()
+    windows = listing.windows()
+    live = next(windows)
+    gate.set()
+    assert _live_rows(live) == [] and len(live) == 0 and list(windows) == []
+    listing.join()
+    assert listing.listed == 8 and listing.rows == 0
 
 
 def test_a_listing_that_fails_midway_raises_in_the_driver_after_what_it_queued(ray_session, tmp_path, monkeypatch):

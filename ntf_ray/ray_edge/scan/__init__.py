@@ -31,8 +31,9 @@ import ray
 from ntf_ray import storage
 from ntf_ray.errors import lost_error
 from ntf_ray.ray_edge.runtime import cluster_cores
+from ntf_ray.ray_edge.scan import feed
 from ntf_ray.ray_edge.scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
-from ntf_ray.ray_edge.scan.feed import ListingFeed, block_bounds, read_listing  # noqa: F401 - block_bounds: part of this package's face
+from ntf_ray.ray_edge.scan.feed import ListingFeed, LiveWindow, block_bounds, read_listing  # noqa: F401 - block_bounds: part of this package's face
 from ntf_ray.ray_edge.scan.isolation import score_isolating
 from ntf_ray.ray_edge.scan.skip import SkipIndex
 from ntf_ray.ray_edge.scan.telemetry import count_listed
@@ -82,7 +83,8 @@ def scan(spec: ScanSpec) -> ScanResult:
 def _scan_listed(spec: ScanSpec, options: StorageOptions, model_id: str, threshold: float, run_id: str, output: str,
                  staged: str, found: SkipIndex | None, progress: _Progress, start: float, held) -> ScanResult:
     """List, score and publish, inside the scan's lease and attempt."""
-    listing = ListingFeed(spec, options, found, staged, on_chunk=progress.tick, map_files=ray_map).start()
+    listing = ListingFeed(spec, options, found, staged, on_chunk=progress.tick, map_files=ray_map,
+                          live=feed.LIVE_BLOCKS).start()
     try:
         return _score_and_publish(spec, options, model_id, threshold, run_id, output, staged, found, progress, start,
                                   held, listing)
@@ -223,7 +225,7 @@ def _publish(staged: str, run_dir: str, listed: list[str], total: int, alone: np
     return publish(staged, run_dir, lambda: read_listing(listed, kw["options"]), total, lost, **kw)
 
 
-def _write_rows(blocks: list[ray.ObjectRef], spec: ScanSpec, threshold: float, staged: str,
+def _write_rows(blocks: list[ray.ObjectRef] | LiveWindow, spec: ScanSpec, threshold: float, staged: str,
                 options: StorageOptions, group: int | None = None) -> None:
     """Score the listing's blocks into Parquet files under ``staged`` (the endpoint as the driver resolved it).
 

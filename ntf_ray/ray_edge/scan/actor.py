@@ -10,6 +10,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +24,9 @@ from ntf_ray.scan.spec import ActorPool
 from ntf_ray.scan.table import FILE_SCHEMA
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES, StorageOptions
 from ntf_ray.storage import binary_views as binary_views
+
+if TYPE_CHECKING:
+    from ntf_ray.ray_edge.scan.feed import LiveWindow
 
 log = logging.getLogger(__package__)
 
@@ -261,15 +265,16 @@ GPU_STREAMS = 2
 GPU_BATCH, CPU_BATCH = 256, 64
 
 
-def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor_kwargs: dict, *, pool: ActorPool,
+def scored_stream(rows: pa.Table | list[ray.ObjectRef] | LiveWindow, actor: type, constructor_kwargs: dict, *, pool: ActorPool,
                   endpoint: str | None, max_bytes: int | None = None, streams: int = 1, actors_per_gpu: int = 1,
                   read_ahead_bytes: int | None = DEFAULT_READ_AHEAD_BYTES, name: str = "scan",
                   isolated: bool = False, actor_retries: int = ACTOR_TASK_RETRIES) -> ray.data.Dataset:
     """``rows`` (with ``uri``) -> read tasks adding ``data``/``read_error`` -> a pool of ``actor``.
 
-    ``rows`` is a table (cut into blocks of ``pool.read_block_rows``) or the refs of tables
-    already in the object store, one read block each. ``pool``: the actors' size, resources
-    and batch size.
+    ``rows`` is a table (cut into blocks of ``pool.read_block_rows``), the refs of tables
+    already in the object store, one read block each, or a source of such blocks still to come
+    (``dataset()`` and ``blocks``, the most it gives: ``feed.LiveWindow``). ``pool``: the
+    actors' size, resources and batch size.
 
     The scan and the evaluation share this shape; ``actor`` is built once per pool member
     with ``constructor_kwargs`` plus ``device`` (``cuda`` on GPU actors, else ``cpu``). A
@@ -299,6 +304,9 @@ def scored_stream(rows: pa.Table | list[ray.ObjectRef], actor: type, constructor
     if isinstance(rows, pa.Table):
         blocks = max(1, -(-rows.num_rows // pool.read_block_rows))
         ds = ray.data.from_arrow(rows).repartition(blocks)
+    elif hasattr(rows, "dataset"):
+        blocks = rows.blocks
+        ds = rows.dataset()
     else:
         blocks = len(rows)
         ds = ray.data.from_arrow_refs(rows)

@@ -14,10 +14,19 @@ costs the detector actors' start-up, paid a handful of times however large the b
 most ``MAX_WINDOW`` blocks wait in the queue: Ray's object store holds a bounded window of the
 listing. Objects lost alone in earlier runs (suspects) are never queued: ``isolation`` scores
 them alone once the windows are done.
+
+A listing still going ``START_WAIT_S`` after it began (a large bucket, or an inventory whose
+new objects all come at its end) gets a *live* first window: its stream starts then, before
+the blocks it will score are listed, so that its detector actors start while the listing
+runs, not after it. The stream is ``LIVE_BLOCKS`` tokens, each taking the next listed block
+from a small actor (``_Handoff``) once there is one, or nothing once the listing is done
+with the window.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import itertools
 import logging
 import queue
@@ -30,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ntf_ray import storage
 from ntf_ray.scan.index import KEY, skip_key
@@ -48,6 +58,12 @@ GROWTH = 4
 #: How long the first window takes blocks once it has one (less when the listing ends first):
 #: a small listing is scored in one stream, sized for what it holds.
 START_WAIT_S = 2.0
+#: Blocks a live first window takes (see module), and tasks taking them at once. A token its
+#: listing never filled costs one short task (about 10 ms on a laptop) before the stream ends.
+LIVE_BLOCKS = 128
+LIVE_TAKERS = 2
+#: The share of a CPU a taking task holds (it waits for the listing most of its life).
+TAKE_CPUS = 0.01
 LISTING = "_listing"
 _END = object()
 POLL_S = 0.5
@@ -62,10 +78,10 @@ class ListingFeed:
 
     def __init__(self, spec: ScanSpec, options: StorageOptions, found, staged: str,
                  on_chunk: Callable[[int], None] | None = None, *, map_files: Callable | None = None,
-                 first: int = FIRST_WINDOW, most: int = MAX_WINDOW):
+                 first: int = FIRST_WINDOW, most: int = MAX_WINDOW, live: int = 0):
         self.spec, self.options, self.found, self.staged = spec, options, found, staged
         self.on_chunk, self.map_files = on_chunk, map_files
-        self.first, self.most = first, most
+        self.first, self.most, self.live = first, most, live
         self.listed = 0  # objects listed, the skipped included
         self.rows = 0  # objects to score
         self.queued = 0  # blocks queued to be scored
@@ -76,6 +92,10 @@ class ListingFeed:
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=most)
         self._thread = threading.Thread(target=self._run, name="scan-listing", daemon=True)
+        self._lock = threading.Lock()  # where the next block goes: the live window, or the queue
+        self._handoff: ray.actor.ActorHandle | None = None
+        self._given = 0  # blocks handed to the live window
+        self._live_open = False
 
     # -- the driver's side ---------------------------------------------------------------------
 
@@ -83,12 +103,26 @@ class ListingFeed:
         self._thread.start()
         return self
 
-    def windows(self) -> Iterator[list[ray.ObjectRef]]:
+    def windows(self) -> Iterator[list[ray.ObjectRef] | LiveWindow]:
         """The queued blocks in windows: the first holds what is queued ``START_WAIT_S`` after
         the first block (or when the listing ended), each next one waits for ``GROWTH`` times
         ``first``, then times more (up to ``most``), or the listing's end; each takes whatever
-        is queued then, up to ``most``."""
+        is queued then, up to ``most``.
+
+        With ``live`` blocks, a listing still going ``START_WAIT_S`` after this is called gets a
+        ``LiveWindow`` of that many blocks first (see module); the windows after it start at
+        ``GROWTH`` times its size."""
         size, wait = self.first, START_WAIT_S
+        if self.live and not self._ends_within(START_WAIT_S):
+            window = self._open_live()
+            try:
+                yield window
+            finally:  # its stream has ended (or the run stopped): what comes next goes to the queue
+                with self._lock:
+                    if self._live_open:  # its tokens ended without it: a taking task failed for good
+                        self._close_live()
+                ray.kill(window.handoff)
+            size, wait = min(self.most, self.live * GROWTH), None
         while True:
             head = self._next(None)
             if head is None:
@@ -127,6 +161,47 @@ class ListingFeed:
             return None
         return item
 
+    def _ends_within(self, seconds: float) -> bool:
+        """Whether the listing ends within ``seconds`` (in short waits, as in ``_next``)."""
+        deadline = time.monotonic() + seconds
+        while not self._ended.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._ended.wait(min(POLL_S, left))
+        return True
+
+    def _open_live(self) -> LiveWindow:
+        """Start handing blocks to a live window: what is queued now, then what comes next,
+        until it holds ``live`` blocks or the listing ends."""
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        handoff = _Handoff.options(num_cpus=0, scheduling_strategy=here).remote()
+        with self._lock:
+            self._handoff, self._live_open = handoff, True
+            while self._live_open:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _END:  # the listing ended just now
+                    self._queue.put(_END)  # for the windows after this one (the listing puts nothing more)
+                    self._close_live()
+                    break
+                self._give(item)
+        return LiveWindow(handoff, self.live, self)
+
+    def _give(self, block: ray.ObjectRef) -> None:
+        """Hand ``block`` to the live window (with ``_lock`` held)."""
+        self._handoff.put.remote([block])  # in a list: handed on as a reference, not fetched
+        self._given += 1
+        if self._given >= self.live:
+            self._close_live()
+
+    def _close_live(self) -> None:
+        """No more blocks for the live window: its tokens still waiting get nothing (with ``_lock`` held)."""
+        self._handoff.end.remote()
+        self._live_open = False
+
     def join(self) -> None:
         """Wait for the listing thread; raise what stopped it."""
         while self._thread.is_alive():  # short waits, as in ``_next``
@@ -137,6 +212,9 @@ class ListingFeed:
     def close(self) -> None:
         """Stop listing (the run is over, or failed): the thread ends at its next block."""
         self._stop.set()
+        with self._lock:
+            if self._live_open:
+                self._close_live()
         while True:  # what waits in the queue is let go
             try:
                 self._queue.get_nowait()
@@ -171,7 +249,14 @@ class ListingFeed:
             self._put(_END)
 
     def _put(self, item) -> bool:
-        """Queue ``item``, waiting while ``most`` blocks wait; False once the run stopped."""
+        """Hand ``item`` to the live window while it takes blocks, else queue it, waiting while
+        ``most`` blocks wait; False once the run stopped."""
+        with self._lock:
+            if self._live_open:
+                if item is not _END:
+                    self._give(item)
+                    return True
+                self._close_live()  # and the windows after it end too
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.5)
@@ -240,6 +325,58 @@ class ListingFeed:
         pq.write_table(table, sink)
         storage.write_bytes(path, sink.getvalue().to_pybytes(), self.options)
         self.files.append(path)
+
+
+class LiveWindow:
+    """A first window whose stream starts before its blocks are listed (see module): ``blocks``
+    tokens, each a task (``_take``) that waits for the next block handed to ``handoff``."""
+
+    def __init__(self, handoff: ray.actor.ActorHandle, blocks: int, feed: ListingFeed):
+        self.handoff, self.blocks, self._feed = handoff, blocks, feed
+
+    def __len__(self) -> int:
+        """Blocks handed to it so far: all it scored once its stream has ended."""
+        return self._feed._given
+
+    def dataset(self) -> ray.data.Dataset:
+        """The blocks as a stream: one token per block, taken by ``LIVE_TAKERS`` tasks at a time."""
+        tokens = ray.data.from_arrow([pa.table({"token": [i]}) for i in range(self.blocks)])
+        return tokens.map_batches(_take, batch_format="pyarrow", batch_size=None, fn_kwargs={"handoff": self.handoff},
+                                  num_cpus=TAKE_CPUS, compute=ray.data.TaskPoolStrategy(size=LIVE_TAKERS))
+
+
+def _take(token: pa.Table, handoff: ray.actor.ActorHandle) -> Iterator[pa.Table]:
+    """A token's block: the next one handed over, or none once the listing is done with the window."""
+    item = ray.get(handoff.take.remote())
+    if item is not None:
+        yield ray.get(item[0])
+
+
+@ray.remote
+class _Handoff:
+    """Blocks on their way from the listing (the driver) to a live window's tokens, first in, first out."""
+
+    def __init__(self):
+        self._blocks: collections.deque = collections.deque()
+        self._ended = False
+        self._changed = asyncio.Event()
+
+    async def put(self, block: list[ray.ObjectRef]) -> None:
+        self._blocks.append(block)
+        self._changed.set()
+
+    async def end(self) -> None:
+        self._ended = True
+        self._changed.set()
+
+    async def take(self) -> list[ray.ObjectRef] | None:
+        """The next block (in a list, as it was put), waiting for one; None once ended and empty."""
+        while not self._blocks:
+            if self._ended:
+                return None
+            self._changed.clear()
+            await self._changed.wait()
+        return self._blocks.popleft()
 
 
 def read_listing(files: list[str], options: StorageOptions) -> Iterator[pa.Table]:

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import ray
 
 from ntf_ray.errors import DETECTOR, POISON_AFTER, SOLO_ATTEMPTS, DetectorFault
-from ntf_ray.ray_edge.scan.feed import ListingFeed
+from ntf_ray.ray_edge.scan.feed import ListingFeed, LiveWindow
 from ntf_ray.scan.publish import SEQ, STAGED_SCHEMA
 from ntf_ray.scan.table import parquet_dataset, parquet_files
 from ntf_ray.storage import StorageOptions
@@ -36,9 +36,10 @@ log = logging.getLogger(__package__)
 #: Each round re-runs what was lost in groups this many times smaller (128 -> 16 -> 2 -> 1).
 SPLIT = 8
 
-#: ``write(block refs, group)``: one Ray Data stream of those blocks into the run's staging
-#: folder; ``group`` is None for a window of the listing, else the rows per block and per task.
-Write = Callable[[list[ray.ObjectRef], "int | None"], None]
+#: ``write(block refs, group)``: one Ray Data stream of those blocks (or of a live window's,
+#: ``feed.LiveWindow``) into the run's staging folder; ``group`` is None for a window of the
+#: listing, else the rows per block and per task.
+Write = Callable[["list[ray.ObjectRef] | LiveWindow", "int | None"], None]
 
 
 class Staged:
@@ -92,7 +93,7 @@ def score_isolating(listing: ListingFeed, staged: str, options: StorageOptions, 
     streamed = False
     for window in listing.windows():
         write(window, None)
-        streamed = True
+        streamed = streamed or len(window) > 0  # a live window the listing gave nothing scored nothing
     listing.join()
     total = listing.rows
     prior = listing.prior_losses()
