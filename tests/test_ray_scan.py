@@ -372,7 +372,7 @@ def test_a_scan_whose_detectors_start_before_its_listing_gives_the_rows_of_one_t
                                                                                            monkeypatch):
     """A listing still going after ``START_WAIT_S`` is scored in a live first window (its stream,
     detectors included, started before the blocks are listed), then in the usual windows."""
-    from ntf_ray.ray_edge.scan import feed
+    from ntf_ray.ray_edge.scan import feed, isolation
 
     b = scan_bucket
     args = ["--input", f"{b['prefix']}/synth", "--model", b["model"], "--s3-endpoint", s3.endpoint_url,
@@ -395,7 +395,10 @@ def test_a_scan_whose_detectors_start_before_its_listing_gives_the_rows_of_one_t
     monkeypatch.setattr(feed, "START_WAIT_S", 0.2)
     monkeypatch.setattr(feed.ListingFeed, "_open_live", open_live)
     monkeypatch.setattr(feed, "iter_kept", listed_after_the_window_opened)
+    rounds = []  # the rounds that score again what has no row: none, every block had its window
+    monkeypatch.setattr(isolation, "regroup", lambda *a, **k: rounds.append(a) or [])
     assert main(["scan", *args, "--output", f"{b['bucket']}/scores-live", "--run-id", "live"]) == 0
+    assert rounds == []
 
     waited, live = _table(f"{b['bucket']}/scores-waited", s3), _table(f"{b['bucket']}/scores-live", s3)
     assert live.num_rows == 200 and len(set(live.column("uri").to_pylist())) == 200

@@ -20,7 +20,8 @@ new objects all come at its end) gets a *live* first window: its stream starts t
 the blocks it will score are listed, so that its detector actors start while the listing
 runs, not after it. The stream is ``LIVE_BLOCKS`` tokens, each taking the next listed block
 from a small actor (``_Handoff``) once there is one, or nothing once the listing is done
-with the window.
+with the window. Its actors wait, idle, for its blocks: as many as for ``LIVE_BLOCKS``,
+whatever the listing brings.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ START_WAIT_S = 2.0
 #: listing never filled costs one short task (about 10 ms on a laptop) before the stream ends.
 LIVE_BLOCKS = 128
 LIVE_TAKERS = 2
-#: The share of a CPU a taking task holds (it waits for the listing most of its life).
-TAKE_CPUS = 0.01
+#: The CPU a taking task holds: none (it waits for the listing most of its life, and the
+#: detectors and the read tasks must find theirs); ``LIVE_TAKERS`` bounds how many run.
+TAKE_CPUS = 0
 LISTING = "_listing"
 _END = object()
 POLL_S = 0.5
@@ -96,10 +98,13 @@ class ListingFeed:
         self._handoff: ray.actor.ActorHandle | None = None
         self._given = 0  # blocks handed to the live window
         self._live_open = False
+        self._listing_done = False  # the listing has put its end (under ``_lock``)
+        self._started = 0.0
 
     # -- the driver's side ---------------------------------------------------------------------
 
     def start(self) -> ListingFeed:
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
@@ -109,11 +114,11 @@ class ListingFeed:
         ``first``, then times more (up to ``most``), or the listing's end; each takes whatever
         is queued then, up to ``most``.
 
-        With ``live`` blocks, a listing still going ``START_WAIT_S`` after this is called gets a
+        With ``live`` blocks, a listing still going ``START_WAIT_S`` after it began gets a
         ``LiveWindow`` of that many blocks first (see module); the windows after it start at
         ``GROWTH`` times its size."""
         size, wait = self.first, START_WAIT_S
-        if self.live and not self._ends_within(START_WAIT_S):
+        if self.live and not self._ends_by(self._started + START_WAIT_S):
             window = self._open_live()
             try:
                 yield window
@@ -161,9 +166,8 @@ class ListingFeed:
             return None
         return item
 
-    def _ends_within(self, seconds: float) -> bool:
-        """Whether the listing ends within ``seconds`` (in short waits, as in ``_next``)."""
-        deadline = time.monotonic() + seconds
+    def _ends_by(self, deadline: float) -> bool:
+        """Whether the listing ends by ``deadline`` (``time.monotonic``; in short waits, as in ``_next``)."""
         while not self._ended.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -185,9 +189,10 @@ class ListingFeed:
                     break
                 if item is _END:  # the listing ended just now
                     self._queue.put(_END)  # for the windows after this one (the listing puts nothing more)
-                    self._close_live()
                     break
                 self._give(item)
+            if self._live_open and self._listing_done:  # its end is queued, or on its way to the queue
+                self._close_live()
         return LiveWindow(handoff, self.live, self)
 
     def _give(self, block: ray.ObjectRef) -> None:
@@ -198,8 +203,9 @@ class ListingFeed:
             self._close_live()
 
     def _close_live(self) -> None:
-        """No more blocks for the live window: its tokens still waiting get nothing (with ``_lock`` held)."""
-        self._handoff.end.remote()
+        """No more blocks for the live window: its tokens get nothing once the blocks handed
+        over are taken (with ``_lock`` held)."""
+        self._handoff.end.remote(self._given)
         self._live_open = False
 
     def join(self) -> None:
@@ -252,6 +258,8 @@ class ListingFeed:
         """Hand ``item`` to the live window while it takes blocks, else queue it, waiting while
         ``most`` blocks wait; False once the run stopped."""
         with self._lock:
+            if item is _END:
+                self._listing_done = True
             if self._live_open:
                 if item is not _END:
                     self._give(item)
@@ -341,6 +349,9 @@ class LiveWindow:
     def dataset(self) -> ray.data.Dataset:
         """The blocks as a stream: one token per block, taken by ``LIVE_TAKERS`` tasks at a time."""
         tokens = ray.data.from_arrow([pa.table({"token": [i]}) for i in range(self.blocks)])
+        # It waits for the listing as long as the listing has nothing to score (the scan's
+        # watchdog watches the listing): not Ray Data's 30 minutes without progress.
+        tokens.context.execution_no_progress_timeout_s = -1
         return tokens.map_batches(_take, batch_format="pyarrow", batch_size=None, fn_kwargs={"handoff": self.handoff},
                                   num_cpus=TAKE_CPUS, compute=ray.data.TaskPoolStrategy(size=LIVE_TAKERS))
 
@@ -354,28 +365,34 @@ def _take(token: pa.Table, handoff: ray.actor.ActorHandle) -> Iterator[pa.Table]
 
 @ray.remote
 class _Handoff:
-    """Blocks on their way from the listing (the driver) to a live window's tokens, first in, first out."""
+    """Blocks on their way from the listing (the driver) to a live window's tokens.
+
+    An async actor runs its calls in any order: ``end`` may come before the last ``put``s, so
+    it says how many blocks were put in all, and ``take`` answers None only once that many
+    were taken."""
 
     def __init__(self):
         self._blocks: collections.deque = collections.deque()
-        self._ended = False
+        self._taken = 0
+        self._total: int | None = None
         self._changed = asyncio.Event()
 
     async def put(self, block: list[ray.ObjectRef]) -> None:
         self._blocks.append(block)
         self._changed.set()
 
-    async def end(self) -> None:
-        self._ended = True
+    async def end(self, total: int) -> None:
+        self._total = total
         self._changed.set()
 
     async def take(self) -> list[ray.ObjectRef] | None:
-        """The next block (in a list, as it was put), waiting for one; None once ended and empty."""
+        """A block (in a list, as it was put), waiting for one; None once every block is taken."""
         while not self._blocks:
-            if self._ended:
+            if self._total is not None and self._taken >= self._total:
                 return None
             self._changed.clear()
             await self._changed.wait()
+        self._taken += 1
         return self._blocks.popleft()
 
 
