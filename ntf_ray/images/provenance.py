@@ -1,0 +1,249 @@
+"""What an image says about where it came from, read from the bytes the detector scores.
+
+Evidence beside the detector's score, never part of it:
+
+- **C2PA content credentials** (the ``c2pa-python`` library, an optional extra): the active
+  manifest's claim generator, the IPTC digital source type of its actions, and its
+  validation state as the library reports it (``C2PA_STATES``).
+- **XMP**: IPTC's ``Iptc4xmpExt:DigitalSourceType``, and ``xmp:CreatorTool`` as software.
+- **PNG text chunks** that Stable Diffusion front ends write (``PNG_GENERATORS``).
+- **EXIF** ``Software``.
+
+Every byte of it is the uploader's: an XMP packet larger than ``MAX_XMP_BYTES`` is not
+parsed; XML is parsed by ``defusedxml`` with no DTD at all (a billion-laughs or an external
+entity is refused, never expanded or fetched); names are cut to ``MAX_TEXT`` characters; C2PA
+validation never fetches (no OCSP, no remote manifest) and trusts only the certificates it
+is given (``C2paTrust``). A part that cannot be read leaves its fields null and says why in
+``Provenance.problem``; it never costs the image its score.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+#: IPTC's digital source types (https://cv.iptc.org/newscodes/digitalsourcetype/): a value is
+#: kept as its last path segment when it is in this vocabulary's namespace.
+IPTC_SOURCE_TYPES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
+#: ``declared_source`` of an image whose only claim is a generator's own metadata.
+GENERATOR_METADATA = "generator-metadata"
+#: The sources, in the order one is preferred to the next for ``declared_source``.
+C2PA, XMP, PNG_TEXT, EXIF = "c2pa", "xmp", "png-text", "exif"
+#: ``c2pa_state``: the signature and the asset's hashes hold and the signer chains to a
+#: certificate of a given trust list (trusted), or to none given (untrusted); the signature
+#: or the manifest is broken (invalid); the manifest does not match these bytes: edited after
+#: signing, or copied from another image (mismatched); there is a manifest the library could
+#: not read (unreadable). Null: no manifest, or C2PA not read.
+C2PA_STATES = ("trusted", "untrusted", "invalid", "mismatched", "unreadable")
+#: PNG text keywords the common front ends write, and the front end each names.
+PNG_GENERATORS = {
+    "parameters": "AUTOMATIC1111 web UI (or a fork)",
+    "prompt": "ComfyUI",
+    "workflow": "ComfyUI",
+    "invokeai_metadata": "InvokeAI",
+    "sd-metadata": "InvokeAI",
+    "Dream": "InvokeAI",
+}
+MAX_XMP_BYTES = 256 * 1024
+MAX_TEXT = 120
+
+_XMP_TERM = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+_HASH_MISMATCH = re.compile(r"assertion\.(data|bmff|boxes|collection)Hash\.mismatch")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """One image's claims about itself (all null: it makes none, or none could be read)."""
+
+    provenance: str | None = None  # which source said so (C2PA, XMP, PNG_TEXT, EXIF)
+    declared_source: str | None = None  # IPTC digital source type, or GENERATOR_METADATA
+    declared_by: str | None = None  # the claim generator or software named, cut to MAX_TEXT
+    c2pa_state: str | None = None  # one of C2PA_STATES
+    problem: str | None = None  # why parts could not be read ("xmp: DTDForbidden"; "; " between parts)
+
+
+@dataclass(frozen=True)
+class C2paTrust:
+    """The certificates (PEM text) C2PA signers may chain to; none: every signer is untrusted."""
+
+    anchors: str = ""
+
+    @classmethod
+    def from_files(cls, paths: list[str]) -> C2paTrust:
+        """Trust lists from local PEM files (configuration: never fetched at run time)."""
+        text = []
+        for path in paths:
+            with open(path, encoding="ascii") as f:
+                pem = f.read()
+            if "-----BEGIN CERTIFICATE-----" not in pem:
+                raise ValueError(f"--c2pa-trust {path}: no PEM certificate in it")
+            text.append(pem)
+        return cls("\n".join(text))
+
+
+def c2pa_available() -> bool:
+    """Whether the C2PA library is installed (without it, C2PA fields stay null)."""
+    try:
+        import c2pa  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_provenance(data: bytes, trust: C2paTrust | None = None) -> Provenance:
+    """The claims ``data`` makes about its origin (see module); never raises for bad bytes."""
+    from PIL import Image
+
+    problems: list[str] = []
+    claims: dict[str, tuple[str | None, str | None]] = {}  # source -> (declared source, declared by)
+    state = None
+    try:
+        image = Image.open(io.BytesIO(data))  # headers only: no pixel is decoded
+        info, fmt = image.info, (image.format or "").lower()
+        software = _exif_software(image)
+    except Exception as exc:  # noqa: BLE001 - the detector reports the image's own error
+        return Provenance(problem=_problem("image", exc))
+
+    mime = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "tiff": "image/tiff",
+            "gif": "image/gif", "avif": "image/avif", "heif": "image/heif"}.get(fmt)
+    if mime is not None:
+        state, claim, problem = _c2pa(data, mime, trust or C2paTrust())
+        if claim is not None:
+            claims[C2PA] = claim
+        if problem:
+            problems.append(problem)
+
+    xmp = info.get("xmp")
+    if xmp:
+        try:
+            claims[XMP] = _xmp(xmp if isinstance(xmp, bytes) else str(xmp).encode("utf-8", "replace"))
+        except Exception as exc:  # noqa: BLE001 - hostile or broken XML: refused, reason kept
+            problems.append(_problem("xmp", exc))
+
+    if fmt == "png":
+        front_ends = [PNG_GENERATORS[k] for k in PNG_GENERATORS if isinstance(info.get(k), str) and info[k].strip()]
+        named = info.get("Software") if isinstance(info.get("Software"), str) else None
+        if front_ends:
+            claims[PNG_TEXT] = (GENERATOR_METADATA, _cut(named or front_ends[0]))
+        elif named:
+            claims[PNG_TEXT] = (None, _cut(named))
+    if software:
+        claims[EXIF] = (None, _cut(software))
+
+    order = (C2PA, XMP, PNG_TEXT, EXIF)
+    source = next((s for s in order if s in claims and claims[s][0]), None)
+    named = next((s for s in order if s in claims and claims[s][1]), None)
+    declared_by = claims[source][1] if source and claims[source][1] else claims[named][1] if named else None
+    return Provenance(provenance=source or named, declared_source=claims[source][0] if source else None,
+                      declared_by=declared_by, c2pa_state=state, problem="; ".join(problems) or None)
+
+
+def _exif_software(image) -> str | None:
+    try:
+        value = image.getexif().get(0x0131)  # Software
+    except Exception:  # noqa: BLE001 - a broken EXIF block: no software named
+        return None
+    if not isinstance(value, str):
+        return None
+    return value.strip("\x00 ") or None
+
+
+def _xmp(packet: bytes) -> tuple[str | None, str | None]:
+    """(IPTC digital source type, creator tool) of an XMP packet; raises on hostile or broken XML."""
+    from defusedxml import ElementTree
+
+    if len(packet) > MAX_XMP_BYTES:
+        raise _TooLarge
+    root = ElementTree.fromstring(packet.strip(b"\x00 \t\r\n"), forbid_dtd=True)
+    source = tool = None
+    for element in root.iter():
+        for name, value in [(element.tag, element.text), *element.attrib.items()]:
+            local = name.rsplit("}", 1)[-1] if isinstance(name, str) else ""
+            if local == "DigitalSourceType" and source is None and value and value.strip():
+                source = _source_type(value.strip())
+            elif local == "CreatorTool" and tool is None and value and value.strip():
+                tool = _cut(value.strip())
+    return source, tool
+
+
+def _source_type(value: str) -> str:
+    """An IPTC digital source type as its term; anything else as ``other``."""
+    term = value[len(IPTC_SOURCE_TYPES):] if value.startswith(IPTC_SOURCE_TYPES) else value
+    return term if _XMP_TERM.fullmatch(term) else "other"
+
+
+def _c2pa(data: bytes, mime: str, trust: C2paTrust) -> tuple[str | None, tuple | None, str | None]:
+    """(state, (declared source, declared by), problem) of the C2PA manifest in ``data``."""
+    try:
+        import c2pa
+    except ImportError:
+        return None, None, None
+    try:
+        with c2pa.Reader(mime, io.BytesIO(data), context=_context(trust.anchors)) as reader:
+            store = json.loads(reader.json())
+            state = reader.get_validation_state()
+    except Exception as exc:  # noqa: BLE001 - the library's errors for what it could not read
+        if type(exc).__name__.endswith("ManifestNotFound"):
+            return None, None, None
+        return "unreadable", None, _problem("c2pa", exc)
+    manifest = (store.get("manifests") or {}).get(store.get("active_manifest")) or {}
+    failures = [f.get("code", "") for f in ((store.get("validation_results") or {}).get("activeManifest") or {})
+                .get("failure", [])]
+    if state == "Trusted":
+        verdict = "trusted"
+    elif state == "Valid":
+        verdict = "untrusted"
+    elif any(_HASH_MISMATCH.fullmatch(code) for code in failures):
+        verdict = "mismatched"
+    else:
+        verdict = "invalid"
+    return verdict, (_c2pa_source(manifest), _c2pa_generator(manifest)), None
+
+
+def _c2pa_source(manifest: dict) -> str | None:
+    """The digital source type the manifest's actions name last: what the image is now (a
+    capture then edited with generative fill is ``compositeWithTrainedAlgorithmicMedia``)."""
+    named = [a["digitalSourceType"] for assertion in manifest.get("assertions") or []
+             if isinstance(assertion, dict) and str(assertion.get("label", "")).startswith("c2pa.actions")
+             for a in ((assertion.get("data") or {}).get("actions") or [])
+             if isinstance(a, dict) and isinstance(a.get("digitalSourceType"), str)]
+    return _source_type(named[-1]) if named else None
+
+
+def _c2pa_generator(manifest: dict) -> str | None:
+    info = manifest.get("claim_generator_info")
+    if isinstance(info, list) and info and isinstance(info[0], dict) and isinstance(info[0].get("name"), str):
+        name, version = info[0]["name"], info[0].get("version")
+        return _cut(f"{name} {version}" if isinstance(version, str) and version else name)
+    generator = manifest.get("claim_generator")
+    return _cut(generator) if isinstance(generator, str) and generator else None
+
+
+@lru_cache(maxsize=4)
+def _context(anchors: str):
+    """The library's settings: trust only ``anchors``, and fetch nothing while validating."""
+    import c2pa
+
+    settings = {"verify": {"ocsp_fetch": False, "remote_manifest_fetch": False}}
+    if anchors:
+        settings["trust"] = {"trust_anchors": anchors}
+    return c2pa.Context(c2pa.Settings.from_dict(settings))
+
+
+def _cut(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "\u2026"
+
+
+class _TooLarge(ValueError):
+    """A part over its size cap, refused before it is parsed."""
+
+
+def _problem(part: str, exc: BaseException) -> str:
+    """The reason a part was not read, from a small set that a summary can count: the part and
+    the error's kind (``xmp: DTDForbidden``), never the message, which may quote the upload."""
+    kind = "too large" if isinstance(exc, _TooLarge) else type(exc).__name__.lstrip("_")
+    return f"{part}: {kind}"

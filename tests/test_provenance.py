@@ -1,0 +1,111 @@
+"""What an image says about its origin (``images.provenance``): C2PA credentials signed here by
+the library itself, PNG text chunks of the common front ends, XMP, EXIF, and hostile XMP."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from ntf_ray.images import provenance
+from ntf_ray.images.provenance import C2paTrust, read_provenance
+from tests.provenance_images import (
+    HOSTILE_XMP,
+    IPTC,
+    CredentialSigner,
+    created,
+    forged_claim,
+    jpeg_bytes,
+    make_provenance_images,
+    png_bytes,
+    xmp_packet,
+)
+
+c2pa = pytest.importorskip("c2pa", reason="the c2pa extra")
+
+
+@pytest.fixture(scope="module")
+def signer() -> CredentialSigner:
+    return CredentialSigner()
+
+
+@pytest.fixture(scope="module")
+def images(signer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("provenance")
+    return folder, make_provenance_images(folder, signer)
+
+
+def test_each_kind_of_image_reads_as_what_it_declares(images):
+    folder, expected = images
+    for name, want in expected.items():
+        got = read_provenance((folder / name).read_bytes())
+        for field, value in want.items():
+            assert getattr(got, field) == value, (name, field, got)
+        assert got.problem is None, (name, got)
+
+
+def test_a_signer_on_the_trust_list_reads_trusted_and_a_forgery_never_does(images, signer):
+    folder, _ = images
+    trust = C2paTrust(signer.root_pem)
+    assert read_provenance((folder / "c2pa-ai.jpg").read_bytes(), trust).c2pa_state == "trusted"
+    for forged in ("c2pa-tampered.jpg", "c2pa-transplanted.jpg"):
+        assert read_provenance((folder / forged).read_bytes(), trust).c2pa_state == "mismatched"
+    other = C2paTrust(CredentialSigner().root_pem)  # a list that holds some other root
+    assert read_provenance((folder / "c2pa-ai.jpg").read_bytes(), other).c2pa_state == "untrusted"
+
+
+def test_a_claim_changed_after_signing_reads_invalid_even_from_a_trusted_signer(signer):
+    data = signer.sign(jpeg_bytes(20), "image/jpeg", "Forger Model", [created("digitalCapture")])
+    forged = forged_claim(data, b"Forger Model", b"Trusted Cam!")  # the claim's text, not its signature
+    got = read_provenance(forged, C2paTrust(signer.root_pem))
+    assert (got.c2pa_state, got.declared_by) == ("invalid", "Trusted Cam! 1.0"), got
+
+
+def test_png_text_chunks_name_their_front_end_and_the_software_chunk_wins():
+    got = read_provenance(png_bytes(1, {"Software": "NovelAI", "parameters": "a cat\nSteps: 28"}))
+    assert (got.provenance, got.declared_source, got.declared_by) == ("png-text", "generator-metadata", "NovelAI")
+    only_software = read_provenance(png_bytes(1, {"Software": "GIMP 2.10"}))
+    assert (only_software.provenance, only_software.declared_source, only_software.declared_by) == \
+        ("png-text", None, "GIMP 2.10")
+    empty = read_provenance(png_bytes(1, {"parameters": "   "}))  # an empty chunk claims nothing
+    assert empty.provenance is None
+
+
+def test_c2pa_comes_before_xmp_and_xmp_before_exif():
+    both = read_provenance(jpeg_bytes(2, software="Camera FW 1", xmp=xmp_packet(IPTC + "digitalCapture")))
+    assert (both.provenance, both.declared_source, both.declared_by) == ("xmp", "digitalCapture", "Camera FW 1")
+    assert read_provenance(jpeg_bytes(2, xmp=xmp_packet("somethingNew"))).declared_source == "somethingNew"
+    odd = read_provenance(jpeg_bytes(2, xmp=xmp_packet("http://example.com/not/iptc#x")))
+    assert odd.declared_source == "other"
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_XMP))
+def test_hostile_xmp_is_refused_not_expanded(case):
+    packet = HOSTILE_XMP[case]
+    tracemalloc.start()
+    try:
+        got = read_provenance(png_bytes(3, xmp=packet))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got.problem is not None and got.problem.startswith("xmp: "), got
+    assert (got.provenance, got.declared_source, got.declared_by) == (None, None, None)
+    assert "root:" not in got.problem  # the local file the entity names was never read
+    assert peak < 64 * len(packet) + (4 << 20)  # nothing was expanded: memory of the order of the packet
+
+
+def test_long_names_are_cut_and_bytes_that_are_no_image_cost_nothing_but_a_reason():
+    long = read_provenance(jpeg_bytes(4, software="S" * 5000))
+    assert len(long.declared_by) == provenance.MAX_TEXT and long.declared_by.endswith("\u2026")
+    broken = read_provenance(b"\x89PNG\r\n\x1a\n not really")
+    assert broken.problem.startswith("image: ") and broken.provenance is None
+
+
+def test_trust_lists_come_from_files_that_hold_certificates(tmp_path, signer):
+    good = tmp_path / "root.pem"
+    good.write_text(signer.root_pem)
+    assert C2paTrust.from_files([str(good)]).anchors.startswith("-----BEGIN CERTIFICATE-----")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a certificate")
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        C2paTrust.from_files([str(bad)])
