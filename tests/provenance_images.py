@@ -159,9 +159,16 @@ def transplant(signed: bytes, other: bytes) -> bytes:
 
 
 def tampered(signed: bytes) -> bytes:
-    """``signed`` with one byte of its pixels changed after signing (near the end of the scan)."""
+    """``signed`` (a JPEG) with its pixels changed after signing, still a sound JPEG: one entry
+    of its first quantisation table moved by one."""
+    at = 2
+    for marker, segment in jpeg_segments(signed):
+        if marker == 0xDB:
+            break
+        at += len(segment)
+    at += 5  # the marker, the length (2), precision and table id (1): the first entry
     edited = bytearray(signed)
-    edited[-20] ^= 0xFF
+    edited[at] += 1 if edited[at] < 255 else -1
     return bytes(edited)
 
 

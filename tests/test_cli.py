@@ -18,6 +18,7 @@ from ntf_ray import cli
 from ntf_ray.cli import main
 from ntf_ray.scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.scan.spec import ScanResult
+from ntf_ray.scan.table import PROVENANCE_COLUMNS
 
 ENV_ENDPOINT = "http://minio.internal:9000"
 FLAG_ENDPOINT = "http://ceph.internal:7480"
@@ -248,7 +249,9 @@ def test_score_two_images_and_a_missing_file(tmp_path, capsys):
         assert r["error"] is None and 0 <= r["score"] <= 1 and r["is_fake"] == (r["score"] >= 0.5)
         assert r["decoder"] == "pil"
     assert rows[2] == {"uri": missing, "score": None, "is_fake": None,
-                      "error": "read: not found (deleted after listing?)", "decoder": None}
+                       "error": "read: not found (deleted after listing?)", "decoder": None,
+                       **dict.fromkeys(PROVENANCE_COLUMNS)}  # null: an input that was not read says nothing
+    assert rows[0]["provenance_problem"] is None  # a plain PNG: read, and it claims nothing
 
 
 def test_score_a_folder_gets_the_formatted_read_error(tmp_path, capsys, monkeypatch):
@@ -452,7 +455,7 @@ def test_every_scan_option_sets_the_spec_field_its_dest_names():
         "threshold": 0.3, "pattern": "*.png", "list_concurrency": 6, "limit": 5, "batch_size": 8, "min_actors": 1, "max_actors": 3,
         "gpus_per_actor": 0.5, "cpus_per_actor": 0.5, "decoder": "pil", "read_block_rows": 7,
         "read_block_bytes": 2 * 2**20, "streams": 4, "read_ahead_bytes": 3 * 2**20, "max_bytes": 2**20,
-        "max_pixels": 1000, "stall_s": None, "endpoint": "http://e"}
+        "max_pixels": 1000, "stall_s": None, "provenance": True, "c2pa_trust": [], "endpoint": "http://e"}
     dests = {a.dest for a in scan._actions}
     assert {f.name for f in dataclasses.fields(ScanSpec)} - dests == {"endpoint"}
 

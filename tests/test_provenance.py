@@ -109,3 +109,54 @@ def test_trust_lists_come_from_files_that_hold_certificates(tmp_path, signer):
     bad.write_text("not a certificate")
     with pytest.raises(ValueError, match="no PEM certificate"):
         C2paTrust.from_files([str(bad)])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_scan_writes_each_images_claims_beside_its_score_and_counts_them(local_ray, images, signer, tmp_path,
+                                                                             capsys):
+    import json
+
+    import pyarrow.dataset as pads
+
+    from ntf_ray.cli import main
+    from ntf_ray.scan.table import PROVENANCE_COLUMNS
+    from tests.conftest import save_random_detector
+
+    folder, expected = images
+    model = save_random_detector(str(tmp_path / "model"))
+    trust = tmp_path / "trust.pem"
+    trust.write_text(signer.root_pem)
+    out = tmp_path / "scores"
+    assert main(["scan", "--input", str(folder), "--model", model, "--output", str(out), "--run-id", "claims",
+                 "--c2pa-trust", str(trust)]) == 0
+    capsys.readouterr()
+    rows = {r["uri"].rsplit("/", 1)[1]: r
+            for r in pads.dataset(str(out), format="parquet", partitioning="hive").to_table().to_pylist()}
+    assert set(rows) == set(expected)
+    for name, want in expected.items():
+        row = rows[name]
+        assert row["error"] is None and 0.0 <= row["score"] <= 1.0, row  # every one scored, whatever it claims
+        if want.get("c2pa_state") == "untrusted":  # its signer is on the trust list given
+            want = {**want, "c2pa_state": "trusted"}
+        for field, value in want.items():
+            assert row[field] == value, (name, field, row)
+        assert row["provenance_problem"] is None, row
+
+    (summary_file,) = out.glob("dt=*/run_id=claims/_summary.json")
+    summary = json.loads(summary_file.read_text())["provenance"]
+    declared = [w["declared_source"] for w in expected.values() if w.get("declared_source")]
+    assert summary["declared_sources"] == {s: declared.count(s) for s in set(declared)}
+    assert summary["c2pa_states"] == {"trusted": 3, "mismatched": 2, "invalid": 1} and summary["c2pa"] == "read"
+
+    # without provenance: the same scores, the columns null
+    assert main(["scan", "--input", str(folder), "--model", model, "--output", str(tmp_path / "bare"),
+                 "--run-id", "bare", "--no-provenance"]) == 0
+    capsys.readouterr()
+    bare = pads.dataset(str(tmp_path / "bare"), format="parquet", partitioning="hive").to_table()
+    assert all(bare.column(c).null_count == bare.num_rows for c in PROVENANCE_COLUMNS)
+
+    # `score` prints the same fields for one file
+    assert main(["score", "--model", model, str(folder / "xmp-ai.jpg")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: line[k] for k in PROVENANCE_COLUMNS} == {k: rows["xmp-ai.jpg"][k] for k in PROVENANCE_COLUMNS}

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ntf_ray import storage
 from ntf_ray.cli import main
-from ntf_ray.scan.table import FILE_SCHEMA
+from ntf_ray.scan.table import FILE_SCHEMA, PROVENANCE_COLUMNS
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 EVIL = '<img src=x onerror=alert(1)>.png'
@@ -267,3 +267,43 @@ def test_a_browser_renders_every_picture_of_the_report_without_console_errors(sc
     assert "no longer there" in text and pictures == 0
     text, pictures = by_name[r"report\u202egpj.exe"]
     assert "\u202e" not in text and pictures == 2
+
+
+def test_the_report_shows_each_cards_claims_and_lists_where_claims_and_scores_disagree(scan_run, tmp_path):
+    """Images that declare a generator but scored low, and a capture but were flagged: where a
+    moderator looks first. The claims are the uploader's text: escaped like the keys."""
+    (path,) = scan_run.glob("dt=*/run_id=r1/scores.parquet")
+    rows = pq.read_table(path).to_pylist()
+    claims = {"img_01.jpg": ("c2pa", "trainedAlgorithmicMedia", "Example Model <b>1</b>", "trusted"),  # 0.07: low
+              "img_03.jpg": ("png-text", "generator-metadata", "ComfyUI", None),  # 0.21: low
+              "img_09.jpg": ("xmp", "trainedAlgorithmicMedia", None, None),  # 0.64: flagged, as it says
+              "img_08.png": ("c2pa", "digitalCapture", "Example Camera", "mismatched"),  # 0.57: flagged
+              "img_02.png": ("exif", None, "Phone 3.2", None)}
+    for row in rows:
+        name = row["uri"].rsplit("/", 1)[1]
+        if name in claims:
+            row["provenance"], row["declared_source"], row["declared_by"], row["c2pa_state"] = claims[name]
+    pq.write_table(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), path)
+    out = tmp_path / "report"
+    assert main(["report", "--scores", str(scan_run), "--top", "6", "--output", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    sheet = cards(page)
+    assert "declares trainedAlgorithmicMedia" in sheet["img_09.jpg"] and "(xmp)" in sheet["img_09.jpg"]
+    assert "declares digitalCapture, C2PA mismatched, by Example Camera (c2pa)" in sheet["img_08.png"]
+    assert sum("declares" in card for card in sheet.values()) == 2  # the other four top cards say nothing
+    low, high = page.split("Declare a generator, scored below the threshold: ", 1)[1].split(
+        "Declare a capture, flagged as fake: ", 1)
+    assert low.startswith("2<") and low.index("img_01.jpg") < low.index("img_03.jpg") and "img_09" not in low
+    assert high.startswith("1<") and "img_08.png" in high and "img_01" not in high
+    assert "Example Model &lt;b&gt;1&lt;/b&gt;" in low and "<b>1</b>" not in page  # text, not markup
+    assert "<th>declares: trainedAlgorithmicMedia</th><td>2</td>" in page
+
+
+def test_a_run_written_before_the_provenance_columns_still_reports(scan_run, tmp_path):
+    (path,) = scan_run.glob("dt=*/run_id=r1/scores.parquet")
+    old = pq.read_table(path)
+    pq.write_table(old.select([c for c in old.column_names if c not in PROVENANCE_COLUMNS]), path)
+    out = tmp_path / "report"
+    assert main(["report", "--scores", str(scan_run), "--top", "3", "--output", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert "Declare a capture" not in page and "declares" not in page

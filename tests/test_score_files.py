@@ -6,6 +6,7 @@ import pytest
 
 from ntf_ray.detector.score_files import score_files
 from ntf_ray.detector.scorer import ScoreResult
+from ntf_ray.scan.table import PROVENANCE_COLUMNS
 
 
 class RecordingScorer:
@@ -25,9 +26,11 @@ def test_rows_in_order_with_read_errors(tmp_path):
     scorer = RecordingScorer()
     rows = list(score_files(scorer, [tmp_path / "a", str(tmp_path / "gone"), tmp_path, f"file://{tmp_path}/b"]))
     assert [r["uri"] for r in rows] == [str(tmp_path / "a"), str(tmp_path / "gone"), str(tmp_path), str(tmp_path / "b")]
-    assert rows[0] == {"uri": str(tmp_path / "a"), "score": 0.3, "is_fake": False, "error": None, "decoder": "pil"}
+    unread = dict.fromkeys(PROVENANCE_COLUMNS)  # no trust list given: provenance not read
+    assert rows[0] == {"uri": str(tmp_path / "a"), "score": 0.3, "is_fake": False, "error": None, "decoder": "pil",
+                       **unread}
     assert rows[1] == {"uri": str(tmp_path / "gone"), "score": None, "is_fake": None,
-                       "error": "read: not found (deleted after listing?)", "decoder": None}
+                       "error": "read: not found (deleted after listing?)", "decoder": None, **unread}
     assert rows[2]["error"].startswith("read: IsADirectoryError: ") and rows[2]["score"] is None
     assert rows[3]["score"] == 0.7 and rows[3]["is_fake"] is True
     assert scorer.seen == [b"abc", b"abcdefg"]  # unreadable inputs never reach the scorer
@@ -66,5 +69,5 @@ def test_an_input_over_max_bytes_is_too_large_as_in_a_scan(tmp_path):
     rows = list(score_files(scorer, [tmp_path / "at", tmp_path / "over"], max_bytes=16))
     assert rows[0]["error"] is None and rows[0]["score"] == 1.6
     assert rows[1] == {"uri": str(tmp_path / "over"), "score": None, "is_fake": None,
-                       "error": "too_large: more than 16 bytes", "decoder": None}
+                       "error": "too_large: more than 16 bytes", "decoder": None, **dict.fromkeys(PROVENANCE_COLUMNS)}
     assert scorer.seen == [b"x" * 16]

@@ -35,6 +35,16 @@ def endpoint_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_provenance_arguments(s: argparse.ArgumentParser) -> None:
+    """``--no-provenance`` and ``--c2pa-trust``: what each image says of its origin, beside its score."""
+    s.add_argument("--no-provenance", dest="provenance", action="store_false",
+                   help="do not read what each image says of its origin (C2PA credentials, XMP, PNG text chunks, "
+                        "EXIF software); its columns stay null")
+    s.add_argument("--c2pa-trust", dest="c2pa_trust", action="append", default=[], metavar="PEM_FILE",
+                   help="certificates (PEM) that C2PA signers may chain to, read as a trust list (repeatable); "
+                        "without one, every valid credential reads 'untrusted'. Never fetched.")
+
+
 def add_max_bytes_argument(s: argparse.ArgumentParser, what: str) -> None:
     """``--max-bytes``, one cap for every command that reads images: the scan's default."""
     s.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",

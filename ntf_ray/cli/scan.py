@@ -9,6 +9,7 @@ import json
 from ntf_ray.cli.arguments import (
     add_decoder_argument,
     add_max_bytes_argument,
+    add_provenance_arguments,
     byte_size,
     default_of,
     pixels,
@@ -94,6 +95,7 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     s.add_argument("--streams", type=int, metavar="N",
                    help="batches each GPU detector actor scores at once, each on its own CUDA stream "
                         "(default 2; CPU actors score one at a time)")
+    add_provenance_arguments(s)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -112,7 +114,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ValueError("nothing to score: give image files or s3:// objects (or --card for the model card)")
     scorer = Scorer.from_artifact(args.model, device=args.device, threshold=args.threshold,
                                   options=args.storage_options, decoder=args.decoder)
-    for row in score_files(scorer, args.inputs, options=args.storage_options, max_bytes=args.max_bytes):
+    from ntf_ray.images.provenance import C2paTrust
+
+    trust = C2paTrust.from_files(args.c2pa_trust) if args.provenance else None
+    for row in score_files(scorer, args.inputs, options=args.storage_options, max_bytes=args.max_bytes,
+                           provenance=trust):
         print(json.dumps(row, allow_nan=False), flush=True)
     return 0
 
@@ -149,4 +155,5 @@ def add_score(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     add_decoder_argument(s)
     add_max_bytes_argument(s, "refuse inputs larger than this, reading no more than one byte past it (error "
                               "too_large:); devices, FIFOs and sockets are refused (error read:)")
+    add_provenance_arguments(s)
     s.set_defaults(func=cmd_score)

@@ -13,6 +13,7 @@ from typing import Any
 from ntf_ray import storage
 from ntf_ray.detector.scorer import Scorer
 from ntf_ray.errors import TOO_LARGE
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS, PROVENANCE_FIELDS, C2paTrust, provenance_of
 from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectTooLarge, StorageOptions
 
 
@@ -38,8 +39,11 @@ def read_one(uri: str, options: StorageOptions | None, max_bytes: int | None) ->
 
 
 def score_files(scorer: Scorer, inputs: Iterable[str | Path], *, options: StorageOptions | None = None,
-                max_bytes: int | None = DEFAULT_MAX_BYTES) -> Iterator[dict[str, Any]]:
-    """One row ``{uri, score, is_fake, error, decoder}`` per input, in order, as each is scored.
+                max_bytes: int | None = DEFAULT_MAX_BYTES,
+                provenance: C2paTrust | None = None) -> Iterator[dict[str, Any]]:
+    """One row ``{uri, score, is_fake, error, decoder}`` per input, in order, as each is scored,
+    with the score table's provenance columns (null unless ``provenance``: the trust list to
+    read C2PA credentials with, ``images.provenance``).
 
     A file that cannot be read gets a row with ``read_one``'s error (``read:`` or ``too_large:``);
     an input that is not a local path or ``s3://`` URI raises ``ValueError`` (a wrong argument).
@@ -47,8 +51,12 @@ def score_files(scorer: Scorer, inputs: Iterable[str | Path], *, options: Storag
     for uri in inputs:
         uri = storage.normalize(uri)
         data = read_one(uri, options, max_bytes)
+        claims = dict.fromkeys(PROVENANCE_COLUMNS)
         if isinstance(data, str):
-            yield {"uri": uri, "score": None, "is_fake": None, "error": data, "decoder": None}
+            yield {"uri": uri, "score": None, "is_fake": None, "error": data, "decoder": None, **claims}
             continue
         r = scorer.score_bytes([data])[0]
-        yield {"uri": uri, "score": r.score, "is_fake": r.is_fake, "error": r.error, "decoder": r.decoder}
+        if provenance is not None:
+            found = provenance_of(data, provenance)
+            claims = {name: getattr(found, field) for name, field in PROVENANCE_FIELDS.items()}
+        yield {"uri": uri, "score": r.score, "is_fake": r.is_fake, "error": r.error, "decoder": r.decoder, **claims}

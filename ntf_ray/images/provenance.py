@@ -47,6 +47,15 @@ PNG_GENERATORS = {
     "sd-metadata": "InvokeAI",
     "Dream": "InvokeAI",
 }
+#: The score table's columns for these claims (``scan.table``), and the ``Provenance`` field each holds.
+PROVENANCE_FIELDS = {"provenance": "provenance", "declared_source": "declared_source", "declared_by": "declared_by",
+                     "c2pa_state": "c2pa_state", "provenance_problem": "problem"}
+PROVENANCE_COLUMNS = tuple(PROVENANCE_FIELDS)
+#: Declared sources that say "made by a generator", and those that say "a capture": where a
+#: score that disagrees is worth a moderator's look first (``ntf-ray report``).
+DECLARED_GENERATED = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia", "algorithmicMedia",
+                                "compositeSynthetic", GENERATOR_METADATA})
+DECLARED_CAPTURE = frozenset({"digitalCapture", "compositeCapture", "negativeFilm", "positiveFilm", "print"})
 MAX_XMP_BYTES = 256 * 1024
 MAX_TEXT = 120
 
@@ -93,7 +102,7 @@ def c2pa_available() -> bool:
     return True
 
 
-def read_provenance(data: bytes, trust: C2paTrust | None = None) -> Provenance:
+def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None) -> Provenance:
     """The claims ``data`` makes about its origin (see module); never raises for bad bytes."""
     from PIL import Image
 
@@ -139,6 +148,15 @@ def read_provenance(data: bytes, trust: C2paTrust | None = None) -> Provenance:
     declared_by = claims[source][1] if source and claims[source][1] else claims[named][1] if named else None
     return Provenance(provenance=source or named, declared_source=claims[source][0] if source else None,
                       declared_by=declared_by, c2pa_state=state, problem="; ".join(problems) or None)
+
+
+def provenance_of(data, trust: C2paTrust | None = None) -> Provenance:
+    """``read_provenance``, and a reason instead of an exception should it ever raise: an
+    object's claims never cost its score."""
+    try:
+        return read_provenance(data, trust)
+    except Exception as exc:  # noqa: BLE001 - a bug here must not cost the row
+        return Provenance(problem=_problem("provenance", exc))
 
 
 def _exif_software(image) -> str | None:

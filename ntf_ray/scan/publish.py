@@ -49,6 +49,9 @@ class Tally:
     flagged: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(10, np.int64))
+    declared_sources: dict[str, int] = field(default_factory=dict)  # images by the source type they declare
+    c2pa_states: dict[str, int] = field(default_factory=dict)
+    provenance_problems: dict[str, int] = field(default_factory=dict)  # parts not read, by reason
 
     def add(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
@@ -59,6 +62,12 @@ class Tally:
         for e in batch.column("error").drop_null().to_pylist():
             kind = error_kind(e)
             self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+        for column, counts in (("declared_source", self.declared_sources), ("c2pa_state", self.c2pa_states)):
+            for value in batch.column(column).drop_null().to_pylist():
+                counts[value] = counts.get(value, 0) + 1
+        for problem in batch.column("provenance_problem").drop_null().to_pylist():
+            for reason in problem.split("; "):
+                self.provenance_problems[reason] = self.provenance_problems.get(reason, 0) + 1
 
 
 def publish(staged: str, run_dir: str, listing: Callable[[], Iterable[pa.Table]], total: int,
@@ -149,13 +158,19 @@ def write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOpt
 
 def run_summary(tally: Tally, *, listed: int, skipped: int, seconds: float, model_id: str, spec: ScanSpec,
              run_id: str, threshold: float) -> dict[str, Any]:
+    from ntf_ray.images.provenance import c2pa_available
+
     edges = np.linspace(0.0, 1.0, 11)
+    c2pa = ("off (--no-provenance)" if not spec.provenance else "read" if c2pa_available()
+            else "not read: c2pa-python is not installed (pip install 'ntf-ray[c2pa]')")
     return {
         "run_id": run_id, "model_id": model_id, "threshold": threshold,
         "listed": listed, "skipped": skipped, "rows": tally.rows, "scored": tally.scored,
         "errors": sum(tally.errors_by_kind.values()), "errors_by_kind": tally.errors_by_kind,
         "flagged": tally.flagged,
         "score_histogram": {"edges": [round(float(e), 2) for e in edges], "counts": tally.histogram.tolist()},
+        "provenance": {"c2pa": c2pa, "declared_sources": tally.declared_sources, "c2pa_states": tally.c2pa_states,
+                       "problems": tally.provenance_problems},
         "seconds": round(seconds, 3), "images_per_s": round(tally.rows / max(seconds, 1e-9), 2),
         "config": spec.public(),
     }

@@ -242,13 +242,16 @@ def _build(scores: str, output: str, *, run_id: str | None, top: int, model: str
                 picture += '<div class="note">the scan recorded no version of this object: as read now</div>'
         size = f"{row['width']}x{row['height']}" if row.get("width") else ""
         cards.append(f'<figure class="card">{picture}<figcaption><b>{row["score"]:.4f}</b> '
-                     f'{"flagged" if row["is_fake"] else ""} {html_text(size)}<br>'
+                     f'{"flagged" if row["is_fake"] else ""} {html_text(size)}<br>{_claims(row)}'
                      f'<code>{html_text(row["uri"])}</code></figcaption></figure>')
     facts = [("run", rid), ("model", table.column("model_id")[0].as_py() if table.num_rows else ""),
              ("rows", table.num_rows), ("scored", scored.num_rows),
              ("flagged", int(pc.sum(pc.cast(table.column("is_fake").fill_null(False), pa.int64())).as_py() or 0)),
              ("threshold", f"{threshold:g}"), ("errors", sum(errors.values()))]
     facts += [(f"errors: {kind}", n) for kind, n in sorted(errors.items())]
+    declared = _counts(table, "declared_source")
+    facts += [(f"declares: {source}", n) for source, n in sorted(declared.items())]
+    disagree = _disagreeing(scored, top)
     if summary.get("listed") is not None:
         facts.insert(2, ("listed", summary["listed"]))
     rows_html = "".join(f"<tr><th>{html_text(k)}</th><td>{html_text(v)}</td></tr>" for k, v in facts)
@@ -265,6 +268,7 @@ table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: 2px 
 .missing {{ width: 256px; height: 256px; background: #eee; display: flex; align-items: center; justify-content: center;
             text-align: center; color: #8a1c10; }}
 .note {{ font-size: 12px; color: #8a1c10; }}
+.claims {{ font-size: 12px; color: #1c4a8a; }}
 code {{ word-break: break-all; font-size: 12px; }}
 </style></head><body>
 <h1>Scan run {html_text(rid)}</h1>
@@ -277,12 +281,60 @@ there, {count[TOO_LARGE]} larger than that, {count[UNREADABLE]} could not be rea
 {"Left: a thumbnail of the image; right: the Grad-CAM++ map of the fake logit over the crop it scored." if heatmaps else
  "No heatmaps: make the report with --model to add them."} A score is evidence for review, not proof.</p>
 <div class="sheet">{"".join(cards)}</div>
+{disagree}
 </body></html>
 """
     target = storage.join(output, PAGE)
     storage.write_bytes(target, page.encode(), options)
     return ReportResult(page=target, run_id=rid, shown=len(cards), unreadable=count[UNREADABLE],
                         changed=count[CHANGED], missing=count[MISSING], too_large=count[TOO_LARGE], max_bytes=cap)
+
+
+def _claims(row: dict) -> str:
+    """A card's line on what the image says of itself (``images.provenance``), or nothing."""
+    source, state, by = row.get("declared_source"), row.get("c2pa_state"), row.get("declared_by")
+    if not (source or state or by):
+        return ""
+    parts = [f"declares {html_text(source)}" if source else "declares no source"]
+    if state:
+        parts.append(f"C2PA {html_text(state)}")
+    if by:
+        parts.append(f"by {html_text(by)}")
+    return f'<span class="claims">{", ".join(parts)} ({html_text(row.get("provenance") or "")})</span><br>'
+
+
+def _counts(table: pa.Table, column: str) -> dict[str, int]:
+    if column not in table.column_names:  # a run written before the column was added
+        return {}
+    out: dict[str, int] = {}
+    for value in table.column(column).drop_null().to_pylist():
+        out[value] = out.get(value, 0) + 1
+    return out
+
+
+def _disagreeing(scored: pa.Table, top: int) -> str:
+    """The images whose claims and score disagree, where a moderator should look first: those
+    that declare a generator but scored below the threshold (lowest first), and those that
+    declare a capture but were flagged (highest first), ``top`` of each at most."""
+    from ntf_ray.images.provenance import DECLARED_CAPTURE, DECLARED_GENERATED
+
+    if "declared_source" not in scored.column_names:
+        return ""
+    rows = [r for r in scored.select(["uri", "score", "is_fake", "declared_source", "c2pa_state", "declared_by",
+                                      "provenance"]).to_pylist() if r["declared_source"]]
+    low = sorted((r for r in rows if r["declared_source"] in DECLARED_GENERATED and not r["is_fake"]),
+                 key=lambda r: (r["score"], r["uri"]))[:top]
+    high = sorted((r for r in rows if r["declared_source"] in DECLARED_CAPTURE and r["is_fake"]),
+                  key=lambda r: (-r["score"], r["uri"]))[:top]
+    parts = []
+    for title, found in (("Declare a generator, scored below the threshold", low),
+                         ("Declare a capture, flagged as fake", high)):
+        lines = "".join(f"<tr><td>{r['score']:.4f}</td><td>{_claims(r)}</td><td><code>{html_text(r['uri'])}</code>"
+                        "</td></tr>" for r in found)
+        parts.append(f'<h2>{title}: {len(found)}</h2><table class="disagree">{lines}</table>' if found
+                     else f"<h2>{title}: none</h2>")
+    return ('<p>What an image says of itself is the uploader\'s word: a credential is worth what its C2PA state says '
+            "(trusted only for a signer on your trust list).</p>" + "".join(parts))
 
 
 def _heatmaps(model: str, frames: dict[int, bytes], output: str, options: StorageOptions) -> dict[int, str]:

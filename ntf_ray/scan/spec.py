@@ -53,6 +53,8 @@ class ScanSpec(ActorPool):
     max_bytes: int | None = DEFAULT_MAX_BYTES  # larger objects get a too_large: row without being read
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # images whose header declares more get a too_large: row
     stall_s: float | None = STALL_S  # a run without progress this long stops (and gives its lease back); None: never
+    provenance: bool = True  # read what each image says of its origin (C2PA, XMP, PNG text, EXIF) beside its score
+    c2pa_trust: list[str] = field(default_factory=list)  # local PEM files of the certificates C2PA signers may chain to
     endpoint: str | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:

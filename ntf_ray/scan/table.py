@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from ntf_ray import storage
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS
 from ntf_ray.storage import StorageOptions
 
 #: The score table, exactly as docs/contracts.md defines it.
@@ -38,7 +39,17 @@ SCORE_SCHEMA = pa.schema([
     # Added after the contract's first columns: which decoder made the pixels ("pil", "nvjpeg"
     # or "nvimgcodec"; null when the object could not be read). nvjpeg's scores differ slightly.
     ("decoder", pa.string()),
+    # What the image says of its own origin (``images.provenance``), null when it says
+    # nothing or was not read: which source said so, the digital source type it declares,
+    # who (the claim generator or software), the C2PA manifest's state, and why a part
+    # could not be read.
+    ("provenance", pa.string()),
+    ("declared_source", pa.string()),
+    ("declared_by", pa.string()),
+    ("c2pa_state", pa.string()),
+    ("provenance_problem", pa.string()),
 ])
+assert tuple(SCORE_SCHEMA.names[-len(PROVENANCE_COLUMNS):]) == PROVENANCE_COLUMNS
 #: What each Parquet file holds: the table less ``run_id``, which, as in any hive layout, lives
 #: in the folder name (``run_id=ID``) and reaches readers as a partition column. Stored in the
 #: files too, it would clash with the partition's type in readers that infer dictionaries

@@ -30,6 +30,7 @@ import ray
 
 from ntf_ray import storage
 from ntf_ray.errors import lost_error
+from ntf_ray.images.provenance import C2paTrust
 from ntf_ray.ray_edge.runtime import cluster_cores
 from ntf_ray.ray_edge.scan import feed
 from ntf_ray.ray_edge.scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
@@ -60,6 +61,7 @@ def scan(spec: ScanSpec) -> ScanResult:
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
     art = load_artifact(spec.model, options=options)  # fail early on a bad artifact, before listing
+    trust = C2paTrust.from_files(spec.c2pa_trust).anchors if spec.provenance else ""  # and on a bad trust list
     if spec.gpus_per_actor and ray.is_initialized():  # before the lease: what no node can place is refused now
         check_gpus(spec.gpus_per_actor)
     threshold = art.threshold if spec.threshold is None else float(spec.threshold)
@@ -73,7 +75,7 @@ def scan(spec: ScanSpec) -> ScanResult:
         found = SkipIndex(output, art.model_id, options, exclude_run=run_id) if spec.incremental else None
         try:
             result = _scan_listed(spec, options, art.model_id, threshold, run_id, output, staged, found, progress,
-                                  start, held)
+                                  start, held, trust)
         finally:
             if found is not None:
                 found.close()
@@ -81,27 +83,29 @@ def scan(spec: ScanSpec) -> ScanResult:
 
 
 def _scan_listed(spec: ScanSpec, options: StorageOptions, model_id: str, threshold: float, run_id: str, output: str,
-                 staged: str, found: SkipIndex | None, progress: _Progress, start: float, held) -> ScanResult:
+                 staged: str, found: SkipIndex | None, progress: _Progress, start: float, held,
+                 trust: str) -> ScanResult:
     """List, score and publish, inside the scan's lease and attempt."""
     listing = ListingFeed(spec, options, found, staged, on_chunk=progress.tick, map_files=ray_map,
                           live=feed.LIVE_BLOCKS).start()
     try:
         return _score_and_publish(spec, options, model_id, threshold, run_id, output, staged, found, progress, start,
-                                  held, listing)
+                                  held, listing, trust)
     finally:
         listing.close()
 
 
 def _score_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, threshold: float, run_id: str,
                        output: str, staged: str, found: SkipIndex | None, progress: _Progress, start: float, held,
-                       listing: ListingFeed) -> ScanResult:
+                       listing: ListingFeed, trust: str) -> ScanResult:
     # Re-running a run_id replaces it in place (on whatever day it first ran), once it succeeds.
     earlier = dict(run_dirs(output, options)).get(run_id)
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
     progress.scoring(staged, options)
     alone = score_isolating(listing, staged, options,
-                            lambda blocks, group: _write_rows(blocks, spec, threshold, staged, options, group=group),
+                            lambda blocks, group: _write_rows(blocks, spec, threshold, staged, options, trust,
+                                                              group=group),
                             group=spec.read_block_rows)
     todo, listed, prior = listing.rows, listing.listed, listing.prior_losses()
     count_listed(todo, model_id)
@@ -226,7 +230,7 @@ def _publish(staged: str, run_dir: str, listed: list[str], total: int, alone: np
 
 
 def _write_rows(blocks: list[ray.ObjectRef] | LiveWindow, spec: ScanSpec, threshold: float, staged: str,
-                options: StorageOptions, group: int | None = None) -> None:
+                options: StorageOptions, trust: str = "", group: int | None = None) -> None:
     """Score the listing's blocks into Parquet files under ``staged`` (the endpoint as the driver resolved it).
 
     ``group``: blocks of that many rows re-run after a loss (``isolation``), scored that many
@@ -237,7 +241,7 @@ def _write_rows(blocks: list[ray.ObjectRef] | LiveWindow, spec: ScanSpec, thresh
     ds = scored_stream(
         blocks, DetectorActor,
         {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": pool.batch_size,
-         "decoder": spec.decoder, "max_pixels": spec.max_pixels},
+         "decoder": spec.decoder, "max_pixels": spec.max_pixels, "provenance": spec.provenance, "c2pa_trust": trust},
         pool=pool, endpoint=endpoint, max_bytes=spec.max_bytes, isolated=group is not None, actor_retries=0,
         streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU, read_ahead_bytes=spec.read_ahead_bytes,
     )

@@ -19,6 +19,7 @@ import ray
 from ntf_ray import storage
 from ntf_ray.errors import DECODE, DETECTOR, DetectorFault
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS, PROVENANCE_FIELDS, C2paTrust, provenance_of
 from ntf_ray.scan.publish import SEQ
 from ntf_ray.scan.spec import ActorPool
 from ntf_ray.scan.table import FILE_SCHEMA
@@ -40,7 +41,8 @@ class DetectorActor:
     """
 
     def __init__(self, model: str, *, endpoint: str | None, threshold: float | None, batch_size: int,
-                 device: str = "auto", decoder: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 device: str = "auto", decoder: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 provenance: bool = True, c2pa_trust: str = ""):
         began = time.perf_counter()
         import torch
 
@@ -67,6 +69,7 @@ class DetectorActor:
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.items()))
         self._torch = torch
         self._local = threading.local()
+        self._provenance = C2paTrust(c2pa_trust) if provenance else None
         from ntf_ray.ray_edge.scan.telemetry import ActorMetrics
 
         actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
@@ -121,7 +124,12 @@ class DetectorActor:
         results = dict(zip(ok, self._score([data[i] for i in ok]), strict=True))
         n = batch.num_rows
         cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "error",
-                                                         "decoder")}
+                                                         "decoder", *PROVENANCE_COLUMNS)}
+        if self._provenance is not None:
+            for i in ok:  # what the bytes say of themselves, beside (never instead of) the score
+                claims = provenance_of(data[i], self._provenance)
+                for name in PROVENANCE_COLUMNS:
+                    cols[name][i] = getattr(claims, PROVENANCE_FIELDS[name])
         for i in range(n):
             r = results.get(i)
             if r is None:
@@ -136,7 +144,8 @@ class DetectorActor:
 
     def _error_rows(self, batch: pa.Table, error: str) -> pa.Table:
         n = batch.num_rows
-        cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "decoder")}
+        cols: dict[str, list] = {k: [None] * n for k in ("score", "is_fake", "width", "height", "format", "decoder",
+                                                         *PROVENANCE_COLUMNS)}
         reads = batch.column("read_error").to_pylist() if "read_error" in batch.column_names else [None] * n
         cols["error"] = [e if e is not None else error for e in reads]
         return self._table(batch, cols)
@@ -159,6 +168,7 @@ class DetectorActor:
             "model_id": pa.array([self.scorer.model_id] * n, pa.string()),
             "scanned_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             "decoder": pa.array(cols["decoder"], pa.string()),
+            **{name: pa.array(cols[name], pa.string()) for name in PROVENANCE_COLUMNS},
         }, schema=FILE_SCHEMA)
 
 
