@@ -13,6 +13,11 @@ to show it stays flat in the number of objects.
 
     python bench/scan_bench.py                  # 8,000 JPEGs of 512x384, tiny backbone
     python bench/scan_bench.py --n 4000 --backbone resnet18
+
+``--provenance-ratio`` measures instead what reading each image's claims costs
+(``images.provenance``): the Ray Data scan of the same files with ``--no-provenance`` and
+with provenance read, alternating, ``--rounds`` times each; it prints each run's images/s and,
+as its last line, ``ratio provenance/none`` (the mean rates' ratio).
 """
 
 from __future__ import annotations
@@ -116,7 +121,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="images per detector call (default 64)")
     p.add_argument("--listing", type=int, nargs="*", default=[10_000, 100_000],
                    help="object counts for the listing-memory check (default 10000 100000; none to skip)")
+    p.add_argument("--provenance-ratio", action="store_true",
+                   help="instead: the scan with and without provenance, alternating (see module)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each with --provenance-ratio (default 2)")
     args = p.parse_args()
+    if args.provenance_ratio:
+        provenance_ratio(args)
+        return
 
     import pyarrow.dataset as pads
     import ray
@@ -164,6 +175,51 @@ def main() -> None:
               f"steady-state ratio {steady / naive_rate:.2f}", flush=True)
         ray.shutdown()
     print(f"ratio ray_scan/naive = {scan_rate / naive_rate:.2f}")
+
+
+def provenance_ratio(args: argparse.Namespace) -> None:
+    import pyarrow.dataset as pads
+    import ray
+    import torch
+
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.images.provenance import c2pa_available
+    from ntf_ray.nn.model import Detector
+    from ntf_ray.ray_edge import runtime
+    from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.scan.spec import ScanSpec
+
+    print(f"host: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+          f"ray {ray.__version__}; backbone {args.backbone} (random weights), batch {args.batch}; "
+          f"C2PA {'read' if c2pa_available() else 'not installed'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height)
+        print(f"{len(paths)} JPEGs of {args.width}x{args.height}", flush=True)
+        torch.manual_seed(0)
+        model = str(tmp / "detector")
+        save_artifact(model, Detector.build(args.backbone), input_size=224)
+        runtime.init_local_ray()
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        scores: dict[bool, dict] = {}
+        for k in range(2 * args.rounds):
+            on = bool(k % 2)
+            start = time.perf_counter()
+            result = ray_scan.scan(ScanSpec(model=model, output=str(tmp / f"scores-{k}"), input=str(tmp / "jpegs"),
+                                            batch_size=args.batch, provenance=on))
+            rate = len(paths) / (time.perf_counter() - start)
+            rates[on].append(rate)
+            table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["uri", "score", "provenance_problem"])
+            scores[on] = dict(zip(table.column("uri").to_pylist(), table.column("score").to_pylist()))
+            problems = table.column("provenance_problem").drop_null()
+            print(f"provenance {'read' if on else 'off '}: {rate:8.1f} images/s "
+                  f"({table.num_rows} rows, {len(problems)} with a provenance problem)", flush=True)
+        diff = max(abs(scores[True][u] - v) for u, v in scores[False].items())
+        if scores[True].keys() != scores[False].keys() or diff > 1e-5:
+            raise SystemExit(f"the scores differ with provenance read (by {diff:.1e}): they must not depend on it")
+        ray.shutdown()
+    mean = {on: sum(r) / len(r) for on, r in rates.items()}
+    print(f"ratio provenance/none = {mean[True] / mean[False]:.3f}")
 
 
 if __name__ == "__main__":

@@ -394,3 +394,29 @@ def test_evaluate_imports_without_ray():
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_the_report_counts_clean_images_by_the_source_they_declare(tmp_path):
+    table = _table(seed=6, error_rate=0.0)
+    clean = np.asarray(table.column("perturbation").to_pylist()) == "none"
+    labels, scores = table.column("label").to_numpy(), table.column("score").to_numpy(zero_copy_only=False)
+    # every third fake declares a generator, every fifth real a capture (the same claim at every level)
+    uris = table.column("uri").to_pylist()
+    ranks = {u: k for k, u in enumerate(dict.fromkeys(uris))}
+    declared = [("trainedAlgorithmicMedia" if labels[i] and ranks[u] % 3 == 0 else
+                 "digitalCapture" if not labels[i] and ranks[u] % 5 == 0 else None) for i, u in enumerate(uris)]
+    table = table.append_column("declared_source", pa.array(declared, pa.string()))
+    result = write_report(table, output=str(tmp_path), threshold=THRESHOLD, model={"model_id": "m"})
+    want = {}
+    for source, label, score in zip(np.asarray(declared, object)[clean], labels[clean], scores[clean]):
+        row = want.setdefault(source or "-", [0, 0, 0])
+        row[int(bool(label))] += 1
+        row[2] += int(score >= THRESHOLD)
+    assert {r["declared_source"]: [r["reals"], r["fakes"], r["called_fake"]] for r in result["provenance"]} == want
+    assert result["provenance"][-1]["declared_source"] == "-"  # those that declare nothing, last
+    text = (tmp_path / "report.md").read_text()
+    reals, fakes, called = want["digitalCapture"]
+    assert "## What the images declare" in text and f"| digitalCapture | {reals} | {fakes} | {called} |" in text
+    assert "What the images declare" not in (write_report(_table(seed=6), output=str(tmp_path / "none"),
+                                                          threshold=THRESHOLD, model={}) and
+                                             (tmp_path / "none" / "report.md").read_text())

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ntf_ray import storage
@@ -71,6 +72,13 @@ def _markdown(report: Mapping[str, Any]) -> str:
     for key, names in report["figures"].items():
         if names:
             lines += [f"### {titles[key]}", "", *(f"![{titles[key]}: {n[:-4]}]({n})" for n in names), ""]
+    if report.get("provenance"):
+        lines += ["## What the images declare", "",
+                  "What each image says of its origin (C2PA, XMP, PNG text chunks), clean images: the uploader's "
+                  "word, beside the detector's. `called fake`: scored at or above the threshold.", ""]
+        lines += _md_table(["declared source", "reals", "fakes", "called fake"],
+                           [[r["declared_source"], r["reals"], r["fakes"], r["called_fake"]]
+                            for r in report["provenance"]])
     lines += ["## Errors", ""]
     if report["errors"]:
         by_gen = Counter()
@@ -113,7 +121,8 @@ def write_report(scores: pa.Table, *, output: str, threshold: float, model: Mapp
             embeddings, labels=embedding_rows.column("label").to_numpy(),
             generators=embedding_rows.column("generator").to_pylist(), output=output, options=options),
     }
-    report = {**result, "model": dict(model), "command": command, "figures": figures}
+    report = {**result, "model": dict(model), "command": command, "figures": figures,
+              "provenance": _declared(scores, threshold)}
     sink = pa.BufferOutputStream()
     pq.write_table(scores, sink)
     storage.write_bytes(storage.join(output, "scores.parquet"), sink.getvalue().to_pybytes(), options)
@@ -121,6 +130,26 @@ def write_report(scores: pa.Table, *, output: str, threshold: float, model: Mapp
     storage.write_bytes(storage.join(output, "report.md"), _markdown(report).encode(), options)
     log.info("report written to %s (%d figures)", output, sum(len(v) for v in figures.values()))
     return report
+
+
+def _declared(scores: pa.Table, threshold: float) -> list[dict]:
+    """Clean images by the source they declare (none: ``-``): reals, fakes, and how many the
+    detector called fake. Empty when no image declares anything, or the table has no such column."""
+    from ntf_ray.evaluate.tables import CLEAN
+
+    if "declared_source" not in scores.column_names:
+        return []
+    clean = scores.filter(pc.equal(scores.column("perturbation"), CLEAN))
+    sources = clean.column("declared_source").to_pylist()
+    if not any(sources):
+        return []
+    out: dict[str, dict] = {}
+    for source, label, score in zip(sources, clean.column("label").to_pylist(), clean.column("score").to_pylist()):
+        row = out.setdefault(source or "-", {"declared_source": source or "-", "reals": 0, "fakes": 0,
+                                              "called_fake": 0})
+        row["fakes" if label else "reals"] += 1
+        row["called_fake"] += int(score is not None and score >= threshold)
+    return sorted(out.values(), key=lambda r: (r["declared_source"] == "-", r["declared_source"]))
 
 
 def _nan_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:

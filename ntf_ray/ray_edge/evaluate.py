@@ -26,6 +26,7 @@ from ntf_ray import storage
 from ntf_ray.detector.artifact import check_threshold
 from ntf_ray.errors import DECODE, DETECTOR, DetectorFault, error
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS, PROVENANCE_FIELDS, provenance_of
 from ntf_ray.ray_edge.scan.actor import scored_stream
 from ntf_ray.scan.spec import ActorPool
 from ntf_ray.storage import StorageOptions
@@ -44,6 +45,8 @@ ROWS_SCHEMA = pa.schema([
     ("score", pa.float32()),
     ("error", pa.string()),
     ("embedding", pa.list_(pa.float32())),
+    # what the image says of its origin (``images.provenance``), the same at every level
+    *[(name, pa.string()) for name in PROVENANCE_COLUMNS],
 ])
 
 
@@ -113,7 +116,7 @@ class EvaluationActor:
                     "perturbation": [k for k, _ in self.plan for _ in range(n)],
                     "level": [v for _, v in self.plan for _ in range(n)],
                     "score": [None] * (n * repeat), "error": [f"{DETECTOR}: {exc}"] * (n * repeat),
-                    "embedding": [None] * (n * repeat)}
+                    "embedding": [None] * (n * repeat), **{c: [None] * (n * repeat) for c in PROVENANCE_COLUMNS}}
             for name in ("uri", "label", "generator", "family"):
                 cols[name] = batch.column(name).to_pylist() * repeat
             return pa.table(cols, schema=ROWS_SCHEMA.append(pa.field("level_index", pa.int32())))
@@ -128,10 +131,13 @@ class EvaluationActor:
         embed = batch.column("embed").to_pylist()
         images: dict[int, torch.Tensor] = {}
         errors: dict[int, str] = {}
+        claims: list[dict] = [dict.fromkeys(PROVENANCE_COLUMNS) for _ in uris]
         for i, (blob, read_error) in enumerate(zip(data, read_errors)):
             if read_error is not None:
                 errors[i] = read_error
                 continue
+            found = provenance_of(blob)
+            claims[i] = {name: getattr(found, field) for name, field in PROVENANCE_FIELDS.items()}
             image, result = self.scorer.decode(blob)
             if image is None:
                 errors[i] = result.error
@@ -166,6 +172,8 @@ class EvaluationActor:
         repeat = len(self.plan)
         for name in ("uri", "label", "generator", "family"):
             cols[name] = batch.column(name).to_pylist() * repeat
+        for name in PROVENANCE_COLUMNS:
+            cols[name] = [c[name] for c in claims] * repeat
         return pa.table(cols, schema=ROWS_SCHEMA.append(pa.field("level_index", pa.int32())))
 
 
