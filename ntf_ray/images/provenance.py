@@ -82,14 +82,22 @@ class C2paTrust:
 
     @classmethod
     def from_files(cls, paths: list[str]) -> C2paTrust:
-        """Trust lists from local PEM files (configuration: never fetched at run time)."""
+        """Trust lists from local PEM files (configuration: never fetched at run time), each
+        parsed here: a file that holds no certificate, or a broken one, is refused, not
+        silently a list that trusts no one."""
+        if paths and not c2pa_available():
+            raise ValueError("--c2pa-trust needs the C2PA library: pip install 'ntf-ray[c2pa]'")
         text = []
         for path in paths:
-            with open(path, encoding="ascii") as f:
+            from cryptography.x509 import load_pem_x509_certificates  # c2pa-python's own dependency
+
+            with open(path, "rb") as f:
                 pem = f.read()
-            if "-----BEGIN CERTIFICATE-----" not in pem:
-                raise ValueError(f"--c2pa-trust {path}: no PEM certificate in it")
-            text.append(pem)
+            try:
+                load_pem_x509_certificates(pem)
+            except ValueError as exc:
+                raise ValueError(f"--c2pa-trust {path}: not PEM certificates ({exc})") from None
+            text.append(pem.decode("ascii"))
         return cls("\n".join(text))
 
 
@@ -108,7 +116,7 @@ def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None) ->
 
     problems: list[str] = []
     claims: dict[str, tuple[str | None, str | None]] = {}  # source -> (declared source, declared by)
-    state = None
+    state = broken = None
     try:
         image = Image.open(io.BytesIO(data))  # headers only: no pixel is decoded
         info, fmt = image.info, (image.format or "").lower()
@@ -116,12 +124,14 @@ def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None) ->
     except Exception as exc:  # noqa: BLE001 - the detector reports the image's own error
         return Provenance(problem=_problem("image", exc))
 
-    mime = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "tiff": "image/tiff",
-            "gif": "image/gif", "avif": "image/avif", "heif": "image/heif"}.get(fmt)
+    mime = {"jpeg": "image/jpeg", "mpo": "image/jpeg", "png": "image/png", "webp": "image/webp",
+            "tiff": "image/tiff", "gif": "image/gif", "avif": "image/avif", "heif": "image/heif"}.get(fmt)
     if mime is not None:
         state, claim, problem = _c2pa(data, mime, trust or C2paTrust())
-        if claim is not None:
-            claims[C2PA] = claim
+        if claim is not None and state in ("trusted", "untrusted"):  # a broken credential's claim is no claim:
+            claims[C2PA] = claim  # the image's other claims speak, and c2pa_state says what the credential is
+        elif claim is not None and state is not None:
+            broken = claim
         if problem:
             problems.append(problem)
 
@@ -142,6 +152,8 @@ def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None) ->
     if software:
         claims[EXIF] = (None, _cut(software))
 
+    if state in ("invalid", "mismatched") and not any(c[0] for c in claims.values()):
+        claims[C2PA] = broken  # nothing else declares a source: what the broken credential says, beside its state
     order = (C2PA, XMP, PNG_TEXT, EXIF)
     source = next((s for s in order if s in claims and claims[s][0]), None)
     named = next((s for s in order if s in claims and claims[s][1]), None)
@@ -197,19 +209,20 @@ def _c2pa(data: bytes, mime: str, trust: C2paTrust) -> tuple[str | None, tuple |
     """(state, (declared source, declared by), problem) of the C2PA manifest in ``data``."""
     try:
         import c2pa
-    except ImportError:
-        return None, None, None
+    except ImportError:  # said on the row: the driver's environment may have it where the workers' has not
+        return None, None, "c2pa: not installed"
     try:
         with c2pa.Reader(mime, io.BytesIO(data), context=_context(trust.anchors)) as reader:
             store = json.loads(reader.json())
             state = reader.get_validation_state()
+        manifest = (store.get("manifests") or {}).get(store.get("active_manifest")) or {}
+        failures = [f.get("code", "") for f in ((store.get("validation_results") or {}).get("activeManifest") or {})
+                    .get("failure", [])]
+        claim = (_c2pa_source(manifest), _c2pa_generator(manifest))
     except Exception as exc:  # noqa: BLE001 - the library's errors for what it could not read
         if type(exc).__name__.endswith("ManifestNotFound"):
             return None, None, None
         return "unreadable", None, _problem("c2pa", exc)
-    manifest = (store.get("manifests") or {}).get(store.get("active_manifest")) or {}
-    failures = [f.get("code", "") for f in ((store.get("validation_results") or {}).get("activeManifest") or {})
-                .get("failure", [])]
     if state == "Trusted":
         verdict = "trusted"
     elif state == "Valid":
@@ -218,7 +231,7 @@ def _c2pa(data: bytes, mime: str, trust: C2paTrust) -> tuple[str | None, tuple |
         verdict = "mismatched"
     else:
         verdict = "invalid"
-    return verdict, (_c2pa_source(manifest), _c2pa_generator(manifest)), None
+    return verdict, claim, None
 
 
 def _c2pa_source(manifest: dict) -> str | None:
@@ -242,10 +255,13 @@ def _c2pa_generator(manifest: dict) -> str | None:
 
 @lru_cache(maxsize=4)
 def _context(anchors: str):
-    """The library's settings: trust only ``anchors``, and fetch nothing while validating."""
+    """The library's settings: trust only ``anchors``, and fetch nothing while validating: no
+    OCSP, no remote manifest, and no host it may reach at all (the library takes unknown
+    keys silently, so the last is the guard a misspelt one cannot undo; a test listens)."""
     import c2pa
 
-    settings = {"verify": {"ocsp_fetch": False, "remote_manifest_fetch": False}}
+    settings = {"verify": {"ocsp_fetch": False, "remote_manifest_fetch": False},
+                "core": {"allowed_network_hosts": []}}
     if anchors:
         settings["trust"] = {"trust_anchors": anchors}
     return c2pa.Context(c2pa.Settings.from_dict(settings))
@@ -264,4 +280,7 @@ def _problem(part: str, exc: BaseException) -> str:
     """The reason a part was not read, from a small set that a summary can count: the part and
     the error's kind (``xmp: DTDForbidden``), never the message, which may quote the upload."""
     kind = "too large" if isinstance(exc, _TooLarge) else type(exc).__name__.lstrip("_")
+    if kind == "C2paError":  # the library's catch-all: its message's first word is the kind ("Remote: ...")
+        head = str(exc).split(":", 1)[0]
+        kind = f"C2paError.{head}" if head.isidentifier() and len(head) <= 32 else kind
     return f"{part}: {kind}"

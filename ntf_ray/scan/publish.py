@@ -158,11 +158,11 @@ def write_whole(uri: str, batches: Iterator[pa.RecordBatch], options: StorageOpt
 
 def run_summary(tally: Tally, *, listed: int, skipped: int, seconds: float, model_id: str, spec: ScanSpec,
              run_id: str, threshold: float) -> dict[str, Any]:
-    from ntf_ray.images.provenance import c2pa_available
-
     edges = np.linspace(0.0, 1.0, 11)
-    c2pa = ("off (--no-provenance)" if not spec.provenance else "read" if c2pa_available()
-            else "not read: c2pa-python is not installed (pip install 'ntf-ray[c2pa]')")
+    # as the detectors' rows say: their environment is the one that counts, not the driver's
+    c2pa = ("off (--no-provenance)" if not spec.provenance
+            else "not read: c2pa-python is not installed where the detectors ran (pip install 'ntf-ray[c2pa]')"
+            if tally.provenance_problems.get("c2pa: not installed") else "read")
     return {
         "run_id": run_id, "model_id": model_id, "threshold": threshold,
         "listed": listed, "skipped": skipped, "rows": tally.rows, "scored": tally.scored,
