@@ -155,6 +155,14 @@ def test_a_broken_credential_does_not_hide_what_the_image_says_elsewhere(signer)
     assert (got.c2pa_state, got.provenance, got.declared_source) == ("invalid", "xmp", "trainedAlgorithmicMedia"), got
 
 
+def test_a_credential_that_keeps_the_library_reading_past_its_deadline_is_too_slow(images, monkeypatch):
+    folder, _ = images
+    monkeypatch.setattr(provenance, "C2PA_DEADLINE_S", -1.0)  # every read is past it
+    got = read_provenance((folder / "c2pa-ai.jpg").read_bytes())
+    assert (got.c2pa_state, got.problem) == ("unreadable", "c2pa: too slow"), got
+    assert read_provenance(jpeg_bytes(33, software="Cam")).declared_by == "Cam"  # the rest is still read
+
+
 def test_without_the_c2pa_library_the_rest_is_read_and_each_row_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "c2pa", None)  # as if not installed: importing it raises ImportError
     got = read_provenance(jpeg_bytes(32, xmp=xmp_packet(IPTC + "digitalCapture")))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -58,6 +59,9 @@ DECLARED_GENERATED = frozenset({"trainedAlgorithmicMedia", "compositeWithTrained
 DECLARED_CAPTURE = frozenset({"digitalCapture", "compositeCapture", "negativeFilm", "positiveFilm", "print"})
 MAX_XMP_BYTES = 256 * 1024
 MAX_TEXT = 120
+#: Seconds the C2PA library may spend reading one image: it reads through our stream, and a
+#: read past this raises, so a manifest that keeps it reading ends as ``c2pa: too slow``.
+C2PA_DEADLINE_S = 10.0
 
 _XMP_TERM = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _HASH_MISMATCH = re.compile(r"assertion\.(data|bmff|boxes|collection)Hash\.mismatch")
@@ -211,8 +215,9 @@ def _c2pa(data: bytes, mime: str, trust: C2paTrust) -> tuple[str | None, tuple |
         import c2pa
     except ImportError:  # said on the row: the driver's environment may have it where the workers' has not
         return None, None, "c2pa: not installed"
+    stream = _Deadline(data, time.monotonic() + C2PA_DEADLINE_S)
     try:
-        with c2pa.Reader(mime, io.BytesIO(data), context=_context(trust.anchors)) as reader:
+        with c2pa.Reader(mime, stream, context=_context(trust.anchors)) as reader:
             store = json.loads(reader.json())
             state = reader.get_validation_state()
         manifest = (store.get("manifests") or {}).get(store.get("active_manifest")) or {}
@@ -220,6 +225,8 @@ def _c2pa(data: bytes, mime: str, trust: C2paTrust) -> tuple[str | None, tuple |
                     .get("failure", [])]
         claim = (_c2pa_source(manifest), _c2pa_generator(manifest))
     except Exception as exc:  # noqa: BLE001 - the library's errors for what it could not read
+        if stream.late:
+            return "unreadable", None, "c2pa: too slow"
         if type(exc).__name__.endswith("ManifestNotFound"):
             return None, None, None
         return "unreadable", None, _problem("c2pa", exc)
@@ -270,6 +277,27 @@ def _context(anchors: str):
 def _cut(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "\u2026"
+
+
+class _Deadline(io.BytesIO):
+    """The bytes as the C2PA library reads them: a read past ``deadline`` raises (and says so)."""
+
+    def __init__(self, data, deadline: float):
+        super().__init__(data)
+        self.deadline, self.late = deadline, False
+
+    def _check(self) -> None:
+        if time.monotonic() > self.deadline:
+            self.late = True
+            raise TimeoutError("C2PA read past its deadline")
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._check()
+        return super().read(size)
+
+    def readinto(self, buffer) -> int:  # what the library calls
+        self._check()
+        return super().readinto(buffer)
 
 
 class _TooLarge(ValueError):
