@@ -20,6 +20,7 @@ from ntf_ray import cli
 from ntf_ray.detector.artifact import save_artifact
 from ntf_ray.detector.scorer import Scorer, ScoreResult
 from ntf_ray.images.decode import decode
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS
 from ntf_ray.images.transforms import eval_transform, to_tensor
 from ntf_ray.nn.model import Detector
 from tests.awkward import make_awkward_files, texture
@@ -396,7 +397,7 @@ def test_cli_score(artifact_dir, pool, tmp_path, capsys):
     assert len(lines) == 5
     rows = [json.loads(ln) for ln in lines]
     for row in rows:
-        assert set(row) == {"uri", "score", "is_fake", "error", "decoder"}
+        assert set(row) == {"uri", "score", "is_fake", "error", "decoder", *PROVENANCE_COLUMNS}
     assert [r["uri"] for r in rows] == files + [str(broken), str(missing)]
     want = Scorer.from_artifact(artifact_dir, device="cpu").score_bytes(pool[:3])
     for row, w in zip(rows[:3], want):
