@@ -13,7 +13,7 @@ from typing import Any
 from ntf_ray import storage
 from ntf_ray.detector.scorer import Scorer
 from ntf_ray.errors import TOO_LARGE
-from ntf_ray.images.provenance import PROVENANCE_COLUMNS, PROVENANCE_FIELDS, C2paTrust, provenance_of
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS, C2paTrust, provenance_of
 from ntf_ray.storage import DEFAULT_MAX_BYTES, ObjectTooLarge, StorageOptions
 
 
@@ -57,6 +57,5 @@ def score_files(scorer: Scorer, inputs: Iterable[str | Path], *, options: Storag
             continue
         r = scorer.score_bytes([data])[0]
         if provenance is not None:
-            found = provenance_of(data, provenance)
-            claims = {name: getattr(found, field) for name, field in PROVENANCE_FIELDS.items()}
+            claims = provenance_of(data, provenance).columns()
         yield {"uri": uri, "score": r.score, "is_fake": r.is_fake, "error": r.error, "decoder": r.decoder, **claims}

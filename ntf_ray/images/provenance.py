@@ -77,6 +77,10 @@ class Provenance:
     c2pa_state: str | None = None  # one of C2PA_STATES
     problem: str | None = None  # why parts could not be read ("xmp: DTDForbidden"; "; " between parts)
 
+    def columns(self) -> dict[str, str | None]:
+        """The score table's provenance columns of these claims (``PROVENANCE_FIELDS``)."""
+        return {name: getattr(self, field) for name, field in PROVENANCE_FIELDS.items()}
+
 
 @dataclass(frozen=True)
 class C2paTrust:

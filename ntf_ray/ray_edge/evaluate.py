@@ -26,7 +26,7 @@ from ntf_ray import storage
 from ntf_ray.detector.artifact import check_threshold
 from ntf_ray.errors import DECODE, DETECTOR, DetectorFault, error
 from ntf_ray.evaluate import CLEAN, format_summary, parse_families, parse_perturbations, write_report
-from ntf_ray.images.provenance import PROVENANCE_COLUMNS, PROVENANCE_FIELDS, provenance_of
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS, provenance_of
 from ntf_ray.ray_edge.scan.actor import scored_stream
 from ntf_ray.scan.spec import ActorPool
 from ntf_ray.storage import StorageOptions
@@ -136,8 +136,7 @@ class EvaluationActor:
             if read_error is not None:
                 errors[i] = read_error
                 continue
-            found = provenance_of(blob)
-            claims[i] = {name: getattr(found, field) for name, field in PROVENANCE_FIELDS.items()}
+            claims[i] = provenance_of(blob).columns()
             image, result = self.scorer.decode(blob)
             if image is None:
                 errors[i] = result.error

@@ -19,7 +19,7 @@ import ray
 from ntf_ray import storage
 from ntf_ray.errors import DECODE, DETECTOR, DetectorFault
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
-from ntf_ray.images.provenance import PROVENANCE_COLUMNS, PROVENANCE_FIELDS, C2paTrust, provenance_of
+from ntf_ray.images.provenance import PROVENANCE_COLUMNS, C2paTrust, provenance_of
 from ntf_ray.scan.publish import SEQ
 from ntf_ray.scan.spec import ActorPool
 from ntf_ray.scan.table import FILE_SCHEMA
@@ -127,9 +127,8 @@ class DetectorActor:
                                                          "decoder", *PROVENANCE_COLUMNS)}
         if self._provenance is not None:
             for i in ok:  # what the bytes say of themselves, beside (never instead of) the score
-                claims = provenance_of(data[i], self._provenance)
-                for name in PROVENANCE_COLUMNS:
-                    cols[name][i] = getattr(claims, PROVENANCE_FIELDS[name])
+                for name, value in provenance_of(data[i], self._provenance).columns().items():
+                    cols[name][i] = value
         for i in range(n):
             r = results.get(i)
             if r is None:
