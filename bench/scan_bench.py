@@ -18,6 +18,18 @@ to show it stays flat in the number of objects.
 (``images.provenance``): the Ray Data scan of the same files with ``--no-provenance`` and
 with provenance read, alternating, ``--rounds`` times each; it prints each run's images/s and,
 as its last line, ``ratio provenance/none`` (the mean rates' ratio).
+
+``--window-ratio`` measures instead what decoding only the centre window of each JPEG saves
+(``images.jpeg_window``, libjpeg-turbo 3; ``--turbojpeg PATH`` names the library when the
+system's is older): first the pixel parity on up to ``--parity`` files (each window against
+the whole frame's centre, bit for bit), then one thread decoding and cropping each file both
+ways, then the Ray Data scan with ``NTF_RAY_TURBOJPEG=off`` and with the region decode,
+alternating, ``--rounds`` times each (a fresh local Ray each run, so the actors see the
+setting); last line ``ratio window/whole`` (the scans' mean rates). Where the system's
+library is TurboJPEG 2 it also times the lossless crop of the covering MCUs followed by a
+decode, the one crop that version has.
+
+    python bench/scan_bench.py --window-ratio --width 1024 --height 768 --n 2000
 """
 
 from __future__ import annotations
@@ -123,10 +135,18 @@ def main() -> None:
                    help="object counts for the listing-memory check (default 10000 100000; none to skip)")
     p.add_argument("--provenance-ratio", action="store_true",
                    help="instead: the scan with and without provenance, alternating (see module)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each with --provenance-ratio (default 2)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of each with --provenance-ratio or --window-ratio (default 2)")
+    p.add_argument("--window-ratio", action="store_true",
+                   help="instead: the centre window decoded as a region against the whole frame (see module)")
+    p.add_argument("--parity", type=int, default=1000, help="files checked pixel by pixel with --window-ratio")
+    p.add_argument("--turbojpeg", default=None, help="the TurboJPEG 3 library for --window-ratio (default: found)")
     args = p.parse_args()
     if args.provenance_ratio:
         provenance_ratio(args)
+        return
+    if args.window_ratio:
+        window_ratio(args)
         return
 
     import pyarrow.dataset as pads
@@ -220,6 +240,160 @@ def provenance_ratio(args: argparse.Namespace) -> None:
         ray.shutdown()
     mean = {on: sum(r) / len(r) for on, r in rates.items()}
     print(f"ratio provenance/none = {mean[True] / mean[False]:.3f}")
+
+
+def _timed_rate(fn, items, repeat: int = 2) -> float:
+    """Items per second of ``fn`` over ``items``, the best of ``repeat`` passes."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        best = min(best, time.perf_counter() - start)
+    return len(items) / best
+
+
+def _lossless_crop(size: int):
+    """``fn(bytes)`` -> the centre window through TurboJPEG 2's lossless crop of the covering
+    MCUs (one MCU of margin) and a decode of the small JPEG; None without the library."""
+    import ctypes
+    import ctypes.util
+
+    import simplejpeg
+
+    name = ctypes.util.find_library("turbojpeg")
+    if not name:
+        return None
+    lib = ctypes.CDLL(name)
+
+    class Region(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("w", ctypes.c_int), ("h", ctypes.c_int)]
+
+    class Transform(ctypes.Structure):
+        _fields_ = [("r", Region), ("op", ctypes.c_int), ("options", ctypes.c_int), ("data", ctypes.c_void_p),
+                    ("filter", ctypes.c_void_p)]
+
+    lib.tjInitTransform.restype = ctypes.c_void_p
+    lib.tjDestroy.argtypes = lib.tjFree.argtypes = [ctypes.c_void_p]
+    lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + [ctypes.POINTER(ctypes.c_int)] * 4
+    lib.tjTransform.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int,
+                                ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
+                                ctypes.POINTER(Transform), ctypes.c_int]
+    mcu = {0: (8, 8), 1: (16, 8), 2: (16, 16), 3: (8, 8), 4: (8, 16), 5: (32, 8)}
+
+    def crop(data: bytes):
+        handle = lib.tjInitTransform()
+        try:
+            w, h, sub, space = (ctypes.c_int() for _ in range(4))
+            if lib.tjDecompressHeader3(handle, data, len(data), w, h, sub, space):
+                raise ValueError("header")
+            w, h, (mw, mh) = w.value, h.value, mcu[sub.value]
+            top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+            x0, y0 = max(0, left - mw) // mw * mw, max(0, top - mh) // mh * mh
+            x1, y1 = min(w, left + size + mw), min(h, top + size + mh)
+            t = Transform(Region(x0, y0, x1 - x0, y1 - y0), 0, 4 | 64, None, None)  # TJXOPT_CROP | TJXOPT_COPYNONE
+            out, n = ctypes.c_void_p(), ctypes.c_ulong()
+            if lib.tjTransform(handle, data, len(data), 1, ctypes.byref(out), ctypes.byref(n), ctypes.byref(t),
+                               8192 | 16384):  # TJFLAG_STOPONWARNING | TJFLAG_LIMITSCANS
+                raise ValueError("transform")
+            small = ctypes.string_at(out, n.value)
+            lib.tjFree(out)
+        finally:
+            lib.tjDestroy(handle)
+        pixels = simplejpeg.decode_jpeg(small, colorspace="RGB", strict=True)
+        return pixels[top - y0 : top - y0 + size, left - x0 : left - x0 + size]
+
+    return crop
+
+
+def window_ratio(args: argparse.Namespace) -> None:
+    if args.turbojpeg:
+        os.environ["NTF_RAY_TURBOJPEG"] = args.turbojpeg
+    import pyarrow.dataset as pads
+    import ray
+    import torch
+
+    from ntf_ray.detector.artifact import save_artifact
+    from ntf_ray.images import jpeg_window
+    from ntf_ray.images.decode import decode
+    from ntf_ray.nn.model import Detector
+    from ntf_ray.ray_edge import runtime
+    from ntf_ray.ray_edge import scan as ray_scan
+    from ntf_ray.scan.spec import ScanSpec
+
+    size = 224
+    chosen = os.environ.get("NTF_RAY_TURBOJPEG")
+    print(f"host: {os.cpu_count()} cores; torch {torch.__version__}; ray {ray.__version__}; "
+          f"backbone {args.backbone} (random weights), batch {args.batch}; {jpeg_window.describe()}")
+    if jpeg_window.library() is None:
+        raise SystemExit("no TurboJPEG 3 library: nothing to compare (--turbojpeg PATH names one)")
+
+    def centre(image):
+        h, w = image.shape[:2]
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        return image[top : top + size, left : left + size]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height)
+        blobs = [q.read_bytes() for q in paths]
+        print(f"{len(paths)} JPEGs of {args.width}x{args.height}, {sum(map(len, blobs)) / len(blobs) / 1024:.0f} KiB "
+              "each (quality 90, 4:2:0, baseline)", flush=True)
+        checked = blobs[-args.parity:]  # the files the scans below also score, the last ones first made
+        equal = flips = regions = 0
+        worst = 0
+        for data in checked:
+            whole, part = decode(data), decode(data, window=size)
+            regions += part.window
+            a, b = centre(whole.image).astype(np.int16), (part.image if part.window else centre(part.image))
+            diff = int(np.abs(a - b).max())
+            worst = max(worst, diff)
+            equal += diff == 0
+            flips += (whole.error is None) != (part.error is None)
+        print(f"parity: {equal} of {len(checked)} windows equal to the whole frame's centre bit for bit "
+              f"({regions} decoded as a region), max |difference| {worst}, ok/error flips {flips}", flush=True)
+        if equal != len(checked) or flips:
+            raise SystemExit("the region decode changed pixels or outcomes")
+
+        sample = blobs[: min(len(blobs), 500)]
+        whole_rate = _timed_rate(lambda d: np.ascontiguousarray(centre(decode(d).image)), sample)
+        part_rate = _timed_rate(lambda d: decode(d, window=size).image, sample)
+        print(f"one thread, decode + centre crop: whole frame {whole_rate:8.1f} images/s, region {part_rate:8.1f} "
+              f"images/s: {part_rate / whole_rate:.2f}x", flush=True)
+        lossless = _lossless_crop(size)
+        if lossless is not None:
+            try:
+                assert all(np.array_equal(lossless(d), centre(decode(d).image)) for d in sample[:50])
+                crop_rate = _timed_rate(lossless, sample)
+                print(f"one thread, TurboJPEG 2 lossless crop + decode: {crop_rate:8.1f} images/s: "
+                      f"{crop_rate / whole_rate:.2f}x the whole frame (same pixels)", flush=True)
+            except (OSError, ValueError, KeyError, AttributeError) as exc:
+                print(f"TurboJPEG 2 lossless crop: not measured ({type(exc).__name__})")
+
+        torch.manual_seed(0)
+        model = str(tmp / "detector")
+        save_artifact(model, Detector.build(args.backbone), input_size=size)
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        scores: dict[bool, dict] = {}
+        for k in range(2 * args.rounds):
+            on = bool(k % 2)
+            os.environ["NTF_RAY_TURBOJPEG"] = (chosen or "") if on else "off"
+            runtime.init_local_ray()
+            start = time.perf_counter()
+            result = ray_scan.scan(ScanSpec(model=model, output=str(tmp / f"scores-{k}"), input=str(tmp / "jpegs"),
+                                            batch_size=args.batch))
+            rate = len(paths) / (time.perf_counter() - start)
+            ray.shutdown()
+            rates[on].append(rate)
+            table = pads.dataset(result.run_dir, format="parquet").to_table(columns=["uri", "score"])
+            scores[on] = dict(zip(table.column("uri").to_pylist(), table.column("score").to_pylist()))
+            print(f"scan, {'region decode' if on else 'whole frame  '}: {rate:8.1f} images/s ({table.num_rows} rows)",
+                  flush=True)
+        if scores[True] != scores[False]:
+            raise SystemExit("the scores differ with the region decode: they must not")
+        print("scores: identical with and without the region decode")
+    mean = {on: sum(r) / len(r) for on, r in rates.items()}
+    print(f"ratio window/whole = {mean[True] / mean[False]:.3f}")
 
 
 if __name__ == "__main__":

@@ -300,8 +300,8 @@ def _frames_alive_at_each_crop(monkeypatch, scorer: Scorer, items: list[bytes]) 
     alive: list[int] = []
     real_decode, real_crop = Scorer.decode, Scorer.crop
 
-    def decode_spy(self, data):
-        image, result = real_decode(self, data)
+    def decode_spy(self, data, **kw):
+        image, result = real_decode(self, data, **kw)
         frames.append(weakref.ref(image))
         return image, result
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -179,19 +179,27 @@ class Scorer:
             **kwargs,
         )
 
-    def decode(self, data: bytes) -> tuple[torch.Tensor | None, ScoreResult]:
-        """Decode one image with the core decoder: ``(3, H, W)`` uint8, or None and the reason."""
-        decoded = decode(data, max_pixels=self.max_pixels)
+    def decode(self, data: bytes, *, window: bool = False) -> tuple[torch.Tensor | None, ScoreResult]:
+        """Decode one image with the core decoder: ``(3, H, W)`` uint8, or None and the reason.
+
+        ``window``: only the centre crop is wanted, so a plain JPEG may come back as just its
+        centre ``input_size`` square (``images.jpeg_window``: the same pixels); the result's
+        width and height are the whole image's either way."""
+        decoded = decode(data, max_pixels=self.max_pixels, window=self.input_size if window else None)
         if not decoded.ok:
             return None, ScoreResult(None, None, decoded.width, decoded.height, decoded.format, decoded.error, "pil")
         return to_tensor(decoded.image), ScoreResult(None, None, decoded.width, decoded.height, decoded.format, None, "pil")
 
     def preprocess(self, data: bytes) -> tuple[torch.Tensor | None, ScoreResult]:
-        """Decode (core decoder) and crop one image; on failure the result carries the reason."""
-        image, result = self.decode(data)
+        """Decode (core decoder) and crop one image; on failure the result carries the reason.
+
+        Only the centre window is decoded where the core decoder can (plain JPEGs:
+        ``images.jpeg_window``), with the same pixels as the whole frame's centre."""
+        image, result = self.decode(data, window=True)
         if image is None:
             return None, result
-        return self.crop(image, result.format, "pil")
+        crop, cropped = self.crop(image, result.format, "pil")  # a window is its own centre crop
+        return crop, replace(cropped, width=result.width, height=result.height)
 
     def crop(self, image: torch.Tensor, fmt: str | None, decoder: str) -> tuple[torch.Tensor | None, ScoreResult]:
         """Centre crop of a decoded ``(3, H, W)`` uint8 image, on whatever device it is."""

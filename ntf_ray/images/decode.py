@@ -164,6 +164,7 @@ class Decoded:
         height: height in pixels, same rules as ``width``.
         error: ``None`` when ok, else a short one-line reason starting with ``"decode: "``,
             ``"too_large: "`` or ``"unsupported_format: "``.
+        window: ``image`` holds only the centre window asked for by ``decode(..., window=N)``.
     """
 
     image: np.ndarray | None
@@ -171,6 +172,7 @@ class Decoded:
     width: int | None
     height: int | None
     error: str | None
+    window: bool = False  # ``image`` is the centre window only (``decode(..., window=N)``)
 
     @property
     def ok(self) -> bool:
@@ -204,6 +206,7 @@ def decode(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     deadline_s: float | None = DEFAULT_DEADLINE_S,
+    window: int | None = None,
 ) -> Decoded:
     """Decode encoded image bytes to a full-resolution ``(H, W, 3)`` ``uint8`` RGB array.
 
@@ -215,6 +218,12 @@ def decode(
             the check. See the module docstring for how this interacts with Pillow's
             global ``Image.MAX_IMAGE_PIXELS``.
         deadline_s: give up after this many seconds (``decode: too slow``); None: no deadline.
+        window: the caller keeps only the centre ``window x window`` square of the upright
+            image (``TF.center_crop`` at native resolution). Where a plain JPEG at least that
+            big on each side can be decoded as that region (:mod:`ntf_ray.images.jpeg_window`),
+            ``image`` is the square and ``Decoded.window`` is True; ``width`` / ``height`` stay
+            the whole image's. The square's pixels are the whole frame's, and errors are the
+            same; otherwise the whole frame is decoded as without it.
 
     Returns:
         A :class:`Decoded`. Never raises for bad data; check ``.ok`` / ``.error``.
@@ -276,9 +285,11 @@ def decode(
         if refused is not None:
             return Decoded(None, fmt, width, height, refused)
         if fmt in ("JPEG", "MPO"):
-            image, reason = decode_jpeg(buf, limit)
+            image, reason, whole = decode_jpeg(buf, limit, window)
             if reason is not None:
                 return Decoded(None, fmt, width, height, reason)
+            if whole is not None:  # the centre window only; the size is the upright image's
+                return Decoded(image, fmt, whole[0], whole[1], None, window=True)
             if image is not None:
                 return Decoded(image, fmt, int(image.shape[1]), int(image.shape[0]), None)
         # 3) Decode fully. load() surfaces truncation as OSError since we never set

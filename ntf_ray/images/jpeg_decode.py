@@ -15,6 +15,7 @@ import simplejpeg
 
 from ntf_ray.errors import DECODE, TOO_LARGE, error
 from ntf_ray.images.jpeg_screen import MAX_SCANS, count_scans, screen
+from ntf_ray.images.jpeg_window import centre_window
 
 #: EXIF orientation -> the turn that shows the image upright, on an ``(H, W, C)`` array: the
 #: same as Pillow's transposes in ``ImageOps.exif_transpose`` (a test compares them).
@@ -29,11 +30,17 @@ _ORIENT = {
 }
 
 
-def decode_jpeg(buf, limit: int | None) -> tuple[np.ndarray | None, str | None]:
+def decode_jpeg(buf, limit: int | None, window: int | None = None) -> tuple[np.ndarray | None, str | None, tuple[int, int] | None]:
     """``(None, "too_large: ...")`` for a JPEG of more than ``MAX_SCANS`` scans (its markers are
     walked once, here); ``(pixels, None)`` for a plain JPEG (baseline or progressive, grey or YCbCr, any EXIF
     orientation) decoded by libjpeg-turbo with warnings as errors; ``(None, reason)`` when it
-    ends early (``decode: truncated image``); ``(None, None)``: Pillow decodes it.
+    ends early (``decode: truncated image``); ``(None, None)``: Pillow decodes it. The third
+    value is the upright image's ``(width, height)`` when ``pixels`` is only its window (below),
+    else None.
+
+    ``window``: the caller keeps only the centre ``window x window`` square of the upright
+    image; where ``jpeg_window`` can decode just that region, ``pixels`` is that square (the
+    same pixels as the whole frame's centre), else the whole frame as above.
 
     Pillow's JPEG plugin runs the same libjpeg-turbo with the same settings (accurate DCT,
     fancy upsampling), so the pixels are Pillow's (a test compares them); it ignores
@@ -43,15 +50,20 @@ def decode_jpeg(buf, limit: int | None) -> tuple[np.ndarray | None, str | None]:
     """
     found = screen(buf, max_pixels=limit, allow_orientation=True)
     if (found.scans if found.scans is not None else count_scans(buf)) > MAX_SCANS:
-        return None, error(TOO_LARGE, f"more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)")
+        return None, error(TOO_LARGE, f"more than {MAX_SCANS} scans (a JPEG decodes its whole image once per scan)"), None
     if not found.gpu:
-        return None, (error(DECODE, "truncated image") if ends_early(buf) else None)
+        return None, (error(DECODE, "truncated image") if ends_early(buf) else None), None
+    turn = _ORIENT.get(found.orientation)
+    if window is not None:
+        pixels = centre_window(buf, found, window, turn)
+        if pixels is not None:
+            turned = found.orientation in (5, 6, 7, 8)
+            return pixels, None, ((found.height, found.width) if turned else (found.width, found.height))
     try:
         pixels = simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
     except ValueError as exc:
-        return None, (error(DECODE, "truncated image") if "premature end" in str(exc).lower() else None)
-    turn = _ORIENT.get(found.orientation)
-    return (pixels if turn is None else np.ascontiguousarray(turn(pixels))), None
+        return None, (error(DECODE, "truncated image") if "premature end" in str(exc).lower() else None), None
+    return (pixels if turn is None else np.ascontiguousarray(turn(pixels))), None, None
 
 
 def ends_early(buf) -> bool:

@@ -67,6 +67,9 @@ class DetectorActor:
                         "warm_up": warm - loaded}
         log.info("detector actor ready on %s in %.1f s (%s)", device, warm - began,
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.items()))
+        from ntf_ray.images.jpeg_window import describe
+
+        log.info("%s", describe())
         self._torch = torch
         self._local = threading.local()
         self._provenance = C2paTrust(c2pa_trust) if provenance else None
