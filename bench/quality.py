@@ -15,6 +15,18 @@ Prints one line per run, then the tables: per variant the mean and spread (stand
 deviation over families x seeds) of AP and ACC on the left-out family and in
 distribution, and the mean left-out AP per family. Nothing here is tuned on a left-out
 family: the settings are the smoke recipe's, at the image size below.
+
+``--headroom`` runs the headroom protocol instead: every variant trains on the five usual
+families (``ALL_GENERATORS``) and is tested on each headroom family
+(``ntf_ray.synth.headroom``: departures from the reals no usual family takes). In the same
+run, per family and seed, an in-family oracle (``bce``, the same recipe, trained on that
+family alone) shows the family can be learnt at all. A family has headroom when the
+oracle's AP is >= 90 and ``bce``'s transfer AP (trained on the usual families) is <= 80,
+both as means over the seeds; a family that fails either is reported and left out of the
+margin. Last lines: per variant the mean AP over the families with headroom, and the
+margin of the best NTF variant over ``bce``.
+
+    python bench/quality.py --headroom           # 4 families x (oracle + 6 variants) x 3 seeds
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ def run_fold(job: dict) -> list[dict]:
     from ntf_ray.nn.variants import get_variant
     from ntf_ray.training.config import load_config
     from ntf_ray.training.datasets import read_manifest, select
-    from ntf_ray.training.recipe import seed_everything, train_stage1, train_stage2
+    from ntf_ray.training.recipe import fit_natural_traces_for, seed_everything, train_stage1, train_stage2
 
     torch.set_num_threads(1)
     table = read_manifest(job["manifest"])
@@ -69,7 +81,7 @@ def run_fold(job: dict) -> list[dict]:
             stage1_cache[key] = train_stage1(table, cfg)
         stage1 = copy.deepcopy(stage1_cache[key]) if key is not None else None
         seed_everything(cfg.seed + 1)
-        detector = train_stage2(table, stage1, cfg).detector().cpu().eval()
+        detector = fit_natural_traces_for(train_stage2(table, stage1, cfg).detector().cpu().eval(), table, cfg)
         scorer = Scorer(detector, input_size=cfg.crop_size, threshold=cfg.threshold, device="cpu")
         row = {"variant": name, "left_out": job["left_out"], "seed": job["seed"],
                "seconds": round(time.perf_counter() - start, 1)}
@@ -82,6 +94,96 @@ def run_fold(job: dict) -> list[dict]:
               f"({row['seconds']} s)", flush=True)
         rows.append(row)
     return rows
+
+
+def run_headroom(job: dict) -> list[dict]:
+    """One seed of the headroom protocol: every variant trained on the usual families, the
+    oracle on each headroom family; AP on each headroom family's test split."""
+    import torch
+
+    from ntf_ray.detector.scorer import Scorer
+    from ntf_ray.evaluate.metrics import binary_metrics
+    from ntf_ray.nn.variants import get_variant
+    from ntf_ray.training.config import load_config
+    from ntf_ray.training.datasets import read_manifest, select
+    from ntf_ray.training.recipe import fit_natural_traces_for, seed_everything, train_stage1, train_stage2
+
+    torch.set_num_threads(1)
+    table = read_manifest(job["manifest"])
+    tests = {f: select(table, split="test", generators=[f]) for f in job["headroom"]}
+    data = {f: ([open(u, "rb").read() for u in t.column("uri").to_pylist()], t.column("label").to_pylist())
+            for f, t in tests.items()}
+    rows = []
+
+    def score(detector, cfg, families) -> dict[str, float]:
+        scorer = Scorer(detector, input_size=cfg.crop_size, threshold=cfg.threshold, device="cpu")
+        out = {}
+        for f in families:
+            blobs, labels = data[f]
+            out[f] = binary_metrics(labels, [r.score for r in scorer.score_bytes(blobs)], threshold=cfg.threshold).ap
+        return out
+
+    def train(name: str, generators: list[str], stage1_cache: dict):
+        variant = get_variant(name)
+        cfg = load_config(SMOKE, {**job["overrides"], "variant": name, "seed": job["seed"],
+                                  "train_generators": generators, "num_workers": 0})
+        seed_everything(cfg.seed)
+        key = _stage1_key(variant)
+        if key is not None and key not in stage1_cache:
+            stage1_cache[key] = train_stage1(table, cfg)
+        stage1 = copy.deepcopy(stage1_cache[key]) if key is not None else None
+        seed_everything(cfg.seed + 1)
+        detector = train_stage2(table, stage1, cfg).detector().cpu().eval()
+        return fit_natural_traces_for(detector, table, cfg), cfg
+
+    for f in job["headroom"]:  # the oracle: the same recipe, trained on the family itself
+        start = time.perf_counter()
+        detector, cfg = train("bce", [f], {})
+        ap = score(detector, cfg, [f])[f]
+        rows.append({"variant": "oracle", "family": f, "seed": job["seed"], "ap": ap})
+        print(f"oracle        on {f:<10} seed {job['seed']}: AP {ap:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    cache: dict = {}
+    for name in job["variants"]:
+        start = time.perf_counter()
+        detector, cfg = train(name, job["usual"], cache)
+        aps = score(detector, cfg, job["headroom"])
+        for f, ap in aps.items():
+            rows.append({"variant": name, "family": f, "seed": job["seed"], "ap": ap})
+        print(f"{name:<13} seed {job['seed']}: " + ", ".join(f"{f} AP {ap:.3f}" for f, ap in aps.items())
+              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    return rows
+
+
+def summarise_headroom(rows: list[dict], variants: list[str], families: list[str]) -> str:
+    def aps(v, f):
+        return [x["ap"] for x in rows if x["variant"] == v and x["family"] == f]
+
+    def cell(v, f):
+        a = aps(v, f)
+        return f"{100 * np.mean(a):5.1f} ± {100 * np.std(a):4.1f}"
+
+    kept = [f for f in families if np.mean(aps("oracle", f)) >= 0.90 and np.mean(aps("bce", f)) <= 0.80]
+    lines = ["", "AP per headroom family, mean ± std over seeds (oracle: bce trained on the family itself; "
+             "every other row: trained on the usual families):", "",
+             "| variant | " + " | ".join(families) + " | mean over families with headroom |",
+             "|---|" + "---|" * (len(families) + 1)]
+    for v in ["oracle", *variants]:
+        mean = f"{100 * np.mean([np.mean(aps(v, f)) for f in kept]):5.1f}" if kept else "-"
+        lines.append(f"| {v} | " + " | ".join(cell(v, f) for f in families) + f" | {mean} |")
+    lines.append("")
+    for f in families:
+        o, b = 100 * np.mean(aps("oracle", f)), 100 * np.mean(aps("bce", f))
+        verdict = "headroom" if f in kept else "left out: " + " and ".join(
+            x for x, bad in (("oracle < 90", o < 90), ("bce transfer > 80", b > 80)) if bad)
+        lines.append(f"family {f}: oracle {o:.1f}, bce transfer {b:.1f}: {verdict}")
+    ntf_like = [v for v in variants if v != "bce"]  # every other variant learns NTF's stage 1
+    if kept and "bce" in variants and ntf_like:
+        means = {v: 100 * np.mean([np.mean(aps(v, f)) for f in kept]) for v in ntf_like}
+        best = max(means, key=means.get)
+        bce = 100 * np.mean([np.mean(aps("bce", f)) for f in kept])
+        lines.append(f"headroom margin: best NTF variant {best} {means[best]:.1f} AP against bce {bce:.1f}: "
+                     f"{means[best] - bce:+.1f} AP over {len(kept)} families")
+    return "\n".join(lines)
 
 
 def _fmt(values: list[float]) -> str:
@@ -106,7 +208,7 @@ def summarise(rows: list[dict], variants: list[str], families: list[str]) -> str
 
 def main() -> None:
     from ntf_ray.nn.variants import VARIANTS
-    from ntf_ray.synth import ALL_GENERATORS, make_synthetic
+    from ntf_ray.synth import ALL_GENERATORS, HEADROOM_GENERATORS, make_synthetic
     from ntf_ray.training.datasets import manifest_table, write_manifest
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -122,8 +224,13 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another training config field for every run (e.g. --set lr=0.05)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2)")
+    p.add_argument("--headroom", nargs="*", default=None, metavar="FAMILY",
+                   help="the headroom protocol instead (see module); families (default: every headroom family)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.headroom is not None:
+        headroom(args, args.headroom or list(HEADROOM_GENERATORS))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         records = make_synthetic(Path(tmp) / "data", n_real=args.n * len(ALL_GENERATORS),
@@ -144,6 +251,32 @@ def main() -> None:
             rows = [r for part in pool.map(run_fold, jobs) for r in part]
     print(summarise(rows, args.variants, args.families))
     print(f"\n{len(rows)} runs in {time.perf_counter() - start:.0f} s")
+
+
+def headroom(args: argparse.Namespace, families: list[str]) -> None:
+    from ntf_ray.synth import ALL_GENERATORS, make_synthetic
+    from ntf_ray.training.datasets import manifest_table, write_manifest
+
+    gens = list(ALL_GENERATORS) + families
+    with tempfile.TemporaryDirectory() as tmp:
+        records = make_synthetic(Path(tmp) / "data", n_real=args.n * len(gens), n_fake=args.n * len(gens),
+                                 size=args.size, seed=args.data_seed, generators=gens)
+        manifest = str(Path(tmp) / "data" / "manifest.parquet")
+        write_manifest(manifest_table(records), manifest)
+        overrides = {"crop_size": args.crop, "scl_crop_size": args.crop // 2, "epochs_stage1": args.epochs_stage1,
+                     "epochs_stage2": args.epochs_stage2, **dict(item.split("=", 1) for item in args.set)}
+        jobs = [{"manifest": manifest, "usual": list(ALL_GENERATORS), "headroom": families, "seed": s,
+                 "variants": args.variants, "overrides": overrides} for s in args.seeds]
+        print(f"quality --headroom: families {', '.join(families)}; {len(args.seeds)} seeds x (oracle per family + "
+              f"{len(args.variants)} variants on {', '.join(ALL_GENERATORS)}); {args.n} real + {args.n} fake per "
+              f"family, {args.size} px, crop {args.crop}, {args.epochs_stage1}+{args.epochs_stage2} epochs, tiny "
+              f"backbone, settings {' '.join(args.set) or 'smoke.yaml'}, {platform.machine()} {os.cpu_count()} cores, "
+              f"{args.jobs} processes", flush=True)
+        start = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            rows = [r for part in pool.map(run_headroom, jobs) for r in part]
+    print(summarise_headroom(rows, args.variants, families))
+    print(f"\n{len(rows)} results in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

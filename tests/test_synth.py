@@ -257,9 +257,11 @@ def test_family_tuples_and_kinds():
     assert len(FULL_RES_GENERATORS) >= 2
     assert ALL_GENERATORS == GENERATORS + FULL_RES_GENERATORS
     assert len(set(ALL_GENERATORS)) == len(ALL_GENERATORS)
-    assert set(FAMILY_KIND) == set(ALL_GENERATORS)
+    assert set(FAMILY_KIND) == set(synth.KNOWN_GENERATORS) == set(ALL_GENERATORS) | set(synth.HEADROOM_GENERATORS)
     assert {FAMILY_KIND[g] for g in GENERATORS} == {"upsampling"}
     assert {FAMILY_KIND[g] for g in FULL_RES_GENERATORS} == {"full_res"}
+    assert {FAMILY_KIND[g] for g in synth.HEADROOM_GENERATORS} == {"headroom"}
+    assert not set(synth.HEADROOM_GENERATORS) & set(ALL_GENERATORS)  # "all" stays the five training families
     with pytest.raises(ValueError):
         synth.render_fake(np.random.default_rng(0), 16, 16, "gan9000")
 
@@ -388,3 +390,28 @@ def test_cli_generators_groups_and_manifest_family(tmp_path, capsys):
     assert pairs == {("fingerprint", "full_res"), ("noise_shape", "full_res"), ("tconv", "upsampling")}
     assert main(["synth", str(tmp_path / "e"), "--generators", "nope"]) == 2
     assert "unknown generators ['nope']" in capsys.readouterr().err
+
+
+def test_headroom_families_render_and_depart_as_described(tmp_path):
+    from ntf_ray.synth.scene import _LUMA
+
+    def batch(family, n=12, size=48):
+        render = synth.render_real if family == "real" else (lambda rng, w, h: synth.render_fake(rng, w, h, family))
+        return np.stack([render(np.random.default_rng(1000 + i), size, size) for i in range(n)]).astype(np.float32)
+
+    def hf(x):  # mean absolute horizontal first difference of the luma: high-frequency energy
+        luma = x @ _LUMA
+        return float(np.abs(np.diff(luma, axis=2)).mean())
+
+    def chroma(x):
+        return float(np.abs(x - (x @ _LUMA)[..., None]).mean())
+
+    real = batch("real")
+    for family in synth.HEADROOM_GENERATORS:
+        fake = batch(family)
+        assert fake.shape == real.shape and fake.min() >= 0 and fake.max() <= 255
+    assert hf(batch("sharpened")) > 1.3 * hf(real)  # after re-toning to the same luma spread
+    assert chroma(batch("saturated")) > 2 * chroma(real)
+    assert np.mean((batch("clipped") == 0) | (batch("clipped") == 255)) > 0.1 > np.mean((real == 0) | (real == 255))
+    recs = make_synthetic(tmp_path, n_real=2, n_fake=2, size=16, seed=0, generators=["sharpened", "tconv"])
+    assert {r["family"] for r in recs if r["generator"] == "sharpened"} == {"headroom"}

@@ -33,15 +33,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _generators(text: str) -> list[str]:
-    """``--generators``: names, or the groups ``all``, ``upsampling``, ``full_res``."""
-    from ntf_ray.synth import ALL_GENERATORS, FAMILY_KIND
+    """``--generators``: names, or the groups ``all``, ``upsampling``, ``full_res``, ``headroom``."""
+    from ntf_ray.synth import ALL_GENERATORS, FAMILY_KIND, KNOWN_GENERATORS
 
     out: list[str] = []
     for name in (n.strip() for n in text.split(",") if n.strip()):
         if name == "all":
             out += ALL_GENERATORS
         elif name in set(FAMILY_KIND.values()):
-            out += [g for g in ALL_GENERATORS if FAMILY_KIND[g] == name]
+            out += [g for g in KNOWN_GENERATORS if FAMILY_KIND[g] == name]
         else:
             out.append(name)
     return list(dict.fromkeys(out))

@@ -241,7 +241,8 @@ def load_artifact(uri: str, *, options: StorageOptions | None = None, map_locati
         state = load_safetensors(weights)
     except (SafetensorError, Exception) as exc:  # safetensors raises several types on corrupt input
         raise ArtifactError(f"{WEIGHTS} at {uri} is not a readable safetensors file ({type(exc).__name__})") from None
-    detector = Detector.build(backbone, head)
+    # The distance to the natural traces (ntf_ray.nn.traces) is weights only: its buffers say it is there.
+    detector = Detector.build(backbone, head, traces=any(k.startswith("traces.") for k in state))
     expected = detector.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -49,9 +49,9 @@ def _cell(value: Any) -> str:
 
 
 def _synthetic(generators: list[str] | None) -> bool:
-    from ntf_ray.synth.families import GENERATORS
+    from ntf_ray.synth.families import KNOWN_GENERATORS
 
-    return bool(generators) and set(generators) <= set(GENERATORS)
+    return bool(generators) and set(generators) <= set(KNOWN_GENERATORS)
 
 
 def verified(meta: dict[str, Any]) -> bool:
@@ -76,9 +76,16 @@ def limits(meta: dict[str, Any]) -> list[str]:
     generators = _names(data.get("generators"))
     if _synthetic(generators):
         out.append("Trained on synthetic data only (`ntf-ray synth`: " + ", ".join(map(_cell, generators)) + "): a "
-                   "smoke-test model, not for real uploads.")
+                   "smoke-test model, not for real uploads. Its synthetic figures show that the pipeline learns and "
+                   "how it generalises between made-up traces; they cannot show accuracy on real generators, cameras, "
+                   "compression or resizing.")
     elif not data:
         out.append("No training data summary: what it was trained on is unknown.")
+    variant = _obj(_obj(meta.get("training")).get("config")).get("variant")
+    if variant in ("ntf-proximity", "traces-only"):
+        out.append(f"Variant {_cell(variant)} (beyond the paper) also flags images far from its training reals' "
+                   "features: real photos unlike those (another kind of camera, heavy editing, screenshots) score "
+                   "higher. Calibrate on your own real images (`ntf-ray calibrate`) before trusting its threshold.")
     if not meta.get("calibration"):
         out.append(f"Threshold {_cell(meta.get('threshold', 0.5))} is not calibrated: its false positive rate on "
                    "your real images is unknown (`ntf-ray calibrate --target-fpr ...`).")

@@ -263,26 +263,32 @@ class Detector(nn.Module):
     """Inference network: ``(B, 3, S, S)`` images -> ``(B,)`` fake logits, ``D(t(E(x)))``.
 
     ``transfer`` is None for detectors whose classifier reads the encoder directly (the
-    linear probe, the Wang2020 baseline, and every artifact of format 1).
+    linear probe, the Wang2020 baseline, and every artifact of format 1). ``traces``
+    (``ntf_ray.nn.traces``), when set, adds the features' distance from the reals' to the
+    decision (variants ``ntf-proximity``, ``traces-only``).
     """
 
-    def __init__(self, encoder: Encoder, classifier: Classifier, transfer: TransferLayer | None = None):
+    def __init__(self, encoder: Encoder, classifier: Classifier, transfer: TransferLayer | None = None,
+                 traces: nn.Module | None = None):
         super().__init__()
         self.encoder = encoder
         self.transfer = transfer
         self.classifier = classifier
+        self.traces = traces
 
     @property
     def head(self) -> str:
         return "transfer" if self.transfer is not None else "linear"
 
     @classmethod
-    def build(cls, backbone: str, head: str = "transfer") -> Detector:
+    def build(cls, backbone: str, head: str = "transfer", *, traces: bool = False) -> Detector:
         if head not in ("transfer", "linear"):
             raise ValueError(f"head must be transfer or linear, got {head!r}")
+        from ntf_ray.nn.traces import NaturalTraces
+
         encoder = build_encoder(backbone, "none")
         transfer = TransferLayer(encoder.dim) if head == "transfer" else None
-        return cls(encoder, Classifier(encoder.dim), transfer)
+        return cls(encoder, Classifier(encoder.dim), transfer, NaturalTraces(encoder.dim) if traces else None)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` images -> ``(B, d)``: the features D reads."""
@@ -290,4 +296,6 @@ class Detector(nn.Module):
         return self.transfer(e) if self.transfer is not None else e
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x)).squeeze(1)
+        e = self.encoder(x)
+        logit = self.classifier(self.transfer(e) if self.transfer is not None else e).squeeze(1)
+        return logit if self.traces is None else self.traces.combine(logit, e)

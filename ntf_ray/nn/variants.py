@@ -13,11 +13,17 @@ variant, so an ablation is always a whole, named row of the paper's tables.
 | `no-scl`       | L_hom + L_het + λ L_orth | γ L_ce          | t(E(x))          | frozen             |
 | `linear-probe` | L_hom + L_het + λ L_orth | γ L_ce          | E(x)             | frozen             |
 | `bce`          | none (``pretrained``)    | γ L_ce          | E(x)             | trained end to end |
+| `ntf-proximity`| as ntf                   | as ntf          | t(E(x)), and the distance of E(x) to the reals' | frozen |
+| `traces-only`  | as ntf                   | as ntf          | the distance of E(x) to the reals' alone        | frozen |
 
 ``bce`` is the Wang2020 (CNNDetection) baseline: the encoder from ``pretrained`` (ImageNet
 weights, a file, or random), fine-tuned end to end with BCE on the same crops and
 augmentations. ``linear-probe`` is D on the frozen stage-1 encoder: SCL could only train
 a projection that inference never uses, so it trains with BCE alone.
+
+``ntf-proximity`` and ``traces-only`` are readings beyond the paper (``ntf_ray.nn.traces``):
+after stage 2, the distance of an image's frozen features from those of real images, fitted
+and calibrated on reals only, joins the classifier's decision (a noisy OR) or replaces it.
 """
 
 from __future__ import annotations
@@ -40,10 +46,13 @@ class Variant:
     use_scl: bool = True  # L_scl in stage 2
     head: str = "transfer"  # one of HEADS
     train_encoder: bool = False  # stage 2 trains the encoder (end to end)
+    traces: str = ""  # "": D decides; "combined": D or the distance to the natural traces; "only": the distance
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"variant {self.name}: head must be one of {HEADS}, got {self.head!r}")
+        if self.traces not in ("", "combined", "only"):
+            raise ValueError(f"variant {self.name}: traces must be '', combined or only, got {self.traces!r}")
 
     @property
     def needs_f_het(self) -> bool:
@@ -59,6 +68,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             summary="a linear classifier on the frozen stage-1 encoder"),
     Variant(name="bce", stage1=False, use_het=False, use_orth=False, use_scl=False, head="linear", train_encoder=True,
             summary="Wang2020: the pretrained encoder fine-tuned with BCE"),
+    Variant(name="ntf-proximity", traces="combined",
+            summary="NTF, deciding also by the features' distance from the reals' (beyond the paper)"),
+    Variant(name="traces-only", traces="only",
+            summary="the distance of NTF's frozen features from the reals' alone (beyond the paper)"),
 )}
 DEFAULT_VARIANT = "ntf"
 

@@ -61,9 +61,11 @@ from ntf_ray.synth.families import (
     FAMILY_KIND,
     FULL_RES_GENERATORS,
     GENERATORS,
+    KNOWN_GENERATORS,
     render_fake,
     render_real,
 )
+from ntf_ray.synth.headroom import HEADROOM_GENERATORS
 from ntf_ray.synth.upsampling import _poly_up2 as _poly_up2
 from ntf_ray.synth.upsampling import _upsample as _upsample
 
@@ -72,6 +74,8 @@ __all__ = [
     "FAMILY_KIND",
     "FULL_RES_GENERATORS",
     "GENERATORS",
+    "HEADROOM_GENERATORS",
+    "KNOWN_GENERATORS",
     "make_synthetic",
     "render_fake",
     "render_real",

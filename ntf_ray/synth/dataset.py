@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ntf_ray.synth.families import ALL_GENERATORS, FAMILY_KIND, GENERATORS, render_fake, render_real
+from ntf_ray.synth.families import FAMILY_KIND, GENERATORS, KNOWN_GENERATORS, render_fake, render_real
 
 _FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "jpg": ("JPEG", "jpg")}
 _DEFAULT_SPLITS = {"train": 0.6, "val": 0.1, "test": 0.3}
@@ -74,9 +74,9 @@ def _validate(n_real, n_fake, size, seed, image_format, jpeg_quality, splits, ge
     gens = list(generators)
     if not gens:
         raise ValueError("generators must not be empty")
-    unknown = [g for g in gens if g not in ALL_GENERATORS]
+    unknown = [g for g in gens if g not in KNOWN_GENERATORS]
     if unknown:
-        raise ValueError(f"unknown generators {unknown}; known: {ALL_GENERATORS}")
+        raise ValueError(f"unknown generators {unknown}; known: {KNOWN_GENERATORS}")
     if len(set(gens)) != len(gens):
         raise ValueError(f"duplicate generators in {gens}")
     return width, height, fmt, gens
@@ -107,7 +107,7 @@ def make_synthetic(
 
     ``n_real`` / ``n_fake`` images are divided over ``splits`` (default train 0.6, val
     0.1, test 0.3; largest-remainder rounding). Fakes cycle through ``generators`` (any
-    of ``ALL_GENERATORS``, in any order; default the upsampling ``GENERATORS``) and
+    of ``KNOWN_GENERATORS``, in any order; default the upsampling ``GENERATORS``) and
     reals are spread evenly over the same generator folders, as in CNNDetection's
     per-generator folders; the cycle runs on across splits, so ``n_fake >=
     len(generators)`` gives every family. ``size`` is an int (square) or ``(width,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ntf_ray.synth.full_res import _FULL_RES_RENDER
+from ntf_ray.synth.headroom import HEADROOM_GENERATORS, HEADROOM_RENDER
 from ntf_ray.synth.scene import _draw_scene, _render_scene, _tone
 from ntf_ray.synth.upsampling import _upsample
 
@@ -21,11 +22,16 @@ FULL_RES_GENERATORS: tuple[str, ...] = ("fingerprint", "noise_shape")
 #: Every known family: ``make_synthetic(generators=...)`` accepts any subset, in any order.
 ALL_GENERATORS: tuple[str, ...] = GENERATORS + FULL_RES_GENERATORS
 
-#: Family -> kind: ``"upsampling"`` (rendered at low resolution, then upsampled) or
-#: ``"full_res"`` (rendered at full resolution with full-resolution noise).
+#: Every family ``make_synthetic`` renders: the above and the headroom families
+#: (``ntf_ray.synth.headroom``: departures no training family takes, for held-out tests only).
+KNOWN_GENERATORS: tuple[str, ...] = ALL_GENERATORS + HEADROOM_GENERATORS
+
+#: Family -> kind: ``"upsampling"`` (rendered at low resolution, then upsampled),
+#: ``"full_res"`` (rendered at full resolution with full-resolution noise) or ``"headroom"``.
 FAMILY_KIND: dict[str, str] = {
     **{g: "upsampling" for g in GENERATORS},
     **{g: "full_res" for g in FULL_RES_GENERATORS},
+    **{g: "headroom" for g in HEADROOM_GENERATORS},
 }
 
 
@@ -42,13 +48,15 @@ def render_real(rng: np.random.Generator, width: int, height: int) -> np.ndarray
 def render_fake(
     rng: np.random.Generator, width: int, height: int, family: str
 ) -> np.ndarray:
-    """One "fake" image of ``family`` (any of ``ALL_GENERATORS``) as a (height, width, 3)
+    """One "fake" image of ``family`` (any of ``KNOWN_GENERATORS``) as a (height, width, 3)
     uint8 array."""
-    if family not in ALL_GENERATORS:
-        raise ValueError(f"unknown generator family {family!r}; known: {ALL_GENERATORS}")
+    if family not in KNOWN_GENERATORS:
+        raise ValueError(f"unknown generator family {family!r}; known: {KNOWN_GENERATORS}")
     p = _draw_scene(rng)
     if family in _FULL_RES_RENDER:
         return _to_uint8(_FULL_RES_RENDER[family](p, rng, height, width))
+    if family in HEADROOM_RENDER:
+        return _to_uint8(HEADROOM_RENDER[family](p, rng, height, width))
     stages = 2 if (min(width, height) >= 32 and rng.random() < 0.5) else 1
     low = _render_scene(p, rng, height, width, 2**stages)
     up = _upsample(low * np.float32(1 / 255), family, stages, rng, p["noise"] / 255.0)

@@ -52,8 +52,12 @@ class TrainConfig:
     eta: float = 0.5
     gamma: float = 0.5
     # Which of the paper's detectors to train (ntf_ray.nn.variants): ntf, no-orth, no-het-orth,
-    # no-scl, linear-probe, bce
+    # no-scl, linear-probe, bce, and the readings beyond the paper ntf-proximity, traces-only
     variant: str = "ntf"
+    # Variants that decide by the distance to the natural traces: real images it is fitted on,
+    # and held-out reals it is calibrated on (ntf_ray.training.natural_traces)
+    trace_fit_images: int = 4096
+    trace_calibration_images: int = 2048
     train_generators: list[str] | None = None  # None: every generator in the manifest's train split
     # Runtime
     device: str = "auto"  # "auto", "cpu", "cuda"

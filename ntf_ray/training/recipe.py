@@ -33,6 +33,7 @@ from ntf_ray.training.engine import (
     make_optimizer,
     make_scheduler,
 )
+from ntf_ray.training.natural_traces import fit_natural_traces_for
 from ntf_ray.training.stages import STAGE1, STAGE2, Stage, build_stage1, build_stage2
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def train_local(manifest: str, output: str, cfg: TrainConfig, *, options: Storag
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(cfg.to_dict(), indent=2, allow_nan=False).encode(), options)
     stage1 = train_stage1(table, cfg, options=options, report=report)
     stage2 = train_stage2(table, stage1, cfg, options=options, report=report)
-    detector: Detector = stage2.detector().cpu().eval()
+    detector: Detector = fit_natural_traces_for(stage2.detector().cpu().eval(), table, cfg, options=options)
     metrics: dict[str, Any] = {}
     held_out = select(table, split=evaluate_split) if evaluate_split else None
     if held_out is not None and held_out.num_rows:
