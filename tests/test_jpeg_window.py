@@ -100,6 +100,24 @@ def test_a_file_cut_short_below_its_window_is_still_truncated(tj3):
         assert whole.error == part.error == "decode: truncated image"
 
 
+def test_a_progressive_file_cut_at_a_scan_boundary_gives_the_same_window(tj3):
+    """Cut after any scan and closed with an end-of-image marker, a progressive JPEG decodes
+    without a warning and is smoothed from neighbouring blocks: the margin keeps them."""
+    checked = 0
+    for sampling in ("4:4:4", "4:2:0", "4:2:2"):
+        data = _jpeg(640, 480, seed=9, sampling=sampling, progressive=True)
+        starts = [i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+        for cut in starts[1:]:  # after the first, second, ... scan
+            short = data[:cut] + b"\xff\xd9"
+            whole, part = decode(short), decode(short, window=SIZE)
+            assert whole.error == part.error
+            if whole.ok:
+                window = part.image if part.window else _centre(part.image)
+                assert np.array_equal(window, _centre(whole.image)), (sampling, cut)
+                checked += part.window
+    assert checked >= 15
+
+
 def test_damaged_files_get_the_same_row_either_way(tj3):
     """Seeded damage (truncation, flipped bytes, absurd sizes): each file's outcome, reason and
     pixels are the same with the region decode as with the whole frame."""

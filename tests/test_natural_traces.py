@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from ntf_ray.nn.model import Detector
-from ntf_ray.nn.traces import NaturalTraces, noisy_or
+from ntf_ray.nn.traces import NaturalTraces
 from ntf_ray.nn.variants import get_variant
-
-
-def test_noisy_or_against_the_probabilities_it_stands_for():
-    a = torch.tensor([-30.0, -10.0, 0.0, 2.0, 10.0, 30.0, -5.0])
-    b = torch.tensor([-30.0, -10.0, 5.0, -3.0, -10.0, -30.0, 40.0])
-    got = noisy_or(a, b).double()
-    for x, y, g in zip(a.tolist(), b.tolist(), got.tolist()):
-        p = 1 - (1 - 1 / (1 + math.exp(-x))) * (1 - 1 / (1 + math.exp(-y)))
-        want = math.log(p) - math.log1p(-p) if p < 1 - 1e-12 else None
-        if want is not None:
-            assert g == pytest.approx(want, rel=1e-4, abs=1e-4)
-        else:
-            assert g > 25  # saturated: still finite, still "fake"
-    assert torch.isfinite(got).all()
-    assert (got >= torch.maximum(a, b) - 1e-4).all()  # either saying fake is enough
 
 
 def test_the_distance_is_mahalanobis_under_the_reals_shrunk_covariance():
@@ -37,32 +20,39 @@ def test_the_distance_is_mahalanobis_under_the_reals_shrunk_covariance():
     held = rng.multivariate_normal([1.0, -2.0, 0.5], cov, size=1000)
     traces = NaturalTraces.fit(reals, held, with_classifier=False)
     lw = LedoitWolf().fit(reals)
-    probe = np.array([[1.0, -2.0, 0.5], [9.0, -2.0, 0.5], [1.0, -2.0, 2.5]])
+    probe = np.array([[1.0, -2.0, 0.5], [11.0, -2.0, 0.5], [1.0, -2.0, 3.0]])
     d = probe - lw.location_
     want = np.log(np.einsum("ni,ij,nj->n", d, lw.precision_, d).clip(1e-12))
     assert np.allclose(traces.log_distance(torch.tensor(probe)).numpy(), want, rtol=1e-4, atol=1e-4)
-    # Calibrated on the held-out reals: 1% of them above the edge, the median 4 units below it.
+    # Calibrated on the held-out reals: the farthest at the edge (0), the median 4 units below it.
     logits = traces(torch.tensor(held, dtype=torch.float32)).numpy()
-    assert (logits > 0).mean() == pytest.approx(0.01, abs=0.002)
-    assert np.median(logits) == pytest.approx(-4.0, abs=0.05)
-    # 4 sd out on the first axis or on the third (squared distance 16, over the 99th percentile
-    # of a 3-d chi-square, 11.3): far from the reals either way.
+    assert logits.max() == pytest.approx(0.0, abs=1e-4) and np.median(logits) == pytest.approx(-4.0, abs=0.05)
+    # 5 sd out on the first axis or on the third (squared distance 25, beyond the largest of
+    # 1,000 draws of a 3-d chi-square, about 20): far from the reals either way.
     assert (traces(torch.tensor(probe[1:], dtype=torch.float32)) > 0).all()
 
 
-def test_with_the_classifier_an_image_beyond_the_reals_logits_counts_as_far():
+def test_with_the_classifier_the_decision_is_the_most_alarming_of_three_readings():
     rng = np.random.default_rng(1)
     reals, held = rng.normal(size=(500, 4)), rng.normal(size=(400, 4))
     held_logits = rng.normal(-2.0, 1.0, size=400)
     traces = NaturalTraces.fit(reals, held, held_logits)
-    assert float(traces.low_edge) == pytest.approx(np.quantile(held_logits, 0.01))
-    e = torch.zeros((3, 4))  # at the reals' centre: the distance says real
-    logit = traces.combine(torch.tensor([-2.0, 6.0, -12.0]), e)
-    assert logit[0] < -1.5  # a typical real stays real (the other two add a little)
-    assert logit[1] > 5.9  # the classifier says fake: fake
-    assert logit[2] > 0  # far more real than any real: far from the reals
+    assert float(traces.low_edge) == pytest.approx(held_logits.min())
+    assert float(traces.low_width) == pytest.approx((np.median(held_logits) - held_logits.min()) / 4, rel=1e-5)
+    e = torch.zeros((4, 4))  # at the reals' centre: the distance says real
+    e[3] = 40.0  # far beyond every real's features
+    classifier = torch.tensor([-2.0, 6.0, -12.0, -2.0])
+    logit = traces.combine(classifier, e)
+    distance, beyond = traces(e), (traces.low_edge - classifier) / traces.low_width
+    assert torch.allclose(logit, torch.maximum(torch.maximum(classifier, distance), beyond))
+    assert logit[0] == pytest.approx(-2.0)  # within the reals on every count: the classifier's score
+    assert logit[1] == pytest.approx(6.0)  # the classifier says fake: fake
+    assert logit[2] > 0  # far more real than any held-out real: far from the reals
+    assert logit[3] > 0  # features beyond every real's: far from the reals
     with pytest.raises(ValueError, match="logits"):
         NaturalTraces.fit(reals, held)
+    alone = NaturalTraces.fit(reals, held, with_classifier=False)
+    assert torch.equal(alone.combine(classifier, e), alone(e))  # traces-only: the distance decides
 
 
 def test_fit_refuses_too_few_reals():
@@ -80,11 +70,13 @@ def test_the_variants_and_a_detector_with_traces_round_trip_through_the_artifact
     rng = np.random.default_rng(2)
     detector.traces = NaturalTraces.fit(rng.normal(size=(300, 128)), rng.normal(size=(200, 128)),
                                         rng.normal(size=200))
+    detector.traces.edge.fill_(-1e3)  # every image far from these made-up reals: the traces decide
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         want = detector(x)
         plain = Detector(detector.encoder, detector.classifier, detector.transfer)(x)
-    assert not torch.allclose(want, plain)  # the traces take part in the decision
+        assert torch.allclose(want, detector.traces.combine(plain, detector.encoder(x)))
+    assert (want > plain).all()  # the traces take part in the decision
     art = save_artifact(str(tmp_path / "det"), detector, input_size=32)
     loaded = load_artifact(str(tmp_path / "det"))
     assert loaded.detector.traces is not None and loaded.model_id == art.model_id

@@ -199,6 +199,7 @@ def test_every_variant_trains_on_two_workers(local_ray, small_manifest, tmp_path
         assert epoch["stage"] == 2 and epoch["images"] == metrics["stage2"]["images"] and "ce" in epoch
         art = load_artifact(str(out / "detector"))
         assert art.head == variant.head and art.training["config"]["variant"] == name
+        assert (art.detector.traces is not None) == bool(variant.traces), name  # fitted on rank 0 after stage 2
         if variant.stage1:
             stage1 = load_file(str(out / "stage1" / "models.safetensors"))
             assert any(k.startswith("stage1.f_het.") for k in stage1) == variant.needs_f_het, name

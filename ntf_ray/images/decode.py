@@ -235,6 +235,8 @@ def decode(
     """
     buf = _as_buffer(data)
     limit = _check_max_pixels(max_pixels)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     if len(buf) == 0:
         return _failure(error(DECODE, "empty file"))
     deadline = None if deadline_s is None else time.monotonic() + deadline_s

@@ -4,14 +4,15 @@ A scan scores the centre ``size x size`` window at native resolution (``TF.cente
 6% of a 1024 x 768 photo, 0.4% of a 12 Mpx one. libjpeg-turbo 3's TurboJPEG API decodes a
 region (``tj3SetCroppingRegion``): rows above it are skipped (entropy-decoded, never
 transformed), columns beside it are never transformed, upsampled or converted. Here the
-region is the window, a margin of one MCU around it, and every row below it to the end of
+region is the window, a margin of three MCUs around it, and every row below it to the end of
 the image: those rows are cheap (only the window's columns), and reading them is what
 finds a file cut short under its window: any warning from the library hands the file to
 the whole decode, which says ``decode: truncated image`` as always. Stopping at the window's
 last row would score such files instead.
 
-The margin is what keeps the pixels equal to the full decode's: chroma upsampling reads the
-neighbouring samples, which the edge of a region replaces by copies of its own. So the
+The margin is what keeps the pixels equal to the full decode's: chroma upsampling and the
+block smoothing of an incomplete progressive file read neighbouring samples and blocks,
+which the edge of a region replaces by copies of its own (``MARGIN_MCUS``). So the
 window's pixels are those of :func:`ntf_ray.images.jpeg_decode.decode_jpeg` followed by the
 crop, bit for bit (the same libjpeg-turbo settings: accurate DCT, fancy upsampling, warnings
 as errors; a test compares every subsampling, progressive files and all eight EXIF
@@ -53,6 +54,11 @@ _TJINIT_DECOMPRESS = 1
 _TJPARAM_STOPONWARNING, _TJPARAM_SUBSAMP, _TJPARAM_JPEGWIDTH, _TJPARAM_JPEGHEIGHT = 0, 4, 5, 6
 _TJPARAM_PRECISION, _TJPARAM_FASTUPSAMPLE, _TJPARAM_FASTDCT, _TJPARAM_SCANLIMIT = 7, 9, 10, 13
 _TJPF_RGB = 0
+#: iMCUs of margin around the window. Chroma upsampling reads one neighbouring sample, and a
+#: progressive file that lacks some AC scans (one cut at a scan boundary decodes without a
+#: warning) is smoothed from the DC values of two blocks on each side, which a region's edge
+#: replaces by copies of its own: three iMCUs keep both away from the window.
+MARGIN_MCUS = 3
 #: iMCU width and height per TJSAMP (444, 422, 420, GRAY, 440, 411, 441): a region starts
 #: on an iMCU column, and one iMCU around the window is the margin.
 _MCU = {0: (8, 8), 1: (16, 8), 2: (16, 16), 3: (8, 8), 4: (8, 16), 5: (32, 8), 6: (8, 32)}
@@ -185,11 +191,13 @@ def centre_window(buf, found: Screen, size: int, turn) -> np.ndarray | None:
     mcu_w, mcu_h = _MCU[head[2]]
     top, left = int(round((up_h - size) / 2.0)), int(round((up_w - size) / 2.0))  # as TF.center_crop
     row, col = stored_rect(found.orientation, width, height, top, left, size)
-    margin = max(mcu_w, mcu_h)
-    x0 = max(0, col - margin) // mcu_w * mcu_w
-    y0 = max(0, row - margin)
-    x1 = min(width, col + size + margin)
-    pixels = lib.region(data, x0, y0, x1 - x0, height - y0)  # to the last row: a cut-short file is found
+    x0 = max(0, col - MARGIN_MCUS * mcu_w) // mcu_w * mcu_w
+    y0 = max(0, row - MARGIN_MCUS * mcu_h)
+    x1 = min(width, col + size + MARGIN_MCUS * mcu_w)
+    try:
+        pixels = lib.region(data, x0, y0, x1 - x0, height - y0)  # to the last row: a cut-short file is found
+    except Exception:  # noqa: BLE001 - no handle, no memory: the whole decode decides, as for any file
+        return None
     if isinstance(pixels, str):
         return None  # the whole decode says what is wrong, in its own words, as for any file
     window = pixels[row - y0 : row - y0 + size, col - x0 : col - x0 + size]

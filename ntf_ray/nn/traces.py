@@ -5,23 +5,23 @@ natural traces"; the classifier ``D(t(E(x)))`` alone decides from what the train
 showed it. ``NaturalTraces`` measures the proximity itself: how far an image's frozen
 stage-1 features ``E(x)`` lie from those of real images, as a Mahalanobis distance under the
 reals' mean and (Ledoit-Wolf shrunk) covariance, fitted after training on real images only.
-Its log is turned into a logit by the reals alone: 0 at the 99th percentile of held-out
-reals, and the median real 4 units below it. Nothing about fakes enters it, so a fake
-that departs from the reals in a direction no training fake took is far from them all the
-same.
+Its log is turned into a logit by the reals alone: 0 at the largest distance among held-out
+reals, and the median real 4 units below it. Nothing about fakes enters it, so a fake that
+departs from the reals in a direction no training fake took is far from them all the same.
 
 The classifier's own axis gets the same two-sided reading: a trained ``D`` extrapolates,
 and a fake that departs from the reals away from every training fake can score *more real
 than the reals* (the synthetic headroom families: 33-45 AP, below chance). So a classifier
-logit below the 1st percentile of held-out reals' logits counts as far from the reals too,
-with the same scale (0 at that percentile, the median real 4 units above it).
+logit below the lowest of the held-out reals' logits counts as far from the reals too, with
+the same scale (0 at that edge, the median real 4 units above it).
 
-The detector's score combines them as a noisy OR, ``P(fake) = 1 - (1 - P_D)(1 - P_J)(1 -
-P_low)``: high when the classifier says fake, or the features are far from the reals', or
-the classifier puts the image beyond the reals (variant ``ntf-proximity``); or it uses the
-distance alone (``traces-only``). Every buffer travels in the artifact's weights.
-docs/method.md, "Proximity to the natural traces", says what is read from the paper and
-what is not.
+``ntf-proximity`` takes the largest of the three logits: the decision flags an image when
+the classifier flags it, or its features lie beyond every held-out real's, or the classifier
+puts it beyond every held-out real on the real side; an image within the reals on both
+counts keeps the classifier's score. ``traces-only`` uses the distance alone. (A noisy OR
+of the three, with edges at the reals' 99th percentile, was the first reading measured: it
+also flagged the reals' own tails and cost the usual held-out families 3-5 AP; see
+bench/README.md.) Every buffer travels in the artifact's weights.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-#: Held-out reals above which the distance's logit is positive (its "edge"), and how many
-#: logit units separate the median real from that edge.
-EDGE_QUANTILE = 0.99
+#: How many logit units separate the median held-out real from the edge (the farthest one).
 EDGE_UNITS = 4.0
 
 
@@ -51,20 +48,22 @@ class NaturalTraces(nn.Module):
         self.register_buffer("low_width", torch.ones(()))
 
     def log_distance(self, e: torch.Tensor) -> torch.Tensor:
-        d = e.float() - self.loc
-        return ((d @ self.precision) * d).sum(1).clamp_min(1e-12).log()
+        with torch.autocast(e.device.type, enabled=False):  # fitted in float32: bf16 would move the edges
+            d = e.float() - self.loc
+            return ((d @ self.precision) * d).sum(1).clamp_min(1e-12).log()
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         return (self.log_distance(e) - self.edge) / self.width
 
     def combine(self, classifier_logit: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """The detector's logit: the noisy OR of both, or the distance's alone."""
+        """The detector's logit: the largest of the classifier's, the distance's and the
+        classifier's beyond the reals; or the distance's alone."""
         trace_logit = self(e)
         if not bool(self.with_classifier):
             return trace_logit
         classifier_logit = classifier_logit.float()
         beyond = (self.low_edge - classifier_logit) / self.low_width
-        return noisy_or(noisy_or(classifier_logit, trace_logit), beyond)
+        return torch.maximum(torch.maximum(classifier_logit, trace_logit), beyond)
 
     @classmethod
     def fit(cls, fit_features: np.ndarray, held_out: np.ndarray, held_out_logits: np.ndarray | None = None, *,
@@ -87,20 +86,15 @@ class NaturalTraces(nn.Module):
         traces.precision.copy_(torch.from_numpy(lw.precision_).float())
         with torch.no_grad():
             dist = traces.log_distance(torch.from_numpy(held_out).float()).numpy()
-        edge, median = np.quantile(dist, EDGE_QUANTILE), np.quantile(dist, 0.5)
+        edge, median = float(dist.max()), float(np.median(dist))
         traces.edge.fill_(float(edge))
         traces.width.fill_(float(max((edge - median) / EDGE_UNITS, 1e-3)))
         traces.with_classifier.fill_(with_classifier)
         if with_classifier:
             if held_out_logits is None or len(held_out_logits) != len(held_out):
                 raise ValueError("with the classifier, its logits on the held-out reals are needed")
-            low, median = np.quantile(np.asarray(held_out_logits, np.float64), [1 - EDGE_QUANTILE, 0.5])
+            held_out_logits = np.asarray(held_out_logits, np.float64)
+            low, median = float(held_out_logits.min()), float(np.median(held_out_logits))
             traces.low_edge.fill_(float(low))
             traces.low_width.fill_(float(max((median - low) / EDGE_UNITS, 1e-3)))
         return traces
-
-
-def noisy_or(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The logit of ``1 - (1 - sigmoid(a)) (1 - sigmoid(b))``, computed in log space."""
-    log_neither = F.logsigmoid(-a) + F.logsigmoid(-b)  # log P(neither says fake), <= 0
-    return torch.log((-torch.expm1(log_neither)).clamp_min(1e-30)) - log_neither

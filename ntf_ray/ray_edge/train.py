@@ -44,7 +44,7 @@ from ntf_ray.storage import StorageOptions
 from ntf_ray.training.config import ResumeConflict, TrainConfig, refuse_resume, resume_conflicts
 from ntf_ray.training.datasets import read_manifest
 from ntf_ray.training.engine import load_checkpoint, make_optimizer, make_scheduler, save_checkpoint
-from ntf_ray.training.natural_traces import fit_natural_traces_for
+from ntf_ray.training.natural_traces import fit_natural_traces, trace_uris
 from ntf_ray.training.recipe import data_summary
 from ntf_ray.training.stages import stage_of
 
@@ -245,10 +245,11 @@ def train_loop(config: dict[str, Any]) -> None:
             _report(metrics, None)
 
     if rank == 0 and stage == 2:
-        detector = model.detector().cpu().eval()
-        if get_variant(cfg.variant).traces:  # the distance to the reals' features, fitted on reals only
-            detector = fit_natural_traces_for(detector, read_manifest(config["manifest"], options), cfg,
-                                              options=options)
+        detector = model.detector().eval()
+        if config.get("trace_uris"):  # the distance to the reals' features, fitted on reals the driver picked
+            fit_uris, held_uris = config["trace_uris"]
+            detector = fit_natural_traces(detector, fit_uris, held_uris, cfg, options=options, device=device)
+        detector = detector.cpu().eval()
         art = save_artifact(storage.join(config["output"], DETECTOR), detector, input_size=cfg.crop_size,
                             threshold=cfg.threshold, training={"config": cfg.to_dict(), "data": config["data"],
                                                                "workers": world}, options=options)
@@ -332,7 +333,8 @@ def run_stage(stage: int, cfg: TrainConfig, spec: RunSpec, table: pa.Table | Non
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"stage": stage, "cfg": cfg.to_dict(), "endpoint": spec.endpoint, "output": spec.output,
-                               "manifest": spec.manifest,
+                               "trace_uris": trace_uris(table, cfg) if stage == 2 and get_variant(cfg.variant).traces
+                               else None,
                                "counter": counter, "data": data_summary(table), "run_name": spec.run_name,
                                "augment": augment, "board": watch.board, "rows": rows.num_rows},
             scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
