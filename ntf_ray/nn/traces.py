@@ -5,23 +5,25 @@ natural traces"; the classifier ``D(t(E(x)))`` alone decides from what the train
 showed it. ``NaturalTraces`` measures the proximity itself: how far an image's frozen
 stage-1 features ``E(x)`` lie from those of real images, as a Mahalanobis distance under the
 reals' mean and (Ledoit-Wolf shrunk) covariance, fitted after training on real images only.
-Its log is turned into a logit by the reals alone: 0 at the largest distance among held-out
-reals, and the median real 4 units below it. Nothing about fakes enters it, so a fake that
+Its log is turned into a logit by the reals alone: 0 at the 99th percentile of held-out
+reals' distances (so at the usual threshold it flags 1% of them), the median real 4 units
+below it. Nothing about fakes enters it, so a fake that
 departs from the reals in a direction no training fake took is far from them all the same.
 
 The classifier's own axis gets the same two-sided reading: a trained ``D`` extrapolates,
 and a fake that departs from the reals away from every training fake can score *more real
 than the reals* (the synthetic headroom families: 33-45 AP, below chance). So a classifier
-logit below the lowest of the held-out reals' logits counts as far from the reals too, with
-the same scale (0 at that edge, the median real 4 units above it).
+logit below the 1st percentile of the held-out reals' logits counts as far from the reals
+too, with the same scale (0 at that edge, the median real 4 units above it).
 
-``ntf-proximity`` takes the largest of the three logits: the decision flags an image when
-the classifier flags it, or its features lie beyond every held-out real's, or the classifier
-puts it beyond every held-out real on the real side; an image within the reals on both
-counts keeps the classifier's score. ``traces-only`` uses the distance alone. (A noisy OR
-of the three, with edges at the reals' 99th percentile, was the first reading measured: it
-also flagged the reals' own tails and cost the usual held-out families 3-5 AP; see
-bench/README.md.) Every buffer travels in the artifact's weights.
+``ntf-proximity`` takes the largest of the three logits: at any threshold the decision flags
+what the classifier flags, plus images whose features, or whose classifier logit on the real
+side, lie beyond the held-out reals' edge; each of the two readings may add 1% of false
+positives on reals at the usual threshold. An image within the reals on both counts keeps
+the classifier's score. ``traces-only`` uses the distance alone. (Also measured: a noisy OR
+of the three, which raised every real's score a little and cost the usual held-out families
+3-5 AP; and edges at the farthest held-out real, which left most headroom fakes inside them;
+see bench/README.md.) Every buffer travels in the artifact's weights.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-#: How many logit units separate the median held-out real from the edge (the farthest one).
+#: The share of held-out reals beyond each edge: the false positives each reading may add at
+#: the usual threshold. And how many logit units separate the median held-out real from it.
+EDGE_SHARE = 0.01
 EDGE_UNITS = 4.0
 
 
@@ -86,7 +90,7 @@ class NaturalTraces(nn.Module):
         traces.precision.copy_(torch.from_numpy(lw.precision_).float())
         with torch.no_grad():
             dist = traces.log_distance(torch.from_numpy(held_out).float()).numpy()
-        edge, median = float(dist.max()), float(np.median(dist))
+        edge, median = float(np.quantile(dist, 1 - EDGE_SHARE)), float(np.median(dist))
         traces.edge.fill_(float(edge))
         traces.width.fill_(float(max((edge - median) / EDGE_UNITS, 1e-3)))
         traces.with_classifier.fill_(with_classifier)
@@ -94,7 +98,7 @@ class NaturalTraces(nn.Module):
             if held_out_logits is None or len(held_out_logits) != len(held_out):
                 raise ValueError("with the classifier, its logits on the held-out reals are needed")
             held_out_logits = np.asarray(held_out_logits, np.float64)
-            low, median = float(held_out_logits.min()), float(np.median(held_out_logits))
+            low, median = float(np.quantile(held_out_logits, EDGE_SHARE)), float(np.median(held_out_logits))
             traces.low_edge.fill_(float(low))
             traces.low_width.fill_(float(max((median - low) / EDGE_UNITS, 1e-3)))
         return traces

@@ -23,7 +23,8 @@ a projection that inference never uses, so it trains with BCE alone.
 
 ``ntf-proximity`` and ``traces-only`` are readings beyond the paper (``ntf_ray.nn.traces``):
 after stage 2, the distance of an image's frozen features from those of real images, fitted
-and calibrated on reals only, joins the classifier's decision (a noisy OR) or replaces it.
+and calibrated on reals only, joins the classifier's decision (the most alarming of the
+classifier, the distance and the classifier read beyond the reals) or replaces it.
 """
 
 from __future__ import annotations
