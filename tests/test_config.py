@@ -65,7 +65,7 @@ def test_resume_conflicts_are_the_fields_that_change_the_maths():
     changed = load_config(CONFIGS / "smoke.yaml", ["lr=0.1", "batch_size=64", "variant=no-orth", "seed=1",
                                                    "train_generators=[progan]", "epochs_stage2=20"])
     assert resume_conflicts(stored, changed) == {
-        "lr": (0.005, 0.1), "batch_size": (16, 64), "variant": ("ntf", "no-orth"), "seed": (0, 1),
+        "lr": (0.005, 0.1), "batch_size": (16, 64), "variant": ("ntf-proximity", "no-orth"), "seed": (0, 1),
         "train_generators": (None, ["progan"]), "epochs_stage2": (10, 20)}  # cosine: epochs set the curve
     step = load_config(CONFIGS / "smoke.yaml", ["schedule=step"])
     assert resume_conflicts(step.to_dict(), load_config(CONFIGS / "smoke.yaml", ["schedule=step",

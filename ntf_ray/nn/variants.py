@@ -13,7 +13,7 @@ variant, so an ablation is always a whole, named row of the paper's tables.
 | `no-scl`       | L_hom + L_het + λ L_orth | γ L_ce          | t(E(x))          | frozen             |
 | `linear-probe` | L_hom + L_het + λ L_orth | γ L_ce          | E(x)             | frozen             |
 | `bce`          | none (``pretrained``)    | γ L_ce          | E(x)             | trained end to end |
-| `ntf-proximity`| as ntf                   | as ntf          | t(E(x)), and the distance of E(x) to the reals' | frozen |
+| `ntf-proximity` (default) | as ntf | as ntf | t(E(x)), and the distance of E(x) to the reals' | frozen |
 | `traces-only`  | as ntf                   | as ntf          | the distance of E(x) to the reals' alone        | frozen |
 
 ``bce`` is the Wang2020 (CNNDetection) baseline: the encoder from ``pretrained`` (ImageNet
@@ -74,7 +74,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant(name="traces-only", traces="only",
             summary="the distance of NTF's frozen features from the reals' alone (beyond the paper)"),
 )}
-DEFAULT_VARIANT = "ntf"
+DEFAULT_VARIANT = "ntf-proximity"
 
 
 def get_variant(name: str) -> Variant:
