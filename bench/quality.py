@@ -54,16 +54,31 @@ def _stage1_key(variant) -> tuple:
     return (variant.use_het, variant.use_orth) if variant.stage1 else None
 
 
+def _trained(name: str, generators: list[str], job: dict, table, stage1_cache: dict):
+    """``(detector, cfg)``: variant ``name`` trained on ``generators`` with the job's settings and
+    seed, its stage 1 shared through ``stage1_cache`` by the variants whose stage 1 is the same."""
+    from ntf_ray.nn.variants import get_variant
+    from ntf_ray.training.config import load_config
+    from ntf_ray.training.recipe import fit_natural_traces_for, seed_everything, train_stage1, train_stage2
+
+    cfg = load_config(SMOKE, {**job["overrides"], "variant": name, "seed": job["seed"],
+                              "train_generators": generators, "num_workers": 0})
+    seed_everything(cfg.seed)
+    key = _stage1_key(get_variant(name))
+    if key is not None and key not in stage1_cache:
+        stage1_cache[key] = train_stage1(table, cfg)
+    stage1 = copy.deepcopy(stage1_cache[key]) if key is not None else None
+    seed_everything(cfg.seed + 1)
+    return fit_natural_traces_for(train_stage2(table, stage1, cfg).detector().cpu().eval(), table, cfg), cfg
+
+
 def run_fold(job: dict) -> list[dict]:
     """Every variant on one (left-out family, seed); returns one result row per variant."""
     import torch
 
     from ntf_ray.detector.scorer import Scorer
     from ntf_ray.evaluate.metrics import binary_metrics
-    from ntf_ray.nn.variants import get_variant
-    from ntf_ray.training.config import load_config
     from ntf_ray.training.datasets import read_manifest, select
-    from ntf_ray.training.recipe import fit_natural_traces_for, seed_everything, train_stage1, train_stage2
 
     torch.set_num_threads(1)
     table = read_manifest(job["manifest"])
@@ -75,17 +90,8 @@ def run_fold(job: dict) -> list[dict]:
     stage1_cache: dict = {}
     rows = []
     for name in job["variants"]:
-        variant = get_variant(name)
-        cfg = load_config(SMOKE, {**job["overrides"], "variant": name, "seed": job["seed"],
-                                  "train_generators": train_gens, "num_workers": 0})
         start = time.perf_counter()
-        seed_everything(cfg.seed)
-        key = _stage1_key(variant)
-        if key is not None and key not in stage1_cache:
-            stage1_cache[key] = train_stage1(table, cfg)
-        stage1 = copy.deepcopy(stage1_cache[key]) if key is not None else None
-        seed_everything(cfg.seed + 1)
-        detector = fit_natural_traces_for(train_stage2(table, stage1, cfg).detector().cpu().eval(), table, cfg)
+        detector, cfg = _trained(name, train_gens, job, table, stage1_cache)
         scorer = Scorer(detector, input_size=cfg.crop_size, threshold=cfg.threshold, device="cpu")
         row = {"variant": name, "left_out": job["left_out"], "seed": job["seed"],
                "seconds": round(time.perf_counter() - start, 1)}
@@ -107,10 +113,7 @@ def run_headroom(job: dict) -> list[dict]:
 
     from ntf_ray.detector.scorer import Scorer
     from ntf_ray.evaluate.metrics import binary_metrics
-    from ntf_ray.nn.variants import get_variant
-    from ntf_ray.training.config import load_config
     from ntf_ray.training.datasets import read_manifest, select
-    from ntf_ray.training.recipe import fit_natural_traces_for, seed_everything, train_stage1, train_stage2
 
     torch.set_num_threads(1)
     table = read_manifest(job["manifest"])
@@ -127,29 +130,16 @@ def run_headroom(job: dict) -> list[dict]:
             out[f] = binary_metrics(labels, [r.score for r in scorer.score_bytes(blobs)], threshold=cfg.threshold).ap
         return out
 
-    def train(name: str, generators: list[str], stage1_cache: dict):
-        variant = get_variant(name)
-        cfg = load_config(SMOKE, {**job["overrides"], "variant": name, "seed": job["seed"],
-                                  "train_generators": generators, "num_workers": 0})
-        seed_everything(cfg.seed)
-        key = _stage1_key(variant)
-        if key is not None and key not in stage1_cache:
-            stage1_cache[key] = train_stage1(table, cfg)
-        stage1 = copy.deepcopy(stage1_cache[key]) if key is not None else None
-        seed_everything(cfg.seed + 1)
-        detector = train_stage2(table, stage1, cfg).detector().cpu().eval()
-        return fit_natural_traces_for(detector, table, cfg), cfg
-
     for f in job["headroom"]:  # the oracle: the same recipe, trained on the family itself
         start = time.perf_counter()
-        detector, cfg = train("bce", [f], {})
+        detector, cfg = _trained("bce", [f], job, table, {})
         ap = score(detector, cfg, [f])[f]
         rows.append({"variant": "oracle", "family": f, "seed": job["seed"], "ap": ap})
         print(f"oracle        on {f:<10} seed {job['seed']}: AP {ap:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     cache: dict = {}
     for name in job["variants"]:
         start = time.perf_counter()
-        detector, cfg = train(name, job["usual"], cache)
+        detector, cfg = _trained(name, job["usual"], job, table, cache)
         aps = score(detector, cfg, job["headroom"])
         for f, ap in aps.items():
             rows.append({"variant": name, "family": f, "seed": job["seed"], "ap": ap})

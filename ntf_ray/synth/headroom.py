@@ -40,11 +40,16 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(img, sigma=(0.0, sigma, sigma), mode="reflect").astype(np.float32)
 
 
-def _render_sharpened(p: dict, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
+def _unsharp(p: dict, rng: np.random.Generator, H: int, W: int, amounts: tuple, radii: tuple) -> np.ndarray:
+    """The scene with unsharp masking: ``img + amount * (img - blur(img, radius))``, re-toned."""
     img = _render_scene(p, rng, H, W, 1)
-    amount = np.float32(rng.uniform(1.5, 3.0))
-    img = img + amount * (img - _blur(img, float(rng.uniform(0.7, 1.4))))
+    amount = np.float32(rng.uniform(*amounts))
+    img = img + amount * (img - _blur(img, float(rng.uniform(*radii))))
     return _tone(img, p["mean"], p["std"])
+
+
+def _render_sharpened(p: dict, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
+    return _unsharp(p, rng, H, W, (1.5, 3.0), (0.7, 1.4))
 
 
 def _render_saturated(p: dict, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
@@ -62,10 +67,7 @@ def _render_impulse(p: dict, rng: np.random.Generator, H: int, W: int) -> np.nda
 
 
 def _render_halo(p: dict, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
-    img = _render_scene(p, rng, H, W, 1)
-    amount = np.float32(rng.uniform(1.0, 2.0))
-    img = img + amount * (img - _blur(img, float(rng.uniform(4.0, 8.0))))
-    return _tone(img, p["mean"], p["std"])
+    return _unsharp(p, rng, H, W, (1.0, 2.0), (4.0, 8.0))
 
 
 def _render_fringe(p: dict, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
