@@ -378,7 +378,7 @@ def test_resuming_with_another_config_is_refused_and_keeps_config_json(driver_on
         ray_train.train("1", _resume_config(lr=0.05, epochs_stage1=5, variant="no-orth"), spec())
     message = str(refused.value)
     assert "run 'r1'" in message and "new --output and --run-name" in message
-    for line in ("lr: 0.005 -> 0.05", "variant: 'ntf' -> 'no-orth'", "epochs_stage1: 3 -> 5 (the cosine schedule"):
+    for line in ("lr: 0.005 -> 0.05", "variant: 'ntf-proximity' -> 'no-orth'", "epochs_stage1: 3 -> 5 (the cosine schedule"):
         assert f"\n  {line}" in message, message
     with pytest.raises(ResumeConflict, match=r"global batch \(workers x batch_size\): '2 x 16 = 32' -> '1 x 16 = 16'"):
         ray_train.train("1", _resume_config(), spec(num_workers=1))

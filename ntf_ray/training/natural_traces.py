@@ -29,24 +29,29 @@ log = logging.getLogger(__name__)
 
 #: Fewer held-out reals than this in the val split: half of the training reals are held out instead.
 MIN_HELD_OUT = 100
+#: Fewer reals than this on either side of that half: all of them fit and calibrate (a smoke run).
+MIN_EACH = 8
 
 
 def trace_uris(table: pa.Table, cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """The real images the traces are fitted on and those they are calibrated on: the train
     split's reals (of ``cfg.train_generators``) and the val split's, each shuffled by the
     seed and capped (``trace_fit_images``, ``trace_calibration_images``). With fewer than
-    ``MIN_HELD_OUT`` val reals, half of the train reals are held out instead (a warning: the
-    encoder and classifier trained on them, so the edges sit a little low)."""
+    ``MIN_HELD_OUT`` val reals, half of the train reals are held out instead (logged: the
+    encoder and classifier trained on them, so the edges sit a little low; the model card says
+    to calibrate on one's own reals either way)."""
     rng = np.random.default_rng(cfg.seed)
     fit = select(table, split="train", labels=[0], generators=cfg.train_generators).column("uri").to_pylist()
     held = select(table, split="val", labels=[0], generators=cfg.train_generators).column("uri").to_pylist()
     rng.shuffle(fit)
     if len(held) < MIN_HELD_OUT:
-        log.warning("natural traces: %d real image(s) in the val split (fewer than %d): calibrating on half of the "
+        log.info("natural traces: %d real image(s) in the val split (fewer than %d): calibrating on half of the "
                     "training reals instead, which the encoder has seen; calibrate the detector on your own reals "
                     "(ntf-ray calibrate)", len(held), MIN_HELD_OUT)
         cut = len(fit) // 2
         fit, held = fit[:cut], fit[cut:]
+        if len(fit) < MIN_EACH or len(held) < MIN_EACH:  # a handful of reals: fitted and calibrated on all
+            fit = held = fit + held
     rng.shuffle(held)
     return fit[: cfg.trace_fit_images], held[: cfg.trace_calibration_images]
 
