@@ -204,8 +204,7 @@ def summarise(rows: list[dict], variants: list[str], families: list[str]) -> str
 
 def main() -> None:
     from ntf_ray.nn.variants import VARIANTS
-    from ntf_ray.synth import ALL_GENERATORS, HEADROOM_GENERATORS, make_synthetic
-    from ntf_ray.training.datasets import manifest_table, write_manifest
+    from ntf_ray.synth import ALL_GENERATORS, HEADROOM_GENERATORS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=300, help="real and fake images per family folder (default 300)")
@@ -229,13 +228,7 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        records = make_synthetic(Path(tmp) / "data", n_real=args.n * len(ALL_GENERATORS),
-                                 n_fake=args.n * len(ALL_GENERATORS), size=args.size, seed=args.data_seed,
-                                 generators=ALL_GENERATORS)
-        manifest = str(Path(tmp) / "data" / "manifest.parquet")
-        write_manifest(manifest_table(records), manifest)
-        overrides = {"crop_size": args.crop, "scl_crop_size": args.crop // 2, "epochs_stage1": args.epochs_stage1,
-                     "epochs_stage2": args.epochs_stage2, **dict(item.split("=", 1) for item in args.set)}
+        manifest, overrides = _data(args, list(ALL_GENERATORS), Path(tmp))
         jobs = [{"manifest": manifest, "families": list(ALL_GENERATORS), "left_out": f, "seed": s,
                  "variants": args.variants, "overrides": overrides} for f in args.families for s in args.seeds]
         print(f"quality: {len(jobs)} folds x {len(args.variants)} variants; {args.n} real + {args.n} fake per family, "
@@ -249,20 +242,28 @@ def main() -> None:
     print(f"\n{len(rows)} runs in {time.perf_counter() - start:.0f} s")
 
 
-def headroom(args: argparse.Namespace, families: list[str]) -> None:
-    from ntf_ray.synth import ALL_GENERATORS, make_synthetic
+def _data(args: argparse.Namespace, generators: list[str], tmp: Path) -> tuple[str, dict]:
+    """Both protocols' data (``args.n`` real + fake per family) and training settings."""
+    from ntf_ray.synth import make_synthetic
     from ntf_ray.training.datasets import manifest_table, write_manifest
+
+    records = make_synthetic(tmp / "data", n_real=args.n * len(generators), n_fake=args.n * len(generators),
+                             size=args.size, seed=args.data_seed, generators=generators)
+    manifest = str(tmp / "data" / "manifest.parquet")
+    write_manifest(manifest_table(records), manifest)
+    overrides = {"crop_size": args.crop, "scl_crop_size": args.crop // 2, "epochs_stage1": args.epochs_stage1,
+                 "epochs_stage2": args.epochs_stage2, **dict(item.split("=", 1) for item in args.set)}
+    return manifest, overrides
+
+
+def headroom(args: argparse.Namespace, families: list[str]) -> None:
+    from ntf_ray.synth import ALL_GENERATORS
 
     if "bce" not in args.variants:
         raise SystemExit("the headroom protocol needs bce among --variants: its transfer AP decides the families")
     gens = list(ALL_GENERATORS) + families
     with tempfile.TemporaryDirectory() as tmp:
-        records = make_synthetic(Path(tmp) / "data", n_real=args.n * len(gens), n_fake=args.n * len(gens),
-                                 size=args.size, seed=args.data_seed, generators=gens)
-        manifest = str(Path(tmp) / "data" / "manifest.parquet")
-        write_manifest(manifest_table(records), manifest)
-        overrides = {"crop_size": args.crop, "scl_crop_size": args.crop // 2, "epochs_stage1": args.epochs_stage1,
-                     "epochs_stage2": args.epochs_stage2, **dict(item.split("=", 1) for item in args.set)}
+        manifest, overrides = _data(args, gens, Path(tmp))
         jobs = [{"manifest": manifest, "usual": list(ALL_GENERATORS), "headroom": families, "seed": s,
                  "variants": args.variants, "overrides": overrides} for s in args.seeds]
         print(f"quality --headroom: families {', '.join(families)}; {len(args.seeds)} seeds x (oracle per family + "
