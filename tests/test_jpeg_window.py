@@ -194,3 +194,17 @@ def test_the_scorer_gives_the_same_rows_with_and_without_the_region_decode(tj3):
     assert sum(windows) == 3  # the three plain JPEGs at least the window's size took the region path
     assert regions == wholes
     assert [r.error for r in regions][-2:] == ["decode: truncated image", "decode: not an image"]
+
+
+def test_a_library_that_fails_hands_the_file_to_the_whole_decode(tj3, monkeypatch):
+    lib = jpeg_window.library()
+
+    def broken(*args, **kwargs):
+        raise MemoryError("tj3Init failed")
+
+    data = _jpeg(640, 480)
+    for name in ("header", "region"):
+        with monkeypatch.context() as m:
+            m.setattr(lib, name, broken)
+            part = decode(data, window=SIZE)
+        assert part.ok and not part.window and part.image.shape == (480, 640, 3)

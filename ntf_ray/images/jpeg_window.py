@@ -185,7 +185,10 @@ def centre_window(buf, found: Screen, size: int, turn) -> np.ndarray | None:
     if up_w < size or up_h < size:
         return None  # upscaled first: the full frame is needed
     data = bytes(buf) if not isinstance(buf, bytes) else buf
-    head = lib.header(data)
+    try:
+        head = lib.header(data)
+    except Exception:  # noqa: BLE001 - no handle: the whole decode decides, as for any file
+        return None
     if isinstance(head, str) or head[:2] != (width, height) or head[3] != 8 or head[2] not in _MCU:
         return None
     mcu_w, mcu_h = _MCU[head[2]]
