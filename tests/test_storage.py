@@ -337,3 +337,65 @@ def test_fanned_out_listing_waits_out_throttling_and_stops_with_its_caller(s3, a
     monkeypatch.setattr(fs, "_call_s3", broken)
     with pytest.raises(PermissionError, match="AccessDenied"):
         list(s3_source.list_s3_fanout(f"s3://{awkward_bucket}/", options, concurrency=4))
+
+
+# ---- files an operator names: one guarded reader (a model card, a manifest, a report, a trust list)
+
+
+def test_read_input_reads_a_regular_file_and_a_link_to_one(tmp_path):
+    (tmp_path / "model.json").write_bytes(b'{"a": 1}')
+    (tmp_path / "link.json").symlink_to(tmp_path / "model.json")
+    assert storage.read_input(str(tmp_path / "model.json"), what="model card") == b'{"a": 1}'
+    assert storage.read_input(str(tmp_path / "link.json"), what="model card") == b'{"a": 1}'
+
+
+def test_read_input_refuses_a_fifo_at_once(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "model.json"
+    os.mkfifo(fifo)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(_raised(storage.read_input, str(fifo), what="model card")),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "reading a FIFO blocked"
+    assert isinstance(got[0], storage.InputError) and "not a regular file" in str(got[0])
+
+
+def test_read_input_refuses_a_link_to_a_device(tmp_path):
+    (tmp_path / "model.json").symlink_to("/dev/zero")
+    with pytest.raises(storage.InputError, match="not a regular file"):
+        storage.read_input(str(tmp_path / "model.json"), what="model card")
+
+
+def test_read_input_caps_the_bytes_read(tmp_path):
+    (tmp_path / "big.parquet").write_bytes(b"x" * 1001)
+    with pytest.raises(storage.InputError, match="manifest .* larger than 1000 bytes"):
+        storage.read_input(str(tmp_path / "big.parquet"), what="manifest", max_bytes=1000)
+    assert len(storage.read_input(str(tmp_path / "big.parquet"), what="manifest", max_bytes=1001)) == 1001
+
+
+def test_read_input_names_a_folder_and_a_missing_file(tmp_path):
+    with pytest.raises(storage.InputError, match="is a folder"):
+        storage.read_input(str(tmp_path), what="trust list")
+    with pytest.raises(storage.InputError, match="does not exist"):
+        storage.read_input(str(tmp_path / "gone.pem"), what="trust list")
+
+
+def test_read_input_s3_caps_and_names(bucket, opts):
+    storage.write_bytes(f"{bucket}/r/manifest.json", b"y" * 50, opts)
+    assert storage.read_input(f"{bucket}/r/manifest.json", opts, what="report") == b"y" * 50
+    with pytest.raises(storage.InputError, match="larger than 10 bytes"):
+        storage.read_input(f"{bucket}/r/manifest.json", opts, what="report", max_bytes=10)
+    with pytest.raises(storage.InputError, match="does not exist"):
+        storage.read_input(f"{bucket}/r/none.json", opts, what="report")
+
+
+def _raised(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - handed to the test's thread
+        return exc
+    return None

@@ -182,12 +182,20 @@ def save_artifact(
     return artifact
 
 
+#: The most read of each file of an artifact: a model card is a few kB; the weights of the
+#: largest backbone a few hundred MB.
+MAX_BYTES = {METADATA: 16 * 2**20, WEIGHTS: 4 * 2**30}
+
+
 def _read(uri: str, name: str, options: StorageOptions | None) -> bytes:
     path = storage.join(uri, name)
-    try:
-        return storage.read_bytes(path, options)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    try:  # guarded: a model.json that is a FIFO, or links to /dev/zero, is refused, not read for ever
+        return storage.read_input(path, options, what=f"{name} of the detector artifact",
+                                  max_bytes=MAX_BYTES[name])
+    except storage.InputMissing:
         raise ArtifactError(f"detector artifact at {uri} has no {name}") from None
+    except storage.InputError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def load_artifact(uri: str, *, options: StorageOptions | None = None, map_location: str | torch.device = "cpu") -> DetectorArtifact:

@@ -65,6 +65,9 @@ def read_objects(batch: pa.Table, *, endpoint: str | None, max_bytes: int | None
     for i, size in enumerate(sizes):
         if errors[i] is not None:
             continue
+        errors[i] = storage.name_error(uris[i])  # one odd name is its own row, never its block's
+        if errors[i] is not None:
+            continue
         if max_bytes is not None and size is not None and size > max_bytes:
             errors[i] = error(TOO_LARGE, f"{size} bytes > limit {max_bytes}")
         elif size == 0 and etags[i] is not None:

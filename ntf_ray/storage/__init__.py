@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ntf_ray.errors import READ, error
+from ntf_ray.errors import READ, UNSUPPORTED_NAME, error
 from ntf_ray.storage.local import LocalSource
 from ntf_ray.storage.s3 import ALIASES, S3Source
 from ntf_ray.storage.source import (
+    NotARegularFile,
     ObjectChanged,
     ObjectTooLarge,
     Row,
@@ -28,10 +29,10 @@ from ntf_ray.storage.source import (
     Unsupported,
 )
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_READ_AHEAD_BYTES", "ObjectChanged", "ObjectTooLarge", "Row", "Source",
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_READ_AHEAD_BYTES", "INPUT_MAX_BYTES", "InputError", "InputMissing", "ObjectChanged", "ObjectTooLarge", "Row", "Source",
            "StorageOptions", "Unsupported", "arrow_filesystem", "arrow_paths", "binary_views", "create", "exists", "files", "join",
-           "list_names", "list_objects", "local_path", "move", "normalize", "prune", "read_bytes", "read_error",
-           "read_many", "read_versioned", "redact", "register", "remove", "unregister", "replace", "source_for", "stat_many",
+           "list_names", "list_objects", "local_path", "move", "name_error", "normalize", "prune", "read_bytes", "read_error",
+           "read_input", "read_many", "read_versioned", "redact", "register", "remove", "unregister", "replace", "source_for", "stat_many",
            "version", "write_bytes"]
 
 #: Default cap on an object's size for a scan: far above any photo (a 100 Mpx JPEG is ~50 MB),
@@ -90,6 +91,22 @@ def sources() -> list[Source]:
 def normalize(uri: str | Path) -> str:
     """The canonical uri: an absolute local path, or ``scheme://...`` as its source writes it."""
     return source_for(uri).normalize(str(uri))
+
+
+def name_error(uri: object) -> str | None:
+    """Why ``uri`` cannot name one object to read (an ``unsupported_name:`` row), or None.
+
+    Checked per object before a block is read: one row of a manifest or an inventory with an
+    empty or odd bucket (``s3:///k.png``), an unknown scheme or no uri at all costs its own row,
+    never its block's."""
+    if not isinstance(uri, str) or not uri:
+        return error(UNSUPPORTED_NAME, "no uri")
+    try:
+        normalize(uri)
+    except ValueError as exc:
+        reason = " ".join(str(exc).split())
+        return error(UNSUPPORTED_NAME, reason if len(reason) <= 200 else reason[:197] + "...")
+    return None
 
 
 def join(base: str, *parts: str) -> str:
@@ -161,6 +178,44 @@ def _one(name: str):
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     """Whole object or file as bytes."""
     return _one("read_bytes")(uri, options=options)
+
+
+#: The cap ``read_input`` puts on a file an operator names, unless its caller sets another.
+INPUT_MAX_BYTES = 64 * 2**20
+
+
+class InputError(ValueError):
+    """A file an operator named (a model card, a manifest, a report, a trust list, a config)
+    is not one that can be read: missing, a folder, not a regular file, or too large."""
+
+
+class InputMissing(InputError, FileNotFoundError):
+    """The file an operator named does not exist."""
+
+
+def read_input(uri: str, options: StorageOptions | None = None, *, what: str,
+               max_bytes: int = INPUT_MAX_BYTES) -> bytes:
+    """The bytes of a file an operator named (``what`` says which, for the error), read the
+    way every such file is: a regular file or object only (a FIFO would block, ``/dev/zero``
+    would never end, whatever a link points at), at most ``max_bytes``; ``InputError`` with
+    one clear line otherwise. Never a pattern, never a folder."""
+    uri = normalize(uri)
+    (value,) = source_for(uri).read_many([uri], options or StorageOptions.resolve(), etags=[None],
+                                         max_bytes=max_bytes)
+    if not isinstance(value, Exception):
+        return value
+    shown = redact(uri)
+    if isinstance(value, ObjectTooLarge):
+        raise InputError(f"{what} {shown} is larger than {max_bytes} bytes, the most read for it") from None
+    if isinstance(value, IsADirectoryError):
+        raise InputError(f"{what} {shown} is a folder, not a file") from None
+    if isinstance(value, (FileNotFoundError, NotADirectoryError)):
+        raise InputMissing(f"{what} {shown} does not exist") from None
+    if isinstance(value, PermissionError):
+        raise InputError(f"{what} {shown} cannot be read: permission denied") from None
+    if isinstance(value, NotARegularFile):
+        raise InputError(f"{what} {shown} is not a regular file (a pipe, device or socket is never read)") from None
+    raise value
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:

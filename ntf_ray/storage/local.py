@@ -19,7 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ntf_ray.errors import READ, UNSUPPORTED_NAME, error
-from ntf_ray.storage.source import ObjectChanged, ObjectTooLarge, Row, Source, StorageOptions, error_row, matches
+from ntf_ray.storage.source import (
+    NotARegularFile,
+    ObjectChanged,
+    ObjectTooLarge,
+    Row,
+    Source,
+    StorageOptions,
+    error_row,
+    matches,
+)
 
 
 def local_etag(st: os.stat_result) -> str:
@@ -61,7 +70,7 @@ def _read(path: str, etag: str | None, max_bytes: int | None) -> bytes:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(f"{path} is a folder")
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise OSError(f"{path} is not a regular file")
+            raise NotARegularFile(f"{path} is not a regular file")
         if etag is not None and local_etag(st) != etag:
             raise ObjectChanged(f"{path} changed after it was listed")
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)

@@ -33,7 +33,14 @@ def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    if not _BUCKET_CHARS.fullmatch(bucket):
+        raise ValueError(f"s3 URI whose bucket is not a bucket name: {uri!r}")
     return bucket, key
+
+
+#: What a bucket name can hold at most, anywhere S3 is spoken (AWS's rules are stricter: 3-63
+#: lowercase letters, digits, '.' and '-'; older buckets and other stores allow upper case and '_').
+_BUCKET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,255}")
 
 
 def fsspec_filesystem(options: StorageOptions | None = None):

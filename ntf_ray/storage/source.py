@@ -41,6 +41,10 @@ class ObjectTooLarge(OSError):
     """The object holds more bytes than the reader's cap."""
 
 
+class NotARegularFile(OSError):
+    """A name that is a pipe, a device or a socket: reading it would block or never end."""
+
+
 class Unsupported(ValueError):
     """What this kind of storage cannot do (a read-only input asked to hold an output)."""
 

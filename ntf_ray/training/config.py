@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ntf_ray import storage
+
 
 @dataclass
 class TrainConfig:
@@ -192,12 +194,20 @@ _REPLACED = {
 }
 
 
+#: The most read of a training config file (a YAML of a few dozen fields).
+CONFIG_MAX_BYTES = 1 * 2**20
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then a YAML file, then ``key=value`` overrides (later wins)."""
     defaults = _fields()
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        text = storage.read_input(str(path), what="config file", max_bytes=CONFIG_MAX_BYTES)
+        try:
+            loaded = yaml.safe_load(text.decode("utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"config file {path} is not YAML text ({type(exc).__name__})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of field: value")
         values.update(loaded)

@@ -130,6 +130,11 @@ def validate_manifest(table: pa.Table, source: str = "manifest") -> pa.Table:
     return table
 
 
+#: The most read of a manifest file: a Parquet manifest of ten million rows is a few hundred MB
+#: (a bigger listing belongs in an S3 Inventory report, which is streamed).
+MANIFEST_MAX_BYTES = 2 * 2**30
+
+
 def read_manifest(uri: str, options: StorageOptions | None = None, *, uris_only: bool = False) -> pa.Table:
     """Read a Parquet (``.parquet``/``.pq``) or CSV manifest, local or ``s3://``.
 
@@ -137,7 +142,7 @@ def read_manifest(uri: str, options: StorageOptions | None = None, *, uris_only:
     ``uris_only`` (a scan needs nothing else) the other columns are neither read nor checked.
     """
     uri = storage.normalize(uri)
-    data = storage.read_bytes(uri, options)
+    data = storage.read_input(uri, options, what="manifest", max_bytes=MANIFEST_MAX_BYTES)
     if uri.lower().endswith(".csv"):
         # Empty CSV fields are nulls (write_manifest writes a null as an empty field), and the
         # string columns stay strings whatever they look like (a generator named "1" or "true").
