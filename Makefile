@@ -23,7 +23,10 @@ setup: $(BIN)/ntf-ray
 demo: setup
 	$(BIN)/ntf-ray demo
 
+# The centre-window decode's tests also need libjpeg-turbo 3's TurboJPEG library, which Debian 12
+# lacks: the first run puts a released one into the virtual environment (tests/turbojpeg3.py).
 test: setup
+	$(BIN)/python -m tests.turbojpeg3 fetch
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -33,6 +33,13 @@ def pytest_sessionfinish(session, exitstatus):
     _session_status = int(exitstatus)
 
 
+def pytest_report_header(config):
+    """Which TurboJPEG 3 library (and libjpeg-turbo version) the window-decode tests use."""
+    from tests import turbojpeg3
+
+    return turbojpeg3.describe()
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     """End the test process with the session's status, without the interpreter's teardown.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 
 import numpy as np
@@ -168,6 +169,36 @@ def test_a_missing_library_or_one_without_the_version_3_api_is_not_used(tmp_path
 def test_describe_names_the_library_not_its_folder(tj3):
     line = jpeg_window.describe()
     assert "region decode" in line and "/" not in line
+    version = jpeg_window.library().version
+    assert version == turbojpeg3.version_of(tj3)
+    if version is not None:
+        assert f"libjpeg-turbo {'.'.join(map(str, version))}" in line
+    if os.environ.get("NTF_REQUIRE_TURBOJPEG3"):  # CI: a released libjpeg-turbo 3, never a beta
+        assert jpeg_window.is_release(version) and "pre-release" not in line, line
+
+
+@pytest.mark.parametrize("said,version,released", [
+    (b"libjpeg-turbo version 3.1.3 (build 20260127)", (3, 1, 3), True),
+    (b"libjpeg-turbo version 3.0.0 (build 20230701)", (3, 0, 0), True),
+    (b"libjpeg-turbo version 2.1.92 (build 20230806)", (2, 1, 92), False),  # 3.0 beta
+    (b"libjpeg-turbo version 3.0.90 (build 20240817)", (3, 0, 90), False),  # 3.1 beta
+    (b"libjpeg-turbo version 2.1.5 (build 20230203)", (2, 1, 5), False),
+    (b"no version string at all", None, False),
+])
+def test_the_version_a_library_says_and_whether_it_is_a_release(tmp_path, said, version, released):
+    path = tmp_path / "libturbojpeg.so.0"
+    path.write_bytes(b"\x7fELF" + bytes(5000) + said + b"\0" + bytes(100))
+    assert jpeg_window.file_version(str(path)) == version
+    assert jpeg_window.is_release(version) is released
+    assert jpeg_window.file_version(str(tmp_path / "missing")) is None
+
+
+def test_describe_says_a_pre_release_is_one(tj3, monkeypatch):
+    lib = jpeg_window.library()
+    monkeypatch.setattr(lib, "version", (2, 1, 92))
+    assert jpeg_window.describe().endswith("libjpeg-turbo 2.1.92, a pre-release)")
+    monkeypatch.setattr(lib, "version", None)
+    assert jpeg_window.describe().endswith(", version unknown)")
 
 
 def test_the_scorer_gives_the_same_rows_with_and_without_the_region_decode(tj3):

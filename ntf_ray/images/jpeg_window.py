@@ -25,7 +25,9 @@ libjpeg-turbo's own packages in ``/opt/libjpeg-turbo``). Without it, or for any 
 does not take, the full decode runs as before: this module changes how fast a row is
 written, never what it says. TurboJPEG 2 (Debian 12, Ubuntu 24.04) has no region decode;
 its lossless crop followed by a decode was measured slower than the full decode
-(``bench/README.md``), so it is not used.
+(``bench/README.md``), so it is not used. :func:`describe` names the library and the
+libjpeg-turbo version it says it is (the ``version X.Y.Z (build N)`` string every build carries);
+a version ``X.Y.9N`` is a pre-release (libjpeg-turbo numbers its betas so), and is said to be.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import re
 
 import numpy as np
 
@@ -68,13 +71,58 @@ class _Region(ctypes.Structure):
     _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("w", ctypes.c_int), ("h", ctypes.c_int)]
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]
+
+
+#: What libjpeg-turbo writes into every build (``jcmaster.c``): "libjpeg-turbo version 3.1.3 (build 20260127)".
+_VERSION_STRING = re.compile(rb"version (\d{1,3})\.(\d{1,3})\.(\d{1,3}) \(build \d+\)")
+_MAX_LIBRARY_BYTES = 64 << 20
+
+
+def loaded_file(lib: ctypes.CDLL, candidate: str) -> str | None:
+    """The file the dynamic linker loaded ``lib`` from (``dladdr`` of ``tj3Init``), or None."""
+    if os.sep in candidate and os.path.isfile(candidate):
+        return candidate
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+        dladdr.restype, dladdr.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+        info = _DlInfo()
+        if dladdr(ctypes.cast(lib.tj3Init, ctypes.c_void_p), ctypes.byref(info)) and info.dli_fname:
+            return os.fsdecode(info.dli_fname)
+    except (OSError, AttributeError, ValueError, TypeError):
+        pass
+    return None
+
+
+def file_version(path: str | None) -> tuple[int, int, int] | None:
+    """The libjpeg-turbo version a library file says it is, or None where it says none."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            found = _VERSION_STRING.search(f.read(_MAX_LIBRARY_BYTES))
+    except OSError:
+        return None
+    return tuple(int(g) for g in found.groups()) if found else None
+
+
+def is_release(version: tuple[int, int, int] | None) -> bool:
+    """A released libjpeg-turbo 3 (3.0.0 and on), not a beta: libjpeg-turbo numbers a beta of
+    3.0 as 2.1.9N and of 3.1 as 3.0.9N."""
+    return version is not None and version[0] >= 3 and version[1] < 90 and version[2] < 90
+
+
 class _TurboJPEG3:
     """The few TurboJPEG 3 calls a region decode needs. Each decode gets its own handle (a
     handle is not thread-safe; one costs about a microsecond); ctypes lets other threads run
     while libjpeg-turbo works."""
 
-    def __init__(self, lib: ctypes.CDLL, name: str):
+    def __init__(self, lib: ctypes.CDLL, name: str, version: tuple[int, int, int] | None = None):
         self.name = name
+        #: ``(major, minor, patch)`` that the library's file says, or None.
+        self.version = version
         for fn, res, args in (
             ("tj3Init", ctypes.c_void_p, [ctypes.c_int]),
             ("tj3Destroy", None, [ctypes.c_void_p]),
@@ -142,7 +190,7 @@ def library() -> _TurboJPEG3 | None:
         except OSError:
             continue
         if hasattr(lib, "tj3SetCroppingRegion") and hasattr(lib, "tj3Decompress8"):
-            return _TurboJPEG3(lib, os.path.basename(candidate))
+            return _TurboJPEG3(lib, os.path.basename(candidate), file_version(loaded_file(lib, candidate)))
     return None
 
 
@@ -151,7 +199,12 @@ def describe() -> str:
     lib = library()
     if lib is None:
         return "JPEG centre windows: full decode (no libjpeg-turbo 3 TurboJPEG library found; see docs/operations.md)"
-    return f"JPEG centre windows: region decode ({lib.name})"
+    if lib.version is None:
+        said = "version unknown"
+    else:
+        said = "libjpeg-turbo " + ".".join(map(str, lib.version))
+        said += "" if is_release(lib.version) else ", a pre-release"
+    return f"JPEG centre windows: region decode ({lib.name}, {said})"
 
 
 def stored_rect(orientation: int, width: int, height: int, top: int, left: int, size: int) -> tuple[int, int]:
