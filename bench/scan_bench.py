@@ -15,9 +15,12 @@ to show it stays flat in the number of objects.
     python bench/scan_bench.py --n 4000 --backbone resnet18
 
 ``--provenance-ratio`` measures instead what reading each image's claims costs
-(``images.provenance``): the Ray Data scan of the same files with ``--no-provenance`` and
-with provenance read, alternating, ``--rounds`` times each; it prints each run's images/s and,
-as its last line, ``ratio provenance/none`` (the mean rates' ratio).
+(``images.provenance``): the Ray Data scan of the same files (``--format`` jpeg, png or webp)
+with ``--no-provenance`` and with provenance read, alternating, ``--rounds`` times each; it
+prints what one thread spends reading one file's claims, each run's images/s and, as its
+last line, ``ratio provenance/none`` (the mean rates' ratio).
+
+    python bench/scan_bench.py --provenance-ratio --format png --n 1000
 
 ``--window-ratio`` measures instead what decoding only the centre window of each JPEG saves
 (``images.jpeg_window``, libjpeg-turbo 3; ``--turbojpeg PATH`` names the library when the
@@ -47,8 +50,14 @@ import numpy as np
 from PIL import Image
 
 
-def make_jpegs(folder: Path, n: int, width: int, height: int) -> list[Path]:
-    """Textured JPEGs (quality 90), different per file, cheap to make."""
+#: ``--format``: Pillow's name, the file extension, the options it is saved with.
+FORMATS = {"jpeg": ("JPEG", "jpg", {"quality": 90}), "png": ("PNG", "png", {}), "webp": ("WEBP", "webp", {"quality": 90})}
+
+
+def make_images(folder: Path, n: int, width: int, height: int, fmt: str = "jpeg") -> list[Path]:
+    """Textured images (JPEGs of quality 90 by default; ``fmt`` of ``FORMATS``), different per
+    file, cheap to make."""
+    name, ext, options = FORMATS[fmt]
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
@@ -58,8 +67,8 @@ def make_jpegs(folder: Path, n: int, width: int, height: int) -> list[Path]:
         img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
         noise = rng.integers(0, 24, (height, width, 3), dtype=np.uint8)
         img = Image.fromarray(np.asarray(img) // 2 + noise)
-        p = folder / f"img_{i:05d}.jpg"
-        img.save(p, quality=90)
+        p = folder / f"img_{i:05d}.{ext}"
+        img.save(p, name, **options)
         paths.append(p)
     return paths
 
@@ -136,6 +145,8 @@ def main() -> None:
                    help="object counts for the listing-memory check (default 10000 100000; none to skip)")
     p.add_argument("--provenance-ratio", action="store_true",
                    help="instead: the scan with and without provenance, alternating (see module)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="jpeg",
+                   help="what the files are with --provenance-ratio (default jpeg)")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs of each with --provenance-ratio or --window-ratio (default 2)")
     p.add_argument("--window-ratio", action="store_true",
@@ -166,7 +177,7 @@ def main() -> None:
         tmp = Path(tmp)
         if args.listing:
             listing_memory(tmp, args.listing)
-        paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height)
+        paths = make_images(tmp / "jpegs", args.n, args.width, args.height)
         print(f"{len(paths)} JPEGs of {args.width}x{args.height}, "
               f"{sum(q.stat().st_size for q in paths) / len(paths) / 1024:.0f} KiB each", flush=True)
         torch.manual_seed(0)
@@ -204,7 +215,7 @@ def provenance_ratio(args: argparse.Namespace) -> None:
     import torch
 
     from ntf_ray.detector.artifact import save_artifact
-    from ntf_ray.images.provenance import c2pa_available
+    from ntf_ray.images.provenance import c2pa_available, provenance_of
     from ntf_ray.nn.model import Detector
     from ntf_ray.ray_edge import runtime
     from ntf_ray.ray_edge import scan as ray_scan
@@ -215,8 +226,16 @@ def provenance_ratio(args: argparse.Namespace) -> None:
           f"C2PA {'read' if c2pa_available() else 'not installed'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height)
-        print(f"{len(paths)} JPEGs of {args.width}x{args.height}", flush=True)
+        paths = make_images(tmp / "jpegs", args.n, args.width, args.height, args.format)
+        kib = sum(q.stat().st_size for q in paths) / len(paths) / 1024
+        print(f"{len(paths)} {FORMATS[args.format][0]} files of {args.width}x{args.height}, {kib:.0f} KiB each",
+              flush=True)
+        blobs = [q.read_bytes() for q in paths[:200]]
+        began = time.perf_counter()
+        for blob in blobs:
+            provenance_of(blob)
+        print(f"one thread reading claims: {(time.perf_counter() - began) / len(blobs) * 1e3:.2f} ms per file "
+              f"(mean of {len(blobs)})", flush=True)
         torch.manual_seed(0)
         model = str(tmp / "detector")
         save_artifact(model, Detector.build(args.backbone), input_size=224)
@@ -336,7 +355,7 @@ def window_ratio(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = make_jpegs(tmp / "jpegs", args.n, args.width, args.height)
+        paths = make_images(tmp / "jpegs", args.n, args.width, args.height)
         blobs = [q.read_bytes() for q in paths]
         print(f"{len(paths)} JPEGs of {args.width}x{args.height}, {sum(map(len, blobs)) / len(blobs) / 1024:.0f} KiB "
               "each (quality 90, 4:2:0, baseline)", flush=True)

@@ -1,7 +1,8 @@
 """Peak memory of one detector actor scoring a batch: ordinary JPEGs against a batch with large images.
 
 A detector actor (``ntf_ray.ray_edge.scan.actor.DetectorActor``) hands each block's bytes to
-``Scorer.score_bytes``. This script does the same work in a fresh process per case: load a
+``Scorer.score_bytes``, then reads each image's claims (``images.provenance.provenance_of``,
+as a scan does unless ``--no-provenance``). This script does the same work in a fresh process per case: load a
 tiny-backbone detector (random weights) from an artifact, read the files, score one small
 image to warm up, reset the kernel's high-water mark of the RSS to the current RSS
 (``/proc/self/clear_refs``; otherwise the imports' and the model load's transient peaks
@@ -14,13 +15,17 @@ Cases, ``--batch`` images each (64 by default):
 - ``ordinary``: JPEGs of 1024x768 (quality 90);
 - ``large mixed``: the same batch with three of them replaced by a 5000x5000 RGBA PNG with
   partial alpha (about 100 KiB), an 8000x6000 JPEG and a 1x20000 PNG sliver;
-- ``bombs mixed``: the same batch with six replaced by files built to hold a decoder
+- ``bombs mixed``: the same batch with seven replaced by files built to hold a decoder
   (``tests/bombs.py``, full size): a BMP declaring a width of 2**32 - 127, a 1 MB deflate TIFF
   declaring a 32768 x 32768 tile for 16 x 16 pixels, an 8192 x 8192 progressive JPEG of 6,000
   scans, an ICO whose directory says 16 x 16 over a 12000 x 12000 PNG, a 99600 x 50 PNG
-  sliver, and a 2048 px JPEG cut in half with an end-of-image marker appended.
+  sliver, a 2048 px JPEG cut in half with an end-of-image marker appended, and a PNG of
+  12000 x 10000 black pixels in 350 KB with no EXIF before its image data
+  (``bombs.png_compressed``).
 
-Each case also scores every file again on its own and prints the slowest one's seconds.
+Each case also scores every file again on its own (and reads its claims) and prints the
+slowest one's seconds. ``--no-provenance``: scoring alone (the figures in ``scan_memory.cpu.txt``
+before 2026-12-07 are of scoring alone).
 
     python bench/scan_memory.py
     python bench/scan_memory.py --batch 32
@@ -53,8 +58,20 @@ def peak_mib():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-model, network_batch, *paths = sys.argv[1:]
+model, network_batch, claims, *paths = sys.argv[1:]
 scorer = Scorer.from_artifact(model, device="cpu", batch_size=int(network_batch), decoder="pil")
+if claims == "claims":  # as the detector actor: the claims of every object read, after its score
+    from ntf_ray.images.provenance import provenance_of
+
+    score = scorer.score_bytes
+
+    def score_and_claims(items):
+        results = score(items)
+        for item in items:
+            provenance_of(item)
+        return results
+
+    scorer.score_bytes = score_and_claims
 items = [open(p, "rb").read() for p in paths]
 warm = io.BytesIO()
 Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(warm, "JPEG")
@@ -112,18 +129,18 @@ def make_files(folder: Path, n: int) -> tuple[list[Path], list[Path]]:
 def make_bombs(folder: Path, ordinary: list[Path]) -> list[Path]:
     """The ordinary batch with its first files replaced by the bombs of ``tests/bombs.py``."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.bombs import bombs
+    from tests.bombs import bombs, png_compressed
 
     paths = []
-    for name, data in bombs(small=False).items():
+    for name, data in {**bombs(small=False), "compressed.png": png_compressed()}.items():
         paths.append(folder / f"bomb-{name}")
         paths[-1].write_bytes(data)
     return [*paths, *ordinary[len(paths):]]
 
 
-def measure(model: str, network_batch: int, paths: list[Path]) -> tuple[float, float, int, str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, model, str(network_batch), *map(str, paths)], capture_output=True, text=True,
-                         check=True).stdout.split()
+def measure(model: str, network_batch: int, claims: bool, paths: list[Path]) -> tuple[float, float, int, str, float]:
+    out = subprocess.run([sys.executable, "-c", CHILD, model, str(network_batch), "claims" if claims else "-",
+                          *map(str, paths)], capture_output=True, text=True, check=True).stdout.split()
     return float(out[0]), float(out[1]), int(out[2]), out[3], float(out[4])
 
 
@@ -133,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--network-batch", type=int, default=8,
                    help="crops per forward pass (default 8: on a GPU actor the activations live on the card, "
                         "so a small chunk keeps them from swamping the host figure)")
+    p.add_argument("--no-provenance", action="store_true", help="score only; no claims read")
     args = p.parse_args(argv)
 
     import torch
@@ -142,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"host: {os.cpu_count()} cores; torch {torch.__version__}; tiny backbone (random weights), 224 px crop, "
           f"CPU, decoder pil, batch {args.batch} "
-          f"(forward passes of {args.network_batch})")
+          f"(forward passes of {args.network_batch}); claims {'not read' if args.no_provenance else 'read'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ordinary, mixed = make_files(tmp / "images", args.batch)
@@ -150,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         model = str(tmp / "detector")
         save_artifact(model, Detector.build("tiny"), input_size=224)
-        sizes = {p.name: p.stat().st_size for p in mixed[:3] + bombed[:6]}
+        sizes = {p.name: p.stat().st_size for p in mixed[:3] + [q for q in bombed if q.name.startswith("bomb-")]}
         print("large files and bombs: " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
         print(f"{'case':<12} {'baseline MiB':>12} {'peak MiB':>9} {'added MiB':>10} {'scored':>7} {'slowest s':>9}"
               "  errors")
         added, slow = {}, {}
         for name, paths in (("ordinary", ordinary), ("large mixed", mixed), ("bombs mixed", bombed)):
-            base, peak, scored, errors, slowest = measure(model, args.network_batch, paths)
+            base, peak, scored, errors, slowest = measure(model, args.network_batch, not args.no_provenance, paths)
             added[name], slow[name] = peak - base, slowest
             print(f"{name:<12} {base:12.0f} {peak:9.0f} {peak - base:10.0f} {scored:4d}/{len(paths)} {slowest:9.2f}"
                   f"  {errors}", flush=True)

@@ -1,5 +1,6 @@
 """Files built to hold a decoder: declared sizes far past their bytes, thousands of scans,
-an icon hiding a huge image, a sliver, a JPEG cut short that still ends like a whole one.
+an icon hiding a huge image, a sliver, a JPEG cut short that still ends like a whole one, a
+PNG of 120 Mpx in 350 KB.
 
 Each maker returns the file's bytes; ``bombs()`` names one of each. Sizes are parameters so
 that tests build small ones and ``bench/scan_memory.py`` the full-size ones of the issue.
@@ -92,6 +93,27 @@ def thin_png(width: int = 99600, height: int = 50) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, checksum."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_compressed(width: int = 12000, height: int = 10000, mode: str = "RGB", before: tuple[bytes, ...] = (),
+                   after: tuple[bytes, ...] = ()) -> bytes:
+    """A PNG of ``width x height`` black pixels, deflated: 120 Mpx of RGB in 350 KB. No eXIf
+    chunk precedes its image data (Pillow's ``getexif()`` then decodes the whole image);
+    ``before`` and ``after`` are chunks (``png_chunk``) put before and after the image data."""
+    channels, colour = {"L": (1, 0), "RGB": (3, 2)}[mode]
+    row = b"\x00" * (1 + width * channels)  # filter byte "none", then the row's samples
+    packer, rows, parts = zlib.compressobj(9), max(1, (1 << 24) // len(row)), []
+    for start in range(0, height, rows):
+        parts.append(packer.compress(row * min(rows, height - start)))
+    idat = b"".join(parts) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + b"".join(before) + png_chunk(b"IDAT", idat)
+            + b"".join(after) + png_chunk(b"IEND", b""))
 
 
 def jpeg_cut_with_eoi(side: int = 256) -> bytes:

@@ -5,17 +5,21 @@ made here (a test root and a signer under it); PNG text chunks in the shapes the
 front ends write; XMP with and without IPTC's ``DigitalSourceType``; and the hostile XMP of
 ``HOSTILE_XMP``. ``make_provenance_images(folder)`` writes one file of each kind (AI-generated,
 camera capture, edited, tampered after signing, manifest transplanted, claim forged, front-end
-text chunks, XMP, EXIF, none) and returns what each must read as.
+text chunks, XMP, EXIF, none) and returns what each must read as. ``pixels_decoded()`` records
+every way Pillow would decode pixels while claims are read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageFile, PngImagePlugin
 
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 
@@ -80,6 +84,49 @@ def jpeg_bytes(seed: int = 0, software: str | None = None, xmp: bytes | None = N
     out = io.BytesIO()
     _pixels(seed).save(out, "JPEG", quality=90, exif=exif, **({"xmp": xmp} if xmp is not None else {}))
     return out.getvalue()
+
+
+def with_xmp_segment(jpeg: bytes, packet: bytes) -> bytes:
+    """``jpeg`` with an APP1 XMP segment put right after its start-of-image marker."""
+    body = b"http://ns.adobe.com/xap/1.0/\x00" + packet
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", 2 + len(body)) + body + jpeg[2:]
+
+
+def with_declared_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with its frame header declaring ``width x height`` (the pixels are not there)."""
+    at = 2 + sum(len(seg) for marker, seg in _until_frame(jpeg))
+    return jpeg[:at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9:]
+
+
+def _until_frame(jpeg: bytes) -> list[tuple[int, bytes]]:
+    segments = []
+    for marker, seg in jpeg_segments(jpeg):
+        if marker in (0xC0, 0xC1, 0xC2):
+            break
+        segments.append((marker, seg))
+    return segments
+
+
+@contextlib.contextmanager
+def pixels_decoded() -> Iterator[list[tuple[str, str | None]]]:
+    """Records, while inside, every call by which Pillow turns a file into pixels: any plugin's
+    ``load()`` and every decoder it makes (PNG's, WebP's, ...). Not thread-safe: tests only."""
+    calls: list[tuple[str, str | None]] = []
+    load, getdecoder = ImageFile.ImageFile.load, Image._getdecoder
+
+    def recorded_load(self, *args, **kwargs):
+        calls.append(("load", self.format))
+        return load(self, *args, **kwargs)
+
+    def recorded_decoder(mode, decoder_name, *args, **kwargs):
+        calls.append(("decoder", decoder_name))
+        return getdecoder(mode, decoder_name, *args, **kwargs)
+
+    ImageFile.ImageFile.load, Image._getdecoder = recorded_load, recorded_decoder
+    try:
+        yield calls
+    finally:
+        ImageFile.ImageFile.load, Image._getdecoder = load, getdecoder
 
 
 class CredentialSigner:

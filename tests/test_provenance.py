@@ -1,17 +1,23 @@
 """What an image says about its origin (``images.provenance``): C2PA credentials signed here by
-the library itself, PNG text chunks of the common front ends, XMP, EXIF, and hostile XMP."""
+the library itself, PNG text chunks of the common front ends, XMP, EXIF, and hostile XMP; read
+from metadata only, never from pixels, within the decode's limits and for the formats it opens."""
 
 from __future__ import annotations
 
+import io
 import socket
+import struct
 import sys
 import threading
 import tracemalloc
 
 import pytest
+from PIL import Image
 
 from ntf_ray.images import provenance
+from ntf_ray.images.decode import DEFAULT_MAX_PIXELS, decode
 from ntf_ray.images.provenance import C2paTrust, read_provenance
+from tests import bombs
 from tests.provenance_images import (
     HOSTILE_XMP,
     IPTC,
@@ -20,9 +26,15 @@ from tests.provenance_images import (
     forged_claim,
     jpeg_bytes,
     make_provenance_images,
+    pixels_decoded,
     png_bytes,
+    with_declared_size,
+    with_xmp_segment,
     xmp_packet,
 )
+
+AI_XMP = xmp_packet(IPTC + "trainedAlgorithmicMedia", tool="Example Generator")
+AI_CLAIM = ("xmp", "trainedAlgorithmicMedia", "Example Generator")
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +182,120 @@ def test_without_the_c2pa_library_the_rest_is_read_and_each_row_says_so(monkeypa
     assert got.problem == "c2pa: not installed"
     with pytest.raises(ValueError, match="needs the C2PA library"):
         C2paTrust.from_files(["root.pem"])
+
+
+def _claims(got) -> tuple:
+    return got.provenance, got.declared_source, got.declared_by
+
+
+def _exif(software: str) -> bytes:
+    exif = Image.Exif()
+    exif[0x0131] = software
+    return exif.tobytes()[6:]  # the TIFF structure an eXIf chunk holds
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_png_bomb_has_no_claims_read_and_no_pixel_decoded():
+    """120 Mpx in 117 KB, no eXIf before its image data: ``decode`` refuses it from its header,
+    and so does the claims reader; Pillow's ``getexif()`` would have decoded it whole."""
+    data = bombs.png_compressed(12000, 10000, mode="L",
+                                before=(bombs.png_chunk(b"tEXt", b"parameters\x00a red fox, Steps: 20"),))
+    assert decode(data).error.startswith("too_large: 12000x10000")
+    tracemalloc.start()
+    try:
+        with pixels_decoded() as calls:
+            got = read_provenance(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert calls == [], calls
+    assert (*_claims(got), got.c2pa_state, got.problem) == (None, None, None, None, "image: too large"), got
+    assert peak < len(data), peak  # not even a copy of the file
+
+
+def test_claims_after_a_large_pngs_pixels_are_read_without_decoding_them():
+    """64 Mpx, within the limit: XMP and EXIF after the image data, where Pillow reads them
+    only once it has decoded the image, are read by stepping over it."""
+    data = bombs.png_compressed(8000, 8000, mode="L", after=(
+        bombs.png_chunk(b"eXIf", _exif("Camera FW 9")),
+        bombs.png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + AI_XMP)))
+    with pixels_decoded() as calls:
+        got = read_provenance(data)
+    assert calls == [], calls
+    assert (_claims(got), got.problem) == (AI_CLAIM, None), got
+    only_exif = bombs.png_compressed(8000, 8000, mode="L", after=(bombs.png_chunk(b"eXIf", _exif("Camera FW 9")),))
+    with pixels_decoded() as calls:
+        assert _claims(read_provenance(only_exif)) == ("exif", None, "Camera FW 9")
+    assert calls == []
+
+
+def _lossless_webp_declaring(width: int, height: int) -> bytes:
+    """A lossless extended WebP with XMP whose canvas and frame header both declare ``width x height``."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(out, "WEBP", lossless=True, xmp=AI_XMP)
+    data = bytearray(out.getvalue())
+    assert data[12:16] == b"VP8X" and data[30:34] == b"VP8L"
+    data[24:30] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    (bits,) = struct.unpack_from("<I", data, 39)
+    struct.pack_into("<I", data, 39, (bits & ~0x0FFFFFFF) | (width - 1) | ((height - 1) << 14))
+    return bytes(data)
+
+
+REFUSED = {  # name -> (bytes, the pixel limit): each one decode refuses from its header, each but the TIFF with claims
+    "png bomb": lambda: (bombs.png_compressed(12000, 10000, mode="L", before=(
+        bombs.png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + AI_XMP),)), DEFAULT_MAX_PIXELS),
+    "png over a lower limit": lambda: (png_bytes(40, {"parameters": "a cat"}, xmp=AI_XMP), 64 * 48 - 1),
+    "jpeg declaring 110 Mpx": lambda: (with_declared_size(jpeg_bytes(41, software="Cam", xmp=AI_XMP), 11000, 10000),
+                                       DEFAULT_MAX_PIXELS),
+    "jpeg of too many scans": lambda: (with_xmp_segment(bombs.progressive_many_scans(64, 600), AI_XMP),
+                                       DEFAULT_MAX_PIXELS),
+    "webp declaring 110 Mpx": lambda: (_lossless_webp_declaring(11000, 10000), DEFAULT_MAX_PIXELS),
+    "tiff of a huge tile": lambda: (bombs.tiff_huge_tile(), DEFAULT_MAX_PIXELS),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # decode's, between 1x and 2x Pillow's
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_an_image_decode_refuses_from_its_header_has_no_claims_read(name):
+    data, limit = REFUSED[name]()
+    assert decode(data, max_pixels=limit).error.startswith("too_large: "), name  # the same limits, the same verdict
+    with pixels_decoded() as calls:  # without max_pixels the reader holds to decode's default
+        got = read_provenance(data) if limit == DEFAULT_MAX_PIXELS else read_provenance(data, max_pixels=limit)
+    assert calls == [], calls
+    assert (*_claims(got), got.c2pa_state, got.problem) == (None, None, None, None, "image: too large"), got
+
+
+def test_a_format_the_scan_does_not_open_has_no_claims_read():
+    Image.init()
+    if "AVIF" not in Image.SAVE:
+        pytest.skip("this Pillow writes no AVIF")
+    out = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0131] = "Example Phone"
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(out, "AVIF", xmp=AI_XMP, exif=exif)
+    data = out.getvalue()
+    assert decode(data).error == "unsupported_format: AVIF"
+    got = read_provenance(data)
+    assert (*_claims(got), got.c2pa_state, got.problem) == (None, None, None, None, "image: unsupported format"), got
+
+
+def test_each_format_the_scan_opens_keeps_its_claims():
+    out = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0131] = "WebP Cam"
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(out, "WEBP", xmp=AI_XMP, exif=exif)
+    assert (_claims(read_provenance(out.getvalue())), read_provenance(out.getvalue()).problem) == (AI_CLAIM, None)
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(out, "TIFF", tiffinfo={305: "Scanner 9"})
+    assert _claims(read_provenance(out.getvalue())) == ("exif", None, "Scanner 9")
+    assert _claims(read_provenance(jpeg_bytes(42, software="Cam 1", xmp=AI_XMP))) == AI_CLAIM
+
+
+def test_a_png_cut_short_keeps_the_claims_read_before_the_cut_and_is_not_given_to_c2pa():
+    data = png_bytes(43, {"parameters": "a cat"})
+    got = read_provenance(data[:-30])  # into the image data: Pillow opens it, its decoder fails
+    assert (_claims(got), got.c2pa_state, got.problem) == \
+        (("png-text", "generator-metadata", "AUTOMATIC1111 web UI (or a fork)"), None, "image: truncated"), got
 
 
 @pytest.mark.slow

@@ -57,5 +57,5 @@ def score_files(scorer: Scorer, inputs: Iterable[str | Path], *, options: Storag
             continue
         r = scorer.score_bytes([data])[0]
         if provenance is not None:
-            claims = provenance_of(data, provenance).columns()
+            claims = provenance_of(data, provenance, max_pixels=scorer.max_pixels).columns()
         yield {"uri": uri, "score": r.score, "is_fake": r.is_fake, "error": r.error, "decoder": r.decoder, **claims}

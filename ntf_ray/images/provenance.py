@@ -1,6 +1,8 @@
 """What an image says about where it came from, read from the bytes the detector scores.
 
-Evidence beside the detector's score, never part of it:
+Evidence beside the detector's score, never part of it, read from the image's metadata and
+never from its pixels (``images.metadata``: only the formats ``decode`` opens, and only within
+its limits: an image ``decode`` refuses from its header has no claims read):
 
 - **C2PA content credentials** (the ``c2pa-python`` library, an optional extra): the active
   manifest's claim generator, the IPTC digital source type of its actions, and its
@@ -25,6 +27,9 @@ import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+
+from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
+from ntf_ray.images.metadata import MAX_XMP_BYTES, read_metadata
 
 #: IPTC's digital source types (https://cv.iptc.org/newscodes/digitalsourcetype/): a value is
 #: kept as its last path segment when it is in this vocabulary's namespace.
@@ -57,12 +62,14 @@ PROVENANCE_COLUMNS = tuple(PROVENANCE_FIELDS)
 DECLARED_GENERATED = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia", "algorithmicMedia",
                                 "compositeSynthetic", GENERATOR_METADATA})
 DECLARED_CAPTURE = frozenset({"digitalCapture", "compositeCapture", "negativeFilm", "positiveFilm", "print"})
-MAX_XMP_BYTES = 256 * 1024
 MAX_TEXT = 120
 #: Seconds the C2PA library may spend reading one image: it reads through our stream, and a
 #: read past this raises, so a manifest that keeps it reading ends as ``c2pa: too slow``.
 C2PA_DEADLINE_S = 10.0
 
+#: The formats C2PA credentials are read from (of those ``decode`` opens), as the library names them.
+_MIMES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff", "GIF": "image/gif"}
+_PNG_KEYWORDS = frozenset({*PNG_GENERATORS, "Software"})
 _XMP_TERM = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _HASH_MISMATCH = re.compile(r"assertion\.(data|bmff|boxes|collection)Hash\.mismatch")
 
@@ -118,23 +125,19 @@ def c2pa_available() -> bool:
     return True
 
 
-def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None) -> Provenance:
-    """The claims ``data`` makes about its origin (see module); never raises for bad bytes."""
-    from PIL import Image
-
+def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None, *,
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Provenance:
+    """The claims ``data`` makes about its origin (see module); never raises for bad bytes.
+    ``max_pixels``: the limit the image is decoded under (``decode``'s): an image over it, or
+    in a format ``decode`` does not open, has no claims read (``problem`` says which)."""
+    meta = read_metadata(data, max_pixels=max_pixels, keywords=_PNG_KEYWORDS)
+    if not meta.readable:
+        return Provenance(problem="; ".join(meta.problems) or None)
     problems: list[str] = []
     claims: dict[str, tuple[str | None, str | None]] = {}  # source -> (declared source, declared by)
     state = broken = None
-    try:
-        image = Image.open(io.BytesIO(data))  # headers only: no pixel is decoded
-        info, fmt = image.info, (image.format or "").lower()
-        software = _exif_software(image)
-    except Exception as exc:  # noqa: BLE001 - the detector reports the image's own error
-        return Provenance(problem=_problem("image", exc))
-
-    mime = {"jpeg": "image/jpeg", "mpo": "image/jpeg", "png": "image/png", "webp": "image/webp",
-            "tiff": "image/tiff", "gif": "image/gif", "avif": "image/avif", "heif": "image/heif"}.get(fmt)
-    if mime is not None:
+    mime = _MIMES.get(meta.format)
+    if mime is not None and not meta.damaged:  # a container cut short or broken: the library would only fail on it
         state, claim, problem = _c2pa(data, mime, trust or C2paTrust())
         if claim is not None and state in ("trusted", "untrusted"):  # a broken credential's claim is no claim:
             claims[C2PA] = claim  # the image's other claims speak, and c2pa_state says what the credential is
@@ -142,23 +145,24 @@ def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None) ->
             broken = claim
         if problem:
             problems.append(problem)
+    problems.extend(meta.problems)
 
-    xmp = info.get("xmp")
-    if xmp:
+    if meta.xmp:
         try:
-            claims[XMP] = _xmp(xmp if isinstance(xmp, bytes) else str(xmp).encode("utf-8", "replace"))
+            claims[XMP] = _xmp(meta.xmp)
         except Exception as exc:  # noqa: BLE001 - hostile or broken XML: refused, reason kept
             problems.append(_problem("xmp", exc))
 
-    if fmt == "png":
-        front_ends = [PNG_GENERATORS[k] for k in PNG_GENERATORS if isinstance(info.get(k), str) and info[k].strip()]
-        named = info.get("Software") if isinstance(info.get("Software"), str) else None
+    if meta.format == "PNG":
+        text = meta.text
+        front_ends = [PNG_GENERATORS[k] for k in PNG_GENERATORS if text.get(k, "").strip()]
+        named = text.get("Software")
         if front_ends:
             claims[PNG_TEXT] = (GENERATOR_METADATA, _cut(named or front_ends[0]))
-        elif named:
+        elif named and named.strip():
             claims[PNG_TEXT] = (None, _cut(named))
-    if software:
-        claims[EXIF] = (None, _cut(software))
+    if meta.software:
+        claims[EXIF] = (None, _cut(meta.software))
 
     if state in ("invalid", "mismatched") and not any(c[0] for c in claims.values()):
         claims[C2PA] = broken  # nothing else declares a source: what the broken credential says, beside its state
@@ -170,23 +174,14 @@ def read_provenance(data: bytes | memoryview, trust: C2paTrust | None = None) ->
                       declared_by=declared_by, c2pa_state=state, problem="; ".join(problems) or None)
 
 
-def provenance_of(data, trust: C2paTrust | None = None) -> Provenance:
+def provenance_of(data, trust: C2paTrust | None = None, *,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Provenance:
     """``read_provenance``, and a reason instead of an exception should it ever raise: an
     object's claims never cost its score."""
     try:
-        return read_provenance(data, trust)
+        return read_provenance(data, trust, max_pixels=max_pixels)
     except Exception as exc:  # noqa: BLE001 - a bug here must not cost the row
         return Provenance(problem=_problem("provenance", exc))
-
-
-def _exif_software(image) -> str | None:
-    try:
-        value = image.getexif().get(0x0131)  # Software
-    except Exception:  # noqa: BLE001 - a broken EXIF block: no software named
-        return None
-    if not isinstance(value, str):
-        return None
-    return value.strip("\x00 ") or None
 
 
 def _xmp(packet: bytes) -> tuple[str | None, str | None]:

@@ -136,7 +136,7 @@ class EvaluationActor:
             if read_error is not None:
                 errors[i] = read_error
                 continue
-            claims[i] = provenance_of(blob).columns()
+            claims[i] = provenance_of(blob, max_pixels=self.scorer.max_pixels).columns()
             image, result = self.scorer.decode(blob)
             if image is None:
                 errors[i] = result.error

@@ -130,7 +130,8 @@ class DetectorActor:
                                                          "decoder", *PROVENANCE_COLUMNS)}
         if self._provenance is not None:
             for i in ok:  # what the bytes say of themselves, beside (never instead of) the score
-                for name, value in provenance_of(data[i], self._provenance).columns().items():
+                claims = provenance_of(data[i], self._provenance, max_pixels=self.scorer.max_pixels)
+                for name, value in claims.columns().items():
                     cols[name][i] = value
         for i in range(n):
             r = results.get(i)
