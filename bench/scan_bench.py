@@ -253,7 +253,8 @@ def provenance_ratio(args: argparse.Namespace) -> None:
             scores[on] = dict(zip(table.column("uri").to_pylist(), table.column("score").to_pylist()))
             problems = table.column("provenance_problem").drop_null()
             print(f"provenance {'read' if on else 'off '}: {rate:8.1f} images/s "
-                  f"({table.num_rows} rows, {len(problems)} with a provenance problem)", flush=True)
+                  f"({table.num_rows} rows, {len(problems)} with a provenance problem; "
+                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
         diff = max(abs(scores[True][u] - v) for u, v in scores[False].items())
         if scores[True].keys() != scores[False].keys() or diff > 1e-5:
             raise SystemExit(f"the scores differ with provenance read (by {diff:.1e}): they must not depend on it")

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("large mixed", "bombs mixed"):
             print(f"ratio {name} / ordinary: added MiB {added[name] / max(added['ordinary'], 1):.2f}, "
                   f"slowest object {slow[name] / max(slow['ordinary'], 1e-9):.2f}")
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
 
 
 if __name__ == "__main__":
