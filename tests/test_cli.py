@@ -445,13 +445,15 @@ def test_every_scan_option_sets_the_spec_field_its_dest_names():
             "--glob", "*.png", "--threshold", "0.3", "--batch-size", "8", "--min-actors", "1", "--max-actors", "3",
             "--gpus-per-actor", "0.5", "--decoder", "pil", "--limit", "5", "--max-bytes", "1MiB", "--max-pixels",
             "1000", "--read-block-rows", "7", "--read-block-bytes", "2MiB", "--read-ahead", "3MiB",
-            "--stall-timeout", "0", "--streams", "4", "--cpus-per-actor", "0.5", "--list-concurrency", "6"]
+            "--stall-timeout", "0", "--streams", "4", "--cpus-per-actor", "0.5", "--list-concurrency", "6",
+            "--inventory-max-bytes", "5MiB", "--inventory-max-rows", "9", "--allow-unchecked-inventory"]
     parser, scan = _scan_parser_and_args(argv)
     args = parser.parse_args(argv)
     args.storage_options = StorageOptions(endpoint_url="http://e")
     spec = scan_spec(args)
     assert dataclasses.asdict(spec) == {
         "model": "m", "output": "o", "input": "i", "manifest": None, "inventory": None, "run_id": "r", "incremental": True,
+        "inventory_max_bytes": 5 * 2**20, "inventory_max_rows": 9, "allow_unchecked_inventory": True,
         "threshold": 0.3, "pattern": "*.png", "list_concurrency": 6, "limit": 5, "batch_size": 8, "min_actors": 1, "max_actors": 3,
         "gpus_per_actor": 0.5, "cpus_per_actor": 0.5, "decoder": "pil", "read_block_rows": 7,
         "read_block_bytes": 2 * 2**20, "streams": 4, "read_ahead_bytes": 3 * 2**20, "max_bytes": 2**20,

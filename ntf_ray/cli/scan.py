@@ -46,6 +46,14 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     what.add_argument("--inventory", metavar="MANIFEST_JSON",
                       help="or: scan the objects of an S3 Inventory report (its manifest.json, s3:// or a local copy; "
                            "CSV, Parquet or ORC), with no LIST or HEAD call; latest versions only")
+    s.add_argument("--inventory-max-bytes", type=byte_size, default=default_of(ScanSpec, "inventory_max_bytes"),
+                   metavar="SIZE", help="with --inventory: refuse a data file that inflates to more than this "
+                                        "(default 512MiB)")
+    s.add_argument("--inventory-max-rows", type=positive_count, default=default_of(ScanSpec, "inventory_max_rows"),
+                   metavar="N", help="with --inventory: refuse a data file of more rows than this (default 4000000)")
+    s.add_argument("--allow-unchecked-inventory", action="store_true",
+                   help="with --inventory: read data files the manifest gives no MD5checksum for (refused by "
+                        "default: nothing else shows such a file is whole)")
     s.add_argument("--model", required=True, help="detector artifact folder (local or s3://)")
     s.add_argument("--output", required=True,
                    help="score table root (local or s3://); rows go to OUTPUT/dt=YYYY-MM-DD/run_id=ID/")

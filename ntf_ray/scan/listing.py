@@ -79,16 +79,20 @@ def iter_kept(spec: ScanSpec, options: StorageOptions, *, keep: Keep | None = No
         raise ValueError("give exactly one of an input prefix/folder, a manifest or an inventory")
     map_files = map_files or map
     if spec.inventory is not None:
-        from ntf_ray.scan.inventory import iter_inventory
+        from ntf_ray.scan.inventory import Limits, iter_inventory
 
+        limits = Limits(max_bytes=spec.inventory_max_bytes, max_rows=spec.inventory_max_rows,
+                        allow_unchecked=spec.allow_unchecked_inventory)
         if keep is not None and spec.limit is None:  # each data file kept in its own task
-            tables = iter_inventory(spec.inventory, options, pattern=spec.pattern, map_files=map_files, keep=keep)
+            tables = iter_inventory(spec.inventory, options, pattern=spec.pattern, map_files=map_files, keep=keep,
+                                    limits=limits)
             for listed, table in tables:
                 parts = [table.slice(start, chunk) for start in range(0, table.num_rows, chunk)] or [table]
                 for i, part in enumerate(parts):
                     yield (listed if i == 0 else 0), part
             return
-        tables = (t for _, t in iter_inventory(spec.inventory, options, pattern=spec.pattern, map_files=map_files))
+        tables = (t for _, t in iter_inventory(spec.inventory, options, pattern=spec.pattern, map_files=map_files,
+                                               limits=limits))
         yield from _kept(_table_chunks(tables, spec.limit, chunk), keep)
         return
     if spec.manifest is not None:

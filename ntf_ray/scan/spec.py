@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
+from ntf_ray.scan.inventory import DEFAULT_MAX_BYTES as INVENTORY_MAX_BYTES
+from ntf_ray.scan.inventory import DEFAULT_MAX_ROWS as INVENTORY_MAX_ROWS
 from ntf_ray.scan.lock import STALL_S
 from ntf_ray.scan.reading import DEFAULT_MAX_BYTES
 from ntf_ray.storage import DEFAULT_READ_AHEAD_BYTES
@@ -40,6 +42,9 @@ class ScanSpec(ActorPool):
     input: str | None = None  # s3:// prefix or local folder
     manifest: str | None = None  # or a manifest's uris
     inventory: str | None = None  # or an S3 Inventory report's manifest.json (no LIST or HEAD call)
+    inventory_max_bytes: int = INVENTORY_MAX_BYTES  # an inventory data file inflating to more is refused
+    inventory_max_rows: int = INVENTORY_MAX_ROWS  # an inventory data file holding more rows is refused
+    allow_unchecked_inventory: bool = False  # read inventory data files the manifest gives no MD5checksum for
     run_id: str | None = None
     incremental: bool = False
     threshold: float | None = None  # default: the artifact's
