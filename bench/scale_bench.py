@@ -144,7 +144,7 @@ def run(code: Path, manifest: str, model: str, out: str, endpoint: str, log: Pat
     env = dict(os.environ, PYTHONPATH=str(code), AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                AWS_DEFAULT_REGION="us-east-1")
     cmd = [sys.executable, "-m", "ntf_ray", "moderate", "--inventory", manifest, "--model", model, "--output", out,
-           "--s3-endpoint", endpoint, "--cpus-per-actor", "0.5", "--stall-timeout", "0"]
+           "--s3-endpoint", endpoint, "--cpus-per-actor", "0.5", "--stall-timeout", "never"]
     import shutil
 
     shm = shutil.disk_usage("/dev/shm").used  # Ray's object store lives there (a tmpfs: what is touched counts)

@@ -31,7 +31,7 @@ def test_rows_in_order_with_read_errors(tmp_path):
                        **unread}
     assert rows[1] == {"uri": str(tmp_path / "gone"), "score": None, "is_fake": None,
                        "error": "read: not found (deleted after listing?)", "decoder": None, **unread}
-    assert rows[2]["error"].startswith("read: IsADirectoryError: ") and rows[2]["score"] is None
+    assert rows[2]["error"] == "read: a folder, not a file" and rows[2]["score"] is None
     assert rows[3]["score"] == 0.7 and rows[3]["is_fake"] is True
     assert scorer.seen == [b"abc", b"abcdefg"]  # unreadable inputs never reach the scorer
 
@@ -57,8 +57,8 @@ def test_a_device_or_fifo_is_a_read_row_and_is_never_read(tmp_path, monkeypatch)
     os.mkfifo(tmp_path / "fifo")  # no writer: a plain open would block for ever
     scorer = RecordingScorer()
     rows = list(score_files(scorer, ["/dev/zero", tmp_path / "fifo"]))
-    assert [r["error"] for r in rows] == ["read: OSError: /dev/zero is not a regular file",
-                                          f"read: OSError: {tmp_path / 'fifo'} is not a regular file"]
+    assert [r["error"] for r in rows] == ["read: not a regular file (a pipe, device or socket is never read)",
+                                          "read: not a regular file (a pipe, device or socket is never read)"]
     assert scorer.seen == []
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ntf_ray import __version__
 from ntf_ray.cli import review, scan, train
-from ntf_ray.cli.arguments import endpoint_parser
+from ntf_ray.cli.arguments import Parser, endpoint_parser
 from ntf_ray.ray_edge import console
 
 log = logging.getLogger("ntf_ray")
@@ -24,13 +24,13 @@ OUTPUT_FOLDER = {**LOG_FOLDER, "explain": "output", "report": "output", "synth":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ntf-ray", description="Find AI-generated images at scale (Natural Trace Forensics on Ray).")
+    p = Parser(prog="ntf-ray", description="Find AI-generated images at scale (Natural Trace Forensics on Ray).")
     p.add_argument("--version", action="version", version=f"ntf-ray {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="ntf-ray's debug lines, and Ray's own logs on the terminal too (they always go to "
                         "OUTPUT/_logs); -vv: the storage libraries' debug lines too (botocore, s3fs, urllib3). "
                         "Credentials are redacted everywhere")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     endpoint = [endpoint_parser()]
 
     for add in (train.add_index, train.add_synth, train.add_demo, train.add_train, scan.add_scan, scan.add_moderate,

@@ -82,18 +82,60 @@ def positive_count(text: str) -> int:
     return value
 
 
-def pixels(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("a pixel limit must be at least 1")
-    return value
+def whole_number(least: int, most: int | None = None, what: str = "a whole number"):
+    """An argument type: a whole number in ``[least, most]``, else one line that says the range."""
+    wanted = f"{what} of at least {least}" if most is None else f"{what} from {least} to {most}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}") from None
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
+        return value
+
+    parse.__name__ = what
+    return parse
 
 
-def size(text: str) -> int:
-    value = int(text)
-    if value < 8:
-        raise argparse.ArgumentTypeError("size must be >= 8 pixels")
-    return value
+def real_number(least: float, *, above: bool = False, most: float | None = None, below: bool = False,
+                what: str = "a number"):
+    """An argument type: a finite number from ``least`` (excluded with ``above``) to ``most``
+    (excluded with ``below``), else one line that says the range."""
+    low = f"above {least:g}" if above else f"at least {least:g}"
+    high = "" if most is None else f" and {'below' if below else 'at most'} {most:g}"
+    wanted = f"{what} {low}{high}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = (value > least if above else value >= least) and value != float("inf")
+        if most is not None:
+            ok = ok and (value < most if below else value <= most)
+        if not ok:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+#: The argument types of the CLI's numbers, one per kind of quantity.
+pixels = whole_number(1, what="a pixel limit")
+size = whole_number(8, what="a side in pixels")
+count = whole_number(0, what="a count")
+seed = whole_number(0, 2**32 - 1, what="a seed")
+actors = whole_number(1, what="a number of actors")
+workers = whole_number(1, what="a number of workers")
+epochs = whole_number(1, what="a number of epochs")
+failures = whole_number(-1, what="a number of failures (-1: no limit)")
+gpus = real_number(0, what="a number of GPUs")
+cpus = real_number(0, what="a number of CPUs")
+cpus_reserved = real_number(0, above=True, what="a number of CPUs")
+rate = real_number(0, above=True, most=1, below=True, what="a rate")
 
 
 def seconds(text: str) -> float:
@@ -107,8 +149,30 @@ def seconds(text: str) -> float:
 
 
 def seconds_or_never(text: str) -> float | None:
-    """A time limit in seconds, 0 for none (``None``)."""
-    return seconds(text) or None
+    """A time limit in seconds above 0, or ``never`` (``None``). 0 is refused: it reads as "at
+    once" as easily as "never"."""
+    if text.strip().lower() == "never":
+        return None
+    value = seconds(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0, or 'never'")
+    return value
+
+
+def glob_pattern(text: str) -> str:
+    """``--glob``: a pattern that can match a name (an empty one matches nothing: a run that
+    scans nothing and says it succeeded)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty pattern matches no name: leave --glob out to scan every object")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (``ntf-ray scan: error: ...``), exit 2,
+    not the usage of every option first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def byte_size(text: str) -> int:

@@ -8,14 +8,25 @@ import argparse
 import json
 import sys
 
-from ntf_ray.cli.arguments import add_max_bytes_argument, byte_size, spec_from_args, threshold
+from ntf_ray.cli.arguments import (
+    actors,
+    add_max_bytes_argument,
+    byte_size,
+    count,
+    gpus,
+    positive_count,
+    rate,
+    seed,
+    spec_from_args,
+    threshold,
+)
 
 
 def add_evaluation_actor_arguments(s: argparse.ArgumentParser) -> None:
     """The detector actors of evaluate and calibrate (the scan's ``ActorPool``, one actor per GPU)."""
-    s.add_argument("--batch-size", type=int, default=64, help="images per detector call (default 64)")
-    s.add_argument("--max-actors", type=int, help="most detector actors (default: one per GPU, or 2 on CPU)")
-    s.add_argument("--gpus-per-actor", type=float, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
+    s.add_argument("--batch-size", type=positive_count, default=64, help="images per detector call (default 64)")
+    s.add_argument("--max-actors", type=actors, help="most detector actors (default: one per GPU, or 2 on CPU)")
+    s.add_argument("--gpus-per-actor", type=gpus, help="GPUs per detector actor (default: 1 when the cluster has GPUs)")
 
 
 def evaluate_spec(args: argparse.Namespace):
@@ -118,10 +129,10 @@ def add_evaluate(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--perturb", nargs="+", default=[], metavar="KIND=LEVEL,LEVEL",
                    help="robustness: e.g. --perturb blur=0,1,2,3 jpeg=100,75,50,30 noise=0,0.01,0.02 scale=1,0.5,0.25 "
                         "(blur sigma in px, JPEG quality, noise sigma in [0, 1] units, down-scaling factor); seeded")
-    s.add_argument("--embeddings", type=int, default=0, metavar="N",
+    s.add_argument("--embeddings", type=count, default=0, metavar="N",
                    help="t-SNE map of N clean test images' features, coloured by generator and label (default 0: none)")
     s.add_argument("--threshold", type=threshold, help="decision threshold for ACC/FPR/FNR (default: the artifact's)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the noise perturbation and the t-SNE sample (default 0)")
+    s.add_argument("--seed", type=seed, default=0, help="seed of the noise perturbation and the t-SNE sample (default 0)")
     add_evaluation_actor_arguments(s)
     s.set_defaults(func=cmd_evaluate)
 
@@ -138,7 +149,7 @@ def add_calibrate(sub, endpoint: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--manifest", required=True, help="labelled manifest (.parquet/.csv, local or s3://)")
     s.add_argument("--split", default="val", choices=("train", "val", "test", "all"),
                    help="split whose real images set the threshold (default val: not trained on, not the test)")
-    s.add_argument("--target-fpr", type=float, required=True, help="false positive rate to allow, e.g. 0.01")
+    s.add_argument("--target-fpr", type=rate, required=True, help="false positive rate to allow, e.g. 0.01")
     s.add_argument("--output", required=True, help="folder for the calibrated artifact (local or s3://)")
     add_evaluation_actor_arguments(s)
     s.set_defaults(func=cmd_calibrate)
@@ -173,7 +184,7 @@ def add_report(sub, endpoint: list[argparse.ArgumentParser]) -> None:
                                    "that says so and no picture.")
     s.add_argument("--scores", required=True, help="the scan's --output (local or s3://)")
     s.add_argument("--run-id", help="which run (default: the latest completed one)")
-    s.add_argument("--top", type=int, default=200, help="images on the contact sheet (default 200)")
+    s.add_argument("--top", type=positive_count, default=200, help="images on the contact sheet (default 200)")
     s.add_argument("--model", help="detector artifact: add its Grad-CAM++ map beside each thumbnail")
     s.add_argument("--card", action="store_true", help="also print the --model's model card")
     s.add_argument("--max-bytes", type=byte_size, metavar="SIZE",

@@ -7,11 +7,15 @@ import argparse
 import json
 
 from ntf_ray.cli.arguments import (
+    actors,
     add_decoder_argument,
     add_max_bytes_argument,
     add_provenance_arguments,
     byte_size,
+    cpus,
     default_of,
+    glob_pattern,
+    gpus,
     pixels,
     positive_count,
     seconds_or_never,
@@ -64,22 +68,22 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
         s.add_argument("--incremental", action="store_true",
                        help="score only objects whose (uri, etag, last-modified) has no final row from this model "
                             "in a completed run")
-    s.add_argument("--glob", dest="pattern", metavar="GLOB",
+    s.add_argument("--glob", dest="pattern", type=glob_pattern, metavar="GLOB",
                    help="only object names matching this pattern, e.g. '*.jpg' (case-insensitive)")
     s.add_argument("--list-concurrency", type=positive_count, default=default_of(ScanSpec, "list_concurrency"),
                    metavar="N", help="listers at once on an S3 prefix, each on its own folders (default 1: one "
                                      "lister; 8-32 for prefixes of millions of objects)")
     s.add_argument("--threshold", type=threshold, help="decision threshold for is_fake (default: the artifact's)")
-    s.add_argument("--batch-size", type=int, help="images per detector call (default 256 on GPUs, 64 on CPUs)")
-    s.add_argument("--min-actors", type=int,
+    s.add_argument("--batch-size", type=positive_count, help="images per detector call (default 256 on GPUs, 64 on CPUs)")
+    s.add_argument("--min-actors", type=actors,
                    help="detector actors to start with (default: --max-actors, a fixed pool; fewer lets "
                         "Ray Data add actors as the queue grows)")
-    s.add_argument("--max-actors", type=int,
+    s.add_argument("--max-actors", type=actors,
                    help="most detector actors (default: four per GPU in the cluster, or 2 on CPU)")
-    s.add_argument("--gpus-per-actor", type=float,
+    s.add_argument("--gpus-per-actor", type=gpus,
                    help="GPUs per detector actor (default: 0.25, four actors per GPU, when the cluster has GPUs; "
                         "else 0 = CPU)")
-    s.add_argument("--cpus-per-actor", type=float, default=default_of(ScanSpec, "cpus_per_actor"), metavar="N",
+    s.add_argument("--cpus-per-actor", type=cpus, default=default_of(ScanSpec, "cpus_per_actor"), metavar="N",
                    help="CPUs each detector actor reserves (default 1; a fraction leaves room for Ray Data's read "
                         "tasks on a small machine)")
     add_decoder_argument(s)
@@ -87,7 +91,7 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     add_max_bytes_argument(s, "skip objects larger than this without reading them (error row too_large:)")
     s.add_argument("--max-pixels", type=pixels, default=default_of(ScanSpec, "max_pixels"), metavar="N",
                    help="refuse images whose header declares more pixels (error row too_large:); default 100000000")
-    s.add_argument("--read-block-rows", type=int, default=default_of(ScanSpec, "read_block_rows"), metavar="N",
+    s.add_argument("--read-block-rows", type=positive_count, default=default_of(ScanSpec, "read_block_rows"), metavar="N",
                    help="objects per read task (default 128): smaller blocks reach the detectors sooner")
     s.add_argument("--read-block-bytes", type=byte_size, default=default_of(ScanSpec, "read_block_bytes"),
                    metavar="SIZE",
@@ -99,8 +103,8 @@ def add_scan_arguments(s: argparse.ArgumentParser, *, incremental_default: bool)
     s.add_argument("--stall-timeout", dest="stall_s", type=seconds_or_never, default=default_of(ScanSpec, "stall_s"),
                    metavar="SECONDS",
                    help="stop a run that lists no object and stages no row for this long, giving its lease "
-                        f"back (default {STALL_S:.0f}; 0 never)")
-    s.add_argument("--streams", type=int, metavar="N",
+                        f"back (default {STALL_S:.0f}; 'never' for no limit)")
+    s.add_argument("--streams", type=positive_count, metavar="N",
                    help="batches each GPU detector actor scores at once, each on its own CUDA stream "
                         "(default 2; CPU actors score one at a time)")
     add_provenance_arguments(s)

@@ -6,7 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ntf_ray.cli.arguments import size, spec_from_args
+from ntf_ray.cli.arguments import (
+    count,
+    cpus_reserved,
+    epochs,
+    failures,
+    positive_count,
+    seed,
+    size,
+    spec_from_args,
+    workers,
+)
 from ntf_ray.nn.variants import VARIANTS
 
 
@@ -100,22 +110,22 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--variant", choices=tuple(VARIANTS),
                    help="which of the paper's detectors to train (overrides the config; default ntf): "
                         + "; ".join(f"{v.name}: {v.summary}" for v in VARIANTS.values()))
-    s.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default 2)")
+    s.add_argument("--num-workers", type=workers, default=2, help="Ray Train workers (default 2)")
     s.add_argument("--gpus", dest="use_gpu", action="store_true", help="one GPU per worker (default: CPU)")
-    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    s.add_argument("--cpus-per-worker", type=cpus_reserved, default=1.0, help="CPUs reserved per worker (default 1)")
     s.add_argument("--augment-on", dest="augment", choices=("auto", "tasks", "worker"), default="auto",
                    help="where images are decoded and augmented: Ray Data's CPU tasks, or each train worker, "
                         "batched on its device (default auto: the worker with --gpus, else the tasks)")
     s.add_argument("--backbone", choices=("resnet50", "resnet18", "tiny"), help="encoder (overrides the config)")
     s.add_argument("--pretrained", help="imagenet, none, or a local weights file (overrides the config)")
-    s.add_argument("--epochs-stage1", type=int, help="stage-1 epochs (overrides the config)")
-    s.add_argument("--epochs-stage2", type=int, help="stage-2 epochs (overrides the config)")
-    s.add_argument("--batch-size", type=int, help="images per worker per step (overrides the config)")
+    s.add_argument("--epochs-stage1", type=epochs, help="stage-1 epochs (overrides the config)")
+    s.add_argument("--epochs-stage2", type=epochs, help="stage-2 epochs (overrides the config)")
+    s.add_argument("--batch-size", type=positive_count, help="images per worker per step (overrides the config)")
     s.add_argument("--run-name", help="run name; submitting again under the same name resumes from its "
                                       "latest checkpoint (default: a new random name)")
     s.add_argument("--storage", dest="storage_path", metavar="STORAGE", help="Ray Train storage for checkpoints (default OUTPUT/ray)")
-    s.add_argument("--max-failures", type=int, default=0,
-                   help="worker failures to recover from, each from the latest checkpoint (default 0)")
+    s.add_argument("--max-failures", type=failures, default=0,
+                   help="worker failures to recover from, each from the latest checkpoint (default 0; -1: no limit)")
 
 
 def add_index(sub, endpoint: list[argparse.ArgumentParser]) -> None:
@@ -141,10 +151,10 @@ def add_synth(sub, endpoint: list[argparse.ArgumentParser]) -> None:
                                    "images. Writes OUT/<split>/<generator>/{0_real,1_fake}/* and OUT/manifest.parquet "
                                    "(family column: upsampling or full_res); deterministic by --seed.")
     s.add_argument("out", help="output folder")
-    s.add_argument("--n-real", type=int, default=200, help="number of real images (default 200)")
-    s.add_argument("--n-fake", type=int, default=200, help="number of fake images (default 200)")
+    s.add_argument("--n-real", type=count, default=200, help="number of real images (default 200)")
+    s.add_argument("--n-fake", type=count, default=200, help="number of fake images (default 200)")
     s.add_argument("--size", type=size, default=64, help="square image side in pixels (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     s.add_argument("--format", choices=("png", "jpeg"), default="png", help="file format (default png)")
     s.add_argument("--generators", default="upsampling",
                    help="comma-separated fake generators, or all / upsampling / full_res (default upsampling: "
@@ -158,8 +168,8 @@ def add_demo(sub, endpoint: list[argparse.ArgumentParser]) -> None:
                                    "tiny backbone on the CPU, evaluate the detector on the held-out split (a report in "
                                    "WORK/report), and scan the folder into a score table. A few minutes on a laptop.")
     s.add_argument("--work", default="ntf-work", help="work folder (default ./ntf-work)")
-    s.add_argument("--n", type=int, default=1000, help="real and fake images each (default 1000)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=positive_count, default=1000, help="real and fake images each (default 1000)")
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training config field")
     s.set_defaults(func=cmd_demo)
 

@@ -32,6 +32,19 @@ class ActorPool:
     cpus_per_actor: float = 1.0
     read_block_rows: int = 128  # objects per read task: smaller blocks reach the detectors sooner
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "min_actors", "max_actors", "read_block_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("gpus_per_actor", "cpus_per_actor"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if self.min_actors is not None and self.max_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"--min-actors {self.min_actors} is more than --max-actors {self.max_actors}: the pool "
+                             "starts with at most its largest size")
+
 
 @dataclass
 class ScanSpec(ActorPool):

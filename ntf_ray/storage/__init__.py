@@ -302,6 +302,10 @@ def read_error(exc: BaseException) -> str:
         return error(READ, "not found (deleted after listing?)")
     if isinstance(exc, ObjectChanged):
         return error(READ, "changed after listing")
+    if isinstance(exc, IsADirectoryError):
+        return error(READ, "a folder, not a file")
+    if isinstance(exc, NotARegularFile):
+        return error(READ, "not a regular file (a pipe, device or socket is never read)")
     # no endpoint in a row or a log: "Could not connect to the endpoint URL: http://minio.internal:9000/..."
     message = re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", "<endpoint>", " ".join(redact(str(exc)).split()))
     text = error(READ, f"{type(exc).__name__}: {message}") if message else error(READ, f"{type(exc).__name__}")

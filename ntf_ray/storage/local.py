@@ -9,6 +9,7 @@ input is read. Hidden files and folders (``.git/``) are skipped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import datetime as dt
 import hashlib
 import os
@@ -65,12 +66,14 @@ def _is_utf8(path: str) -> bool:
 
 def _read(path: str, etag: str | None, max_bytes: int | None) -> bytes:
     # O_NONBLOCK: a file swapped for a FIFO after listing must not block the open itself
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        st = os.fstat(f.fileno())
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    st = os.fstat(fd)  # before fdopen, which refuses a folder with a bare "Is a directory: <fd>"
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(f"{path} is a folder")
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise NotARegularFile(f"{path} is not a regular file")
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", path)
+        raise NotARegularFile(f"{path} is not a regular file")  # a FIFO or device would block or never end
+    with os.fdopen(fd, "rb") as f:
         if etag is not None and local_etag(st) != etag:
             raise ObjectChanged(f"{path} changed after it was listed")
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
