@@ -5,6 +5,7 @@ from metadata only, never from pixels, within the decode's limits and for the fo
 from __future__ import annotations
 
 import io
+import os
 import socket
 import struct
 import sys
@@ -129,6 +130,12 @@ def test_trust_lists_come_from_files_that_hold_certificates(tmp_path, signer):
     for bad in (notes, broken):
         with pytest.raises(ValueError, match="not PEM certificates"):
             C2paTrust.from_files([str(good), str(bad)])
+    # read as every operator file is: a FIFO or a link to a device is refused, not read for ever
+    os.mkfifo(tmp_path / "fifo.pem")
+    (tmp_path / "zero.pem").symlink_to("/dev/zero")
+    for odd in ("fifo.pem", "zero.pem"):
+        with pytest.raises(ValueError, match="--c2pa-trust .* not a regular file"):
+            C2paTrust.from_files([str(tmp_path / odd)])
 
 
 def test_reading_a_credential_reaches_no_host_even_one_its_xmp_names(signer):

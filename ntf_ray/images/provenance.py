@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ntf_ray import storage
 from ntf_ray.images.decode import DEFAULT_MAX_PIXELS
 from ntf_ray.images.metadata import MAX_XMP_BYTES, read_metadata
 
@@ -89,6 +90,10 @@ class Provenance:
         return {name: getattr(self, field) for name, field in PROVENANCE_FIELDS.items()}
 
 
+#: The most read of one trust list (a PEM bundle of every public CA is about 250 KB).
+TRUST_MAX_BYTES = 4 * 2**20
+
+
 @dataclass(frozen=True)
 class C2paTrust:
     """The certificates (PEM text) C2PA signers may chain to; none: every signer is untrusted."""
@@ -106,8 +111,7 @@ class C2paTrust:
         for path in paths:
             from cryptography.x509 import load_pem_x509_certificates  # c2pa-python's own dependency
 
-            with open(path, "rb") as f:
-                pem = f.read()
+            pem = storage.read_input(path, what="--c2pa-trust", max_bytes=TRUST_MAX_BYTES)
             try:
                 load_pem_x509_certificates(pem)
             except ValueError as exc:
