@@ -74,8 +74,9 @@ def is_retried(error: str | None) -> bool:
 
 
 class DetectorFault(RuntimeError):
-    """The detector itself is broken (it scored NaN or infinity): no image's score can be
-    trusted, so nothing it scores may be written as a decision, and the run stops."""
+    """The detector itself is broken (it scored NaN or infinity, or every object it was given
+    alone killed its worker): no image's score can be trusted, so nothing it scores may be
+    written as a decision, and the run stops."""
 
 
 #: How long a run may go without progress (objects listed, rows staged) before it stops with

@@ -46,6 +46,29 @@ class PoisonActor(ray_scan.DetectorActor):
         return super()._score(data)
 
 
+CRASH = b"CRASH-THE-DECODER"
+
+
+class CrashingDecoderActor(ray_scan.DetectorActor):
+    """The scan's detector whose decoder crashes natively (a segmentation fault in the worker
+    process, as a broken codec library would) on any file that holds ``CRASH``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import ctypes
+
+        from ntf_ray.detector import scorer
+
+        real = scorer.decode
+
+        def crashing(data, *a, **kw):
+            if CRASH in bytes(data):
+                ctypes.string_at(0)  # reads address 0: SIGSEGV, the process dies in native code
+            return real(data, *a, **kw)
+
+        scorer.decode = crashing  # in this actor's process only
+
+
 def _ordinary(i: int) -> tuple[str, bytes]:
     img = Image.fromarray(texture(40 + i % 7, 48 + i % 5, seed=i))
     fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
@@ -144,6 +167,67 @@ def test_poison_in_every_block_costs_only_its_own_row_and_the_killer_is_retried_
     assert (summary["listed"], summary["skipped"], summary["rows"]) == (len(objects), len(objects), 0)
 
 
+def _jpegs(folder: Path, n: int, crash_at: set[int]) -> list[str]:
+    folder.mkdir()
+    names = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(texture(40, 48, seed=i)).save(buf, "JPEG", quality=90)
+        body = buf.getvalue()
+        if i in crash_at:  # a comment segment before the frame: Pillow reads it while decoding the header
+            body = body[:2] + b"\xff\xfe" + (len(CRASH) + 2).to_bytes(2, "big") + CRASH + body[2:]
+        (folder / f"{i:02d}.jpg").write_bytes(body)
+        names.append(f"{i:02d}.jpg")
+    return names
+
+
+def test_one_crashing_file_in_a_small_moderate_costs_its_own_row_and_reaches_poison(local_ray, tmp_path, monkeypatch):
+    """Twelve new JPEGs in one read block, one of which crashes its decoder's process: the run
+    publishes eleven scores and one ``worker_lost`` row, and the next runs try that file
+    alone until it is ``poison``, never stopping a run."""
+    names = _jpegs(tmp_path / "src", 12, {5})
+    model = save_random_detector(str(tmp_path / "model"))
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(ray_scan, "DetectorActor", CrashingDecoderActor)
+    args = ["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", out,
+            "--max-actors", "1", "--batch-size", "4"]  # the default read block (128) holds all twelve
+
+    assert main([*args, "--run-id", "c1"]) == 0
+    rows = {Path(r["uri"]).name: r for r in _published(out).to_pylist()}
+    assert sorted(rows) == names
+    assert rows["05.jpg"]["error"].startswith("worker_lost: its worker died each time it was scored alone")
+    assert all(rows[n]["error"] is None and 0 <= rows[n]["score"] <= 1 for n in names if n != "05.jpg")
+
+    assert main([*args, "--run-id", "c2"]) == 0
+    second = {Path(r["uri"]).name: r for r in _published(out).to_pylist() if r["run_id"] == "c2"}
+    assert list(second) == ["05.jpg"] and second["05.jpg"]["error"].startswith("poison: ")
+
+
+def test_a_decoder_that_crashes_on_every_file_stops_the_run_and_its_losses_are_kept(local_ray, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """When every object scored alone kills its worker, the detector (not the objects) is at
+    fault: the run stops with one line and publishes nothing, but the objects lost alone are
+    recorded, so the next run scores them only alone and they reach ``poison`` as documented."""
+    names = _jpegs(tmp_path / "src", 2, {0, 1})
+    model = save_random_detector(str(tmp_path / "model"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(ray_scan, "DetectorActor", CrashingDecoderActor)
+    args = ["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", str(out),
+            "--max-actors", "1", "--batch-size", "4"]
+
+    assert main([*args, "--run-id", "a1"]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("ntf-ray moderate: error:"))
+    assert "scored alone" in line and "worker" in line, line
+    assert not list(out.glob("dt=*"))  # nothing published
+    # the next run scores each alone (twice) and, with the first run's loss, they are poison
+    assert main([*args, "--run-id", "a2"]) == 0
+    rows = {Path(r["uri"]).name: r for r in _published(str(out)).to_pylist()}
+    assert sorted(rows) == names
+    assert all(r["error"].startswith(f"poison: its worker died each time it was scored alone ({POISON_AFTER} ")
+               for r in rows.values()), rows
+
+
 def test_a_detector_that_scores_nan_stops_the_scan_and_publishes_nothing(local_ray, tmp_path, capsys):
     (tmp_path / "src").mkdir()
     for i in range(6):
@@ -177,3 +261,27 @@ def test_a_scan_of_thousands_of_damaged_files_gives_one_row_each_and_no_lost_wor
     assert kinds <= {"decode", "too_large", "unsupported_format"}, kinds  # no worker_lost, no poison
     assert not [e for e in errors if e.startswith("decode: failed while scoring")]  # nothing escaped decode
     assert rows.num_rows - len(errors) > 200  # and what still decodes is scored
+
+
+def test_a_stream_that_writes_no_row_leaves_the_staging_folder_and_the_listing_in_it(local_ray, tmp_path,
+                                                                                     monkeypatch):
+    """Ray Data removes a folder it created for a write of no row; the scan's staging folder
+    also holds the listing's chunks, written beside the stream, so it must never be one."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from ntf_ray.scan.spec import ScanSpec
+    from ntf_ray.storage import StorageOptions
+
+    names = _jpegs(tmp_path / "src", 2, {0, 1})
+    block = pa.table({"uri": [str(tmp_path / "src" / n) for n in names]})
+    staged = tmp_path / "staged"  # not there yet, as when the first window starts before the first chunk is staged
+    monkeypatch.setattr(ray_scan, "DetectorActor", CrashingDecoderActor)
+    spec = ScanSpec(model=save_random_detector(str(tmp_path / "model")), output=str(tmp_path / "out"),
+                    max_actors=1, batch_size=2)
+    ray_scan._write_rows([ray.put(block)], spec, 0.5, str(staged), StorageOptions())
+    assert staged.is_dir()
+    (staged / "_listing").mkdir()
+    pq.write_table(block, staged / "_listing" / "000000.parquet")
+    ray_scan._write_rows([ray.put(block)], spec, 0.5, str(staged), StorageOptions())
+    assert (staged / "_listing" / "000000.parquet").is_file()

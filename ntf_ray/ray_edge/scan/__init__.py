@@ -35,10 +35,10 @@ from ntf_ray.ray_edge.runtime import cluster_cores
 from ntf_ray.ray_edge.scan import feed
 from ntf_ray.ray_edge.scan.actor import ACTORS_PER_GPU, GPU_STREAMS, DetectorActor, check_gpus, scored_stream
 from ntf_ray.ray_edge.scan.feed import ListingFeed, LiveWindow, block_bounds, read_listing  # noqa: F401 - block_bounds: part of this package's face
-from ntf_ray.ray_edge.scan.isolation import score_isolating
+from ntf_ray.ray_edge.scan.isolation import LostAlone, score_isolating
 from ntf_ray.ray_edge.scan.skip import SkipIndex
 from ntf_ray.ray_edge.scan.telemetry import count_listed
-from ntf_ray.scan.lock import Watch, attempt, lease, watched
+from ntf_ray.scan.lock import LeaseLost, Watch, attempt, lease, watched
 from ntf_ray.scan.publish import Tally, publish, run_summary
 from ntf_ray.scan.spec import ScanResult, ScanSpec, check_run_id, new_run_id
 from ntf_ray.scan.table import SUCCESS, SUMMARY, run_dirs, run_version
@@ -103,10 +103,30 @@ def _score_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, t
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     run_dir = earlier or storage.join(output, f"dt={day}", f"run_id={run_id}")
     progress.scoring(staged, options)
+    lost = LostAlone()
+    try:
+        return _isolate_and_publish(spec, options, model_id, threshold, run_id, staged, found, progress, start, held,
+                                    listing, trust, run_dir, lost)
+    except LeaseLost:  # another run holds OUTPUT now: its index is not this run's to write
+        raise
+    except BaseException:
+        if found is not None:  # what killed workers is kept though nothing is published
+            try:
+                kept = lost.keys(listing.tables())
+            except Exception:  # noqa: BLE001 - the run's own error is the one to report
+                log.warning("could not read back which objects this run lost alone; the next run does not know them")
+            else:
+                found.record_losses(kept)
+        raise
+
+
+def _isolate_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, threshold: float, run_id: str,
+                         staged: str, found: SkipIndex | None, progress: _Progress, start: float, held,
+                         listing: ListingFeed, trust: str, run_dir: str, lost: LostAlone) -> ScanResult:
     alone = score_isolating(listing, staged, options,
                             lambda blocks, group: _write_rows(blocks, spec, threshold, staged, options, trust,
                                                               group=group),
-                            group=spec.read_block_rows)
+                            group=spec.read_block_rows, lost=lost)
     todo, listed, prior = listing.rows, listing.listed, listing.prior_losses()
     count_listed(todo, model_id)
     log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s (%.1f s)", run_id, listed,
@@ -246,6 +266,11 @@ def _write_rows(blocks: list[ray.ObjectRef] | LiveWindow, spec: ScanSpec, thresh
         streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU, read_ahead_bytes=spec.read_ahead_bytes,
     )
     fs, path = storage.arrow_filesystem(staged, options)
+    if storage.local_path(staged) is not None:
+        # Ray Data deletes a folder it created itself for a write that wrote no row (every block
+        # lost), and the listing stages its chunks in this one (``feed``), perhaps only once the
+        # stream has started: the folder is made here, so it is never Ray Data's to delete.
+        fs.create_dir(path, recursive=True)
     ds.write_parquet(path, filesystem=fs)
 
 

@@ -10,6 +10,14 @@ run, and after ``POISON_AFTER`` such losses, counted across runs, it gets a fina
 row (``ntf_ray.errors``). Objects already lost alone in earlier runs (suspects) are never
 batched with others: they go straight to the rounds of one.
 
+A first pass that returns no row at all is not yet a broken detector: every block may hold
+an object that kills its worker (one block is the whole of a small ``moderate``). A few
+objects drawn at random are scored alone first (``PROBE``); only when every one of them kills
+its worker too does the run stop (``DetectorFault``: the detector fails on every object, not
+some). A run that stops, or fails to publish, still hands back what it lost alone
+(``LostAlone``), which the caller keeps in the model's index, so the next run scores those
+objects alone at once and counts them towards ``poison``.
+
 Python exceptions never get this far: the detector actor splits a batch that raises down to
 the object that raised (``DetectorActor``). The driver holds one bit and one small counter
 per object, and one listing chunk at a time.
@@ -27,6 +35,7 @@ import ray
 
 from ntf_ray.errors import DETECTOR, POISON_AFTER, SOLO_ATTEMPTS, DetectorFault
 from ntf_ray.ray_edge.scan.feed import ListingFeed, LiveWindow
+from ntf_ray.scan.index import skip_key, sum_losses
 from ntf_ray.scan.publish import SEQ, STAGED_SCHEMA
 from ntf_ray.scan.table import parquet_dataset, parquet_files
 from ntf_ray.storage import StorageOptions
@@ -83,12 +92,41 @@ def regroup(tables: Iterable[pa.Table], keep: np.ndarray, group: int) -> list[ra
     return out
 
 
+#: Objects scored alone, drawn at random, when a first pass returned no row at all: if every one
+#: of them kills its worker too, the detector is at fault and the run stops.
+PROBE = 8
+
+
+class LostAlone:
+    """How many times each of the run's objects (by ``seq``) was lost while scored alone in
+    this run, filled in as the rounds go: what a run that does not publish still hands on."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, np.int16)
+
+    def keys(self, tables: Iterable[pa.Table]) -> pa.Table:
+        """``KEY`` + losses of the objects lost alone, from the listing's ``tables``."""
+        parts = []
+        for table in tables:
+            seq = table.column(SEQ).to_numpy(zero_copy_only=False)
+            hit = seq[seq < self.counts.size]
+            hit = hit[self.counts[hit] > 0]
+            if hit.size:
+                rows = table.filter(pc.is_in(table[SEQ], pa.array(hit, pa.int64())))
+                losses = self.counts[rows.column(SEQ).to_numpy(zero_copy_only=False)].astype(np.int64)
+                parts.append(skip_key(rows).append_column("losses", pa.array(losses)))
+        return sum_losses(parts)
+
+
 def score_isolating(listing: ListingFeed, staged: str, options: StorageOptions, write: Write, *,
-                    group: int) -> np.ndarray:
+                    group: int, lost: LostAlone | None = None) -> np.ndarray:
     """Score the listing as it comes (a stream per window), then what has no row yet
     (suspects, objects lost alone in earlier runs, only alone), until every object has a row
     or has been lost alone as often as a run allows; returns how many times each ``seq`` was
-    lost alone.
+    lost alone (also kept in ``lost`` as the rounds go, for a run that ends otherwise).
+
+    Raises ``DetectorFault`` when the first pass returned no row and every object then scored
+    alone (``PROBE`` of them) was lost as well.
     """
     streamed = False
     for window in listing.windows():
@@ -98,26 +136,48 @@ def score_isolating(listing: ListingFeed, staged: str, options: StorageOptions, 
     total = listing.rows
     prior = listing.prior_losses()
     got = Staged(staged, total, options)
-    alone = np.zeros(total, np.int16)
+    lost = lost or LostAlone()
+    alone = lost.counts = np.zeros(total, np.int16)
     suspect = np.zeros(total, np.bool_)
     suspect[listing.suspect_seqs()] = True
-    if streamed and not got.refresh():
-        raise RuntimeError("the detectors returned no row at all (see Ray's errors above: a systematic failure, "
-                           "not lost workers); nothing is published")
+    probing = streamed and not got.refresh()  # no row at all: lost workers, or a detector that scores nothing
     while True:
         eligible = ~got.got & (alone < SOLO_ATTEMPTS) & (prior + alone < POISON_AFTER)
-        if group > 1 and (eligible & ~suspect).any():
-            group = max(1, group // SPLIT)
+        suspect |= alone > 0  # lost alone in this run (a probe): never batched with others again
+        size = group
+        probing = probing and bool((eligible & ~suspect).any())
+        if probing:
+            size, eligible = 1, _draw(eligible & ~suspect, PROBE)
+        elif group > 1 and (eligible & ~suspect).any():
+            size = group = max(1, group // SPLIT)
         else:
-            group = 1
-        if group > 1:
+            size = group = 1
+        if size > 1:
             eligible &= ~suspect  # suspects are only ever scored alone
         n = int(eligible.sum())
         if not n:
             return alone
-        log.warning("%d object(s) have no row yet (a worker died or a task failed on their group): scoring them "
-                    "again in groups of %d", n, group)
-        write(regroup(listing.tables(), eligible, group), group)
+        if probing:
+            log.warning("the first pass returned no row: scoring %d object(s) alone to tell lost workers from a "
+                        "detector that cannot score", n)
+        else:
+            log.warning("%d object(s) have no row yet (a worker died or a task failed on their group): scoring them "
+                        "again in groups of %d", n, size)
+        write(regroup(listing.tables(), eligible, size), size)
         got.refresh()
-        if group == 1:
+        if size == 1:
             alone[eligible & ~got.got] += 1
+        if probing and not got.got.any():
+            raise DetectorFault(f"the first pass returned no row, and each of {n} object(s) then scored alone "
+                                "killed its worker too: the detector fails on every object, not on some (see Ray's "
+                                "errors in its log); nothing is published")
+        probing = False
+
+
+def _draw(mask: np.ndarray, k: int) -> np.ndarray:
+    """At most ``k`` of ``mask``'s set entries, drawn at random (an uploader cannot choose which
+    by naming files to sort first)."""
+    where = np.flatnonzero(mask)
+    out = np.zeros_like(mask)
+    out[np.random.default_rng().choice(where, size=min(k, where.size), replace=False)] = True
+    return out

@@ -211,6 +211,23 @@ class SkipIndex:
         if compact:
             log.info("index compacted: %d keys in %d partition(s)", rows, partitions)
 
+    def record_losses(self, lost: pa.Table) -> None:
+        """Keep ``lost`` (``KEY`` + times lost alone) in the index although this run publishes
+        nothing: the next run scores those objects alone at once, and counts them towards
+        ``poison``. Only the index's own losses are added to (the runs it has not read yet
+        are read again next time); never raises: the run is already failing for its own reason."""
+        if not lost.num_rows:
+            return
+        try:
+            indexed = read_losses(self.found, self.options)
+            commit(self.found, {"name": new_generation_name(None), "files": [], "rows": 0},
+                   sum_losses([indexed, lost]), dict(self.found.indexed), self.options,
+                   partitions=self.found.partitions, replaces=False)
+            log.warning("%d object(s) lost their worker while scored alone; kept in the index of model %s for the "
+                        "next run", lost.num_rows, self.model_id)
+        except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not keep this run's lost objects in the index (%s)", type(exc).__name__)
+
     def _kill(self) -> None:
         with self._lock:
             actors, self.actors = self.actors, []
