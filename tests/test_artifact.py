@@ -614,3 +614,21 @@ def test_non_finite_weights_are_refused_at_save_and_at_load(saved, tmp_path, bad
     _write_weights(uri, save_safetensors({k: v.contiguous() for k, v in broken.state_dict().items()}))
     with pytest.raises(ArtifactError, match=r"NaN or infinity \(e.g. \[.classifier.fc.weight.\]\)"):
         load_artifact(uri)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("odd", ["fifo", "dev-zero"])
+def test_a_model_card_that_is_not_a_regular_file_is_refused_at_once(tmp_path, odd):
+    """A model.json that is a FIFO blocked the run; one linked to /dev/zero read until memory ran out."""
+    import os
+
+    from tests.conftest import save_random_detector
+
+    model = Path(save_random_detector(str(tmp_path / "model")))
+    (model / "model.json").unlink()
+    if odd == "fifo":
+        os.mkfifo(model / "model.json")
+    else:
+        (model / "model.json").symlink_to("/dev/zero")
+    with pytest.raises(ArtifactError, match="model.json .* not a regular file"):
+        load_artifact(str(model))

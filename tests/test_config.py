@@ -76,3 +76,15 @@ def test_resume_conflicts_are_the_fields_that_change_the_maths():
     assert resume_conflicts(older, same) == {}
     assert resume_conflicts(older, load_config(CONFIGS / "smoke.yaml", ["jpeg_prob=0.5"])) == {"jpeg_prob": (0.1, 0.5)}
     assert RESUMABLE <= set(stored)
+
+
+@pytest.mark.timeout(60)
+def test_a_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "config.yaml")
+    with pytest.raises(ValueError, match="config file .* not a regular file"):
+        load_config(tmp_path / "config.yaml")
+    (tmp_path / "big.yaml").write_text("a: 1\n" * 300_000)
+    with pytest.raises(ValueError, match="larger than"):
+        load_config(tmp_path / "big.yaml")

@@ -640,3 +640,14 @@ def test_cli_index_reads_an_s3_root(s3, bucket, tmp_path):
     table = read_manifest(str(out))
     assert table.column("uri").to_pylist() == [f"{bucket}/d/sd14/val/ai/a.png", f"{bucket}/d/sd14/val/nature/b.png"]
     assert table.column("label").to_pylist() == [1, 0] and set(table.column("split").to_pylist()) == {"test"}
+
+
+@pytest.mark.timeout(60)
+def test_a_manifest_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "m.parquet")
+    (tmp_path / "z.csv").symlink_to("/dev/zero")
+    for odd in ("m.parquet", "z.csv"):
+        with pytest.raises(ValueError, match="manifest .* not a regular file"):
+            read_manifest(str(tmp_path / odd))
