@@ -293,7 +293,7 @@ def _jpeg(view: memoryview, limit: int | None) -> Metadata:
         elif marker == 0xDA:
             break
         pos += 2 + length
-    if size is None or not size[0]:  # no frame header read: no size to hold to the limit
+    if size is None or not all(size):  # no frame header read (no size to hold to the limit), or an empty one
         return Metadata("JPEG", problems=(problem or BROKEN,))
     if problem is None and count_scans(data) > MAX_SCANS:  # decode refuses it: each scan is one more pass
         return Metadata("JPEG", problems=(TOO_LARGE,))
