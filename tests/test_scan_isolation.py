@@ -203,11 +203,11 @@ def test_one_crashing_file_in_a_small_moderate_costs_its_own_row_and_reaches_poi
     assert list(second) == ["05.jpg"] and second["05.jpg"]["error"].startswith("poison: ")
 
 
-def test_a_decoder_that_crashes_on_every_file_stops_the_run_and_its_losses_are_kept(local_ray, tmp_path, monkeypatch,
-                                                                                     capsys):
-    """When every object scored alone kills its worker, the detector (not the objects) is at
-    fault: the run stops with one line and publishes nothing, but the objects lost alone are
-    recorded, so the next run scores them only alone and they reach ``poison`` as documented."""
+def test_a_run_of_only_crashing_files_is_published_and_they_reach_poison_not_a_stop(local_ray, tmp_path,
+                                                                                   monkeypatch):
+    """Every new object crashes its decoder: the detector still scores a known-good image, so
+    the objects (not the detector) are at fault; the run publishes their ``worker_lost`` rows,
+    and the next run, scoring them alone, makes them ``poison``. No upload can stop a run."""
     names = _jpegs(tmp_path / "src", 2, {0, 1})
     model = save_random_detector(str(tmp_path / "model"))
     out = tmp_path / "out"
@@ -215,17 +215,45 @@ def test_a_decoder_that_crashes_on_every_file_stops_the_run_and_its_losses_are_k
     args = ["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", str(out),
             "--max-actors", "1", "--batch-size", "4"]
 
-    assert main([*args, "--run-id", "a1"]) == 1
-    err = capsys.readouterr().err
-    line = next(x for x in err.splitlines() if x.startswith("ntf-ray moderate: error:"))
-    assert "scored alone" in line and "worker" in line, line
-    assert not list(out.glob("dt=*"))  # nothing published
-    # the next run scores each alone (twice) and, with the first run's loss, they are poison
-    assert main([*args, "--run-id", "a2"]) == 0
+    assert main([*args, "--run-id", "a1"]) == 0
     rows = {Path(r["uri"]).name: r for r in _published(str(out)).to_pylist()}
     assert sorted(rows) == names
-    assert all(r["error"].startswith(f"poison: its worker died each time it was scored alone ({POISON_AFTER} ")
+    assert all(r["error"].startswith("worker_lost: its worker died each time it was scored alone (2 alone")
                for r in rows.values()), rows
+    assert main([*args, "--run-id", "a2"]) == 0
+    second = {Path(r["uri"]).name: r for r in _published(str(out)).to_pylist() if r["run_id"] == "a2"}
+    assert sorted(second) == names
+    assert all(r["error"].startswith(f"poison: its worker died each time it was scored alone ({POISON_AFTER} ")
+               for r in second.values()), second
+
+
+class BrokenDetectorActor(ray_scan.DetectorActor):
+    """A detector whose process dies on every image it decodes (a broken driver or codec)."""
+
+    def _score(self, data):
+        import ctypes
+
+        ctypes.string_at(0)
+
+
+def test_a_detector_that_dies_on_every_image_stops_the_run_and_counts_no_object_as_lost(local_ray, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """When the known-good image kills its worker too, the detector is at fault: the run stops
+    with one line and publishes nothing, and no object is counted towards ``poison``, so a
+    broken node never turns real uploads into final rows, however often the run is retried."""
+    _jpegs(tmp_path / "src", 2, set())
+    model = save_random_detector(str(tmp_path / "model"))
+    out = tmp_path / "out"
+    monkeypatch.setattr(ray_scan, "DetectorActor", BrokenDetectorActor)
+    args = ["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", str(out),
+            "--max-actors", "1", "--batch-size", "4"]
+    assert main([*args, "--run-id", "b1"]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("ntf-ray moderate: error:"))
+    assert "known-good image" in line and "no object is counted as lost" in line, line
+    assert not list(out.glob("dt=*"))
+    # nothing recorded against the uploads: the next run starts from nothing, as this one did
+    assert not list(out.glob("_index/*/losses-*.parquet")) and not list(out.glob("_index/*/index.json"))
 
 
 def test_a_detector_that_scores_nan_stops_the_scan_and_publishes_nothing(local_ray, tmp_path, capsys):

@@ -134,13 +134,15 @@ def test_an_odd_uri_costs_its_own_row_never_its_block(s3, tmp_path):
     s3.client().put_object(Bucket=bucket, Key="up/a.png", Body=_png(1))
     (tmp_path / "b.png").write_bytes(_png(2))
     uris = ["s3:///k.png", f"s3://{bucket}/up/a.png", "s3://bad bucket/k.png", "gs://elsewhere/k.png",
-            str(tmp_path / "b.png"), "s3://buck\x00et/k.png", None]
+            str(tmp_path / "b.png"), "s3://buck\x00et/k.png", None, str(tmp_path / "nul\x00.png"),
+            f"s3://{bucket}", f"s3://{bucket}/"]
     batch = pa.table({"uri": pa.array(uris, pa.string())})
     out = read_objects(batch, endpoint=s3.endpoint_url).to_pylist()
     by_uri = {r["uri"]: r for r in out}
     assert len(out) == len(uris)
     assert by_uri[f"s3://{bucket}/up/a.png"]["data"] == _png(1) and by_uri[f"s3://{bucket}/up/a.png"]["read_error"] is None
     assert by_uri[str(tmp_path / "b.png")]["data"] == _png(2)
-    for odd in ("s3:///k.png", "s3://bad bucket/k.png", "gs://elsewhere/k.png", "s3://buck\x00et/k.png", None):
+    for odd in ("s3:///k.png", "s3://bad bucket/k.png", "gs://elsewhere/k.png", "s3://buck\x00et/k.png", None,
+                str(tmp_path / "nul\x00.png"), f"s3://{bucket}", f"s3://{bucket}/"):
         assert by_uri[odd]["data"] is None
         assert by_uri[odd]["read_error"].startswith("unsupported_name: "), (odd, by_uri[odd]["read_error"])

@@ -399,3 +399,18 @@ def _raised(fn, *args, **kwargs):
     except Exception as exc:  # noqa: BLE001 - handed to the test's thread
         return exc
     return None
+
+
+def test_a_read_cap_sets_aside_what_the_file_holds_not_the_cap(tmp_path):
+    """``read(cap)`` would reserve the whole cap (4 GiB for a model's weights) before reading a
+    byte: under an address-space limit of 1 GiB, a 3-byte file read with a 2 GiB cap still reads."""
+    import subprocess
+    import sys
+
+    (tmp_path / "small.json").write_bytes(b"abc")
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))\n"
+            "from ntf_ray import storage\n"
+            "big = bytearray(2 * 2**30 - 2**27)  # most of the limit in use already\n"
+            f"print(storage.read_input({str(tmp_path / 'small.json')!r}, what='x', max_bytes=2 * 2**30))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "b'abc'" in done.stdout, done.stderr[-2000:]

@@ -155,7 +155,8 @@ def seconds_or_never(text: str) -> float | None:
         return None
     value = seconds(text)
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0, or 'never'")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0, or 'never' (0 meant never "
+                                         "before; write 'never')")
     return value
 
 

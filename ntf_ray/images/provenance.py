@@ -111,6 +111,8 @@ class C2paTrust:
         for path in paths:
             from cryptography.x509 import load_pem_x509_certificates  # c2pa-python's own dependency
 
+            if storage.local_path(path) is None:
+                raise ValueError(f"--c2pa-trust {path}: a trust list is a local file (configuration, never fetched)")
             pem = storage.read_input(path, what="--c2pa-trust", max_bytes=TRUST_MAX_BYTES)
             try:
                 load_pem_x509_certificates(pem)

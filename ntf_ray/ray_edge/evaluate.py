@@ -68,6 +68,7 @@ class EvaluateSpec(ActorPool):
 
     def __post_init__(self) -> None:
         # Bad arguments fail here, before a cluster is started or a byte is read.
+        super().__post_init__()
         self.perturbations = parse_perturbations(self.perturb)
         self.family_map = parse_families(self.families) or None
         if self.embeddings < 0 or self.embeddings == 1:

@@ -101,8 +101,12 @@ def name_error(uri: object) -> str | None:
     never its block's."""
     if not isinstance(uri, str) or not uri:
         return error(UNSUPPORTED_NAME, "no uri")
+    if "\x00" in uri:
+        return error(UNSUPPORTED_NAME, "a NUL byte in the name")
     try:
-        normalize(uri)
+        name = normalize(uri)
+        if scheme_of(name) == "s3" and not name[len("s3://"):].partition("/")[2]:
+            return error(UNSUPPORTED_NAME, "an s3 uri without a key names a bucket, not an object")
     except ValueError as exc:
         reason = " ".join(str(exc).split())
         return error(UNSUPPORTED_NAME, reason if len(reason) <= 200 else reason[:197] + "...")

@@ -73,13 +73,28 @@ def _read(path: str, etag: str | None, max_bytes: int | None) -> bytes:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "a folder, not a file", path)
         raise NotARegularFile(f"{path} is not a regular file")  # a FIFO or device would block or never end
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(fd, "rb", buffering=0) as f:
         if etag is not None and local_etag(st) != etag:
             raise ObjectChanged(f"{path} changed after it was listed")
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        data = f.read() if max_bytes is None else _read_capped(f, st.st_size, max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
         raise ObjectTooLarge(f"more than {max_bytes} bytes")
     return data
+
+
+def _read_capped(f, size: int, cap: int) -> bytes:
+    """At most ``cap`` bytes of ``f``, in pieces sized by the file: ``f.read(cap)`` would set aside
+    the whole cap (4 GiB for a model's weights) before reading a byte."""
+    parts, got = [], 0
+    want = min(size + 1, cap)  # one byte past the listed size tells a file that grew
+    while got < cap:
+        part = f.read(min(want, cap - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+        want = min(8 * 2**20, cap - got)
+    return b"".join(parts)
 
 
 class LocalSource(Source):
@@ -151,7 +166,7 @@ class LocalSource(Source):
         for uri, etag in zip(uris, etags):
             try:
                 out.append(_read(uri, etag, max_bytes))
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a name with a NUL byte, this object's alone
                 out.append(exc)
         return out
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from ntf_ray import storage
@@ -107,17 +108,25 @@ def _score_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, t
     try:
         return _isolate_and_publish(spec, options, model_id, threshold, run_id, staged, found, progress, start, held,
                                     listing, trust, run_dir, lost)
-    except LeaseLost:  # another run holds OUTPUT now: its index is not this run's to write
-        raise
     except BaseException:
-        if found is not None:  # what killed workers is kept though nothing is published
-            try:
-                kept = lost.keys(listing.tables())
-            except Exception:  # noqa: BLE001 - the run's own error is the one to report
-                log.warning("could not read back which objects this run lost alone; the next run does not know them")
-            else:
-                found.record_losses(kept)
+        if found is not None and lost.counts.any():  # what killed workers is kept though nothing is published
+            _keep_losses(found, lost, listing, held)
         raise
+
+
+def _keep_losses(found: SkipIndex, lost: LostAlone, listing: ListingFeed, held) -> None:
+    """Record in the model's index what a run that did not publish lost alone, while the run
+    still holds OUTPUT's lease (a run that stalled gave it back: another may hold it now)."""
+    try:
+        held.check()
+        kept = lost.keys(listing.tables())
+    except LeaseLost:
+        log.warning("this run no longer holds the output's lease: the objects it lost alone are not recorded")
+        return
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        log.warning("could not read back which objects this run lost alone; the next run does not know them")
+        return
+    found.record_losses(kept)
 
 
 def _isolate_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str, threshold: float, run_id: str,
@@ -126,7 +135,8 @@ def _isolate_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str,
     alone = score_isolating(listing, staged, options,
                             lambda blocks, group: _write_rows(blocks, spec, threshold, staged, options, trust,
                                                               group=group),
-                            group=spec.read_block_rows, lost=lost)
+                            group=spec.read_block_rows, lost=lost,
+                            control=lambda: _control_scores(spec, threshold, staged, options, trust))
     todo, listed, prior = listing.rows, listing.listed, listing.prior_losses()
     count_listed(todo, model_id)
     log.info("scan %s: %d objects listed, %d to score, %d already scored by model %s (%.1f s)", run_id, listed,
@@ -154,6 +164,7 @@ def _isolate_and_publish(spec: ScanSpec, options: StorageOptions, model_id: str,
     storage.write_bytes(storage.join(run_dir, SUMMARY), json.dumps(summary, indent=2, allow_nan=False).encode(),
                         options)
     storage.write_bytes(storage.join(run_dir, SUCCESS), b"", options)
+    lost.counts[:] = 0  # published: its rows say what was lost, and the index reads them from there
     if found is not None:
         # Any model's index that read this run before it was replaced sees the new version
         # and reads every run again (``index.plan``): nothing here has to remove it.
@@ -256,21 +267,47 @@ def _write_rows(blocks: list[ray.ObjectRef] | LiveWindow, spec: ScanSpec, thresh
     ``group``: blocks of that many rows re-run after a loss (``isolation``), scored that many
     at a time, one batch per actor at a time, and never retried by Ray (the next, smaller
     round is their retry)."""
+    ds = _stream(blocks, spec, threshold, options, trust, group)
+    fs, path = storage.arrow_filesystem(staged, options)
+    if storage.local_path(staged) is not None:
+        # Ray Data deletes a folder it created itself for a write that wrote no row (every block
+        # lost), and the listing stages its chunks in this one (``feed``), perhaps only once the
+        # stream has started: the folder is made here, and Ray Data is told to make none (on S3
+        # its "folder" is the prefix, and deleting it would take the listing's chunks along).
+        fs.create_dir(path, recursive=True)
+    ds.write_parquet(path, filesystem=fs, try_create_dir=False)
+
+
+def _stream(blocks: list[ray.ObjectRef] | LiveWindow, spec: ScanSpec, threshold: float, options: StorageOptions,
+            trust: str, group: int | None) -> ray.data.Dataset:
     endpoint = options.endpoint_url
     pool = spec if group is None else dataclasses.replace(spec, batch_size=group, read_block_rows=group)
-    ds = scored_stream(
+    return scored_stream(
         blocks, DetectorActor,
         {"model": spec.model, "endpoint": endpoint, "threshold": threshold, "batch_size": pool.batch_size,
          "decoder": spec.decoder, "max_pixels": spec.max_pixels, "provenance": spec.provenance, "c2pa_trust": trust},
         pool=pool, endpoint=endpoint, max_bytes=spec.max_bytes, isolated=group is not None, actor_retries=0,
         streams=spec.streams or GPU_STREAMS, actors_per_gpu=ACTORS_PER_GPU, read_ahead_bytes=spec.read_ahead_bytes,
     )
-    fs, path = storage.arrow_filesystem(staged, options)
-    if storage.local_path(staged) is not None:
-        # Ray Data deletes a folder it created itself for a write that wrote no row (every block
-        # lost), and the listing stages its chunks in this one (``feed``), perhaps only once the
-        # stream has started: the folder is made here, so it is never Ray Data's to delete.
-        fs.create_dir(path, recursive=True)
-    ds.write_parquet(path, filesystem=fs)
+
+
+def _control_scores(spec: ScanSpec, threshold: float, staged: str, options: StorageOptions, trust: str) -> bool:
+    """Whether a known-good image (a small PNG made here), scored alone as any object is (read
+    task, detector actor), comes back with a row: False when its worker dies too."""
+    import io
+
+    from PIL import Image
+
+    ramp = np.add.outer(np.arange(64, dtype=np.uint16), np.arange(64, dtype=np.uint16))
+    pixels = np.stack([ramp * 2, ramp, 255 - ramp], axis=-1).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    uri = storage.join(staged, "_control", "known-good.png")
+    storage.write_bytes(uri, buf.getvalue(), options)
+    block = pa.table({"uri": pa.array([uri], pa.string()), "etag": pa.array([None], pa.string()),
+                      "size_bytes": pa.array([buf.tell()], pa.int64()),
+                      "last_modified": pa.array([None], pa.timestamp("us", tz="UTC"))})  # a listing row
+    rows = _stream([ray.put(block)], spec, threshold, options, trust, 1).take_all()
+    return len(rows) > 0
 
 

@@ -12,11 +12,13 @@ batched with others: they go straight to the rounds of one.
 
 A first pass that returns no row at all is not yet a broken detector: every block may hold
 an object that kills its worker (one block is the whole of a small ``moderate``). A few
-objects drawn at random are scored alone first (``PROBE``); only when every one of them kills
-its worker too does the run stop (``DetectorFault``: the detector fails on every object, not
-some). A run that stops, or fails to publish, still hands back what it lost alone
-(``LostAlone``), which the caller keeps in the model's index, so the next run scores those
-objects alone at once and counts them towards ``poison``.
+objects drawn at random are scored alone first (``PROBE``). When none of them comes back
+either (and no object of the run has a row), a known-good image is scored alone: if its
+worker dies too, the detector is at fault, the run stops (``DetectorFault``) and no object
+is counted as lost; if it scores, the objects are, and isolation goes on. A run that stops,
+or fails to publish, still hands back what it lost alone (``LostAlone``), which the caller
+keeps in the model's index, so the next run scores those objects alone at once and counts
+them towards ``poison``.
 
 Python exceptions never get this far: the detector actor splits a batch that raises down to
 the object that raised (``DetectorActor``). The driver holds one bit and one small counter
@@ -119,14 +121,16 @@ class LostAlone:
 
 
 def score_isolating(listing: ListingFeed, staged: str, options: StorageOptions, write: Write, *,
-                    group: int, lost: LostAlone | None = None) -> np.ndarray:
+                    group: int, control: Callable[[], bool], lost: LostAlone | None = None) -> np.ndarray:
     """Score the listing as it comes (a stream per window), then what has no row yet
     (suspects, objects lost alone in earlier runs, only alone), until every object has a row
     or has been lost alone as often as a run allows; returns how many times each ``seq`` was
     lost alone (also kept in ``lost`` as the rounds go, for a run that ends otherwise).
 
-    Raises ``DetectorFault`` when the first pass returned no row and every object then scored
-    alone (``PROBE`` of them) was lost as well.
+    ``control()``: whether a known-good image scored alone comes back (a worker that dies on it
+    is the detector's fault). Asked once, when a round of objects scored alone returns no row
+    and no object of the run has one yet (the probe after an empty first pass, or a run of
+    suspects only): if it dies too, ``DetectorFault``, and no object is counted as lost.
     """
     streamed = False
     for window in listing.windows():
@@ -141,6 +145,7 @@ def score_isolating(listing: ListingFeed, staged: str, options: StorageOptions, 
     suspect = np.zeros(total, np.bool_)
     suspect[listing.suspect_seqs()] = True
     probing = streamed and not got.refresh()  # no row at all: lost workers, or a detector that scores nothing
+    controlled = False
     while True:
         eligible = ~got.got & (alone < SOLO_ATTEMPTS) & (prior + alone < POISON_AFTER)
         suspect |= alone > 0  # lost alone in this run (a probe): never batched with others again
@@ -165,12 +170,16 @@ def score_isolating(listing: ListingFeed, staged: str, options: StorageOptions, 
                         "again in groups of %d", n, size)
         write(regroup(listing.tables(), eligible, size), size)
         got.refresh()
+        if size == 1 and not got.got.any() and not controlled:
+            controlled = True
+            log.warning("none of %d object(s) scored alone came back, and no object of this run has a row: scoring "
+                        "a known-good image alone", n)
+            if not control():
+                raise DetectorFault(f"none of {n} object(s) scored alone came back, and neither did a known-good "
+                                    "image: the detector's worker dies on every image, not on some (see Ray's "
+                                    "errors in its log); nothing is published and no object is counted as lost")
         if size == 1:
             alone[eligible & ~got.got] += 1
-        if probing and not got.got.any():
-            raise DetectorFault(f"the first pass returned no row, and each of {n} object(s) then scored alone "
-                                "killed its worker too: the detector fails on every object, not on some (see Ray's "
-                                "errors in its log); nothing is published")
         probing = False
 
 
