@@ -203,17 +203,23 @@ def test_one_crashing_file_in_a_small_moderate_costs_its_own_row_and_reaches_poi
     assert list(second) == ["05.jpg"] and second["05.jpg"]["error"].startswith("poison: ")
 
 
+def _small_moderate(tmp_path: Path, monkeypatch, actor: type, n: int, crash_at: set[int]) -> tuple[list[str], list[str]]:
+    """``n`` new JPEGs (those in ``crash_at`` crash their decoder) scored by ``actor``: their
+    names, and the arguments of a ``moderate`` whose read block (the default, 128) holds them all."""
+    names = _jpegs(tmp_path / "src", n, crash_at)
+    model = save_random_detector(str(tmp_path / "model"))
+    monkeypatch.setattr(ray_scan, "DetectorActor", actor)
+    return names, ["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", str(tmp_path / "out"),
+                   "--max-actors", "1", "--batch-size", "4"]
+
+
 def test_a_run_of_only_crashing_files_is_published_and_they_reach_poison_not_a_stop(local_ray, tmp_path,
                                                                                    monkeypatch):
     """Every new object crashes its decoder: the detector still scores a known-good image, so
     the objects (not the detector) are at fault; the run publishes their ``worker_lost`` rows,
     and the next run, scoring them alone, makes them ``poison``. No upload can stop a run."""
-    names = _jpegs(tmp_path / "src", 2, {0, 1})
-    model = save_random_detector(str(tmp_path / "model"))
+    names, args = _small_moderate(tmp_path, monkeypatch, CrashingDecoderActor, 2, {0, 1})
     out = tmp_path / "out"
-    monkeypatch.setattr(ray_scan, "DetectorActor", CrashingDecoderActor)
-    args = ["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", str(out),
-            "--max-actors", "1", "--batch-size", "4"]
 
     assert main([*args, "--run-id", "a1"]) == 0
     rows = {Path(r["uri"]).name: r for r in _published(str(out)).to_pylist()}
@@ -241,12 +247,8 @@ def test_a_detector_that_dies_on_every_image_stops_the_run_and_counts_no_object_
     """When the known-good image kills its worker too, the detector is at fault: the run stops
     with one line and publishes nothing, and no object is counted towards ``poison``, so a
     broken node never turns real uploads into final rows, however often the run is retried."""
-    _jpegs(tmp_path / "src", 2, set())
-    model = save_random_detector(str(tmp_path / "model"))
+    _, args = _small_moderate(tmp_path, monkeypatch, BrokenDetectorActor, 2, set())
     out = tmp_path / "out"
-    monkeypatch.setattr(ray_scan, "DetectorActor", BrokenDetectorActor)
-    args = ["moderate", "--input", str(tmp_path / "src"), "--model", model, "--output", str(out),
-            "--max-actors", "1", "--batch-size", "4"]
     assert main([*args, "--run-id", "b1"]) == 1
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("ntf-ray moderate: error:"))

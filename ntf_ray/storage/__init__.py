@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ntf_ray.errors import READ, UNSUPPORTED_NAME, error
 from ntf_ray.storage.local import LocalSource
-from ntf_ray.storage.s3 import ALIASES, S3Source
+from ntf_ray.storage.s3 import ALIASES, S3Source, split_s3
 from ntf_ray.storage.source import (
     NotARegularFile,
     ObjectChanged,
@@ -105,7 +105,7 @@ def name_error(uri: object) -> str | None:
         return error(UNSUPPORTED_NAME, "a NUL byte in the name")
     try:
         name = normalize(uri)
-        if scheme_of(name) == "s3" and not name[len("s3://"):].partition("/")[2]:
+        if scheme_of(name) == "s3" and not split_s3(name)[1]:
             return error(UNSUPPORTED_NAME, "an s3 uri without a key names a bucket, not an object")
     except ValueError as exc:
         reason = " ".join(str(exc).split())

@@ -57,7 +57,7 @@ def scan(spec: ScanSpec) -> ScanResult:
     run_id = check_run_id(spec.run_id or new_run_id())
     if spec.max_bytes is not None and spec.max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, got {spec.max_bytes}")
-    for name in ("read_block_rows", "read_block_bytes", "batch_size", "streams", "read_ahead_bytes", "max_pixels"):
+    for name in ("read_block_bytes", "streams", "read_ahead_bytes", "max_pixels"):  # the pool's: ActorPool checks
         value = getattr(spec, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
